@@ -1,0 +1,1 @@
+"""Method-independent machinery: wrapping, freezing, attention injection, adapter files."""

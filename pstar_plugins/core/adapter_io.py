@@ -1,0 +1,133 @@
+"""Adapter files: ``adapter_config.json`` + ``adapter.safetensors`` (no pickle), written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from pstar_plugins.core.geometry import model_geometry
+from pstar_plugins.errors import AdapterError
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter.safetensors"
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _geometry(model) -> dict[str, Any]:
+    injector = getattr(model.method, "injector", None)
+    kinds = injector.counts() if injector is not None else {}
+    return model_geometry(model.base_model.config, kinds).to_dict()
+
+
+def adapter_metadata(model) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "method": model.method_name,
+        "method_config": model.method_config.to_dict(),
+        "folded": bool(model.method.folded),
+        "base_model": {
+            "name_or_path": getattr(model.base_model.config, "_name_or_path", ""),
+            **_geometry(model),
+        },
+    }
+
+
+def save_adapter(model, directory, state: dict[str, torch.Tensor] | None = None, write: bool = True) -> None:
+    """Write the trainable tensors and config of ``model`` into ``directory``.
+
+    ``state`` may be passed when it was gathered elsewhere (ZeRO-3); ``write=False`` lets
+    non-main ranks take part in gathering without touching the disk.
+    """
+    if state is None:
+        state = model.trainable_state()
+    if not write:
+        return
+    directory = Path(directory)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    meta = adapter_metadata(model)
+    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2, sort_keys=True)))
+
+
+def read_adapter(directory) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read and validate an adapter's config and tensors (safetensors only)."""
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not config_path.is_file() or not weights_path.is_file():
+        raise AdapterError(
+            f"{directory} is not an adapter directory: expected {CONFIG_NAME} and {WEIGHTS_NAME} in it."
+        )
+    try:
+        meta = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{config_path} is not valid JSON ({exc}); the file is corrupt.") from exc
+    if not isinstance(meta, dict):
+        raise AdapterError(f"{config_path} must hold a JSON object.")
+    missing = [k for k in ("format_version", "method", "method_config", "folded", "base_model") if k not in meta]
+    if missing:
+        raise AdapterError(f"{config_path} lacks field(s) {missing}; it was not written by pstar-plugins.")
+    version = meta["format_version"]
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise AdapterError(
+            f"{config_path} has format_version {version!r}; this pstar-plugins reads up to {FORMAT_VERSION}. "
+            "Upgrade pstar-plugins to load it."
+        )
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterError(f"{weights_path} is truncated or corrupt ({exc}); re-export the adapter.") from exc
+    return meta, tensors
+
+
+def check_geometry(meta: dict[str, Any], model) -> None:
+    saved = meta["base_model"]
+    current = {"name_or_path": saved.get("name_or_path", ""), **_geometry(model)}
+    for key in ("hidden_size", "is_encoder_decoder", "attention"):
+        if saved.get(key) != current.get(key):
+            raise AdapterError(
+                f"the adapter was trained for a model with {key}={saved.get(key)!r}, but this model has "
+                f"{current.get(key)!r} (adapter base: {saved.get('name_or_path')!r}). Load it onto that model."
+            )
+
+
+def load_adapter(base_model, directory, tokenizer=None, plugin_manager=None, trainable: bool = True):
+    """Build the adapter's method on ``base_model`` and load its tensors bit-exactly."""
+    from pstar_plugins.core.build import build_model
+
+    meta, tensors = read_adapter(directory)
+    from pstar_plugins.core.build import make_config
+
+    config = make_config(meta["method"], meta["method_config"], plugin_manager=plugin_manager)
+    # the saved tensors replace any initialisation, so skip the data-dependent ones (no tokenizer needed)
+    model = build_model(base_model, meta["method"], config.for_loading(), tokenizer=tokenizer, plugin_manager=plugin_manager)
+    model.method.config = config
+    check_geometry(meta, model)
+    if meta["folded"]:
+        model.fold()
+    model.load_trainable_state(tensors)
+    if not trainable:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return model

@@ -1,0 +1,254 @@
+"""Per-layer key/value prefixes, injected through transformers' attention-function registry.
+
+Design (the reason is in ``docs/design.md``): every attention module of a transformers 5 model
+calls ``ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, ...)`` *after*
+it has projected, rotated (RoPE) and cached its keys and values. We give each attention module
+a tiny view of its config whose ``_attn_implementation`` is ``"pstar_prefix"``; our function
+concatenates the layer's prefix in front of the keys/values, extends the mask by ``m`` always
+visible columns, and calls the implementation the model was loaded with (sdpa or eager).
+
+Consequences:
+
+* the KV cache never sees the prefix, so every ``Cache`` class works unchanged and positions
+  of real tokens are those of the frozen model (the prefix lives in post-rotary key space and
+  has no position, which is exactly a free parameter);
+* the model-level config is untouched, so masks are built by transformers as usual;
+* gradient checkpointing works: the prefix is read through a closure and recomputed layers
+  see the same tensor (non-reentrant checkpointing is required, see ``PStarModel``);
+* encoder self-attention, decoder self-attention and cross-attention are independent sites.
+
+PEFT instead feeds prefixes as ``past_key_values`` and has broken whenever the Cache API
+changed (peft#2821, #2379, #2662, #2735).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import sys
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from pstar_plugins.errors import IncompatibleModelError
+
+ATTN_IMPLEMENTATION = "pstar_prefix"
+_SUPPORTED_BASES = ("sdpa", "eager", None)
+
+SELF = "self"  # decoder-only or encoder-only self-attention
+ENCODER = "encoder"  # encoder self-attention of an encoder-decoder model
+DECODER = "decoder"  # decoder self-attention of an encoder-decoder model
+CROSS = "cross"  # decoder cross-attention over the encoder output
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One attention module that can receive a prefix: ``kind`` and its index within that kind."""
+
+    name: str
+    module: nn.Module
+    kind: str
+    index: int
+
+
+_calls_interface_cache: dict[type, bool] = {}
+
+
+def _calls_attention_interface(cls: type) -> bool:
+    if cls not in _calls_interface_cache:
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            source = ""
+        _calls_interface_cache[cls] = "ALL_ATTENTION_FUNCTIONS" in source
+    return _calls_interface_cache[cls]
+
+
+def _is_cross(name: str, module: nn.Module) -> bool:
+    return bool(getattr(module, "is_cross_attention", False)) or "cross" in type(module).__name__.lower()
+
+
+def find_attention_sites(model: nn.Module) -> list[AttentionSite]:
+    """List the model's attention modules, in layer order, classified by kind."""
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    counters: dict[str, int] = {}
+    sites = []
+    for name, module in model.named_modules():
+        if not _calls_attention_interface(type(module)):
+            continue
+        if encoder_decoder:
+            parts = name.split(".")
+            if "encoder" in parts:
+                kind = ENCODER
+            elif _is_cross(name, module) or not getattr(module, "is_causal", True):
+                kind = CROSS
+            else:
+                kind = DECODER
+        else:
+            if _is_cross(name, module):
+                continue  # cross-attention of an encoder-only/decoder-only model is not prefixed
+            kind = SELF
+        sites.append(AttentionSite(name, module, kind, counters.get(kind, 0)))
+        counters[kind] = counters.get(kind, 0) + 1
+    return sites
+
+
+class _ConfigView:
+    """Read-through view of a config that reports our attention implementation."""
+
+    def __init__(self, base) -> None:
+        object.__setattr__(self, "_pstar_base", base)
+
+    def __getattr__(self, name):
+        if name == "_attn_implementation":
+            return ATTN_IMPLEMENTATION
+        return getattr(object.__getattribute__(self, "_pstar_base"), name)
+
+    def __setattr__(self, name, value):
+        setattr(object.__getattribute__(self, "_pstar_base"), name, value)
+
+
+class PrefixInjector:
+    """Owns the attention routing of one model and the prefix tensors of the current call.
+
+    ``active`` maps a kind to a pair ``(keys, values)``, each ``(N, n_sites, n_kv, m, head_dim)``
+    where ``N`` is 1 (one prompt for the whole batch) or the batch size (one row per example,
+    mixed-task batches). A site whose row is missing (``layer_map``) gets no prefix.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        base_impl = getattr(model.config, "_attn_implementation", None)
+        if base_impl not in _SUPPORTED_BASES:
+            raise IncompatibleModelError(
+                f"prefix methods need attn_implementation 'sdpa' or 'eager', but the model was loaded "
+                f"with {base_impl!r}. Reload it with from_pretrained(..., attn_implementation='sdpa')."
+            )
+        self.sites = find_attention_sites(model)
+        if not self.sites:
+            raise IncompatibleModelError(
+                f"{type(model).__name__} has no attention module that calls transformers' attention "
+                "interface, so it cannot take key/value prefixes. Use 'prompt-tuning' instead, or a "
+                "transformers 5 architecture (Llama, GPT-2, BERT, RoBERTa, T5, BART, ...)."
+            )
+        self.active: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.layer_map: dict[str, list[int | None]] = {}
+        self._saved: list[tuple[nn.Module, object]] = []
+        for site in self.sites:
+            module = site.module
+            self._saved.append((module, module.config))
+            module.config = _ConfigView(module.config)
+            module.__dict__["_pstar_site"] = (site.kind, site.index)
+            module.__dict__["_pstar_injector"] = self
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for site in self.sites:
+            out[site.kind] = out.get(site.kind, 0) + 1
+        return out
+
+    def detach(self) -> None:
+        """Restore every attention module's own config (the model is as before)."""
+        for module, config in self._saved:
+            module.config = config
+            module.__dict__.pop("_pstar_site", None)
+            module.__dict__.pop("_pstar_injector", None)
+        self._saved.clear()
+
+    @contextlib.contextmanager
+    def activate(self, prefixes: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+        previous = self.active
+        self.active = prefixes
+        try:
+            yield
+        finally:
+            self.active = previous
+
+    def prefix_for(self, kind: str, index: int, batch: int):
+        pair = self.active.get(kind)
+        if pair is None:
+            return None
+        rows = self.layer_map.get(kind)
+        row = index if rows is None else rows[index]
+        if row is None:
+            return None
+        keys, values = pair[0][:, row], pair[1][:, row]  # (N, n_kv, m, head_dim)
+        n = keys.shape[0]
+        if n != batch:
+            if n == 1:
+                keys, values = keys.expand(batch, *keys.shape[1:]), values.expand(batch, *values.shape[1:])
+            elif batch % n == 0:  # generate() expanded each row for beams / sampling
+                keys = keys.repeat_interleave(batch // n, dim=0)
+                values = values.repeat_interleave(batch // n, dim=0)
+            else:
+                raise IncompatibleModelError(
+                    f"prefix holds {n} rows but the attention call has batch {batch}; pass task_ids "
+                    "with one entry per example."
+                )
+        return keys, values
+
+
+def _base_function(module: nn.Module, implementation: str | None) -> Callable:
+    if implementation in (None, "eager"):
+        # each modeling file has its own eager kernel (T5 adds position_bias, ...)
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if eager is None:
+            raise IncompatibleModelError(
+                f"{type(module).__name__} has no eager kernel; load the model with attn_implementation='sdpa'."
+            )
+        return eager
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+def _extend_mask(mask, module, query, kv_len: int, m: int, explicit_causal):
+    q_len = query.shape[2]
+    if mask is None:
+        causal = explicit_causal if explicit_causal is not None else getattr(module, "is_causal", False)
+        if not causal or q_len == 1:
+            return None  # every real key is visible, and so is the prefix
+        real = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+        mask = real[None, None]
+    if mask.dim() != 4:
+        raise IncompatibleModelError(
+            f"expected a 4D attention mask in the attention call, got shape {tuple(mask.shape)}; load the "
+            "model with attn_implementation='sdpa' or 'eager'."
+        )
+    mask = mask[..., :kv_len]
+    shape = (*mask.shape[:-1], m)
+    if mask.dtype == torch.bool:
+        visible = torch.ones(shape, dtype=torch.bool, device=mask.device)
+    else:
+        visible = torch.zeros(shape, dtype=mask.dtype, device=mask.device)
+    return torch.cat([visible, mask], dim=-1)
+
+
+def prefix_attention_forward(module, query, key, value, attention_mask, **kwargs):
+    """Attention with the layer's prefix prepended to keys and values. Shapes ``(B, heads, len, d)``."""
+    base = object.__getattribute__(module.config, "_pstar_base")
+    function = _base_function(module, getattr(base, "_attn_implementation", None))
+    injector: PrefixInjector | None = module.__dict__.get("_pstar_injector")
+    site = module.__dict__.get("_pstar_site")
+    pair = injector.prefix_for(*site, batch=query.shape[0]) if injector is not None else None
+    if pair is None:
+        return function(module, query, key, value, attention_mask, **kwargs)
+    prefix_k, prefix_v = pair
+    if prefix_k.shape[1] != key.shape[1] or prefix_k.shape[-1] != key.shape[-1]:
+        raise IncompatibleModelError(
+            f"prefix for {site[0]} layer {site[1]} has {prefix_k.shape[1]} key/value heads of size "
+            f"{prefix_k.shape[-1]}, but the model's keys have {key.shape[1]} of size {key.shape[-1]}; the "
+            "adapter was made for a different model geometry."
+        )
+    m, kv_len = prefix_k.shape[2], key.shape[2]
+    key = torch.cat([prefix_k.to(key.dtype), key], dim=2)
+    value = torch.cat([prefix_v.to(value.dtype), value], dim=2)
+    attention_mask = _extend_mask(attention_mask, module, query, kv_len, m, kwargs.get("is_causal"))
+    bias = kwargs.get("position_bias")
+    if bias is not None:  # T5: relative position bias has no entry for the prefix
+        bias = bias[..., :kv_len]
+        kwargs["position_bias"] = torch.cat([bias.new_zeros((*bias.shape[:-1], m)), bias], dim=-1)
+    return function(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_attention_forward)

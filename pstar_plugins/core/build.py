@@ -1,0 +1,101 @@
+"""From a loaded Hugging Face model to a wrapped, frozen model with an optimizer's groups."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from pstar_plugins.core.model import PStarModel
+from pstar_plugins.errors import ConfigError, PluginError
+from pstar_plugins.methods.base import MethodConfig, PromptMethod
+from pstar_plugins.plugins import PStarPluginManager, get_plugin_manager
+
+
+def make_config(method: str, config: MethodConfig | Mapping[str, Any] | None = None, plugin_manager=None, **options) -> MethodConfig:
+    """The validated config of ``method`` from a config object, a mapping and/or keyword options."""
+    pm = plugin_manager or get_plugin_manager()
+    spec = pm.method(method)
+    if isinstance(config, MethodConfig):
+        if not isinstance(config, spec.config_class):
+            raise ConfigError(
+                f"method {method!r} takes a {spec.config_class.__name__}, got {type(config).__name__}."
+            )
+        return config.replace(**options) if options else (config.validate() or config)
+    values = dict(config or {})
+    values.update(options)
+    return spec.config_class.from_dict(values)
+
+
+def freeze(model: PStarModel) -> None:
+    """Freeze everything, then unfreeze the union of what the plugins name."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = dict(model.named_parameters())
+    names: set[str] = set()
+    for contributed in model._pm.hook.pstar_trainable_parameters(model=model):
+        names.update(contributed or ())
+    unknown = sorted(names - set(params))
+    if unknown:
+        raise PluginError(f"plugins asked to train parameters that do not exist: {unknown[:5]}.")
+    for name in names:
+        params[name].requires_grad_(True)
+
+
+def build_model(
+    base_model: nn.Module,
+    method: str,
+    config: MethodConfig | Mapping[str, Any] | None = None,
+    tokenizer=None,
+    plugin_manager: PStarPluginManager | None = None,
+    **options,
+) -> PStarModel:
+    """Attach ``method`` to a loaded model and freeze the model.
+
+    :param base_model: a loaded ``PreTrainedModel`` (any dtype; the method's tensors are fp32).
+    :param method: a registered method name (``pstar methods`` lists them).
+    :param config: the method's config object or a mapping of its options.
+    :param tokenizer: needed by initialisations that read text (``init='text'``, ``'labels'``).
+    :param options: option overrides, e.g. ``num_virtual_tokens=20``.
+    """
+    pm = plugin_manager or get_plugin_manager()
+    method_config = make_config(method, config, plugin_manager=pm, **options)
+    module = pm.hook.pstar_build_method(base_model=base_model, method=method, config=method_config, tokenizer=tokenizer)
+    if module is None:
+        owner = pm.method(method).plugin
+        raise PluginError(f"method {method!r} is registered by plugin {owner!r}, but no plugin built it.")
+    if not isinstance(module, PromptMethod):
+        raise PluginError(f"pstar_build_method for {method!r} returned {type(module).__name__}; expected a PromptMethod.")
+    model = PStarModel(base_model, module, method, pm)
+    freeze(model)
+    return model
+
+
+def param_groups(model: PStarModel, learning_rate: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+    """Optimizer groups contributed by the plugins; every trainable parameter lands in exactly one."""
+    groups: list[dict[str, Any]] = []
+    seen: dict[int, str] = {}
+    for contributed in model._pm.hook.pstar_param_groups(model=model, learning_rate=learning_rate, weight_decay=weight_decay):
+        for group in contributed or ():
+            group = dict(group)
+            group["params"] = [p for p in group["params"] if p.requires_grad]
+            for p in group["params"]:
+                if id(p) in seen:
+                    raise PluginError(
+                        f"a parameter is in both optimizer groups {seen[id(p)]!r} and {group.get('name')!r}."
+                    )
+                seen[id(p)] = group.get("name", "?")
+            if group["params"]:
+                groups.append(group)
+    rest = [p for _, p in model.trainable_named_parameters() if id(p) not in seen]
+    if rest:
+        groups.append({"name": "default", "params": rest, "lr": learning_rate, "weight_decay": weight_decay})
+    return groups
+
+
+def make_optimizer(model: PStarModel, learning_rate: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    groups = param_groups(model, learning_rate, weight_decay)
+    for g in groups:
+        g.pop("name", None)
+    return torch.optim.AdamW(groups, lr=learning_rate, weight_decay=weight_decay)

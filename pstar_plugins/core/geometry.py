@@ -1,0 +1,86 @@
+"""Shapes a method needs, read from the model config (never from a forward pass, so that it also
+works on a ZeRO-3 partitioned model whose weights are not materialised on any rank)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from transformers import PretrainedConfig
+
+from pstar_plugins.core.attention import CROSS, DECODER, ENCODER, SELF
+from pstar_plugins.errors import IncompatibleModelError
+
+
+@dataclass(frozen=True)
+class AttentionGeometry:
+    """Key/value shape of one kind of attention site: ``n_layers`` sites of ``n_kv_heads × head_dim``."""
+
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """What an adapter depends on; stored in adapter files and checked when loading."""
+
+    model_type: str
+    hidden_size: int
+    vocab_size: int
+    is_encoder_decoder: bool
+    attention: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _first(config: PretrainedConfig, *names: str):
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def attention_geometry(config: PretrainedConfig, kind: str) -> AttentionGeometry:
+    """Layers, key/value heads (GQA/MQA aware) and head size of one kind of attention site."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = _first(text, "hidden_size", "d_model", "n_embd")
+    if kind in (DECODER, CROSS):
+        layers = _first(text, "decoder_layers", "num_decoder_layers", "num_layers", "num_hidden_layers")
+        heads = _first(text, "decoder_attention_heads", "num_attention_heads", "num_heads")
+    elif kind == ENCODER:
+        layers = _first(text, "encoder_layers", "num_layers", "num_hidden_layers")
+        heads = _first(text, "encoder_attention_heads", "num_attention_heads", "num_heads")
+    else:
+        layers = _first(text, "num_hidden_layers", "n_layer", "num_layers")
+        heads = _first(text, "num_attention_heads", "n_head", "num_heads")
+    kv_heads = _first(text, "num_key_value_heads", "multi_query_group_num") or heads
+    if getattr(text, "multi_query", False):
+        kv_heads = 1
+    head_dim = _first(text, "head_dim", "d_kv") or (hidden // heads if hidden and heads else None)
+    if not (layers and kv_heads and head_dim):
+        raise IncompatibleModelError(
+            f"cannot read the attention shape of model_type={getattr(config, 'model_type', '?')!r} from its "
+            "config (need layer count, key/value heads and head size); this architecture is not supported "
+            "by prefix methods yet."
+        )
+    return AttentionGeometry(int(layers), int(kv_heads), int(head_dim))
+
+
+def model_geometry(config: PretrainedConfig, kinds: dict[str, int] | None = None) -> ModelGeometry:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    attention = {}
+    for kind in kinds or {}:
+        g = attention_geometry(config, kind)
+        attention[kind] = {"n_layers": g.n_layers, "n_kv_heads": g.n_kv_heads, "head_dim": g.head_dim}
+    return ModelGeometry(
+        model_type=str(getattr(config, "model_type", "")),
+        hidden_size=int(_first(text, "hidden_size", "d_model", "n_embd")),
+        vocab_size=int(getattr(text, "vocab_size", 0) or 0),
+        is_encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
+        attention=attention,
+    )
+
+
+__all__ = ["AttentionGeometry", "ModelGeometry", "attention_geometry", "model_geometry", "SELF", "ENCODER", "DECODER", "CROSS"]

@@ -1,0 +1,1 @@
+"""Built-in methods. Each folder holds a method's whole story: config, modules, plugin."""

@@ -1,0 +1,72 @@
+"""P-tuning: soft tokens sit wherever the template put them; their embeddings come from the
+prompt encoder. Inputs carry ``prompt_index`` (``(B, L)``): the soft-token number at each
+position, -1 for real tokens (``Template.encode`` produces it). The sequence length does not
+change, so outputs line up with the user's tokens position for position.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pstar_plugins.core.distributed import embedding_rows, embedding_std
+from pstar_plugins.core.embedding_prompt import EmbeddingPromptMethod
+from pstar_plugins.core.inputs import IGNORE_INDEX
+from pstar_plugins.errors import ConfigError
+from pstar_plugins.methods.p_tuning.config import PTuningConfig
+from pstar_plugins.methods.p_tuning.encoder import PromptEncoder
+from pstar_plugins.tasks.template import Template
+
+
+class PTuning(EmbeddingPromptMethod):
+    def __init__(self, config: PTuningConfig, base_model: nn.Module, tokenizer=None) -> None:
+        super().__init__(config)
+        self.template = Template.parse(config.template)
+        n = self.template.num_soft_tokens
+        embedding = base_model.get_input_embeddings()
+        weight = embedding.weight
+        vocab_size, hidden = tuple(getattr(weight, "ds_shape", weight.shape))
+        if config.init == "vocab":
+            ids = torch.randint(min(5000, vocab_size), (n,))
+            initial = embedding_rows(embedding, ids)
+        else:
+            initial = torch.randn(n, hidden) * embedding_std(embedding)
+        self.encoder = PromptEncoder(initial.to(weight.device), config.encoder, config.encoder_hidden_size or hidden)
+
+    @property
+    def folded(self) -> bool:
+        return self.encoder.static
+
+    def fold(self) -> None:
+        self.encoder.fold()
+
+    def fill_slots(self, embeds, inputs):
+        index = inputs.pop("prompt_index", None)
+        if index is None:
+            raise ConfigError(
+                "p-tuning needs prompt_index (B, L) marking the template's soft-token positions; "
+                "build inputs with the method's template (Template.encode) or pstar_plugins.tasks."
+            )
+        index = index.to(embeds.device)
+        if index.shape != embeds.shape[:2]:
+            raise ConfigError(f"prompt_index has shape {tuple(index.shape)}, input has {tuple(embeds.shape[:2])}.")
+        soft = self.encoder().to(embeds.dtype)  # (n, hidden)
+        if int(index.max()) >= soft.shape[0]:
+            raise ConfigError(f"prompt_index refers to soft token {int(index.max())}, the template has {soft.shape[0]}.")
+        is_soft = (index >= 0).unsqueeze(-1)
+        embeds = torch.where(is_soft, soft[index.clamp(min=0)], embeds)
+        labels = inputs.get("labels")
+        if labels is not None:  # soft positions never enter the loss
+            inputs["labels"] = labels.masked_fill(index >= 0, IGNORE_INDEX)
+        return embeds
+
+    def generate_input_names(self):
+        return ("prompt_index",)
+
+    def param_groups(self, learning_rate, weight_decay):
+        embedding = [self.encoder.embedding]
+        rest = [p for n, p in self.encoder.named_parameters() if n != "embedding"]
+        groups = [{"name": "soft-tokens", "params": embedding, "lr": learning_rate, "weight_decay": 0.0}]
+        if rest:
+            groups.append({"name": "prompt-encoder", "params": rest, "lr": learning_rate, "weight_decay": weight_decay})
+        return groups

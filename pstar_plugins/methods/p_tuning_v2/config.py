@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pstar_plugins.errors import ConfigError
+from pstar_plugins.methods.base import one_of, positive_int
+from pstar_plugins.methods.prefix_tuning.config import PrefixTuningConfig
+
+HEADS = ("sequence-classification", "token-classification", "none")
+POOLINGS = ("auto", "first", "last", "mean")
+
+
+@dataclass
+class PTuningV2Config(PrefixTuningConfig):
+    """Deep prompts (per-layer key/value prefixes) and a linear classification head.
+
+    Defaults follow the paper: no reparameterisation (its benefit is task-dependent, §4.3), a
+    prompt length under 20 for simple classification and around 100 for hard sequence tasks.
+    """
+
+    num_virtual_tokens: int = field(default=16, metadata={"help": "prompt length per layer (simple classification < 20; sequence labelling ~100)"})
+    projection: bool = field(default=False, metadata={"help": "reparameterise the deep prompts with an MLP (task-dependent, off by default)"})
+    layers: list[int] = field(default_factory=list, metadata={"help": "layer indices that get prompts (empty: every layer; negatives count from the end)"})
+    head: str = field(default="sequence-classification", metadata={"help": "sequence-classification | token-classification | none (keep the LM head)"})
+    num_labels: int = field(default=2, metadata={"help": "classes of the linear head"})
+    pooling: str = field(default="auto", metadata={"help": "sequence pooling: auto (first token for encoders, last for decoders) | first | last | mean"})
+    classifier_dropout: float = field(default=0.1, metadata={"help": "dropout before the linear head"})
+
+    def validate(self) -> None:
+        super().validate()
+        one_of(self, "head", HEADS)
+        one_of(self, "pooling", POOLINGS)
+        if self.head != "none":
+            positive_int(self, "num_labels")
+            if self.num_labels < 2 and self.head == "sequence-classification":
+                raise ConfigError(f"num_labels={self.num_labels}: a classification head needs at least 2 labels.")
+        if not all(isinstance(i, int) for i in self.layers):
+            raise ConfigError(f"layers={self.layers!r}: expected a list of layer indices.")
+        if not 0.0 <= float(self.classifier_dropout) < 1.0:
+            raise ConfigError(f"classifier_dropout={self.classifier_dropout!r}: expected a probability in [0, 1).")

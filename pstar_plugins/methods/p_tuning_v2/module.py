@@ -1,0 +1,89 @@
+"""P-tuning v2: the prefix machinery on every (or a chosen subset of) layers, plus a linear head
+on the backbone's hidden states.
+
+Prompts live only in the attention keys/values, so the hidden states the head reads are the
+user's tokens only: pooling can never read a virtual position.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers.modeling_outputs import SequenceClassifierOutput, TokenClassifierOutput
+
+from pstar_plugins.core.inputs import IGNORE_INDEX, fill_position_ids, first_real_index, is_encoder_decoder
+from pstar_plugins.errors import IncompatibleModelError
+from pstar_plugins.methods.p_tuning_v2.config import PTuningV2Config
+from pstar_plugins.methods.prefix_tuning.module import PrefixTuning, _hidden_size
+
+
+def last_real_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last non-padding token of each row (works for left and right padding)."""
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return (positions * (mask > 0)).argmax(dim=-1)
+
+
+class PTuningV2(PrefixTuning):
+    def __init__(self, config: PTuningV2Config, base_model: nn.Module) -> None:
+        if config.head != "none" and is_encoder_decoder(base_model):
+            raise IncompatibleModelError(
+                "p-tuning-v2 classification heads are for encoder-only and decoder-only models; use "
+                "--head none (deep prompts with the LM head) or prefix-tuning for encoder-decoder models."
+            )
+        super().__init__(config, base_model, layers=config.layers or None)
+        self.decoder_only = bool(getattr(base_model.config, "is_decoder", False)) or any(
+            getattr(s.module, "is_causal", False) for s in self.injector.sites
+        )
+        if config.head != "none":
+            device = next(base_model.parameters()).device
+            self.head = nn.Linear(_hidden_size(base_model.config), config.num_labels, device=device, dtype=torch.float32)
+            self.head_dropout = nn.Dropout(config.classifier_dropout)
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        pooling = self.config.pooling
+        if pooling == "auto":
+            pooling = "last" if self.decoder_only else "first"
+        if pooling == "mean":
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+        index = last_real_index(mask) if pooling == "last" else first_real_index(mask)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
+
+    def run(self, base_model, inputs, task_ids):
+        if self.config.head == "none":
+            return super().run(base_model, inputs, task_ids)
+        labels = inputs.pop("labels", None)
+        backbone = base_model.base_model  # the transformer without its LM head
+        task_ids = self.check_task_ids(task_ids, self._batch_size(inputs))
+        fill_position_ids(backbone, inputs)
+        mask = inputs.get("attention_mask")
+        with self.injector.activate(self.prefixes(task_ids)):
+            out = backbone(**{k: v for k, v in inputs.items() if v is not None})
+        hidden = out.last_hidden_state.float()
+        if mask is None:
+            mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        if self.config.head == "sequence-classification":
+            logits = self.head(self.head_dropout(self.pool(hidden, mask)))  # (B, num_labels)
+            loss = F.cross_entropy(logits, labels.to(logits.device)) if labels is not None else None
+            return SequenceClassifierOutput(loss=loss, logits=logits)
+        logits = self.head(self.head_dropout(hidden))  # (B, L, num_labels)
+        loss = None
+        if labels is not None:
+            labels = labels.to(logits.device).masked_fill(mask == 0, IGNORE_INDEX)
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        return TokenClassifierOutput(loss=loss, logits=logits)
+
+    def generate(self, base_model, inputs, task_ids, **kwargs):
+        if self.config.head != "none":
+            raise IncompatibleModelError("a p-tuning-v2 adapter with a classification head does not generate; use head='none'.")
+        return super().generate(base_model, inputs, task_ids, **kwargs)
+
+    def param_groups(self, learning_rate, weight_decay):
+        groups = [g for g in super().param_groups(learning_rate, weight_decay)]
+        head = {id(p) for p in self.head.parameters()} if self.config.head != "none" else set()
+        for g in groups:
+            g["params"] = [p for p in g["params"] if id(p) not in head]
+        if head:
+            groups.append({"name": "head", "params": list(self.head.parameters()), "lr": learning_rate, "weight_decay": weight_decay})
+        return groups

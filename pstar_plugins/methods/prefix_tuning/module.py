@@ -1,0 +1,111 @@
+"""Prefix tuning: independent prefixes per kind of attention site.
+
+Decoder-only and encoder-only models have one kind (``self``). Encoder-decoder models get three
+independent prefixes, as in Li & Liang 2021 §4.2: encoder self-attention, decoder
+self-attention and cross-attention (PEFT gives the encoder none, peft#491).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from pstar_plugins.core.attention import PrefixInjector
+from pstar_plugins.core.geometry import attention_geometry
+from pstar_plugins.core.inputs import fill_position_ids
+from pstar_plugins.errors import IncompatibleModelError
+from pstar_plugins.methods.base import PromptMethod
+from pstar_plugins.methods.prefix_tuning.config import PrefixTuningConfig
+from pstar_plugins.methods.prefix_tuning.table import PrefixTable
+
+
+def _hidden_size(config) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("hidden_size", "d_model", "n_embd"):
+        if getattr(text, name, None):
+            return int(getattr(text, name))
+    raise IncompatibleModelError(f"cannot read the hidden size of model_type={getattr(config, 'model_type', '?')!r}.")
+
+
+class PrefixTuning(PromptMethod):
+    """``tables[kind]`` holds ``(T, m, ...)`` prefixes for every site of that kind.
+
+    ``layers`` (used by P-tuning v2) restricts prefixes to a subset of layer indices.
+    """
+
+    def __init__(self, config: PrefixTuningConfig, base_model: nn.Module, layers: list[int] | None = None) -> None:
+        super().__init__(config)
+        injector = PrefixInjector(base_model)
+        self.__dict__["injector"] = injector  # plain attribute: not a submodule, not saved
+        device = next(base_model.parameters()).device
+        input_size = config.projection_input_size or _hidden_size(base_model.config)
+        tables = {}
+        for kind, count in injector.counts().items():
+            geometry = attention_geometry(base_model.config, kind)
+            if geometry.n_layers != count:
+                injector.detach()
+                raise IncompatibleModelError(
+                    f"the config of {type(base_model).__name__} declares {geometry.n_layers} {kind} attention layers "
+                    f"but {count} attention modules were found; this architecture is not supported by prefix methods."
+                )
+            rows = list(range(count)) if layers is None else sorted({i if i >= 0 else count + i for i in layers})
+            bad = [i for i in rows if not 0 <= i < count]
+            if bad:
+                injector.detach()
+                raise IncompatibleModelError(f"layers {bad} do not exist: the model has {count} {kind} layers (0..{count - 1}).")
+            injector.layer_map[kind] = [rows.index(i) if i in rows else None for i in range(count)]
+            sub = type(geometry)(len(rows), geometry.n_kv_heads, geometry.head_dim)
+            tables[kind] = PrefixTable(sub, config.num_tasks, config.num_virtual_tokens, config.projection,
+                                       input_size, config.projection_hidden_size, config.init_std, device)
+        self.tables = nn.ModuleDict(tables)
+        self.dropout = nn.Dropout(config.prefix_dropout)
+
+    @property
+    def folded(self) -> bool:
+        return all(t.folded for t in self.tables.values())
+
+    def fold(self) -> None:
+        for table in self.tables.values():
+            table.fold()
+
+    def prefixes(self, task_ids: torch.Tensor | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Compute every kind's prefix once for this call (the MLP runs once per forward)."""
+        return {kind: table(task_ids, self.dropout) for kind, table in self.tables.items()}
+
+    def _batch_size(self, inputs: dict[str, Any]) -> int:
+        for name in ("input_ids", "inputs_embeds", "attention_mask"):
+            if inputs.get(name) is not None:
+                return inputs[name].shape[0]
+        raise IncompatibleModelError("pass input_ids or inputs_embeds.")
+
+    def run(self, base_model, inputs, task_ids):
+        task_ids = self.check_task_ids(task_ids, self._batch_size(inputs))
+        fill_position_ids(base_model, inputs)
+        with self.injector.activate(self.prefixes(task_ids)):
+            return base_model(**{k: v for k, v in inputs.items() if v is not None})
+
+    def generate(self, base_model, inputs, task_ids, **kwargs):
+        task_ids = self.check_task_ids(task_ids, self._batch_size(inputs))
+        # computed once: every decoding step reuses the same static prefix
+        with torch.no_grad(), self.injector.activate(self.prefixes(task_ids)):
+            return base_model.generate(**{k: v for k, v in inputs.items() if v is not None}, **kwargs)
+
+    def detach(self, base_model) -> None:
+        self.injector.detach()
+
+    def checkpoint_context(self):
+        # called when a checkpointed layer runs forward: recomputation sees the same prefixes
+        captured = self.injector.active
+        return contextlib.nullcontext(), self.injector.activate(captured)
+
+    def param_groups(self, learning_rate, weight_decay):
+        prefix, projection = [], []
+        for name, p in self.named_parameters():
+            (projection if ".mlp." in name else prefix).append(p)
+        groups = [{"name": "prefix", "params": prefix, "lr": learning_rate, "weight_decay": 0.0}]
+        if projection:
+            groups.append({"name": "prefix-projection", "params": projection, "lr": learning_rate, "weight_decay": weight_decay})
+        return groups

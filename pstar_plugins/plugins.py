@@ -1,0 +1,189 @@
+"""Plugin manager: built-in methods and third-party plugins through one registration path.
+
+Environment variables (read when the manager is first created):
+
+``PSTAR_DISABLE_PLUGIN_AUTOLOAD=1``
+    load no entry-point plugins (built-ins only).
+``PSTAR_PLUGINS=name,name``
+    load only these entry-point plugins (names of the ``pstar_plugins`` entry points).
+``PSTAR_BLOCK_PLUGINS=name,name``
+    never load these plugins (entry-point names or built-in names).
+``PSTAR_TRACE_PLUGINS=1``
+    print every hook call and result to stderr.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as metadata
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import pluggy
+
+from pstar_plugins import hookspecs
+from pstar_plugins.errors import PluginError, UnknownMethodError
+from pstar_plugins.methods.base import MethodSpec
+
+ENTRY_POINT_GROUP = "pstar_plugins"
+ENV_DISABLE_AUTOLOAD = "PSTAR_DISABLE_PLUGIN_AUTOLOAD"
+ENV_SELECT = "PSTAR_PLUGINS"
+ENV_BLOCK = "PSTAR_BLOCK_PLUGINS"
+ENV_TRACE = "PSTAR_TRACE_PLUGINS"
+
+BUILTIN_PLUGINS: dict[str, str] = {
+    "prompt-tuning": "pstar_plugins.methods.prompt_tuning.plugin:plugin",
+    "prefix-tuning": "pstar_plugins.methods.prefix_tuning.plugin:plugin",
+    "p-tuning": "pstar_plugins.methods.p_tuning.plugin:plugin",
+    "p-tuning-v2": "pstar_plugins.methods.p_tuning_v2.plugin:plugin",
+}
+
+
+def _env_list(name: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
+
+
+def _import_object(path: str) -> Any:
+    module_name, _, attr = path.partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, attr) if attr else module
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    version: str
+    hooks: list[str]
+    source: str
+
+
+class PStarPluginManager(pluggy.PluginManager):
+    """A pluggy manager that also keeps the method registry filled by ``pstar_register_methods``."""
+
+    def __init__(self) -> None:
+        super().__init__(hookspecs.PROJECT_NAME)
+        self.add_hookspecs(hookspecs)
+        self.methods: dict[str, MethodSpec] = {}
+        self.sources: dict[str, tuple[str, str]] = {}  # plugin name -> (version, source)
+
+    # -- registration ----------------------------------------------------------------
+    def register_plugin(self, plugin: Any, name: str, version: str = "", source: str = "") -> None:
+        """Register ``plugin``, validate its hooks and collect the methods it provides."""
+        if name in _env_list(ENV_BLOCK):
+            return
+        if self.get_plugin(name) is not None:
+            raise PluginError(f"a plugin named {name!r} is already registered; choose another name.")
+        try:
+            self.register(plugin, name=name)
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"plugin {name!r} has an invalid hook implementation: {exc}") from exc
+        try:
+            self.check_pending()
+        except pluggy.PluginValidationError as exc:
+            self.unregister(name=name)
+            raise PluginError(f"plugin {name!r} implements an unknown hook: {exc}") from exc
+        self.sources[name] = (version, source)
+
+        def register(spec: MethodSpec) -> None:
+            if not isinstance(spec, MethodSpec):
+                raise PluginError(f"plugin {name!r} registered {spec!r}; expected a MethodSpec.")
+            if spec.name in self.methods:
+                owner = self.methods[spec.name].plugin
+                raise PluginError(
+                    f"plugin {name!r} registers method {spec.name!r}, already registered by plugin {owner!r}. "
+                    f"Rename one of them or block one with {ENV_BLOCK}={name}."
+                )
+            self.methods[spec.name] = MethodSpec(spec.name, spec.config_class, spec.help, plugin=name)
+
+        impl = getattr(plugin, "pstar_register_methods", None)
+        if impl is not None:
+            try:
+                impl(register=register)
+            except Exception:
+                self.unregister(name=name)
+                self.methods = {k: v for k, v in self.methods.items() if v.plugin != name}
+                raise
+
+    def unregister_plugin(self, name: str) -> None:
+        self.unregister(name=name)
+        self.sources.pop(name, None)
+        self.methods = {k: v for k, v in self.methods.items() if v.plugin != name}
+
+    def load_module(self, path: str) -> str:
+        """Register a plugin given as ``module`` or ``module:object`` (the ``-p`` flag)."""
+        try:
+            obj = _import_object(path)
+        except (ImportError, AttributeError) as exc:
+            raise PluginError(f"cannot import plugin {path!r}: {exc}. Check the module path and PYTHONPATH.") from exc
+        self.register_plugin(obj, name=path, source="-p")
+        return path
+
+    def load_entry_points(self) -> None:
+        selected = set(_env_list(ENV_SELECT))
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if selected and ep.name not in selected:
+                continue
+            if ep.name in _env_list(ENV_BLOCK) or self.get_plugin(ep.name) is not None:
+                continue
+            try:
+                obj = ep.load()
+            except Exception as exc:
+                raise PluginError(f"entry-point plugin {ep.name!r} ({ep.value}) failed to import: {exc}") from exc
+            dist = getattr(ep, "dist", None)
+            self.register_plugin(obj, name=ep.name, version=getattr(dist, "version", "") or "", source="entry point")
+
+    # -- queries ---------------------------------------------------------------------
+    def method(self, name: str) -> MethodSpec:
+        if name not in self.methods:
+            known = ", ".join(sorted(self.methods)) or "(none)"
+            raise UnknownMethodError(f"unknown method {name!r}; known methods: {known}. Pick one with --method.")
+        return self.methods[name]
+
+    def describe(self) -> list[PluginInfo]:
+        infos = []
+        for name, plugin in self.list_name_plugin():
+            hooks = sorted(h.name for h in self.get_hookcallers(plugin) or [])
+            version, source = self.sources.get(name, ("", ""))
+            infos.append(PluginInfo(name, version, hooks, source))
+        return infos
+
+
+_MANAGER: PStarPluginManager | None = None
+
+
+def _version() -> str:
+    try:
+        return metadata.version("pstar-plugins")
+    except metadata.PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
+def create_plugin_manager(autoload: bool | None = None) -> PStarPluginManager:
+    """A fresh manager with the built-in methods and (unless disabled) entry-point plugins."""
+    pm = PStarPluginManager()
+    version = _version()
+    for name, path in BUILTIN_PLUGINS.items():
+        pm.register_plugin(_import_object(path), name=name, version=version, source="built-in")
+    if autoload is None:
+        autoload = os.environ.get(ENV_DISABLE_AUTOLOAD, "").lower() not in ("1", "true", "yes")
+    if autoload:
+        pm.load_entry_points()
+    if os.environ.get(ENV_TRACE, "").lower() in ("1", "true", "yes"):
+        pm.trace.root.setwriter(lambda text: sys.stderr.write(text))
+        pm.enable_tracing()
+    return pm
+
+
+def get_plugin_manager() -> PStarPluginManager:
+    """The process-wide manager, created on first use."""
+    global _MANAGER
+    if _MANAGER is None:
+        _MANAGER = create_plugin_manager()
+    return _MANAGER
+
+
+def reset_plugin_manager() -> None:
+    global _MANAGER
+    _MANAGER = None

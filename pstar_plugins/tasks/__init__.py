@@ -1,0 +1,1 @@
+"""Task-side pieces shared by methods and baselines: templates and verbalizers."""
