@@ -57,7 +57,7 @@ def pad_rows(rows: list[dict], side: str, pad_id: int = 0) -> dict:
     for r in rows:
         extra = length - r["input_ids"].shape[1]
         for k, v in r.items():
-            if k == "labels" and v.dim() == 1:
+            if (k == "labels" and v.dim() == 1) or k.startswith("decoder_"):
                 batch[k].append(v)
                 continue
             pad = torch.full((1, extra), fills[k], dtype=v.dtype)

@@ -13,6 +13,7 @@ from pstar_plugins.core.inputs import (
     IGNORE_INDEX,
     accepts,
     fill_position_ids,
+    first_real_index,
     gather_positions,
     insert_block,
     is_encoder_decoder,
@@ -29,8 +30,13 @@ class EmbeddingPromptMethod(PromptMethod):
         return None
 
     def insertion_index(self, input_ids: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
-        """Where the block goes in each row, ``(B,)``; default: in front of everything."""
-        return torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device)
+        """Where the block goes in each row, ``(B,)``.
+
+        Default: right before the first real token, i.e. after any left padding. The prompt then
+        touches the text in every row, so models without ``position_ids`` (T5's relative bias,
+        BART's learned positions) see the same distances as for the example alone.
+        """
+        return first_real_index(mask)
 
     def fill_slots(self, embeds: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
         """Overwrite template slots of ``embeds`` (``(B, L, hidden)``); default: unchanged."""
@@ -53,6 +59,7 @@ class EmbeddingPromptMethod(PromptMethod):
         mask = inputs.get("attention_mask")
         if mask is None:
             mask = torch.ones(B, L, dtype=torch.long, device=embeds.device)
+        user_mask = mask
         embeds = self.fill_slots(embeds, inputs)
         task_ids = self.check_task_ids(task_ids, B)
         block = self.virtual_block(B, task_ids)
@@ -69,7 +76,9 @@ class EmbeddingPromptMethod(PromptMethod):
                 shifted = positions + m * (torch.arange(L, device=at.device)[None] >= at[:, None]).long()
                 virtual = start + torch.arange(m, device=at.device)[None]
                 inputs["position_ids"], _ = insert_block(shifted, virtual, at)
-            info.update(user_index=user_index, at_start=bool((at == 0).all()))
+            # "at start": the block sits between the left padding and the text in every row, so
+            # the user's real tokens are exactly the last L positions
+            info.update(user_index=user_index, at_start=bool((at == first_real_index(user_mask)).all()), user_mask=user_mask)
         inputs["inputs_embeds"] = embeds
         inputs["attention_mask"] = mask
         return info
@@ -82,8 +91,11 @@ class EmbeddingPromptMethod(PromptMethod):
         if user_index is None or is_encoder_decoder(base_model):
             return base_model(**inputs)  # sequence length unchanged, or labels belong to the decoder
         if info["at_start"] and accepts(base_model, "logits_to_keep") and inputs.get("logits_to_keep") is None:
-            # the user's tokens are the last L positions: no logits (and no loss) at virtual positions
+            # the user's real tokens are the last L positions: no logits (and no loss) at virtual
+            # positions; labels on left padding (now facing virtual tokens) are ignored
             inputs["logits_to_keep"] = info["length"]
+            if labels is not None:
+                inputs["labels"] = labels.masked_fill(info["user_mask"].to(labels.device) == 0, IGNORE_INDEX)
             return base_model(**inputs)
         if labels is not None:
             # virtual positions get IGNORE_INDEX: they never enter the loss
@@ -91,8 +103,21 @@ class EmbeddingPromptMethod(PromptMethod):
             inputs["labels"] = padded.scatter(1, user_index, labels)
         out = base_model(**inputs)
         if getattr(out, "logits", None) is not None:
-            out.logits = gather_positions(out.logits, user_index)
+            out.logits = gather_positions(out.logits, self._prediction_index(base_model, user_index))
         return out
+
+    @staticmethod
+    def _prediction_index(base_model, user_index: torch.Tensor) -> torch.Tensor:
+        """Which output position to report for each user token.
+
+        A causal LM's logits at user token j predict token j+1, and that prediction is made at
+        the position right before token j+1, which is the last virtual token when the block sits
+        between them (``after_bos``). Masked LMs predict each token at its own position.
+        """
+        if not (base_model.can_generate() and not is_encoder_decoder(base_model)):
+            return user_index
+        following = torch.cat([user_index[:, 1:] - 1, user_index[:, -1:]], dim=1)
+        return following
 
     def generate(self, base_model, inputs, task_ids, **kwargs):
         input_ids = inputs.get("input_ids")
