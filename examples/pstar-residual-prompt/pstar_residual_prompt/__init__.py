@@ -1,0 +1,1 @@
+"""Residual prompt tuning for pstar-plugins."""

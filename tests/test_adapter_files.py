@@ -1,0 +1,88 @@
+"""Save → load round-trips bit-exactly and the file holds only trainable tensors."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pstar_plugins import load_adapter
+from pstar_plugins.errors import AdapterError
+from pstar_plugins.testing import tiny_model
+from tests.helpers import CASES, inputs_for, make
+
+EXPECTED_TENSORS = {
+    "prompt-tuning": lambda m: {"prompt": (1, 4, 32)},
+    "p-tuning": lambda m: {"encoder.embedding": (3, 32), "encoder.lstm.weight_ih_l0": (32, 32)},
+}
+
+
+@pytest.mark.parametrize("arch,method", CASES)
+def test_save_load_round_trip_is_bit_exact(tmp_path, arch, method):
+    model = make(arch, method)
+    with torch.no_grad():
+        for p in model.method.parameters():
+            p.add_(torch.randn_like(p))
+    model.save_adapter(tmp_path)
+    saved = load_file(tmp_path / "adapter.safetensors")
+    trainable = {n[len("method."):]: p for n, p in model.trainable_named_parameters()}
+    assert set(saved) == set(trainable)  # only trainable tensors, nothing frozen
+    for name, tensor in saved.items():
+        assert tensor.shape == trainable[name].shape
+    for name, shape in EXPECTED_TENSORS.get(method, lambda m: {})(model).items():
+        assert tuple(saved[name].shape) == shape
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert meta["method"] == method and meta["format_version"] == 1
+
+    loaded = load_adapter(tiny_model(arch, seed=0), tmp_path)
+    for (n, a), (m, b) in zip(model.trainable_named_parameters(), loaded.trainable_named_parameters()):
+        assert n == m and torch.equal(a, b), n
+    batch = inputs_for(arch, method)
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+
+
+def test_folded_adapter_round_trips(tmp_path):
+    model = make("llama", "prefix-tuning").fold()
+    model.save_adapter(tmp_path)
+    saved = load_file(tmp_path / "adapter.safetensors")
+    assert set(saved) == {"tables.self.prefix"}
+    assert saved["tables.self.prefix"].shape == (1, 3, 2 * 2 * 2 * 8)  # (T, m, layers·2·kv_heads·head_dim)
+    loaded = load_adapter(tiny_model("llama"), tmp_path)
+    assert loaded.method.folded
+    assert torch.equal(loaded.method.tables["self"].prefix, model.method.tables["self"].prefix)
+
+
+def test_adapter_for_another_geometry_is_refused(tmp_path):
+    make("llama", "prefix-tuning").save_adapter(tmp_path)
+    with pytest.raises(AdapterError, match="trained for a model with"):
+        load_adapter(tiny_model("gpt2"), tmp_path)
+
+
+def test_corrupt_and_future_adapters_are_refused(tmp_path):
+    make("llama", "prompt-tuning").save_adapter(tmp_path)
+    weights = tmp_path / "adapter.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(AdapterError, match="truncated or corrupt"):
+        load_adapter(tiny_model("llama"), tmp_path)
+    weights.write_bytes(data)
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    meta["format_version"] = 99
+    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(AdapterError, match="format_version 99"):
+        load_adapter(tiny_model("llama"), tmp_path)
+
+
+def test_unwrap_restores_the_base_model():
+    base = tiny_model("llama")
+    ids = torch.randint(3, 90, (1, 6))
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+    from pstar_plugins import build_model
+
+    model = build_model(base, "prefix-tuning")
+    restored = model.unwrap()
+    with torch.no_grad():
+        assert torch.equal(restored(input_ids=ids).logits, before)
