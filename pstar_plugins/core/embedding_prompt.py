@@ -90,10 +90,11 @@ class EmbeddingPromptMethod(PromptMethod):
         user_index = info["user_index"]
         if user_index is None or is_encoder_decoder(base_model):
             return base_model(**inputs)  # sequence length unchanged, or labels belong to the decoder
-        if info["at_start"] and accepts(base_model, "logits_to_keep") and inputs.get("logits_to_keep") is None:
+        keep = inputs.get("logits_to_keep")
+        if info["at_start"] and accepts(base_model, "logits_to_keep") and (keep is None or isinstance(keep, int) and 0 < keep <= info["length"]):
             # the user's real tokens are the last L positions: no logits (and no loss) at virtual
             # positions; labels on left padding (now facing virtual tokens) are ignored
-            inputs["logits_to_keep"] = info["length"]
+            inputs["logits_to_keep"] = keep or info["length"]
             if labels is not None:
                 inputs["labels"] = labels.masked_fill(info["user_mask"].to(labels.device) == 0, IGNORE_INDEX)
             return base_model(**inputs)

@@ -1,0 +1,332 @@
+"""Train a P*-tuning method on a frozen model with Accelerate.
+
+    accelerate launch -m pstar_plugins.train --method prompt-tuning \\
+        --model smollm2 --output-dir runs/sst2-prompt
+
+Defaults train on the packaged SST-2 sample and evaluate on SST-2 dev, offline. Method options
+are flags too (``--num-virtual-tokens 20``); ``pstar methods`` lists methods, ``--help`` after
+``--method NAME`` lists that method's options. Structure follows transformers'
+``*_no_trainer.py`` examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+import typing
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from pstar_plugins.errors import ConfigError, PStarError
+
+logger = logging.getLogger("pstar_plugins.train")
+DEFAULT_TEMPLATE = "Review: {sentence} Sentiment:{answer}"
+
+
+def _method_arguments(parser: argparse.ArgumentParser, config_class) -> list[str]:
+    group = parser.add_argument_group(f"{config_class.__name__} options")
+    names = []
+    hints = typing.get_type_hints(config_class)
+    taken = {o for a in parser._actions for o in a.option_strings}
+    for f in dataclasses.fields(config_class):
+        flag = "--" + f.name.replace("_", "-")
+        if flag in taken:  # shared with the task flags (--template, --label-words): those fill it
+            continue
+        help_text = f.metadata.get("help", "")
+        hint = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if hint is bool:
+            group.add_argument(flag, dest=f"m_{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
+                               metavar="{true,false}", help=f"{help_text} (default: {default})")
+        elif typing.get_origin(hint) is list:
+            inner = typing.get_args(hint)[0]
+            group.add_argument(flag, dest=f"m_{f.name}", type=inner, nargs="*", default=None, help=f"{help_text} (default: {default})")
+        else:
+            group.add_argument(flag, dest=f"m_{f.name}", type=hint, default=None, help=f"{help_text} (default: {default})")
+        names.append(f.name)
+    return names
+
+
+def parse_args(argv: list[str] | None = None):
+    from pstar_plugins.models import packaged_data
+    from pstar_plugins.plugins import get_plugin_manager
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method")
+    pre.add_argument("-p", "--plugin", action="append", default=[])
+    known, _ = pre.parse_known_args(argv)
+    pm = get_plugin_manager()
+    for module in known.plugin:
+        pm.load_module(module)
+
+    parser = argparse.ArgumentParser(description="Train a P*-tuning method on a frozen model with Accelerate.")
+    parser.add_argument("--method", required=True, help=f"method name; one of: {', '.join(sorted(pm.methods))}")
+    parser.add_argument("-p", "--plugin", action="append", default=[], help="extra plugin module for this run (module or module:object)")
+    parser.add_argument("--model", default="smollm2", help="offline alias (smollm2, minilm), a local folder, or any hub model id")
+    parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model's folder, if the weights are GGUF")
+    parser.add_argument("--model-kind", default="causal-lm", choices=["causal-lm", "masked-lm"], help="which head to load")
+    parser.add_argument("--train-file", default=packaged_data("sst2_train_sample.tsv"), help="training data (.csv, .tsv, .jsonl)")
+    parser.add_argument("--validation-file", default=packaged_data("sst2_dev.tsv"), help="evaluation data (.csv, .tsv, .jsonl)")
+    parser.add_argument("--template", default=None, help=f"template with {{column}} slots and one {{answer}} slot (default: {DEFAULT_TEMPLATE!r}, or the method's preset)")
+    parser.add_argument("--label-column", default="label", help="column with the class (index or label word)")
+    parser.add_argument("--label-words", nargs="+", default=["negative", "positive"], help="one word per class, in class order")
+    parser.add_argument("--output-dir", required=True, help="where the adapter, checkpoints, metrics and plot go")
+    parser.add_argument("--overwrite", action="store_true", help="allow an output dir that already holds a different run")
+    parser.add_argument("--learning-rate", type=float, default=None, help="base learning rate (default: the method's preset)")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="weight decay of the non-embedding groups")
+    parser.add_argument("--batch-size", type=int, default=16, help="per-process training batch size")
+    parser.add_argument("--eval-batch-size", type=int, default=32, help="per-process evaluation batch size")
+    parser.add_argument("--max-steps", type=int, default=100, help="optimizer steps")
+    parser.add_argument("--warmup-steps", type=int, default=10, help="linear warm-up steps")
+    parser.add_argument("--max-length", type=int, default=128, help="truncate examples to this many tokens")
+    parser.add_argument("--max-train-samples", type=int, default=None, help="use only the first N training rows")
+    parser.add_argument("--max-eval-samples", type=int, default=None, help="use only the first N evaluation rows")
+    parser.add_argument("--eval-steps", type=int, default=25, help="evaluate every N steps (0: only at the end)")
+    parser.add_argument("--eval-subset-size", type=int, default=128, help="periodic evaluations use the first N evaluation rows (the final one uses all)")
+    parser.add_argument("--checkpointing-steps", type=int, default=0, help="save the full training state every N steps (0: never)")
+    parser.add_argument("--resume-from-checkpoint", default=None, help="checkpoint folder to resume from, or 'latest'")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint the frozen model's layers to save memory")
+    parser.add_argument("--seed", type=int, default=42, help="random seed")
+    parser.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot baseline evaluation")
+    parser.add_argument("--plot", default="training.png", help="file name (in --output-dir) of the loss/accuracy plot; '' for none")
+    method = known.method if known.method in pm.methods else None
+    option_names = _method_arguments(parser, pm.method(method).config_class) if method else []
+    args = parser.parse_args(argv)
+    args.method_options = {n: getattr(args, f"m_{n}") for n in option_names if getattr(args, f"m_{n}") is not None}
+    return args
+
+
+PRESETS = {  # learning rates and options that work on SmolLM2-135M with AdamW (see docs/recipes.md)
+    "prompt-tuning": ({"num_virtual_tokens": 10}, 3e-2),
+    "prefix-tuning": ({"num_virtual_tokens": 10}, 5e-3),
+    "p-tuning": ({"template": "{soft:3} Review: {sentence} {soft:3} Sentiment:{answer}"}, 1e-3),
+    "p-tuning-v2": ({"num_virtual_tokens": 16}, 5e-3),
+}
+
+
+def _check_output_dir(path: Path, args, run_id: dict) -> None:
+    marker = path / "run.json"
+    if marker.exists() and not args.overwrite and not args.resume_from_checkpoint:
+        previous = json.loads(marker.read_text())
+        if previous != run_id:
+            raise ConfigError(f"--output-dir {path} holds a different run ({previous.get('method')}); choose another directory or pass --overwrite.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except PStarError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(argv):
+    args = parse_args(argv)
+    from accelerate import Accelerator, InitProcessGroupKwargs
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from pstar_plugins import build_model, param_groups
+    from pstar_plugins.core.adapter_io import save_adapter
+    from pstar_plugins.models import load
+    from pstar_plugins.plugins import get_plugin_manager
+    from pstar_plugins.tasks.data import labels_of, read_examples
+    from pstar_plugins.tasks.template import Template, Literal, Soft
+    from pstar_plugins.tasks.verbalizer import Verbalizer
+
+    # without a GPU, multi-process runs need gloo (otherwise Accelerate sees one process while
+    # DeepSpeed sees several); a single plain process must not ask for a process group at all
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
+    accelerator = Accelerator(kwargs_handlers=handlers)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if accelerator.is_main_process else logging.ERROR)
+    set_seed(args.seed)
+
+    pm = get_plugin_manager()
+    spec = pm.method(args.method)
+    preset, preset_lr = PRESETS.get(args.method, ({}, 1e-3))
+    options = {k: v for k, v in preset.items() if k in {f.name for f in dataclasses.fields(spec.config_class)}}
+    options.update(args.method_options)
+    fields = {f.name for f in dataclasses.fields(spec.config_class)}
+    if "label_words" in fields:
+        options["label_words"] = args.label_words
+    if "template" in fields and args.template:
+        options["template"] = args.template
+    config = spec.config_class.from_dict(options)  # validate before anything is loaded or written
+    lr = args.learning_rate or preset_lr
+    out_dir = Path(args.output_dir)
+    run_id = {"method": args.method, "model": args.model, "train_file": str(args.train_file)}
+    _check_output_dir(out_dir, args, run_id)
+    train_rows = read_examples(args.train_file, args.max_train_samples)
+    eval_rows = read_examples(args.validation_file, args.max_eval_samples)
+    train_labels = labels_of(train_rows, args.label_column, args.train_file, args.label_words)
+    eval_labels = labels_of(eval_rows, args.label_column, args.validation_file, args.label_words)
+    template_text = getattr(config, "template", None) or args.template or DEFAULT_TEMPLATE
+    template = Template.parse(template_text)
+    for name in template.fields:
+        if name not in train_rows[0]:
+            raise ConfigError(f"template slot {{{name}}} is not a column of {args.train_file} (columns: {sorted(train_rows[0])}).")
+
+    with accelerator.main_process_first():
+        base, tokenizer = load(args.model, kind=args.model_kind, gguf_file=args.gguf_file)
+    masked = args.model_kind == "masked-lm"
+    head_classifier = getattr(config, "head", "none") != "none"
+    if head_classifier:
+        config = config.replace(num_labels=len(args.label_words))
+    model = build_model(base, args.method, config, tokenizer=tokenizer)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    verbalizer = Verbalizer(tokenizer, template, args.label_words, masked_lm=masked)
+    zero_shot_template = Template(template.text, [p for p in template.parts if not isinstance(p, Soft)])
+    zero_shot = Verbalizer(tokenizer, zero_shot_template, args.label_words, masked_lm=masked)
+
+    groups = param_groups(model, lr, args.weight_decay)
+    for g in groups:
+        g.pop("name", None)
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=args.weight_decay)
+    warmup = min(args.warmup_steps, args.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)) * max(0.0, (args.max_steps - s) / max(1, args.max_steps - warmup)) if s >= warmup else (s + 1) / max(1, warmup))
+    trainable, frozen = model.parameter_counts()
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    core = accelerator.unwrap_model(model)
+
+    def classify(m, scorer, rows, labels):
+        batch = scorer.encode(rows, labels, max_length=args.max_length)
+        if head_classifier:
+            inputs = {k: v.to(accelerator.device) for k, v in batch.inputs.items()}
+            return m(**inputs).logits.float(), batch.labels.to(accelerator.device)
+        return scorer.scores(m, batch), batch.labels.to(accelerator.device)
+
+    @torch.no_grad()
+    def evaluate(m, scorer, desc, limit=None):
+        m.eval()
+        correct = 0
+        n = min(limit or len(eval_rows), len(eval_rows))
+        bar = tqdm(range(0, n, args.eval_batch_size), desc=desc, disable=not accelerator.is_main_process, leave=False)
+        for i in bar:
+            j = min(i + args.eval_batch_size, n)
+            scores, gold = classify(m, scorer, eval_rows[i:j], eval_labels[i:j])
+            correct += int((scores.argmax(-1) == gold).sum())
+        m.train()
+        return correct / n
+
+    history = {"step": [], "loss": [], "eval_step": [], "accuracy": []}
+    results = {"method": args.method, "model": args.model, "trainable_parameters": trainable, "frozen_parameters": frozen}
+    if not args.no_zero_shot and not head_classifier:
+        results["zero_shot_accuracy"] = evaluate(core.base_model, zero_shot, "zero-shot eval")
+        logger.info("zero-shot accuracy (template %r): %.4f", zero_shot_template.text, results["zero_shot_accuracy"])
+
+    logger.info("***** Running training *****")
+    logger.info("  method = %s, model = %s", args.method, args.model)
+    logger.info("  trainable parameters = %d, frozen = %d (%.4f%%)", trainable, frozen, 100 * trainable / max(1, trainable + frozen))
+    logger.info("  examples = %d, steps = %d, batch per process = %d, processes = %d, lr = %g",
+                len(train_rows), args.max_steps, args.batch_size, accelerator.num_processes, lr)
+
+    rng = random.Random(args.seed)
+    order: list[int] = []
+    start_step = 0
+    if args.resume_from_checkpoint:
+        path = Path(args.resume_from_checkpoint)
+        if args.resume_from_checkpoint == "latest":
+            done = sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+            if not done:
+                raise ConfigError(f"--resume-from-checkpoint latest: no checkpoint-* folder in {out_dir}.")
+            path = done[-1]
+        accelerator.load_state(str(path))
+        state = json.loads((path / "trainer_state.json").read_text())
+        start_step, order, history = state["step"], state["order"], state["history"]
+        rng.setstate(tuple(state["rng"][:1]) + (tuple(state["rng"][1]),) + tuple(state["rng"][2:]))
+        logger.info("resumed from %s at step %d", path, start_step)
+
+    model.train()
+    progress = tqdm(range(start_step, args.max_steps), desc="training", disable=not accelerator.is_main_process)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    for step in progress:
+        global_batch = args.batch_size * world
+        if len(order) < global_batch:
+            fresh = list(range(len(train_rows)))
+            rng.shuffle(fresh)
+            order += fresh
+        chosen, order = order[:global_batch], order[global_batch:]
+        mine = chosen[rank * args.batch_size:(rank + 1) * args.batch_size]
+        scores, gold = classify(model, verbalizer, [train_rows[i] for i in mine], [train_labels[i] for i in mine])
+        loss = F.cross_entropy(scores, gold)
+        if not torch.isfinite(loss):
+            raise PStarError(f"loss became {loss.item()} at step {step + 1}; lower --learning-rate. Checkpoints so far are kept.")
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+        history["step"].append(step + 1)
+        history["loss"].append(loss_value)
+        progress.set_postfix(loss=f"{loss_value:.4f}")
+        if args.eval_steps and (step + 1) % args.eval_steps == 0 and step + 1 < args.max_steps:
+            acc = evaluate(model, verbalizer, "eval", limit=args.eval_subset_size)
+            history["eval_step"].append(step + 1)
+            history["accuracy"].append(acc)
+            logger.info("step %d: loss %.4f, dev accuracy %.4f (first %d rows)", step + 1, loss_value, acc, args.eval_subset_size)
+        if args.checkpointing_steps and (step + 1) % args.checkpointing_steps == 0:
+            ckpt = out_dir / f"checkpoint-{step + 1}"
+            accelerator.save_state(str(ckpt))
+            if accelerator.is_main_process:
+                rng_state = rng.getstate()
+                (ckpt / "trainer_state.json").write_text(json.dumps(
+                    {"step": step + 1, "order": order, "history": history, "rng": [rng_state[0], list(rng_state[1]), rng_state[2]]}))
+            accelerator.wait_for_everyone()
+
+    results["tuned_accuracy"] = evaluate(model, verbalizer, "final eval")
+    history["eval_step"].append(args.max_steps)
+    history["accuracy"].append(results["tuned_accuracy"])
+    state = core.trainable_state()
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "run.json").write_text(json.dumps(run_id))
+        save_adapter(core, out_dir / "adapter", state=state)
+        results["history"] = history
+        (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+        if args.plot:
+            _plot(history, out_dir / args.plot, args.method)
+        print(f"\n{'':-<60}\nmethod {args.method} on {args.model}")
+        if "zero_shot_accuracy" in results:
+            print(f"  zero-shot dev accuracy : {results['zero_shot_accuracy']:.4f}")
+        print(f"  tuned dev accuracy     : {results['tuned_accuracy']:.4f}")
+        print(f"  adapter saved to       : {out_dir / 'adapter'}\n{'':-<60}")
+    accelerator.end_training()
+    return 0
+
+
+def _plot(history, path: Path, method: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed; no plot written (pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(history["step"], history["loss"], color="tab:blue", alpha=0.7, label="training loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(history["eval_step"], history["accuracy"], "o-", color="tab:red", label="dev accuracy")
+    ax2.set_ylabel("dev accuracy", color="tab:red")
+    ax.set_title(f"{method}: training loss and dev accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
