@@ -1,0 +1,91 @@
+"""Method options that the equivalence tests do not cover: initialisations, heads, MLM verbalizer."""
+
+import pytest
+import torch
+
+from pstar_plugins import build_model
+from pstar_plugins.errors import ConfigError, IncompatibleModelError
+from pstar_plugins.tasks.template import Template
+from pstar_plugins.tasks.verbalizer import Verbalizer
+from pstar_plugins.testing import random_batch, tiny_model
+from tests.test_tasks import CharTokenizer
+
+
+def test_prompt_init_from_text_copies_the_text_embeddings():
+    tok = CharTokenizer()
+    base = tiny_model("llama")
+    model = build_model(base, "prompt-tuning", tokenizer=tok, num_virtual_tokens=5, init="text", init_text="abc")
+    ids = tok("abc", add_special_tokens=False)["input_ids"]
+    expected = base.get_input_embeddings().weight[[ids[i % 3] for i in range(5)]]
+    assert torch.equal(model.method.prompt[0], expected)
+
+
+def test_prompt_init_from_labels_then_vocab():
+    tok = CharTokenizer()
+    base = tiny_model("llama")
+    model = build_model(base, "prompt-tuning", tokenizer=tok, num_virtual_tokens=4, init="labels", label_words=["ab", "c"])
+    emb = base.get_input_embeddings().weight
+    ab = tok(" ab", add_special_tokens=False)["input_ids"]
+    torch.testing.assert_close(model.method.prompt[0, 0], emb[ab].mean(0))
+    vocab_rows = model.method.prompt[0, 2:]
+    assert all(any(torch.equal(r, e) for e in emb) for r in vocab_rows)  # sampled from the vocabulary
+
+
+def test_text_init_without_tokenizer_is_a_clear_error():
+    with pytest.raises(ConfigError, match="pass tokenizer="):
+        build_model(tiny_model("llama"), "prompt-tuning", init="text", init_text="hello")
+
+
+def test_token_classification_head_ignores_padding():
+    model = build_model(tiny_model("bert"), "p-tuning-v2", head="token-classification", num_labels=4, classifier_dropout=0.0)
+    ids = random_batch(2, 6)
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    labels = torch.randint(0, 4, (2, 6))
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.logits.shape == (2, 6, 4)
+    flat = labels.masked_fill(mask == 0, -100)
+    manual = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), flat.flatten(), ignore_index=-100)
+    torch.testing.assert_close(out.loss, manual)
+    out.loss.backward()
+    assert model.method.head.weight.grad.abs().sum() > 0
+
+
+def test_p_tuning_v2_layer_subset_only_prompts_those_layers():
+    model = build_model(tiny_model("llama"), "p-tuning-v2", layers=[-1], num_virtual_tokens=2)
+    assert model.method.tables["self"].geometry.n_layers == 1
+    assert model.method.injector.layer_map["self"] == [None, 0]
+    with pytest.raises(IncompatibleModelError, match="layers \\[5\\] do not exist"):
+        build_model(tiny_model("llama"), "p-tuning-v2", layers=[5])
+
+
+def test_p_tuning_v2_head_refused_on_encoder_decoder():
+    with pytest.raises(IncompatibleModelError, match="encoder-only and decoder-only"):
+        build_model(tiny_model("t5"), "p-tuning-v2")
+
+
+def test_masked_lm_verbalizer_reads_the_mask_positions():
+    tok = CharTokenizer()
+    model = build_model(tiny_model("bert"), "p-tuning", template="{soft:2} {sentence} is{answer} .", init="random").eval()
+    template = Template.parse(model.method_config.template)
+    words = ["ok", "bad"]  # 3 and 4 characters: multi-token words on the character tokenizer
+    verbalizer = Verbalizer(tok, template, words, masked_lm=True)
+    batch = verbalizer.encode([{"sentence": "fun"}, {"sentence": "a dull one"}])
+    n_mask = 4
+    with torch.no_grad():
+        scores = verbalizer.scores(model, batch)
+        logp = torch.log_softmax(model(**batch.inputs).logits, -1)
+    for i in range(2):
+        at = int(batch.answer_index[i])
+        assert batch.inputs["input_ids"][i, at:at + n_mask].tolist() == [4] * n_mask
+        for c, word in enumerate(words):
+            ids = tok(" " + word, add_special_tokens=False)["input_ids"]
+            expected = torch.stack([logp[i, at + k, t] for k, t in enumerate(ids)]).mean()
+            torch.testing.assert_close(scores[i, c], expected)
+
+
+def test_flash_attention_model_is_refused_for_prefix_methods():
+    base = tiny_model("llama")
+    base.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(IncompatibleModelError, match="attn_implementation='sdpa'"):
+        build_model(base, "prefix-tuning")
