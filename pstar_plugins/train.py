@@ -83,6 +83,7 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--overwrite", action="store_true", help="allow an output dir that already holds a different run")
     parser.add_argument("--learning-rate", type=float, default=None, help="base learning rate (default: the method's preset)")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="weight decay of the non-embedding groups")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm (0: no clipping); DeepSpeed gets the same value")
     parser.add_argument("--batch-size", type=int, default=16, help="per-process training batch size")
     parser.add_argument("--eval-batch-size", type=int, default=32, help="per-process evaluation batch size")
     parser.add_argument("--max-steps", type=int, default=100, help="optimizer steps")
@@ -93,7 +94,11 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--eval-steps", type=int, default=25, help="evaluate every N steps (0: only at the end)")
     parser.add_argument("--eval-subset-size", type=int, default=128, help="periodic evaluations use the first N evaluation rows (the final one uses all)")
     parser.add_argument("--checkpointing-steps", type=int, default=0, help="save the full training state every N steps (0: never)")
-    parser.add_argument("--resume-from-checkpoint", default=None, help="checkpoint folder to resume from, or 'latest'")
+    parser.add_argument("--resume-from-checkpoint", default=None,
+                        help="checkpoint folder to resume from; 'latest' (the newest complete one in --output-dir) or "
+                             "'latest-if-any' (the same, or a fresh start when there is none: for preemptible jobs)")
+    parser.add_argument("--stop-after-steps", type=int, default=0,
+                        help="leave after this many steps in this invocation, with a checkpoint (time-limited jobs); 0: run to --max-steps")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint the frozen model's layers to save memory")
     parser.add_argument("--seed", type=int, default=42, help="random seed")
     parser.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot baseline evaluation")
@@ -145,9 +150,19 @@ def _main(argv):
 
     # without a GPU, multi-process runs need gloo (otherwise Accelerate sees one process while
     # DeepSpeed sees several); a single plain process must not ask for a process group at all
+    # DDP without GPUs must be asked for as cpu=True: otherwise Accelerate silently runs every
+    # process on its own (DistributedType.NO, no gradient sync)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
-    accelerator = Accelerator(kwargs_handlers=handlers)
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    no_gpu = not torch.cuda.is_available()
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and no_gpu else []
+    # our loop counts optimizer steps itself: the scheduler must advance once per step, not once
+    # per process (Accelerate's default assumes a dataloader it sharded)
+    accelerator = Accelerator(kwargs_handlers=handlers, step_scheduler_with_optimizer=False,
+                              cpu=distributed and no_gpu and not deepspeed)
+    if distributed and accelerator.distributed_type.value == "NO":
+        raise PStarError(f"{os.environ.get('WORLD_SIZE')} processes were launched but Accelerate set up no "
+                         "process group, so gradients would not be synchronised; check the launcher config.")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if accelerator.is_main_process else logging.ERROR)
     set_seed(args.seed)
 
@@ -176,8 +191,9 @@ def _main(argv):
         if name not in train_rows[0]:
             raise ConfigError(f"template slot {{{name}}} is not a column of {args.train_file} (columns: {sorted(train_rows[0])}).")
 
-    with accelerator.main_process_first():
-        base, tokenizer = load(args.model, kind=args.model_kind, gguf_file=args.gguf_file)
+    # every rank loads at the same time: under ZeRO-3 the model is built inside zero.Init, whose
+    # parameter partitioning is a collective; main_process_first() here would deadlock
+    base, tokenizer = load(args.model, kind=args.model_kind, gguf_file=args.gguf_file)
     masked = args.model_kind == "masked-lm"
     head_classifier = getattr(config, "head", "none") != "none"
     if head_classifier:
@@ -197,6 +213,11 @@ def _main(argv):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)) * max(0.0, (args.max_steps - s) / max(1, args.max_steps - warmup)) if s >= warmup else (s + 1) / max(1, warmup))
     trainable, frozen = model.parameter_counts()
+    ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if ds_plugin is not None:  # we feed batches ourselves, so tell DeepSpeed the micro-batch size
+        ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.batch_size
+        # DeepSpeed clips inside its step; "auto" would become 1.0 whatever --max-grad-norm says
+        ds_plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     core = accelerator.unwrap_model(model)
 
@@ -235,18 +256,30 @@ def _main(argv):
     rng = random.Random(args.seed)
     order: list[int] = []
     start_step = 0
-    if args.resume_from_checkpoint:
-        path = Path(args.resume_from_checkpoint)
-        if args.resume_from_checkpoint == "latest":
-            done = sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-            if not done:
-                raise ConfigError(f"--resume-from-checkpoint latest: no checkpoint-* folder in {out_dir}.")
-            path = done[-1]
-        accelerator.load_state(str(path))
-        state = json.loads((path / "trainer_state.json").read_text())
+    resume = _checkpoint_to_resume(args, out_dir)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        state = json.loads((resume / "trainer_state.json").read_text())
         start_step, order, history = state["step"], state["order"], state["history"]
-        rng.setstate(tuple(state["rng"][:1]) + (tuple(state["rng"][1]),) + tuple(state["rng"][2:]))
-        logger.info("resumed from %s at step %d", path, start_step)
+        rng.setstate((state["rng"][0], tuple(state["rng"][1]), state["rng"][2]))
+        logger.info("resumed from %s at step %d", resume, start_step)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "run.json").write_text(json.dumps(run_id))
+
+    def checkpoint(step_done: int) -> None:
+        ckpt = out_dir / f"checkpoint-{step_done}"
+        accelerator.save_state(str(ckpt))  # model, optimizer, scheduler, RNG of every rank
+        trainable_state = core.trainable_state()  # collective under ZeRO-3: every rank gathers
+        if accelerator.is_main_process:
+            save_adapter(core, ckpt / "adapter", state=trainable_state)
+            rng_state = rng.getstate()
+            payload = {"step": step_done, "order": order, "history": history, "rng": [rng_state[0], list(rng_state[1]), rng_state[2]]}
+            # written last and atomically: its presence marks the checkpoint complete
+            tmp = ckpt / "trainer_state.json.tmp"
+            tmp.write_text(json.dumps(payload))
+            os.replace(tmp, ckpt / "trainer_state.json")
+        accelerator.wait_for_everyone()
 
     model.train()
     progress = tqdm(range(start_step, args.max_steps), desc="training", disable=not accelerator.is_main_process)
@@ -264,6 +297,8 @@ def _main(argv):
         if not torch.isfinite(loss):
             raise PStarError(f"loss became {loss.item()} at step {step + 1}; lower --learning-rate. Checkpoints so far are kept.")
         accelerator.backward(loss)
+        if args.max_grad_norm and ds_plugin is None:
+            accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
@@ -277,22 +312,33 @@ def _main(argv):
             history["accuracy"].append(acc)
             logger.info("step %d: loss %.4f, dev accuracy %.4f (first %d rows)", step + 1, loss_value, acc, args.eval_subset_size)
         if args.checkpointing_steps and (step + 1) % args.checkpointing_steps == 0:
-            ckpt = out_dir / f"checkpoint-{step + 1}"
-            accelerator.save_state(str(ckpt))
-            if accelerator.is_main_process:
-                rng_state = rng.getstate()
-                (ckpt / "trainer_state.json").write_text(json.dumps(
-                    {"step": step + 1, "order": order, "history": history, "rng": [rng_state[0], list(rng_state[1]), rng_state[2]]}))
-            accelerator.wait_for_everyone()
+            checkpoint(step + 1)
+        if args.stop_after_steps and step + 1 - start_step >= args.stop_after_steps and step + 1 < args.max_steps:
+            if not (args.checkpointing_steps and (step + 1) % args.checkpointing_steps == 0):
+                checkpoint(step + 1)
+            logger.info("stopping after %d steps in this run (--stop-after-steps); resume with --resume-from-checkpoint latest", args.stop_after_steps)
+            accelerator.end_training()
+            return 0
 
     results["tuned_accuracy"] = evaluate(model, verbalizer, "final eval")
     history["eval_step"].append(args.max_steps)
     history["accuracy"].append(results["tuned_accuracy"])
-    state = core.trainable_state()
+    from pstar_plugins.core import distributed
+
+    distributed.GATHER_LOG.clear()
+    started = time.perf_counter()
+    state = core.trainable_state()  # collective under ZeRO-3: only the method's partitions
+    gathered_ids = {i for call in distributed.GATHER_LOG for i in call}
+    frozen_ids = {id(p) for p in core.parameters() if not p.requires_grad}
+    results["save"] = {
+        "gather_calls": len(distributed.GATHER_LOG),
+        "gathered_parameters": len(gathered_ids),
+        "frozen_parameters_gathered": len(gathered_ids & frozen_ids),
+        "bytes": sum(t.numel() * t.element_size() for t in state.values()),
+    }
     if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "run.json").write_text(json.dumps(run_id))
         save_adapter(core, out_dir / "adapter", state=state)
+        results["save"]["seconds"] = time.perf_counter() - started
         results["history"] = history
         (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
         if args.plot:
@@ -326,6 +372,31 @@ def _plot(history, path: Path, method: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+
+def _complete_checkpoints(out_dir: Path) -> list[Path]:
+    found = [p for p in out_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def _checkpoint_to_resume(args, out_dir: Path) -> Path | None:
+    value = args.resume_from_checkpoint
+    if not value:
+        return None
+    if value in ("latest", "latest-if-any"):
+        done = _complete_checkpoints(out_dir)
+        if done:
+            return done[-1]
+        if value == "latest-if-any":
+            return None
+        raise ConfigError(f"--resume-from-checkpoint latest: no complete checkpoint-* folder in {out_dir}; "
+                          "use latest-if-any to start fresh when there is none.")
+    path = Path(value)
+    if not (path / "trainer_state.json").is_file():
+        raise ConfigError(f"--resume-from-checkpoint {path}: not a complete checkpoint (no trainer_state.json); "
+                          "pass a checkpoint-N folder written by this script, or 'latest'.")
+    return path
 
 
 if __name__ == "__main__":

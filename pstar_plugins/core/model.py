@@ -79,12 +79,25 @@ class PStarModel(nn.Module):
 
     # -- adapter state -------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The adapter tensors as full CPU tensors. Under ZeRO-3 every rank must call this:
+        only the method's partitions are gathered, never a frozen weight."""
+        from pstar_plugins.core.distributed import gathered_trainable_state
+
+        return gathered_trainable_state(self)
+
+    def load_trainable_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load adapter tensors in place (under ZeRO-3: on every rank, broadcast from rank 0)."""
+        from pstar_plugins.core.distributed import load_trainable_state_gathered
+
+        load_trainable_state_gathered(self, state)
+
+    def raw_trainable_state(self) -> dict[str, torch.Tensor]:
         state = self._pm.hook.pstar_trainable_state(model=self)
         if state is None:
             raise PluginError(f"no plugin returned the trainable state of method {self.method_name!r}.")
         return dict(state)
 
-    def load_trainable_state(self, state: Mapping[str, torch.Tensor]) -> None:
+    def raw_load_trainable_state(self, state: Mapping[str, torch.Tensor]) -> None:
         if self._pm.hook.pstar_load_trainable_state(model=self, state=state) is None:
             raise PluginError(f"no plugin loaded the trainable state of method {self.method_name!r}.")
 
