@@ -198,7 +198,11 @@ def _main(argv):
     head_classifier = getattr(config, "head", "none") != "none"
     if head_classifier:
         config = config.replace(num_labels=len(args.label_words))
+    from pstar_plugins.core import distributed
+
+    distributed.GATHER_LOG.clear()
     model = build_model(base, args.method, config, tokenizer=tokenizer)
+    init_gathers = len(distributed.GATHER_LOG)  # vocab/text initialisation reads rows, never whole matrices
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     verbalizer = Verbalizer(tokenizer, template, args.label_words, masked_lm=masked)
@@ -242,7 +246,8 @@ def _main(argv):
         return correct / n
 
     history = {"step": [], "loss": [], "eval_step": [], "accuracy": []}
-    results = {"method": args.method, "model": args.model, "trainable_parameters": trainable, "frozen_parameters": frozen}
+    results = {"method": args.method, "model": args.model, "trainable_parameters": trainable, "frozen_parameters": frozen,
+               "init_gather_calls": init_gathers}
     if not args.no_zero_shot and not head_classifier:
         results["zero_shot_accuracy"] = evaluate(core.base_model, zero_shot, "zero-shot eval")
         logger.info("zero-shot accuracy (template %r): %.4f", zero_shot_template.text, results["zero_shot_accuracy"])
@@ -323,8 +328,6 @@ def _main(argv):
     results["tuned_accuracy"] = evaluate(model, verbalizer, "final eval")
     history["eval_step"].append(args.max_steps)
     history["accuracy"].append(results["tuned_accuracy"])
-    from pstar_plugins.core import distributed
-
     distributed.GATHER_LOG.clear()
     started = time.perf_counter()
     state = core.trainable_state()  # collective under ZeRO-3: only the method's partitions

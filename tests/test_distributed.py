@@ -93,6 +93,7 @@ def test_zero3_save_gathers_only_the_prompt(tiny_dir, tmp_path):
     config.write_text((CONFIGS / "zero3.yaml").read_text().replace("integrations/deepspeed/zero3.json", str(ds_file)))
     launch(config, tiny_dir, tmp_path / "run", "--method", "prompt-tuning", "--num-virtual-tokens", "4", steps=2)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["init_gather_calls"] == 0  # vocab init read its rows without gathering the embedding
     assert metrics["save"]["gathered_parameters"] == 1  # the prompt table, partitioned, gathered
     assert metrics["save"]["frozen_parameters_gathered"] == 0
     saved = adapter(tmp_path / "run")

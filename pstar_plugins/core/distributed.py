@@ -41,17 +41,41 @@ def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None) -
 
 
 def embedding_rows(embedding: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Rows ``ids`` of an embedding matrix as an fp32 CPU-or-device tensor, gathering if needed."""
+    """Rows ``ids`` of an embedding matrix as fp32 (``(len(ids), hidden)``), on its device.
+
+    Under ZeRO-3 every rank must call this. The matrix is never gathered: each rank copies the
+    parts of the requested rows that lie in its own flat partition into a zero buffer and one
+    all-reduce of ``len(ids) × hidden`` numbers assembles them (each element lives on exactly one
+    rank), so a 128k-token vocabulary costs no more than the rows asked for.
+    """
     weight = embedding.weight
-    with gathered([weight]):
+    ids = torch.as_tensor(ids).long().flatten().cpu()
+    if not is_partitioned(weight):
         return weight.detach()[ids.to(weight.device)].float().clone()
+    import torch.distributed as dist
+
+    group = getattr(weight, "ds_process_group", None)
+    local = weight.ds_tensor.detach().flatten()  # this rank's slice of the flattened matrix
+    hidden = int(weight.ds_shape[-1])
+    start = dist.get_rank(group=group) * local.numel()
+    end = min(start + local.numel(), int(weight.ds_numel))
+    out = torch.zeros(len(ids), hidden, dtype=torch.float32, device=local.device)
+    for i, row in enumerate(ids.tolist()):
+        lo, hi = row * hidden, (row + 1) * hidden
+        a, b = max(lo, start), min(hi, end)
+        if a < b:
+            out[i, a - lo:b - lo] = local[a - start:b - start].float()
+    dist.all_reduce(out, group=group)
+    return out
 
 
-def embedding_std(embedding: nn.Module, sample: int = 4096) -> float:
+def embedding_std(embedding: nn.Module, sample: int = 1024, seed: int = 0) -> float:
+    """Standard deviation of the embedding entries, estimated on ``sample`` rows (no full gather)."""
     weight = embedding.weight
-    with gathered([weight]):
-        rows = weight.detach()[: min(sample, weight.shape[0])].float()
-        return float(rows.std())
+    rows = int(getattr(weight, "ds_shape", weight.shape)[0])
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randperm(rows, generator=g)[: min(sample, rows)]
+    return float(embedding_rows(embedding, ids).std())
 
 
 def gathered_trainable_state(model) -> dict[str, torch.Tensor]:
