@@ -97,6 +97,8 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--resume-from-checkpoint", default=None,
                         help="checkpoint folder to resume from; 'latest' (the newest complete one in --output-dir) or "
                              "'latest-if-any' (the same, or a fresh start when there is none: for preemptible jobs)")
+    parser.add_argument("--init-from-adapter", default=None,
+                        help="continue training a saved adapter (its method and options are used; a folded one keeps training folded)")
     parser.add_argument("--stop-after-steps", type=int, default=0,
                         help="leave after this many steps in this invocation, with a checkpoint (time-limited jobs); 0: run to --max-steps")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint the frozen model's layers to save memory")
@@ -176,6 +178,17 @@ def _main(argv):
         options["label_words"] = args.label_words
     if "template" in fields and args.template:
         options["template"] = args.template
+    adapter_meta = adapter_tensors = None
+    if args.init_from_adapter:
+        from pstar_plugins.core.adapter_io import read_adapter
+
+        adapter_meta, adapter_tensors = read_adapter(args.init_from_adapter)
+        if adapter_meta["method"] != args.method:
+            raise ConfigError(f"--init-from-adapter {args.init_from_adapter} holds a {adapter_meta['method']!r} adapter, "
+                              f"but --method is {args.method!r}; pass --method {adapter_meta['method']}.")
+        if args.method_options:
+            raise ConfigError(f"--init-from-adapter takes the method options from the adapter; drop {sorted(args.method_options)}.")
+        options = dict(adapter_meta["method_config"])
     config = spec.config_class.from_dict(options)  # validate before anything is loaded or written
     lr = args.learning_rate or preset_lr
     out_dir = Path(args.output_dir)
@@ -201,7 +214,18 @@ def _main(argv):
     from pstar_plugins.core import distributed
 
     distributed.GATHER_LOG.clear()
-    model = build_model(base, args.method, config, tokenizer=tokenizer)
+    if adapter_meta is None:
+        model = build_model(base, args.method, config, tokenizer=tokenizer)
+    else:  # continue from a saved adapter (PEFT refuses this, peft#2256)
+        from pstar_plugins.core.adapter_io import check_geometry
+
+        model = build_model(base, args.method, config.for_loading(), tokenizer=tokenizer)
+        model.method.config = config
+        check_geometry(adapter_meta, model)
+        if adapter_meta["folded"]:
+            model.fold()
+        model.load_trainable_state(adapter_tensors)
+        logger.info("continuing from adapter %s", args.init_from_adapter)
     init_gathers = len(distributed.GATHER_LOG)  # vocab/text initialisation reads rows, never whole matrices
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -12,3 +12,11 @@ torch.set_num_threads(2)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama with the offline SmolLM2 tokenizer, saved as a model folder."""
+    from pstar_plugins.testing import save_tiny_pretrained
+
+    return save_tiny_pretrained(tmp_path_factory.mktemp("tiny-llama"))

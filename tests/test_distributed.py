@@ -19,13 +19,6 @@ CONFIGS = ROOT / "integrations" / "accelerate"
 pytestmark = [pytest.mark.slow, needs_model]
 
 
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    from pstar_plugins.testing import save_tiny_pretrained
-
-    return save_tiny_pretrained(tmp_path_factory.mktemp("tiny-llama"))
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from pstar_plugins.models import resolve
 from pstar_plugins.train import main
@@ -49,3 +50,58 @@ def test_accelerate_launch_trains_saves_and_reports(tmp_path, method):
     assert 0.0 <= metrics["tuned_accuracy"] <= 1.0 and len(metrics["history"]["loss"]) == 2
     assert (out / "adapter" / "adapter.safetensors").is_file() and (out / "training.png").is_file()
     assert "tuned dev accuracy" in result.stdout
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _train(tiny_dir, out, *extra):
+    import os
+
+    cmd = [sys.executable, "-m", "pstar_plugins.train", "--model", str(tiny_dir), "--output-dir", str(out),
+           "--max-steps", "3", "--batch-size", "4", "--max-train-samples", "32", "--max-eval-samples", "8",
+           "--eval-steps", "0", "--no-zero-shot", "--plot", "", *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+
+
+@pytest.mark.slow
+@needs_model
+def test_local_plugin_module_trains_by_name_with_p_flag(tiny_dir, tmp_path):
+    result = _train(tiny_dir, tmp_path / "run", "-p", "tests.plugin_fixture:plugin", "--method", "temperature", "--initial", "2.0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter.safetensors")
+    assert set(saved) == {"log_scale"} and float(saved["log_scale"]) != pytest.approx(float(torch.tensor(2.0).log()))
+
+
+@pytest.mark.slow
+@needs_model
+def test_training_continues_from_a_saved_adapter(tiny_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    assert _train(tiny_dir, tmp_path / "first", "--method", "prefix-tuning", "--num-virtual-tokens", "4").returncode == 0
+    first = load_file(tmp_path / "first" / "adapter" / "adapter.safetensors")
+    result = _train(tiny_dir, tmp_path / "second", "--method", "prefix-tuning", "--init-from-adapter", str(tmp_path / "first" / "adapter"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    second = load_file(tmp_path / "second" / "adapter" / "adapter.safetensors")
+    assert set(first) == set(second) and first["tables.self.embedding"].shape == (1, 4, 32)
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # it trained further
+    # starting from the same adapter twice gives the same result: it really started there
+    again = _train(tiny_dir, tmp_path / "third", "--method", "prefix-tuning", "--init-from-adapter", str(tmp_path / "first" / "adapter"))
+    assert again.returncode == 0
+    third = load_file(tmp_path / "third" / "adapter" / "adapter.safetensors")
+    assert all(torch.equal(second[k], third[k]) for k in second)
+    wrong = _train(tiny_dir, tmp_path / "fourth", "--method", "prompt-tuning", "--init-from-adapter", str(tmp_path / "first" / "adapter"))
+    assert wrong.returncode == 2 and "holds a 'prefix-tuning' adapter" in wrong.stderr
+
+
+@pytest.mark.slow
+@needs_model
+def test_output_dir_of_another_run_is_refused(tiny_dir, tmp_path):
+    assert _train(tiny_dir, tmp_path / "run", "--method", "prompt-tuning").returncode == 0
+    before = (tmp_path / "run" / "adapter" / "adapter.safetensors").read_bytes()
+    result = _train(tiny_dir, tmp_path / "run", "--method", "prefix-tuning")
+    assert result.returncode == 2 and "holds a different run" in result.stderr
+    assert (tmp_path / "run" / "adapter" / "adapter.safetensors").read_bytes() == before  # nothing lost
