@@ -14,6 +14,7 @@ Environment variables (read when the manager is first created):
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata as metadata
 import os
@@ -24,7 +25,7 @@ from typing import Any
 import pluggy
 
 from pstar_plugins import hookspecs
-from pstar_plugins.errors import PluginError, UnknownMethodError
+from pstar_plugins.errors import PluginError, PStarError, UnknownMethodError
 from pstar_plugins.methods.base import MethodSpec
 
 ENTRY_POINT_GROUP = "pstar_plugins"
@@ -85,6 +86,7 @@ class PStarPluginManager(pluggy.PluginManager):
             self.unregister(name=name)
             raise PluginError(f"plugin {name!r} implements an unknown hook: {exc}") from exc
         self.sources[name] = (version, source)
+        self._name_failures(plugin, name)
 
         def register(spec: MethodSpec) -> None:
             if not isinstance(spec, MethodSpec):
@@ -105,6 +107,17 @@ class PStarPluginManager(pluggy.PluginManager):
                 self.unregister(name=name)
                 self.methods = {k: v for k, v in self.methods.items() if v.plugin != name}
                 raise
+
+    def _name_failures(self, plugin: Any, name: str) -> None:
+        """Make an unexpected exception inside one of ``plugin``'s hooks name the plugin and hook.
+
+        The library's own errors (``PStarError``) already say what is wrong and pass unchanged.
+        """
+        for caller in self.get_hookcallers(plugin) or []:
+            for impl in caller.get_hookimpls():
+                if impl.plugin is not plugin or getattr(impl.function, "_pstar_wrapped", False):
+                    continue
+                impl.function = _naming_wrapper(impl.function, name, caller.name)
 
     def unregister_plugin(self, name: str) -> None:
         self.unregister(name=name)
@@ -148,6 +161,20 @@ class PStarPluginManager(pluggy.PluginManager):
             version, source = self.sources.get(name, ("", ""))
             infos.append(PluginInfo(name, version, hooks, source))
         return infos
+
+
+def _naming_wrapper(function, plugin_name: str, hook_name: str):
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except PStarError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"plugin {plugin_name!r} raised {type(exc).__name__} in {hook_name}: {exc}") from exc
+
+    wrapper._pstar_wrapped = True
+    return wrapper
 
 
 _MANAGER: PStarPluginManager | None = None

@@ -131,3 +131,14 @@ def test_two_machines_on_loopback_train_and_save(tiny_dir, tmp_path):
         assert p.returncode == 0, err[-4000:]
     assert "processes = 2" in outputs[0][1]
     assert set(adapter(tmp_path / "run")) == {"prompt"}
+
+
+def test_adapter_from_one_process_continues_under_zero3(tiny_dir, tmp_path):
+    launch("single_process", tiny_dir, tmp_path / "first", "--method", "prompt-tuning", "--num-virtual-tokens", "4", steps=2, batch=8)
+    first = adapter(tmp_path / "first")
+    launch("zero3", tiny_dir, tmp_path / "second", "--method", "prompt-tuning",
+           "--init-from-adapter", str(tmp_path / "first" / "adapter"), steps=2)
+    second = adapter(tmp_path / "second")
+    assert second["prompt"].shape == first["prompt"].shape == (1, 4, 32)
+    # two more AdamW steps at lr 3e-2 move each entry by at most ~2 lr: it started from the adapter
+    assert 0 < float((second["prompt"] - first["prompt"]).abs().max()) <= 0.07

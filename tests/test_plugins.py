@@ -152,3 +152,14 @@ def test_cli_lists_methods_and_plugin_hooks():
     assert "prefix-tuning" in out and "Li & Liang" in out
     out = subprocess.run([sys.executable, "-m", "pstar_plugins.cli", "plugins"], capture_output=True, text=True, check=True).stdout
     assert "pstar_build_method" in out and "built-in" in out
+
+
+def test_exception_inside_a_hook_names_the_plugin():
+    class Broken:
+        @hookimpl
+        def pstar_trainable_parameters(self, model):
+            raise KeyError("no such layer")
+
+    with registered_plugin(Broken(), name="broken-plugin"):
+        with pytest.raises(PluginError, match="plugin 'broken-plugin' raised KeyError in pstar_trainable_parameters"):
+            build_model(tiny_model("llama"), "prompt-tuning", init="random")
