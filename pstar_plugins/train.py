@@ -103,6 +103,8 @@ def parse_args(argv: list[str] | None = None):
                         help="leave after this many steps in this invocation, with a checkpoint (time-limited jobs); 0: run to --max-steps")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint the frozen model's layers to save memory")
     parser.add_argument("--seed", type=int, default=42, help="random seed")
+    parser.add_argument("--dist-timeout", type=int, default=600,
+                        help="seconds a collective may wait for a missing rank before the run fails (instead of hanging)")
     parser.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot baseline evaluation")
     parser.add_argument("--plot", default="training.png", help="file name (in --output-dir) of the loss/accuracy plot; '' for none")
     method = known.method if known.method in pm.methods else None
@@ -157,7 +159,10 @@ def _main(argv):
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
     no_gpu = not torch.cuda.is_available()
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and no_gpu else []
+    import datetime
+
+    timeout = datetime.timedelta(seconds=args.dist_timeout)
+    handlers = [InitProcessGroupKwargs(backend="gloo" if no_gpu else None, timeout=timeout)] if distributed else []
     # our loop counts optimizer steps itself: the scheduler must advance once per step, not once
     # per process (Accelerate's default assumes a dataloader it sharded)
     accelerator = Accelerator(kwargs_handlers=handlers, step_scheduler_with_optimizer=False,

@@ -68,9 +68,14 @@ def test_corrupt_and_future_adapters_are_refused(tmp_path):
     with pytest.raises(AdapterError, match="truncated or corrupt"):
         load_adapter(tiny_model("llama"), tmp_path)
     weights.write_bytes(data)
-    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(weights), framework="pt") as fh:
+        metadata = fh.metadata()
+    meta = json.loads(metadata["pstar_adapter_config"])
     meta["format_version"] = 99
-    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
+    save_file(load_file(weights), str(weights), metadata={**metadata, "pstar_adapter_config": json.dumps(meta)})
     with pytest.raises(AdapterError, match="format_version 99"):
         load_adapter(tiny_model("llama"), tmp_path)
 
@@ -86,3 +91,40 @@ def test_unwrap_restores_the_base_model():
     restored = model.unwrap()
     with torch.no_grad():
         assert torch.equal(restored(input_ids=ids).logits, before)
+
+
+def test_sigkill_during_saves_leaves_a_consistent_adapter(tmp_path):
+    """A process saving over and over is killed at an arbitrary moment: what is on disk loads,
+    and all its tensors come from one and the same save."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = f"""
+import torch
+from pstar_plugins.testing import tiny_model
+from pstar_plugins import build_model
+model = build_model(tiny_model("llama"), "prefix-tuning", num_virtual_tokens=64, projection_hidden_size=256)
+version = 0
+while True:
+    version += 1
+    with torch.no_grad():
+        for p in model.method.parameters():
+            p.fill_(version)
+    model.save_adapter({str(tmp_path)!r})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "adapter_config.json").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.7)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    model = load_adapter(tiny_model("llama"), tmp_path)
+    values = {float(v) for p in model.method.parameters() for v in p.detach().unique()}
+    assert len(values) == 1 and values.pop() >= 1
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert all(".adapter" in name for name in leftovers)  # at most a dead temp file, never a half-written adapter

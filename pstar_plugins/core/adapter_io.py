@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pstar_plugins.core.geometry import model_geometry
@@ -18,6 +19,7 @@ from pstar_plugins.errors import AdapterError
 FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
+METADATA_KEY = "pstar_adapter_config"
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -67,37 +69,44 @@ def save_adapter(model, directory, state: dict[str, torch.Tensor] | None = None,
     directory = Path(directory)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     meta = adapter_metadata(model)
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2, sort_keys=True)))
+    text = json.dumps(meta, indent=2, sort_keys=True)
+    # the config also travels inside the tensor file, so the one atomic rename that replaces the
+    # weights replaces the config they belong to: a kill between the two writes cannot pair new
+    # tensors with an old config (the JSON beside it is for people and other tools)
+    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt", METADATA_KEY: text}))
+    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
 
 
 def read_adapter(directory) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read and validate an adapter's config and tensors (safetensors only)."""
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    if not config_path.is_file() or not weights_path.is_file():
-        raise AdapterError(
-            f"{directory} is not an adapter directory: expected {CONFIG_NAME} and {WEIGHTS_NAME} in it."
-        )
+    if not weights_path.is_file():
+        raise AdapterError(f"{directory} is not an adapter directory: expected {WEIGHTS_NAME} (and {CONFIG_NAME}) in it.")
     try:
-        meta = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"{config_path} is not valid JSON ({exc}); the file is corrupt.") from exc
-    if not isinstance(meta, dict):
-        raise AdapterError(f"{config_path} must hold a JSON object.")
-    missing = [k for k in ("format_version", "method", "method_config", "folded", "base_model") if k not in meta]
-    if missing:
-        raise AdapterError(f"{config_path} lacks field(s) {missing}; it was not written by pstar-plugins.")
-    version = meta["format_version"]
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise AdapterError(
-            f"{config_path} has format_version {version!r}; this pstar-plugins reads up to {FORMAT_VERSION}. "
-            "Upgrade pstar-plugins to load it."
-        )
-    try:
+        with safe_open(str(weights_path), framework="pt") as fh:
+            embedded = (fh.metadata() or {}).get(METADATA_KEY)
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterError(f"{weights_path} is truncated or corrupt ({exc}); re-export the adapter.") from exc
+    source = weights_path if embedded is not None else config_path
+    if embedded is None and not config_path.is_file():
+        raise AdapterError(f"{directory} has no {CONFIG_NAME} and its tensor file carries no config.")
+    try:
+        meta = json.loads(embedded if embedded is not None else config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"the adapter config in {source} is not valid JSON ({exc}); the file is corrupt.") from exc
+    if not isinstance(meta, dict):
+        raise AdapterError(f"the adapter config in {source} must be a JSON object.")
+    missing = [k for k in ("format_version", "method", "method_config", "folded", "base_model") if k not in meta]
+    if missing:
+        raise AdapterError(f"the adapter config in {source} lacks field(s) {missing}; it was not written by pstar-plugins.")
+    version = meta["format_version"]
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise AdapterError(
+            f"the adapter config in {source} has format_version {version!r}; this pstar-plugins reads up to "
+            f"{FORMAT_VERSION}. Upgrade pstar-plugins to load it."
+        )
     return meta, tensors
 
 
