@@ -1,0 +1,1 @@
+"""Moving adapters to and from other libraries."""
