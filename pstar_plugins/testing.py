@@ -100,3 +100,37 @@ def save_tiny_pretrained(directory, arch: str = "llama", seed: int = 0):
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+# --------------------------------------------------------------------------- pytest fixtures
+# Loaded automatically through the ``pytest11`` entry point when pstar-plugins is installed.
+try:
+    import pytest
+except ImportError:  # pragma: no cover - pytest is only needed by test suites
+    pytest = None
+
+if pytest is not None:
+
+    @pytest.fixture
+    def pstar_tiny_model():
+        """Factory: ``pstar_tiny_model("llama")`` → a tiny random model (llama, gpt2, bert, roberta, t5, bart)."""
+        return tiny_model
+
+    @pytest.fixture
+    def pstar_register():
+        """``pstar_register(plugin)`` registers a plugin for this test only; it is unregistered afterwards."""
+        from pstar_plugins.plugins import get_plugin_manager
+
+        pm = get_plugin_manager()
+        names: list[str] = []
+
+        def register(plugin: Any, name: str | None = None) -> str:
+            name = name or f"throwaway-{next(_counter)}"
+            pm.register_plugin(plugin, name=name, source="test")
+            names.append(name)
+            return name
+
+        yield register
+        for name in names:
+            if pm.get_plugin(name) is not None:
+                pm.unregister_plugin(name)

@@ -163,3 +163,15 @@ def test_exception_inside_a_hook_names_the_plugin():
     with registered_plugin(Broken(), name="broken-plugin"):
         with pytest.raises(PluginError, match="plugin 'broken-plugin' raised KeyError in pstar_trainable_parameters"):
             build_model(tiny_model("llama"), "prompt-tuning", init="random")
+
+
+def test_author_kit_fixtures_register_and_clean_up(pstar_register, pstar_tiny_model):
+    name = pstar_register(ScalePlugin())
+    pm = get_plugin_manager()
+    assert pm.methods["output-scale"].plugin == name
+    model = build_model(pstar_tiny_model("gpt2"), "output-scale", scale=3.0)
+    assert {n for n, _ in model.trainable_named_parameters()} == {"method.scale"}
+
+
+def test_author_kit_fixture_unregistered_after_the_previous_test():
+    assert "output-scale" not in get_plugin_manager().methods
