@@ -63,11 +63,16 @@ def main(argv: list[str] | None = None) -> int:
         from pstar_plugins import train
 
         return train.main(argv[1:])
+    if argv and argv[0] == "eval":
+        from pstar_plugins import evaluate
+
+        return evaluate.main(argv[1:])
     parser = argparse.ArgumentParser(prog="pstar", description="P*-tuning plugins for transformers/Accelerate/DeepSpeed")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("plugins", help="list loaded plugins with their hooks and versions").set_defaults(func=_plugins)
     sub.add_parser("methods", help="list method names with their help").set_defaults(func=_methods)
     sub.add_parser("train", help="train a method (same flags as python -m pstar_plugins.train)")
+    sub.add_parser("eval", help="zero-shot / in-context baselines or a tuned adapter (python -m pstar_plugins.evaluate)")
     export = sub.add_parser("export", help="write an adapter in another library's layout")
     export.add_argument("adapter", help="a pstar adapter directory")
     export.add_argument("--format", default="peft", help="target layout (peft)")

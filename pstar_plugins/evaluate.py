@@ -1,0 +1,130 @@
+"""Evaluate a frozen model with a discrete template (zero-shot, k-shot in-context) or with a
+tuned adapter, on a classification file: accuracy and macro-F1, as JSON and a printed table.
+
+    python -m pstar_plugins.evaluate --model smollm2 --shots 0 4 8 --seeds 3
+    python -m pstar_plugins.evaluate --model smollm2 --adapter runs/quickstart/adapter
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from pstar_plugins.errors import PStarError
+
+
+def parse_args(argv=None):
+    from pstar_plugins.models import packaged_data
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="offline alias (smollm2, minilm), a local folder, or any hub model id")
+    p.add_argument("--gguf-file", default=None, help="GGUF file inside --model's folder")
+    p.add_argument("--model-kind", default="causal-lm", choices=["causal-lm", "masked-lm"], help="which head to load")
+    p.add_argument("--adapter", default=None, help="a tuned adapter directory to evaluate instead of the baselines")
+    p.add_argument("--validation-file", default=packaged_data("sst2_dev.tsv"), help="evaluation data (.csv, .tsv, .jsonl)")
+    p.add_argument("--demonstration-file", default=packaged_data("sst2_train_sample.tsv"), help="where in-context demonstrations come from")
+    p.add_argument("--template", default="Review: {sentence} Sentiment:{answer}", help="template with {column} slots and one {answer} slot")
+    p.add_argument("--label-column", default="label", help="column with the class")
+    p.add_argument("--label-words", nargs="+", default=["negative", "positive"], help="one word per class, in class order")
+    p.add_argument("--shots", type=int, nargs="+", default=[0], help="numbers of in-context demonstrations (0: zero-shot)")
+    p.add_argument("--seeds", type=int, default=3, help="demonstration draws per k > 0 (mean ± std over them)")
+    p.add_argument("--calibrate", action="store_true", help="contextual calibration with a content-free input")
+    p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
+    p.add_argument("--max-eval-samples", type=int, default=None, help="use only the first N rows")
+    p.add_argument("--max-length", type=int, default=1024, help="truncate prompts to this many tokens (from the left)")
+    p.add_argument("--output", default=None, help="write results JSON here")
+    return p.parse_args(argv)
+
+
+@torch.no_grad()
+def score_rows(model, verbalizer, rows, labels, batch_size, max_length, calibration=None, progress=None):
+    preds = []
+    for i in range(0, len(rows), batch_size):
+        batch = verbalizer.encode(rows[i:i + batch_size], labels[i:i + batch_size], max_length=max_length)
+        if getattr(model, "method_config", None) is not None and getattr(model.method_config, "head", "none") != "none":
+            scores = model(**{k: v for k, v in batch.inputs.items()}).logits.float()
+        else:
+            scores = verbalizer.scores(model, batch)
+        if calibration is not None:
+            from pstar_plugins.tasks.baselines import calibrate
+
+            scores = calibrate(scores, calibration)
+        preds.extend(scores.argmax(-1).tolist())
+        if progress is not None:
+            progress.update(len(batch.answer_index))
+    return preds
+
+
+def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except PStarError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(argv):
+    args = parse_args(argv)
+    from tqdm.auto import tqdm
+
+    from pstar_plugins.core.adapter_io import load_adapter
+    from pstar_plugins.models import load
+    from pstar_plugins.tasks.baselines import (
+        accuracy_and_macro_f1, balanced_demonstrations, content_free_scores, in_context_template)
+    from pstar_plugins.tasks.data import labels_of, read_examples
+    from pstar_plugins.tasks.template import Template
+    from pstar_plugins.tasks.verbalizer import Verbalizer
+
+    rows = read_examples(args.validation_file, args.max_eval_samples)
+    labels = labels_of(rows, args.label_column, args.validation_file, args.label_words)
+    C = len(args.label_words)
+    base, tokenizer = load(args.model, kind=args.model_kind, gguf_file=args.gguf_file)
+    base.eval()
+    masked = args.model_kind == "masked-lm"
+    results = {"model": args.model, "validation_file": str(args.validation_file), "examples": len(rows), "runs": []}
+
+    def run(name, model, template, calibrate_with=None):
+        verbalizer = Verbalizer(tokenizer, template, args.label_words, masked_lm=masked)
+        calibration = content_free_scores(verbalizer, model) if calibrate_with else None
+        with tqdm(total=len(rows), desc=name, leave=False) as bar:
+            preds = score_rows(model, verbalizer, rows, labels, args.batch_size, args.max_length, calibration, bar)
+        return accuracy_and_macro_f1(preds, labels, C)
+
+    if args.adapter:
+        model = load_adapter(base, args.adapter, tokenizer=tokenizer, trainable=False).eval()
+        template = Template.parse(getattr(model.method_config, "template", None) or args.template)
+        acc, f1 = run("adapter", model, template)
+        results["runs"].append({"name": f"adapter {model.method_name}", "accuracy": acc, "macro_f1": f1})
+    else:
+        template = Template.parse(args.template)
+        demo_rows = read_examples(args.demonstration_file)
+        demo_labels = labels_of(demo_rows, args.label_column, args.demonstration_file, args.label_words)
+        for k in args.shots:
+            accs, f1s = [], []
+            for seed in range(args.seeds if k > 0 else 1):
+                picks = balanced_demonstrations(demo_rows, demo_labels, k, C, seed)
+                demos = [(demo_rows[i], args.label_words[demo_labels[i]]) for i in picks]
+                acc, f1 = run(f"{k}-shot seed {seed}", base, in_context_template(template, demos), args.calibrate)
+                accs.append(acc)
+                f1s.append(f1)
+            results["runs"].append({
+                "name": f"{k}-shot" + (" calibrated" if args.calibrate else ""), "shots": k, "seeds": len(accs),
+                "accuracy": statistics.mean(accs), "accuracy_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
+                "macro_f1": statistics.mean(f1s), "per_seed_accuracy": accs})
+    print(f"\n{'run':<28} {'accuracy':>18} {'macro-F1':>9}")
+    for r in results["runs"]:
+        std = f" ± {r['accuracy_std']:.4f}" if r.get("seeds", 1) > 1 else ""
+        print(f"{r['name']:<28} {r['accuracy']:>9.4f}{std:<9} {r['macro_f1']:>9.4f}")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
