@@ -77,6 +77,10 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--train-file", default=packaged_data("sst2_train_sample.tsv"), help="training data (.csv, .tsv, .jsonl)")
     parser.add_argument("--validation-file", default=packaged_data("sst2_dev.tsv"), help="evaluation data (.csv, .tsv, .jsonl)")
     parser.add_argument("--template", default=None, help=f"template with {{column}} slots and one {{answer}} slot (default: {DEFAULT_TEMPLATE!r}, or the method's preset)")
+    parser.add_argument("--task", default="classification", choices=["classification", "generation"],
+                        help="classification (label words or a linear head) or generation (loss on the target tokens only)")
+    parser.add_argument("--target-column", default="ref", help="generation: the column with the target text")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="generation: tokens to decode in evaluation")
     parser.add_argument("--label-column", default="label", help="column with the class (index or label word)")
     parser.add_argument("--label-words", nargs="+", default=["negative", "positive"], help="one word per class, in class order")
     parser.add_argument("--output-dir", required=True, help="where the adapter, checkpoints, metrics and plot go")
@@ -201,9 +205,17 @@ def _main(argv):
     _check_output_dir(out_dir, args, run_id)
     train_rows = read_examples(args.train_file, args.max_train_samples)
     eval_rows = read_examples(args.validation_file, args.max_eval_samples)
-    train_labels = labels_of(train_rows, args.label_column, args.train_file, args.label_words)
-    eval_labels = labels_of(eval_rows, args.label_column, args.validation_file, args.label_words)
+    generation = args.task == "generation"
+    if generation:
+        from pstar_plugins.tasks import generation as gen
+
+        train_labels = [0] * len(train_rows)
+        eval_labels = []
+    else:
+        train_labels = labels_of(train_rows, args.label_column, args.train_file, args.label_words)
+        eval_labels = labels_of(eval_rows, args.label_column, args.validation_file, args.label_words)
     template_text = getattr(config, "template", None) or args.template or DEFAULT_TEMPLATE
+    template_text = template_text.replace("\\n", "\n").replace("\\t", "\t")  # "\n" typed on a command line
     template = Template.parse(template_text)
     for name in template.fields:
         if name not in train_rows[0]:
@@ -214,6 +226,8 @@ def _main(argv):
     base, tokenizer = load(args.model, kind=args.model_kind, gguf_file=args.gguf_file)
     masked = args.model_kind == "masked-lm"
     head_classifier = getattr(config, "head", "none") != "none"
+    if head_classifier and generation:
+        raise ConfigError("a classification head cannot generate; use --head none for --task generation.")
     if head_classifier:
         config = config.replace(num_labels=len(args.label_words))
     from pstar_plugins.core import distributed
@@ -234,9 +248,14 @@ def _main(argv):
     init_gathers = len(distributed.GATHER_LOG)  # vocab/text initialisation reads rows, never whole matrices
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    verbalizer = Verbalizer(tokenizer, template, args.label_words, masked_lm=masked)
     zero_shot_template = Template(template.text, [p for p in template.parts if not isinstance(p, Soft)])
-    zero_shot = Verbalizer(tokenizer, zero_shot_template, args.label_words, masked_lm=masked)
+    if generation:
+        verbalizer = zero_shot = None
+        eval_groups = gen.group_references(eval_rows, template, args.target_column)
+    else:
+        verbalizer = Verbalizer(tokenizer, template, args.label_words, masked_lm=masked)
+        zero_shot = Verbalizer(tokenizer, zero_shot_template, args.label_words, masked_lm=masked)
+    metric = "bleu" if generation else "accuracy"
 
     groups = param_groups(model, lr, args.weight_decay)
     for g in groups:
@@ -261,8 +280,28 @@ def _main(argv):
             return m(**inputs).logits.float(), batch.labels.to(accelerator.device)
         return scorer.scores(m, batch), batch.labels.to(accelerator.device)
 
+    def step_loss(m, rows, labels):
+        if generation:
+            batch = gen.training_batch(template, tokenizer, rows, args.target_column, args.max_length)
+            return m(**{k: v.to(accelerator.device) for k, v in batch.items()}).loss
+        scores, gold = classify(m, verbalizer, rows, labels)
+        return F.cross_entropy(scores, gold)
+
+    @torch.no_grad()
+    def evaluate_generation(m, tmpl, desc, limit=None):
+        groups = eval_groups[: limit or len(eval_groups)]
+        m.eval()
+        hyps = gen.generate(m, tmpl, tokenizer, [g[0] for g in groups], args.max_new_tokens, args.eval_batch_size)
+        m.train()
+        scores = gen.bleu_rouge(hyps, [g[1] for g in groups])
+        results.setdefault("generation_scores", {})[desc] = {**scores, "sources": len(groups), "example": hyps[:3]}
+        return scores["bleu"]
+
     @torch.no_grad()
     def evaluate(m, scorer, desc, limit=None):
+        if generation:
+            tmpl = zero_shot_template if scorer == "zero-shot" else template
+            return evaluate_generation(m if scorer == "zero-shot" else core, tmpl, desc, limit)
         m.eval()
         correct = 0
         n = min(limit or len(eval_rows), len(eval_rows))
@@ -274,12 +313,12 @@ def _main(argv):
         m.train()
         return correct / n
 
-    history = {"step": [], "loss": [], "eval_step": [], "accuracy": []}
-    results = {"method": args.method, "model": args.model, "trainable_parameters": trainable, "frozen_parameters": frozen,
-               "init_gather_calls": init_gathers}
+    history = {"step": [], "loss": [], "eval_step": [], metric: []}
+    results = {"method": args.method, "model": args.model, "task": args.task, "metric": metric,
+               "trainable_parameters": trainable, "frozen_parameters": frozen, "init_gather_calls": init_gathers}
     if not args.no_zero_shot and not head_classifier:
-        results["zero_shot_accuracy"] = evaluate(core.base_model, zero_shot, "zero-shot eval")
-        logger.info("zero-shot accuracy (template %r): %.4f", zero_shot_template.text, results["zero_shot_accuracy"])
+        results[f"zero_shot_{metric}"] = evaluate(core.base_model, "zero-shot" if generation else zero_shot, "zero-shot eval")
+        logger.info("zero-shot %s (template %r): %.4f", metric, zero_shot_template.text, results[f"zero_shot_{metric}"])
 
     logger.info("***** Running training *****")
     logger.info("  method = %s, model = %s", args.method, args.model)
@@ -326,8 +365,7 @@ def _main(argv):
             order += fresh
         chosen, order = order[:global_batch], order[global_batch:]
         mine = chosen[rank * args.batch_size:(rank + 1) * args.batch_size]
-        scores, gold = classify(model, verbalizer, [train_rows[i] for i in mine], [train_labels[i] for i in mine])
-        loss = F.cross_entropy(scores, gold)
+        loss = step_loss(model, [train_rows[i] for i in mine], [train_labels[i] for i in mine])
         if not torch.isfinite(loss):
             raise PStarError(f"loss became {loss.item()} at step {step + 1}; lower --learning-rate. Checkpoints so far are kept.")
         accelerator.backward(loss)
@@ -343,8 +381,8 @@ def _main(argv):
         if args.eval_steps and (step + 1) % args.eval_steps == 0 and step + 1 < args.max_steps:
             acc = evaluate(model, verbalizer, "eval", limit=args.eval_subset_size)
             history["eval_step"].append(step + 1)
-            history["accuracy"].append(acc)
-            logger.info("step %d: loss %.4f, dev accuracy %.4f (first %d rows)", step + 1, loss_value, acc, args.eval_subset_size)
+            history[metric].append(acc)
+            logger.info("step %d: loss %.4f, dev %s %.4f (first %d)", step + 1, loss_value, metric, acc, args.eval_subset_size)
         if args.checkpointing_steps and (step + 1) % args.checkpointing_steps == 0:
             checkpoint(step + 1)
         if args.stop_after_steps and step + 1 - start_step >= args.stop_after_steps and step + 1 < args.max_steps:
@@ -354,9 +392,9 @@ def _main(argv):
             accelerator.end_training()
             return 0
 
-    results["tuned_accuracy"] = evaluate(model, verbalizer, "final eval")
+    results[f"tuned_{metric}"] = evaluate(model, verbalizer, "final eval")
     history["eval_step"].append(args.max_steps)
-    history["accuracy"].append(results["tuned_accuracy"])
+    history[metric].append(results[f"tuned_{metric}"])
     distributed.GATHER_LOG.clear()
     started = time.perf_counter()
     state = core.trainable_state()  # collective under ZeRO-3: only the method's partitions
@@ -374,17 +412,17 @@ def _main(argv):
         results["history"] = history
         (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
         if args.plot:
-            _plot(history, out_dir / args.plot, args.method)
+            _plot(history, out_dir / args.plot, args.method, metric)
         print(f"\n{'':-<60}\nmethod {args.method} on {args.model}")
-        if "zero_shot_accuracy" in results:
-            print(f"  zero-shot dev accuracy : {results['zero_shot_accuracy']:.4f}")
-        print(f"  tuned dev accuracy     : {results['tuned_accuracy']:.4f}")
+        if f"zero_shot_{metric}" in results:
+            print(f"  zero-shot dev {metric:<9}: {results[f'zero_shot_{metric}']:.4f}")
+        print(f"  tuned dev {metric:<13}: {results[f'tuned_{metric}']:.4f}")
         print(f"  adapter saved to       : {out_dir / 'adapter'}\n{'':-<60}")
     accelerator.end_training()
     return 0
 
 
-def _plot(history, path: Path, method: str) -> None:
+def _plot(history, path: Path, method: str, metric: str = "accuracy") -> None:
     try:
         import matplotlib
 
@@ -398,9 +436,9 @@ def _plot(history, path: Path, method: str) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("training loss", color="tab:blue")
     ax2 = ax.twinx()
-    ax2.plot(history["eval_step"], history["accuracy"], "o-", color="tab:red", label="dev accuracy")
-    ax2.set_ylabel("dev accuracy", color="tab:red")
-    ax.set_title(f"{method}: training loss and dev accuracy")
+    ax2.plot(history["eval_step"], history[metric], "o-", color="tab:red", label=f"dev {metric}")
+    ax2.set_ylabel(f"dev {metric}", color="tab:red")
+    ax.set_title(f"{method}: training loss and dev {metric}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
