@@ -26,6 +26,12 @@ class PrefixTable(nn.Module):
         if projection:
             self.embedding = nn.Parameter(torch.randn(num_tasks, m, input_size, **kw))  # P'
             self.mlp = nn.Sequential(nn.Linear(input_size, hidden_size, **kw), nn.Tanh(), nn.Linear(hidden_size, width, **kw))
+            # start from a prefix as small as the unprojected one (std ≈ init_std): with PyTorch's
+            # default init the MLP emits keys/values large enough to swamp a frozen model's own
+            # attention, and training starts below the zero-shot accuracy and stays there
+            with torch.no_grad():
+                self.mlp[2].weight.normal_(0.0, init_std / (0.5 * hidden_size) ** 0.5)
+                self.mlp[2].bias.zero_()
             self.register_parameter("prefix", None)
         else:
             self.prefix = nn.Parameter(torch.randn(num_tasks, m, width, **kw) * init_std)
