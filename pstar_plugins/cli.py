@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pstar_plugins.errors import PStarError
+from pstar_plugins.errors import run_reporting_errors
 
 
 def _plugins(args) -> int:
@@ -87,11 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--output", required=True, help="directory for the pstar adapter")
     imp.set_defaults(func=_import)
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except PStarError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_reporting_errors(args.func, args)
 
 
 if __name__ == "__main__":

@@ -37,3 +37,14 @@ class AdapterError(PStarError, ValueError):
 
 class DataError(PStarError, ValueError):
     """A data file or an example in it is unusable."""
+
+
+def run_reporting_errors(function, *args) -> int:
+    """Run a command's body; a library error is printed as ``error: ...`` and exits 2 (no traceback)."""
+    import sys
+
+    try:
+        return function(*args)
+    except PStarError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

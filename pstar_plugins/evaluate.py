@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
-from pstar_plugins.errors import PStarError
+from pstar_plugins.errors import run_reporting_errors
 
 
 def parse_args(argv=None):
@@ -61,11 +60,7 @@ def score_rows(model, verbalizer, rows, labels, batch_size, max_length, calibrat
 
 
 def main(argv=None) -> int:
-    try:
-        return _main(argv)
-    except PStarError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_reporting_errors(_main, argv)
 
 
 def _main(argv):

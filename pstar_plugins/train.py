@@ -15,10 +15,8 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import random
-import sys
 import time
 import typing
 from pathlib import Path
@@ -26,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from pstar_plugins.errors import ConfigError, PStarError
+from pstar_plugins.errors import ConfigError, PStarError, run_reporting_errors
 
 logger = logging.getLogger("pstar_plugins.train")
 DEFAULT_TEMPLATE = "Review: {sentence} Sentiment:{answer}"
@@ -137,11 +135,7 @@ def _check_output_dir(path: Path, args, run_id: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return _main(argv)
-    except PStarError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_reporting_errors(_main, argv)
 
 
 def _main(argv):
@@ -155,7 +149,7 @@ def _main(argv):
     from pstar_plugins.models import load
     from pstar_plugins.plugins import get_plugin_manager
     from pstar_plugins.tasks.data import labels_of, read_examples
-    from pstar_plugins.tasks.template import Template, Literal, Soft
+    from pstar_plugins.tasks.template import Soft, Template
     from pstar_plugins.tasks.verbalizer import Verbalizer
 
     # without a GPU, multi-process runs need gloo (otherwise Accelerate sees one process while

@@ -40,7 +40,6 @@ def _build(method, **options):
 
 def _train(*argv):
     def run(tmp):
-        from pstar_plugins.errors import PStarError
         from pstar_plugins.train import _main
 
         _main([*argv, "--output-dir", str(tmp / "out")] if "--output-dir" not in argv else list(argv))

@@ -7,7 +7,6 @@ import sys
 import pytest
 import torch
 
-from pstar_plugins import build_model
 from pstar_plugins.tasks.baselines import (
     accuracy_and_macro_f1, balanced_demonstrations, calibrate, in_context_template, render_demonstration)
 from pstar_plugins.tasks.template import Template

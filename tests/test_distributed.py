@@ -104,7 +104,7 @@ def test_zero3_save_gathers_only_the_prompt(tiny_dir, tmp_path):
 def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_dir, tmp_path, config):
     common = ["--method", "prefix-tuning", "--checkpointing-steps", "2"]
     launch(config, tiny_dir, tmp_path / "full", *common, steps=4)
-    first = launch(config, tiny_dir, tmp_path / "split", *common, "--stop-after-steps", "2", steps=4)
+    launch(config, tiny_dir, tmp_path / "split", *common, "--stop-after-steps", "2", steps=4)
     assert (tmp_path / "split" / "checkpoint-2" / "trainer_state.json").is_file()
     assert not (tmp_path / "split" / "adapter").exists()
     launch(config, tiny_dir, tmp_path / "split", *common, "--resume-from-checkpoint", "latest", steps=4)

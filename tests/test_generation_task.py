@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from pstar_plugins.tasks.generation import bleu_rouge, group_references, training_batch
 from pstar_plugins.tasks.template import Template

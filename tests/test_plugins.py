@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from pstar_plugins import build_model, get_plugin_manager, hookimpl, make_optimizer, param_groups
+from pstar_plugins import build_model, get_plugin_manager, hookimpl, param_groups
 from pstar_plugins.errors import PluginError, UnknownMethodError
 from pstar_plugins.methods.base import MethodConfig, MethodPlugin, MethodSpec, PromptMethod
 from pstar_plugins.plugins import create_plugin_manager

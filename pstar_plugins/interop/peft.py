@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pstar_plugins.core.adapter_io import _atomic_write, load_adapter, read_adapter
+from pstar_plugins.core.adapter_io import _atomic_write, load_adapter
 from pstar_plugins.core.build import build_model
 from pstar_plugins.core.inputs import is_encoder_decoder
 from pstar_plugins.errors import AdapterError, IncompatibleModelError

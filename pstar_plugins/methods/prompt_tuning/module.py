@@ -11,7 +11,7 @@ from torch import nn
 
 from pstar_plugins.core.distributed import embedding_rows, embedding_std
 from pstar_plugins.core.embedding_prompt import EmbeddingPromptMethod
-from pstar_plugins.core.inputs import first_real_index, is_encoder_decoder
+from pstar_plugins.core.inputs import first_real_index
 from pstar_plugins.errors import ConfigError
 from pstar_plugins.methods.prompt_tuning.config import PromptTuningConfig
 
