@@ -6,5 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1
+# accelerate launch gives each process one CPU thread unless told otherwise
 accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+  --num_cpu_threads_per_process "$(nproc)" \
   -m pstar_plugins.train --method prompt-tuning --model smollm2 --output-dir runs/quickstart --overwrite "$@"
