@@ -408,7 +408,7 @@ def _main(argv):
         results["history"] = history
         (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
         if args.plot:
-            _plot(history, out_dir / args.plot, args.method, metric)
+            _plot(history, out_dir / args.plot, args.method, metric, args.eval_subset_size)
         print(f"\n{'':-<60}\nmethod {args.method} on {args.model}")
         if f"zero_shot_{metric}" in results:
             print(f"  zero-shot dev {metric:<9}: {results[f'zero_shot_{metric}']:.4f}")
@@ -418,7 +418,7 @@ def _main(argv):
     return 0
 
 
-def _plot(history, path: Path, method: str, metric: str = "accuracy") -> None:
+def _plot(history, path: Path, method: str, metric: str = "accuracy", subset: int = 0) -> None:
     try:
         import matplotlib
 
@@ -433,7 +433,7 @@ def _plot(history, path: Path, method: str, metric: str = "accuracy") -> None:
     ax.set_ylabel("training loss", color="tab:blue")
     ax2 = ax.twinx()
     ax2.plot(history["eval_step"], history[metric], "o-", color="tab:red", label=f"dev {metric}")
-    ax2.set_ylabel(f"dev {metric}", color="tab:red")
+    ax2.set_ylabel(f"dev {metric} (periodic: first {subset}; last point: all)" if subset else f"dev {metric}", color="tab:red")
     ax.set_title(f"{method}: training loss and dev {metric}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
