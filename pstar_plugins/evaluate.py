@@ -45,10 +45,8 @@ def score_rows(model, verbalizer, rows, labels, batch_size, max_length, calibrat
     preds = []
     for i in range(0, len(rows), batch_size):
         batch = verbalizer.encode(rows[i:i + batch_size], labels[i:i + batch_size], max_length=max_length)
-        if getattr(model, "method_config", None) is not None and getattr(model.method_config, "head", "none") != "none":
-            scores = model(**{k: v for k, v in batch.inputs.items()}).logits.float()
-        else:
-            scores = verbalizer.scores(model, batch)
+        head = getattr(getattr(model, "method_config", None), "head", "none") != "none"
+        scores = verbalizer.class_scores(model, batch, head)
         if calibration is not None:
             from pstar_plugins.tasks.baselines import calibrate
 

@@ -271,10 +271,7 @@ def _main(argv):
 
     def classify(m, scorer, rows, labels):
         batch = scorer.encode(rows, labels, max_length=args.max_length)
-        if head_classifier:
-            inputs = {k: v.to(accelerator.device) for k, v in batch.inputs.items()}
-            return m(**inputs).logits.float(), batch.labels.to(accelerator.device)
-        return scorer.scores(m, batch), batch.labels.to(accelerator.device)
+        return scorer.class_scores(m, batch, head_classifier), batch.labels.to(accelerator.device)
 
     def step_loss(m, rows, labels):
         if generation:

@@ -40,6 +40,13 @@ def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None) -
         yield
 
 
+def embedding_shape(embedding: nn.Module) -> tuple[int, int]:
+    """``(vocab, hidden)`` of an embedding matrix; ZeRO-3 keeps the full shape in ``ds_shape``."""
+    weight = embedding.weight
+    rows, hidden = tuple(getattr(weight, "ds_shape", weight.shape))
+    return int(rows), int(hidden)
+
+
 def embedding_rows(embedding: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Rows ``ids`` of an embedding matrix as fp32 (``(len(ids), hidden)``), on its device.
 
@@ -56,7 +63,7 @@ def embedding_rows(embedding: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
     group = getattr(weight, "ds_process_group", None)
     local = weight.ds_tensor.detach().flatten()  # this rank's slice of the flattened matrix
-    hidden = int(weight.ds_shape[-1])
+    hidden = embedding_shape(embedding)[1]
     start = dist.get_rank(group=group) * local.numel()
     end = min(start + local.numel(), int(weight.ds_numel))
     out = torch.zeros(len(ids), hidden, dtype=torch.float32, device=local.device)
@@ -71,8 +78,7 @@ def embedding_rows(embedding: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def embedding_std(embedding: nn.Module, sample: int = 1024, seed: int = 0) -> float:
     """Standard deviation of the embedding entries, estimated on ``sample`` rows (no full gather)."""
-    weight = embedding.weight
-    rows = int(getattr(weight, "ds_shape", weight.shape)[0])
+    rows = embedding_shape(embedding)[0]
     g = torch.Generator().manual_seed(seed)
     ids = torch.randperm(rows, generator=g)[: min(sample, rows)]
     return float(embedding_rows(embedding, ids).std())

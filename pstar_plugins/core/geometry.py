@@ -42,10 +42,19 @@ def _first(config: PretrainedConfig, *names: str):
     return None
 
 
+def hidden_size(config: PretrainedConfig) -> int:
+    """The model width, whatever the config calls it (hidden_size, d_model, n_embd)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = _first(text, "hidden_size", "d_model", "n_embd")
+    if not value:
+        raise IncompatibleModelError(f"cannot read the hidden size of model_type={getattr(config, 'model_type', '?')!r}.")
+    return int(value)
+
+
 def attention_geometry(config: PretrainedConfig, kind: str) -> AttentionGeometry:
     """Layers, key/value heads (GQA/MQA aware) and head size of one kind of attention site."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden = _first(text, "hidden_size", "d_model", "n_embd")
+    hidden = hidden_size(config)
     if kind in (DECODER, CROSS):
         layers = _first(text, "decoder_layers", "num_decoder_layers", "num_layers", "num_hidden_layers")
         heads = _first(text, "decoder_attention_heads", "num_attention_heads", "num_heads")
@@ -76,11 +85,11 @@ def model_geometry(config: PretrainedConfig, kinds: dict[str, int] | None = None
         attention[kind] = {"n_layers": g.n_layers, "n_kv_heads": g.n_kv_heads, "head_dim": g.head_dim}
     return ModelGeometry(
         model_type=str(getattr(config, "model_type", "")),
-        hidden_size=int(_first(text, "hidden_size", "d_model", "n_embd")),
+        hidden_size=hidden_size(config),
         vocab_size=int(getattr(text, "vocab_size", 0) or 0),
         is_encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
         attention=attention,
     )
 
 
-__all__ = ["AttentionGeometry", "ModelGeometry", "attention_geometry", "model_geometry", "SELF", "ENCODER", "DECODER", "CROSS"]
+__all__ = ["AttentionGeometry", "ModelGeometry", "attention_geometry", "hidden_size", "model_geometry", "SELF", "ENCODER", "DECODER", "CROSS"]

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from pstar_plugins.core.adapter_io import _atomic_write, load_adapter
 from pstar_plugins.core.build import build_model
+from pstar_plugins.core.geometry import hidden_size
 from pstar_plugins.core.inputs import is_encoder_decoder
 from pstar_plugins.errors import AdapterError, IncompatibleModelError
 
@@ -88,7 +89,7 @@ def export_peft(adapter_dir, base_model, output_dir) -> dict:
     model.fold()
     method, cfg = model.method_name, model.method_config
     text = base_model.config.get_text_config() if hasattr(base_model.config, "get_text_config") else base_model.config
-    hidden = int(text.hidden_size)
+    hidden = hidden_size(base_model.config)
     name = getattr(base_model.config, "_name_or_path", "")
     if method == "prompt-tuning":
         if cfg.num_tasks != 1 or cfg.position != "start":

@@ -77,6 +77,13 @@ class Verbalizer:
             inputs["prompt_index"] = prompt_index
         return EncodedBatch(inputs, torch.tensor(answer_index), torch.tensor(labels) if labels is not None else None)
 
+    def class_scores(self, model, batch: EncodedBatch, linear_head: bool) -> torch.Tensor:
+        """``(B, C)`` class scores: a classification head's logits, or the label words' log-probabilities."""
+        if linear_head:
+            device = next(model.parameters()).device
+            return model(**{k: v.to(device) for k, v in batch.inputs.items()}).logits.float()
+        return self.scores(model, batch)
+
     def scores(self, model, batch: EncodedBatch) -> torch.Tensor:
         """``(B, C)`` log-probabilities of the label words (unnormalised across classes)."""
         device = next(model.parameters()).device

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pstar_plugins.core.distributed import embedding_rows, embedding_std
+from pstar_plugins.core.distributed import embedding_rows, embedding_shape, embedding_std
 from pstar_plugins.core.embedding_prompt import EmbeddingPromptMethod
 from pstar_plugins.core.inputs import IGNORE_INDEX
 from pstar_plugins.errors import ConfigError
@@ -25,7 +25,7 @@ class PTuning(EmbeddingPromptMethod):
         n = self.template.num_soft_tokens
         embedding = base_model.get_input_embeddings()
         weight = embedding.weight
-        vocab_size, hidden = tuple(getattr(weight, "ds_shape", weight.shape))
+        vocab_size, hidden = embedding_shape(embedding)
         if config.init == "vocab":
             ids = torch.randint(min(5000, vocab_size), (n,))
             initial = embedding_rows(embedding, ids)

@@ -15,7 +15,8 @@ from transformers.modeling_outputs import SequenceClassifierOutput, TokenClassif
 from pstar_plugins.core.inputs import IGNORE_INDEX, fill_position_ids, first_real_index, is_encoder_decoder
 from pstar_plugins.errors import IncompatibleModelError
 from pstar_plugins.methods.p_tuning_v2.config import PTuningV2Config
-from pstar_plugins.methods.prefix_tuning.module import PrefixTuning, _hidden_size
+from pstar_plugins.core.geometry import hidden_size
+from pstar_plugins.methods.prefix_tuning.module import PrefixTuning
 
 
 def last_real_index(mask: torch.Tensor) -> torch.Tensor:
@@ -37,7 +38,7 @@ class PTuningV2(PrefixTuning):
         )
         if config.head != "none":
             device = next(base_model.parameters()).device
-            self.head = nn.Linear(_hidden_size(base_model.config), config.num_labels, device=device, dtype=torch.float32)
+            self.head = nn.Linear(hidden_size(base_model.config), config.num_labels, device=device, dtype=torch.float32)
             self.head_dropout = nn.Dropout(config.classifier_dropout)
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

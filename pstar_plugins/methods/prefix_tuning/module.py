@@ -14,20 +14,12 @@ import torch
 from torch import nn
 
 from pstar_plugins.core.attention import PrefixInjector
-from pstar_plugins.core.geometry import attention_geometry
+from pstar_plugins.core.geometry import attention_geometry, hidden_size
 from pstar_plugins.core.inputs import fill_position_ids
 from pstar_plugins.errors import IncompatibleModelError
 from pstar_plugins.methods.base import PromptMethod
 from pstar_plugins.methods.prefix_tuning.config import PrefixTuningConfig
 from pstar_plugins.methods.prefix_tuning.table import PrefixTable
-
-
-def _hidden_size(config) -> int:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in ("hidden_size", "d_model", "n_embd"):
-        if getattr(text, name, None):
-            return int(getattr(text, name))
-    raise IncompatibleModelError(f"cannot read the hidden size of model_type={getattr(config, 'model_type', '?')!r}.")
 
 
 class PrefixTuning(PromptMethod):
@@ -41,7 +33,7 @@ class PrefixTuning(PromptMethod):
         injector = PrefixInjector(base_model)
         self.__dict__["injector"] = injector  # plain attribute: not a submodule, not saved
         device = next(base_model.parameters()).device
-        input_size = config.projection_input_size or _hidden_size(base_model.config)
+        input_size = config.projection_input_size or hidden_size(base_model.config)
         tables = {}
         for kind, count in injector.counts().items():
             geometry = attention_geometry(base_model.config, kind)

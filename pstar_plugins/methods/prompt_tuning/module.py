@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pstar_plugins.core.distributed import embedding_rows, embedding_std
+from pstar_plugins.core.distributed import embedding_rows, embedding_shape, embedding_std
 from pstar_plugins.core.embedding_prompt import EmbeddingPromptMethod
 from pstar_plugins.core.inputs import first_real_index
 from pstar_plugins.errors import ConfigError
@@ -31,8 +31,7 @@ def _vocab_ids(n: int, vocab_size: int, sample_size: int, tokenizer, generator) 
 def initial_prompt(config: PromptTuningConfig, embedding: nn.Module, tokenizer, generator=None) -> torch.Tensor:
     """One ``(m, hidden)`` fp32 prompt initialised as ``config.init`` says."""
     m = config.num_virtual_tokens
-    weight = embedding.weight
-    vocab_size, hidden = tuple(getattr(weight, "ds_shape", weight.shape))  # ZeRO-3 keeps the full shape in ds_shape
+    vocab_size, hidden = embedding_shape(embedding)
     if config.init == "random":
         std = embedding_std(embedding)
         return torch.randn(m, hidden, generator=generator) * std
