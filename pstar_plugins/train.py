@@ -74,6 +74,13 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--model-kind", default="causal-lm", choices=["causal-lm", "masked-lm"], help="which head to load")
     parser.add_argument("--train-file", default=packaged_data("sst2_train_sample.tsv"), help="training data (.csv, .tsv, .jsonl)")
     parser.add_argument("--validation-file", default=packaged_data("sst2_dev.tsv"), help="evaluation data (.csv, .tsv, .jsonl)")
+    parser.add_argument("--dataset", default=None,
+                        help="a Hugging Face datasets id or local dataset folder to use instead of --train-file/--validation-file")
+    parser.add_argument("--dataset-config", default=None, help="the dataset's configuration (e.g. sst2 for glue)")
+    parser.add_argument("--train-split", default="train", help="--dataset split to train on")
+    parser.add_argument("--validation-split", default="validation", help="--dataset split to evaluate on")
+    parser.add_argument("--column", action="append", default=[], metavar="DATA_COLUMN=NAME",
+                        help="rename a data column to the name the template or --label-column uses (repeatable)")
     parser.add_argument("--template", default=None, help=f"template with {{column}} slots and one {{answer}} slot (default: {DEFAULT_TEMPLATE!r}, or the method's preset)")
     parser.add_argument("--task", default="classification", choices=["classification", "generation"],
                         help="classification (label words or a linear head) or generation (loss on the target tokens only)")
@@ -148,7 +155,7 @@ def _main(argv):
     from pstar_plugins.core.adapter_io import save_adapter
     from pstar_plugins.models import load
     from pstar_plugins.plugins import get_plugin_manager
-    from pstar_plugins.tasks.data import labels_of, read_examples
+    from pstar_plugins.tasks.data import labels_of, load_split, parse_column_mapping
     from pstar_plugins.tasks.template import Soft, Template
     from pstar_plugins.tasks.verbalizer import Verbalizer
 
@@ -197,10 +204,13 @@ def _main(argv):
     config = spec.config_class.from_dict(options)  # validate before anything is loaded or written
     lr = args.learning_rate or preset_lr
     out_dir = Path(args.output_dir)
-    run_id = {"method": args.method, "model": args.model, "train_file": str(args.train_file)}
+    columns = parse_column_mapping(args.column)
+    train_rows, train_source = load_split(args.train_file, args.dataset, args.dataset_config, args.train_split,
+                                          args.max_train_samples, columns)
+    eval_rows, eval_source = load_split(args.validation_file, args.dataset, args.dataset_config, args.validation_split,
+                                        args.max_eval_samples, columns)
+    run_id = {"method": args.method, "model": args.model, "train_file": train_source}
     _check_output_dir(out_dir, args, run_id)
-    train_rows = read_examples(args.train_file, args.max_train_samples)
-    eval_rows = read_examples(args.validation_file, args.max_eval_samples)
     generation = args.task == "generation"
     if generation:
         from pstar_plugins.tasks import generation as gen
@@ -208,14 +218,15 @@ def _main(argv):
         train_labels = [0] * len(train_rows)
         eval_labels = []
     else:
-        train_labels = labels_of(train_rows, args.label_column, args.train_file, args.label_words)
-        eval_labels = labels_of(eval_rows, args.label_column, args.validation_file, args.label_words)
+        train_labels = labels_of(train_rows, args.label_column, train_source, args.label_words)
+        eval_labels = labels_of(eval_rows, args.label_column, eval_source, args.label_words)
     template_text = getattr(config, "template", None) or args.template or DEFAULT_TEMPLATE
     template_text = template_text.replace("\\n", "\n").replace("\\t", "\t")  # "\n" typed on a command line
     template = Template.parse(template_text)
     for name in template.fields:
         if name not in train_rows[0]:
-            raise ConfigError(f"template slot {{{name}}} is not a column of {args.train_file} (columns: {sorted(train_rows[0])}).")
+            raise ConfigError(f"template slot {{{name}}} is not a column of {train_source} (columns: {sorted(train_rows[0])}); "
+                              "rename a column with --column DATA_COLUMN=" + name + ".")
 
     # every rank loads at the same time: under ZeRO-3 the model is built inside zero.Init, whose
     # parameter partitioning is a collective; main_process_first() here would deadlock
@@ -252,6 +263,10 @@ def _main(argv):
         verbalizer = Verbalizer(tokenizer, template, args.label_words, masked_lm=masked)
         zero_shot = Verbalizer(tokenizer, zero_shot_template, args.label_words, masked_lm=masked)
     metric = "bleu" if generation else "accuracy"
+    from pstar_plugins.core.inputs import accepts, is_encoder_decoder
+
+    # decoder-only models get logits only where a target token is predicted
+    target_logits_only = generation and not is_encoder_decoder(base) and accepts(base, "logits_to_keep")
 
     groups = param_groups(model, lr, args.weight_decay)
     for g in groups:
@@ -276,7 +291,10 @@ def _main(argv):
     def step_loss(m, rows, labels):
         if generation:
             batch = gen.training_batch(template, tokenizer, rows, args.target_column, args.max_length)
-            return m(**{k: v.to(accelerator.device) for k, v in batch.items()}).loss
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            if target_logits_only:
+                return gen.target_token_loss(m, batch)
+            return m(**batch).loss
         scores, gold = classify(m, verbalizer, rows, labels)
         return F.cross_entropy(scores, gold)
 

@@ -94,6 +94,17 @@ def _data_file(name, content: bytes, label_column="label"):
     return run
 
 
+def _dataset(split="validation", mapping=None):
+    def run(tmp):
+        from pstar_plugins.tasks.data import load_split
+
+        folder = tmp / "ds"
+        folder.mkdir()
+        (folder / "validation.jsonl").write_text('{"text": "fine", "label": 1}\n')
+        load_split(None, str(folder), None, split, None, mapping or {})
+    return run
+
+
 def _other_run_in_output_dir(tmp):
     out = tmp / "out"
     out.mkdir()
@@ -188,6 +199,9 @@ CASES = [
     Case("data: empty file", _data_file("c.csv", b""), "DataError", "is empty; expected a header row"),
     Case("data: invalid UTF-8", _data_file("d.tsv", b"sentence\tlabel\nok\t1\n\xff\t0\n"), "DataError", "line 3 is not valid UTF-8"),
     Case("data: malformed JSON line", _data_file("e.jsonl", b'{"sentence": "a", "label": 1}\n{"sentence": \n'), "DataError", "row 2 is not valid JSON"),
+    Case("data: dataset split that does not exist", _dataset("test"), "DataError", "could not load split 'test' of dataset"),
+    Case("data: --column names no column of the data", _dataset(mapping={"sentence": "text"}), "DataError", "--column sentence=... names no column (columns: ['label', 'text'])"),
+    Case("data: --column without '='", lambda tmp: __import__("pstar_plugins.tasks.data", fromlist=["x"]).parse_column_mapping(["text"]), "ConfigError", "--column 'text': expected DATA_COLUMN=NAME"),
     Case("output directory holds a different run", _other_run_in_output_dir, "exit 2 (ConfigError)", "holds a different run (p-tuning); choose another directory or pass --overwrite"),
     Case("misspelt hook implementation in a plugin", _misspelt_hook, "PluginError", "plugin 'typo-plugin' implements an unknown hook"),
     Case("exception inside a plugin's hook", _raising_hook, "PluginError", "plugin 'broken-plugin' raised ZeroDivisionError in pstar_param_groups"),

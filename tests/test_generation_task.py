@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from pstar_plugins.tasks.generation import bleu_rouge, group_references, training_batch
 from pstar_plugins.tasks.template import Template
@@ -10,16 +11,56 @@ from tests.test_tasks import CharTokenizer
 from tests.test_train_entry_point import _train, needs_model
 
 
-def test_training_batch_puts_labels_on_the_target_only():
+def test_training_batch_aligns_targets_and_labels_only_them():
     tok = CharTokenizer()
     tok.eos_token_id = 2
     t = Template.parse("D: {mr} T:{answer}")
     batch = training_batch(t, tok, [{"mr": "ab", "ref": "xy"}, {"mr": "abcd", "ref": "z"}], "ref", 64)
-    prompt = tok("D: ab T:")["input_ids"]
-    target = tok(" xy", add_special_tokens=False)["input_ids"] + [2]
-    assert batch["input_ids"][0, : len(prompt) + len(target)].tolist() == prompt + target
-    assert batch["labels"][0].tolist() == [-100] * len(prompt) + target + [-100] * (batch["labels"].shape[1] - len(prompt) - len(target))
+    prompts = [tok("D: ab T:")["input_ids"], tok("D: abcd T:")["input_ids"]]
+    targets = [tok(" xy", add_special_tokens=False)["input_ids"] + [2], tok(" z", add_special_tokens=False)["input_ids"] + [2]]
+    width = max(map(len, prompts))
+    for i, (prompt, target) in enumerate(zip(prompts, targets)):
+        real = batch["attention_mask"][i].bool()
+        assert batch["input_ids"][i][real].tolist() == prompt + target
+        assert batch["labels"][i, width:width + len(target)].tolist() == target  # every target starts at one column
+        assert (batch["labels"][i, :width] == -100).all() and (batch["labels"][i, width + len(target):] == -100).all()
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("method,options", [
+    ("prompt-tuning", {}), ("prompt-tuning", {"position": "after_bos"}), ("prefix-tuning", {}),
+    ("p-tuning", {"template": "{soft:2} D: {mr} {soft} T:{answer}"}), ("p-tuning-v2", {"head": "none"}),
+])
+def test_target_token_loss_equals_the_models_own_loss_and_gradients(arch, method, options):
+    """Logits only at target-predicting columns give the same loss and gradients as the full-logit loss."""
+    from pstar_plugins.tasks.generation import target_token_loss
+    from tests.helpers import make
+
+    torch.manual_seed(0)
+    tok = CharTokenizer()
+    tok.eos_token_id = 2
+    model = make(arch, method, **options)
+    template = Template.parse(options.get("template", "D: {mr} T:{answer}"))
+    rows = [{"mr": "ab", "ref": "xyz"}, {"mr": "abcdef", "ref": "z"}, {"mr": "a", "ref": "hello"}]
+    batch = training_batch(template, tok, rows, "ref", 64)
+    fast = target_token_loss(model, batch)
+    fast.backward()
+    fast_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    full = model(**batch).loss
+    full.backward()
+    assert torch.allclose(fast, full, atol=1e-5), (fast.item(), full.item())
+    for a, b in zip(fast_grads, [p.grad for p in model.parameters() if p.requires_grad]):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_training_batch_truncates_from_the_prompt_start():
+    tok = CharTokenizer()
+    tok.eos_token_id = 2
+    batch = training_batch(Template.parse("{mr}{answer}"), tok, [{"mr": "abcdefgh", "ref": "xy"}], "ref", 6)
+    assert batch["input_ids"].shape[1] == 6
+    assert (batch["labels"] != -100).sum() >= 1  # a target token survives
 
 
 def test_references_are_grouped_by_source_and_scored_against_all():

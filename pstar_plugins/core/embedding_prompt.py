@@ -102,9 +102,12 @@ class EmbeddingPromptMethod(PromptMethod):
             # virtual positions get IGNORE_INDEX: they never enter the loss
             padded = labels.new_full(inputs["inputs_embeds"].shape[:2], IGNORE_INDEX)
             inputs["labels"] = padded.scatter(1, user_index, labels)
+        inputs.pop("logits_to_keep", None)  # columns of the user's sequence: applied after realignment
         out = base_model(**inputs)
         if getattr(out, "logits", None) is not None:
             out.logits = gather_positions(out.logits, self._prediction_index(base_model, user_index))
+            if isinstance(keep, int) and keep > 0:
+                out.logits = out.logits[:, -keep:]
         return out
 
     @staticmethod

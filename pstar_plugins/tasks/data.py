@@ -71,3 +71,62 @@ def labels_of(rows: list[dict[str, Any]], column: str, path: str, classes: list[
         else:
             raise DataError(f"{path}: row {number} has label {value!r}; expected one of {classes} or an index below {len(classes)}.")
     return out
+
+
+def read_dataset(name: str, split: str, config: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+    """Rows of a Hugging Face ``datasets`` dataset: a hub id (``glue`` with config ``sst2``,
+    ``imdb``, ``user/name``) or a local dataset folder, one split."""
+    try:
+        import datasets
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise DataError("--dataset needs the `datasets` package: pip install datasets") from exc
+    try:
+        data = datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # the library raises many types (connection, missing config, bad split)
+        raise DataError(
+            f"could not load split {split!r} of dataset {name!r}" + (f" (config {config!r})" if config else "")
+            + f": {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Check the dataset id, "
+            "--dataset-config and the split names; without a hub, pass local files with --train-file/--validation-file."
+        ) from exc
+    if limit:
+        data = data.select(range(min(limit, len(data))))
+    rows = [dict(row) for row in data]
+    if not rows:
+        raise DataError(f"split {split!r} of dataset {name!r} holds no examples.")
+    return rows
+
+
+def rename_columns(rows: list[dict[str, Any]], mapping: dict[str, str], source: str) -> list[dict[str, Any]]:
+    """Rename columns (``{"text": "sentence"}``: the data's ``text`` fills the template's ``{sentence}``)."""
+    if not mapping:
+        return rows
+    missing = sorted(set(mapping) - set(rows[0]))
+    if missing:
+        raise DataError(f"{source}: --column {', '.join(f'{m}=...' for m in missing)} names no column "
+                        f"(columns: {sorted(rows[0])}); use the data's own column names on the left.")
+    return [{mapping.get(k, k): v for k, v in row.items()} for row in rows]
+
+
+def parse_column_mapping(pairs: list[str]) -> dict[str, str]:
+    """``["text=sentence", "y=label"]`` → ``{"text": "sentence", "y": "label"}``."""
+    from pstar_plugins.errors import ConfigError
+
+    mapping = {}
+    for pair in pairs or []:
+        source, sep, target = pair.partition("=")
+        if not sep or not source.strip() or not target.strip():
+            raise ConfigError(f"--column {pair!r}: expected DATA_COLUMN=NAME, e.g. --column text=sentence.")
+        mapping[source.strip()] = target.strip()
+    return mapping
+
+
+def load_split(file: str | None, dataset: str | None, dataset_config: str | None, split: str, limit: int | None,
+               columns: dict[str, str]) -> tuple[list[dict[str, Any]], str]:
+    """Rows and a name for error messages, from a file or, when ``dataset`` is set, a datasets split."""
+    if dataset:
+        source = f"{dataset}[{split}]"
+        rows = read_dataset(dataset, split, dataset_config, limit)
+    else:
+        source = str(file)
+        rows = read_examples(file, limit)
+    return rename_columns(rows, columns, source), source

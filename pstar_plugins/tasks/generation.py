@@ -8,6 +8,7 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
+from torch.nn import functional as F
 
 from pstar_plugins.core.inputs import IGNORE_INDEX
 from pstar_plugins.errors import DataError
@@ -30,7 +31,12 @@ def _target_ids(tokenizer, text: str) -> list[int]:
 
 
 def training_batch(template: Template, tokenizer, rows: list[dict], target_column: str, max_length: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``prompt + target`` rows; labels are the target tokens, IGNORE_INDEX elsewhere."""
+    """``prompt + target`` rows with the labels on the target tokens only (IGNORE_INDEX elsewhere).
+
+    Prompts are left-padded and targets right-padded, so every row's target starts at the same
+    column: the loss then needs logits for the last ``target width + 1`` columns only
+    (:func:`target_token_loss`), never for the prompt, the padding or virtual tokens.
+    """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     seqs = []
     for number, row in enumerate(rows, start=1):
@@ -38,10 +44,12 @@ def training_batch(template: Template, tokenizer, rows: list[dict], target_colum
             raise DataError(f"row {number} has no target column {target_column!r} (columns: {sorted(row)}); set --target-column.")
         ids, index = _prompt(template, tokenizer, row, pad)
         target = _target_ids(tokenizer, str(row[target_column]))
-        total = (ids + target)[:max_length]
-        labels = ([IGNORE_INDEX] * len(ids) + target)[:max_length]
-        seqs.append((total, (index + [-1] * len(target))[:max_length], labels))
-    length = max(len(s[0]) for s in seqs)
+        if len(ids) >= max_length:  # keep the prompt's end (next to the target) and one target token
+            ids, index = ids[len(ids) - max_length + 1:], index[len(index) - max_length + 1:]
+        target = target[: max_length - len(ids)]
+        seqs.append((ids, index, target))
+    prompt_width = max(len(s[0]) for s in seqs)
+    length = prompt_width + max(len(s[2]) for s in seqs)
     B = len(seqs)
     out = {
         "input_ids": torch.full((B, length), pad, dtype=torch.long),
@@ -49,15 +57,34 @@ def training_batch(template: Template, tokenizer, rows: list[dict], target_colum
         "labels": torch.full((B, length), IGNORE_INDEX, dtype=torch.long),
         "prompt_index": torch.full((B, length), -1, dtype=torch.long),
     }
-    for i, (ids, index, labels) in enumerate(seqs):
-        n = len(ids)
-        out["input_ids"][i, :n] = torch.tensor(ids)
-        out["attention_mask"][i, :n] = 1
-        out["labels"][i, :n] = torch.tensor(labels)
-        out["prompt_index"][i, :n] = torch.tensor(index)
+    for i, (ids, index, target) in enumerate(seqs):
+        start, end = prompt_width - len(ids), prompt_width + len(target)
+        out["input_ids"][i, start:end] = torch.tensor(ids + target)
+        out["attention_mask"][i, start:end] = 1
+        out["labels"][i, prompt_width:end] = torch.tensor(target, dtype=torch.long)
+        out["prompt_index"][i, start:prompt_width] = torch.tensor(index, dtype=torch.long)
     if not (out["prompt_index"] >= 0).any():
         del out["prompt_index"]
     return out
+
+
+def target_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the target tokens of a :func:`training_batch` (decoder-only models).
+
+    Only the columns that predict a target token get logits (``logits_to_keep``): the LM head and
+    the softmax over the vocabulary never run at prompt, padding or virtual positions. Equal to
+    the model's own loss with ``labels`` (tested).
+    """
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    labelled = (labels != IGNORE_INDEX).any(0).nonzero()
+    if labelled.numel() == 0:
+        raise DataError("no row of this batch has a target token; check --target-column and --max-length.")
+    first = max(int(labelled[0]), 1)  # a label on column 0 has no column before it to predict it
+    keep = labels.shape[1] - first + 1  # the column before the first target predicts it
+    logits = model(**inputs, logits_to_keep=keep).logits[:, -keep:-1]
+    targets = labels[:, first:].to(logits.device)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def group_references(rows: list[dict], template: Template, target_column: str) -> list[tuple[dict, list[str]]]:
