@@ -26,6 +26,12 @@ def parse_args(argv=None):
     p.add_argument("--model-kind", default="causal-lm", choices=["causal-lm", "masked-lm"], help="which head to load")
     p.add_argument("--adapter", default=None, help="a tuned adapter directory to evaluate instead of the baselines")
     p.add_argument("--validation-file", default=packaged_data("sst2_dev.tsv"), help="evaluation data (.csv, .tsv, .jsonl)")
+    p.add_argument("--dataset", default=None, help="a Hugging Face datasets id or local dataset folder instead of the files")
+    p.add_argument("--dataset-config", default=None, help="the dataset's configuration (e.g. sst2 for glue)")
+    p.add_argument("--validation-split", default="validation", help="--dataset split to evaluate on")
+    p.add_argument("--demonstration-split", default="train", help="--dataset split the demonstrations come from")
+    p.add_argument("--column", action="append", default=[], metavar="DATA_COLUMN=NAME",
+                   help="rename a data column to the name the template or --label-column uses (repeatable)")
     p.add_argument("--demonstration-file", default=packaged_data("sst2_train_sample.tsv"), help="where in-context demonstrations come from")
     p.add_argument("--template", default="Review: {sentence} Sentiment:{answer}", help="template with {column} slots and one {answer} slot")
     p.add_argument("--label-column", default="label", help="column with the class")
@@ -34,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=3, help="demonstration draws per k > 0 (mean ± std over them)")
     p.add_argument("--calibrate", action="store_true", help="contextual calibration with a content-free input")
     p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="run the demonstrations with every batch instead of computing their key/value cache once")
     p.add_argument("--max-eval-samples", type=int, default=None, help="use only the first N rows")
     p.add_argument("--max-length", type=int, default=1024, help="truncate prompts to this many tokens (from the left)")
     p.add_argument("--output", default=None, help="write results JSON here")
@@ -68,22 +76,31 @@ def _main(argv):
     from pstar_plugins.core.adapter_io import load_adapter
     from pstar_plugins.models import load
     from pstar_plugins.tasks.baselines import (
-        accuracy_and_macro_f1, balanced_demonstrations, content_free_scores, in_context_template)
-    from pstar_plugins.tasks.data import labels_of, read_examples
+        SharedPrefixModel, accuracy_and_macro_f1, balanced_demonstrations, common_prefix, content_free_scores,
+        in_context_template)
+    from pstar_plugins.tasks.data import labels_of, load_split, parse_column_mapping
     from pstar_plugins.tasks.template import Template
     from pstar_plugins.tasks.verbalizer import Verbalizer
 
-    rows = read_examples(args.validation_file, args.max_eval_samples)
-    labels = labels_of(rows, args.label_column, args.validation_file, args.label_words)
+    columns = parse_column_mapping(args.column)
+    rows, source = load_split(args.validation_file, args.dataset, args.dataset_config, args.validation_split,
+                              args.max_eval_samples, columns)
+    labels = labels_of(rows, args.label_column, source, args.label_words)
     C = len(args.label_words)
     base, tokenizer = load(args.model, kind=args.model_kind, gguf_file=args.gguf_file)
     base.eval()
     masked = args.model_kind == "masked-lm"
-    results = {"model": args.model, "validation_file": str(args.validation_file), "examples": len(rows), "runs": []}
+    results = {"model": args.model, "validation_data": source, "examples": len(rows), "runs": []}
 
-    def run(name, model, template, calibrate_with=None):
+    def run(name, model, template, calibrate_with=None, shared_prefix=False):
         verbalizer = Verbalizer(tokenizer, template, args.label_words, masked_lm=masked)
         calibration = content_free_scores(verbalizer, model) if calibrate_with else None
+        if shared_prefix and not masked and len(rows) > 1:
+            # every prompt starts with the same demonstrations: run them once, reuse their cache
+            sample = verbalizer.encode(rows[:4], max_length=args.max_length).inputs
+            prefix = common_prefix([ids[m.bool()].tolist() for ids, m in zip(sample["input_ids"], sample["attention_mask"])])
+            if len(prefix) > 8:
+                model = SharedPrefixModel(model, prefix)
         with tqdm(total=len(rows), desc=name, leave=False) as bar:
             preds = score_rows(model, verbalizer, rows, labels, args.batch_size, args.max_length, calibration, bar)
         return accuracy_and_macro_f1(preds, labels, C)
@@ -95,21 +112,23 @@ def _main(argv):
         results["runs"].append({"name": f"adapter {model.method_name}", "accuracy": acc, "macro_f1": f1})
     else:
         template = Template.parse(args.template)
-        demo_rows = read_examples(args.demonstration_file)
-        demo_labels = labels_of(demo_rows, args.label_column, args.demonstration_file, args.label_words)
+        demo_rows, demo_source = load_split(args.demonstration_file, args.dataset, args.dataset_config,
+                                            args.demonstration_split, None, columns)
+        demo_labels = labels_of(demo_rows, args.label_column, demo_source, args.label_words)
         for k in args.shots:
             accs, f1s = [], []
             for seed in range(args.seeds if k > 0 else 1):
                 picks = balanced_demonstrations(demo_rows, demo_labels, k, C, seed)
                 demos = [(demo_rows[i], args.label_words[demo_labels[i]]) for i in picks]
-                acc, f1 = run(f"{k}-shot seed {seed}", base, in_context_template(template, demos), args.calibrate)
+                acc, f1 = run(f"{k}-shot seed {seed}", base, in_context_template(template, demos), args.calibrate,
+                              shared_prefix=k > 0 and not args.no_prefix_cache)
                 accs.append(acc)
                 f1s.append(f1)
             results["runs"].append({
                 "name": f"{k}-shot" + (" calibrated" if args.calibrate else ""), "shots": k, "seeds": len(accs),
                 "accuracy": statistics.mean(accs), "accuracy_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
                 "macro_f1": statistics.mean(f1s), "per_seed_accuracy": accs})
-    print(f"\n{'run':<28} {'accuracy':>18} {'macro-F1':>9}")
+    print(f"\n{'run':<28} {'accuracy':>9}{'':<9} {'macro-F1':>9}")
     for r in results["runs"]:
         std = f" ± {r['accuracy_std']:.4f}" if r.get("seeds", 1) > 1 else ""
         print(f"{r['name']:<28} {r['accuracy']:>9.4f}{std:<9} {r['macro_f1']:>9.4f}")

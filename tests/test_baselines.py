@@ -77,3 +77,24 @@ def test_eval_command_reports_zero_and_few_shot(tiny_dir, tmp_path):
     assert [r["shots"] for r in runs] == [0, 2] and runs[1]["seeds"] == 2
     assert all(0 <= r["accuracy"] <= 1 and 0 <= r["macro_f1"] <= 1 for r in runs)
     assert "2-shot calibrated" in result.stdout
+
+
+@pytest.mark.parametrize("words", [["x", "y"], ["xz", "y"]])
+def test_shared_prefix_cache_gives_the_scores_of_full_prompts(words):
+    """In-context rows run on the demonstrations' cache score exactly as the full prompts do,
+    with left padding, single- and multi-token label words, and batches of different sizes."""
+    from pstar_plugins.tasks.baselines import SharedPrefixModel, common_prefix
+
+    tok = CharTokenizer()
+    model = tiny_model("llama").eval()
+    t = Template.parse("R: {sentence} S:{answer}")
+    icl = in_context_template(t, [({"sentence": "abab"}, "x"), ({"sentence": "cd"}, "y")])
+    v = Verbalizer(tok, icl, words, masked_lm=False)
+    rows = [{"sentence": s} for s in ["cd", "efghij", "k", "lmno", "pq"]]
+    sample = v.encode(rows[:3]).inputs
+    prefix = common_prefix([ids[m.bool()].tolist() for ids, m in zip(sample["input_ids"], sample["attention_mask"])])
+    assert len(prefix) > 10
+    cached = SharedPrefixModel(model, prefix)
+    with torch.no_grad():
+        for batch in (rows[:3], rows[3:], rows):
+            torch.testing.assert_close(v.scores(cached, v.encode(batch)), v.scores(model, v.encode(batch)), rtol=1e-5, atol=1e-5)

@@ -75,3 +75,68 @@ def accuracy_and_macro_f1(pred: list[int], gold: list[int], num_classes: int) ->
         fn = sum(p != c and g == c for p, g in zip(pred, gold))
         f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
     return correct / max(1, len(gold)), sum(f1s) / num_classes
+
+
+def common_prefix(sequences: list[list[int]], margin: int = 2) -> list[int]:
+    """The tokens every sequence starts with, less ``margin`` tokens: where the shared text ends,
+    a merge with the following text can change the last tokens, so those stay per row."""
+    first = sequences[0]
+    n = len(first)
+    for seq in sequences[1:]:
+        n = min(n, len(seq))
+        n = next((i for i in range(n) if seq[i] != first[i]), n)
+    return first[: max(0, n - margin)]
+
+
+class SharedPrefixModel(torch.nn.Module):
+    """A causal LM for rows that all start with the same tokens (the demonstrations of in-context
+    learning): the prefix's key/value cache is computed once and reused by every batch, so each
+    row runs only its own tokens. Called like the model with left-padded ``input_ids``; the rows
+    see exactly the tokens, positions and attention they would see in full (tested), and a batch
+    whose rows do not all start with the prefix runs in full.
+    """
+
+    def __init__(self, model: torch.nn.Module, prefix_ids: list[int]) -> None:
+        super().__init__()
+        self.model = model
+        self.prefix = torch.tensor(prefix_ids, dtype=torch.long)
+        device = next(model.parameters()).device
+        from pstar_plugins.core.inputs import accepts
+
+        # transformers 5 renamed ``past_key_values`` to ``cache`` in later minor versions
+        self._cache_argument = "cache" if accepts(model, "cache") else "past_key_values"
+        with torch.no_grad():
+            out = model(input_ids=self.prefix[None].to(device), use_cache=True)
+        self._cache = getattr(out, "cache", None) or out.past_key_values
+        self._expanded: tuple[int, Any] | None = None
+
+    def _cache_for(self, batch: int):
+        import copy
+
+        if self._expanded is None or self._expanded[0] != batch:
+            cache = copy.deepcopy(self._cache)
+            cache.batch_repeat_interleave(batch)
+            self._expanded = (batch, cache)
+        return self._expanded[1]
+
+    def forward(self, input_ids, attention_mask, logits_to_keep: int = 0, **kwargs):
+        P = self.prefix.numel()
+        mask = attention_mask.bool()
+        rows = [ids[m] for ids, m in zip(input_ids, mask)]
+        prefix = self.prefix.to(input_ids.device)
+        if kwargs or P == 0 or any(len(r) <= P or not torch.equal(r[:P], prefix) for r in rows):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep, **kwargs)
+        B, S = len(rows), max(len(r) for r in rows) - P
+        suffix = input_ids.new_zeros((B, S))
+        suffix_mask = attention_mask.new_zeros((B, S))
+        for i, r in enumerate(rows):
+            suffix[i, S - (len(r) - P):] = r[P:]
+            suffix_mask[i, S - (len(r) - P):] = 1
+        positions = (P + suffix_mask.cumsum(-1) - 1).clamp(min=P)
+        full_mask = torch.cat([attention_mask.new_ones((B, P)), suffix_mask], 1)
+        cache = self._cache_for(B)
+        try:
+            return self.model(input_ids=suffix, attention_mask=full_mask, position_ids=positions, use_cache=True,
+                              logits_to_keep=logits_to_keep, **{self._cache_argument: cache})
+        finally:
+            cache.crop(P - cache.get_seq_length())  # negative: drop this batch's tokens, keep the prefix
