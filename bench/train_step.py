@@ -97,12 +97,16 @@ class Workload:
 
         return target_token_loss(model, encoded["inputs"])
 
+    def label_word_loss(self, model, **inputs) -> torch.Tensor:
+        """Cross-entropy over the label words' log-probabilities at the answer slot (the last column)."""
+        logits = model(**inputs, logits_to_keep=1).logits[:, -1]
+        scores = F.log_softmax(logits.float(), -1)[:, self.label_ids.to(logits.device)]
+        return F.cross_entropy(scores, self.plain["gold"])
+
     def peft_loss(self, model) -> torch.Tensor:
         inputs = {k: v for k, v in self.plain["inputs"].items() if k != "prompt_index"}
         if self.name == "sst2":
-            logits = model(**inputs, logits_to_keep=1).logits[:, -1]
-            scores = F.log_softmax(logits.float(), -1)[:, self.label_ids.to(logits.device)]
-            return F.cross_entropy(scores, self.plain["gold"])
+            return self.label_word_loss(model, **inputs)
         return model(**inputs).loss
 
     def floor_loss(self, base, extra: int) -> torch.Tensor:
@@ -117,15 +121,15 @@ class Workload:
             mask = torch.cat([mask.new_ones(mask.shape[0], extra), mask], 1)
         embeds = embeds.detach().requires_grad_(True)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        batch = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
         if self.name == "sst2":
-            logits = base(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1]
-            scores = F.log_softmax(logits.float(), -1)[:, self.label_ids.to(logits.device)]
-            return F.cross_entropy(scores, self.plain["gold"])
+            return self.label_word_loss(base, **batch)
+        from pstar_plugins.tasks.generation import target_token_loss
+
         labels = inputs["labels"]
-        first = int((labels != -100).any(0).nonzero()[0])
-        keep = labels.shape[1] - first + 1
-        logits = base(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits[:, -keep:-1]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[:, first:].reshape(-1), ignore_index=-100)
+        if extra:  # the stand-in positions carry no label
+            labels = torch.cat([labels.new_full((labels.shape[0], extra), -100), labels], 1)
+        return target_token_loss(base, {**batch, "labels": labels})
 
 
 def stepper(loss_fn, params) -> callable:
@@ -168,7 +172,6 @@ def run_method(method: str, work: Workload, m: int, repeats: int, warmup: int, d
     peft_model = get_peft_model(base_peft, peft_config(method, m)).train()
     peft_params = [p for p in peft_model.parameters() if p.requires_grad]
 
-    floor_base = base_peft  # frozen weights only; no adapter runs in the floor
     extra = m if method in LONGER_INPUT else 0
     contenders = {
         "ours": stepper(lambda: work.ours_loss(ours, encoded), ours_params),
@@ -180,7 +183,6 @@ def run_method(method: str, work: Workload, m: int, repeats: int, warmup: int, d
     result = measure(contenders, repeats, warmup)
     ours.gradient_checkpointing_enable()
     result["ours_checkpointed"] = measure({"ours_checkpointed": contenders["ours"]}, max(3, repeats // 2), 1)["ours_checkpointed"]
-    del floor_base
     return {
         "ours_trainable": sum(p.numel() for p in ours_params), "peft_trainable": sum(p.numel() for p in peft_params),
         "floor_extra_positions": extra, "initial_loss": {"ours": ours_loss0, "peft": peft_loss0}, **result,

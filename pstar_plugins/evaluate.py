@@ -50,14 +50,14 @@ def parse_args(argv=None):
 
 @torch.no_grad()
 def score_rows(model, verbalizer, rows, labels, batch_size, max_length, calibration=None, progress=None):
+    from pstar_plugins.tasks.baselines import calibrate
+
     preds = []
+    head = getattr(getattr(model, "method_config", None), "head", "none") != "none"
     for i in range(0, len(rows), batch_size):
         batch = verbalizer.encode(rows[i:i + batch_size], labels[i:i + batch_size], max_length=max_length)
-        head = getattr(getattr(model, "method_config", None), "head", "none") != "none"
         scores = verbalizer.class_scores(model, batch, head)
         if calibration is not None:
-            from pstar_plugins.tasks.baselines import calibrate
-
             scores = calibrate(scores, calibration)
         preds.extend(scores.argmax(-1).tolist())
         if progress is not None:
