@@ -4,7 +4,8 @@
    learning (class-balanced demonstrations, ``--seeds`` draws, mean ± std) with ``pstar eval``,
    and each of the four methods trained with ``accelerate launch -m pstar_plugins.train``.
 2. P-tuning v2 with a linear head on frozen all-MiniLM-L6-v2 against full fine-tuning of the same
-   model (same encoder, same inputs, same pooled token and head shape) at the same example budget.
+   model (same encoder, same inputs, same pooling and head shape) at the same example budget: the
+   same ``--minilm-examples`` labelled examples and the same number of steps for both.
 3. E2E data-to-text (dev subset, greedy decoding): BLEU and ROUGE-L of prefix tuning and prompt
    tuning on SmolLM2.
 
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import subprocess
 import sys
 import time
@@ -80,8 +82,9 @@ def run_icl(args, work: Path) -> dict:
 def run_sst2_methods(args, work: Path) -> dict:
     train, dev = sst2_files()
     results = dict(getattr(args, "previous", {}).get("sst2_methods", {}))  # methods not rerun keep their results
+    overrides = dict(args.method_args)
     for method in args.methods:
-        extra = SST2_METHODS[method]
+        extra = SST2_METHODS[method] + overrides.get(method, [])
         run_dir = work / f"sst2-{method}"
         cmd = ["--method", method, "--model", "smollm2", "--train-file", train, "--validation-file", dev,
                "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--warmup-steps", str(args.steps // 10),
@@ -91,7 +94,7 @@ def run_sst2_methods(args, work: Path) -> dict:
         launch(cmd, work / f"sst2-{method}.log")
         metrics = json.loads((run_dir / "metrics.json").read_text())
         results[method] = {"accuracy": metrics["tuned_accuracy"], "steps": args.steps, "batch_size": args.batch_size,
-                           "command": cmd, "trainable_parameters": metrics["trainable_parameters"],
+                           "options": extra, "command": cmd, "trainable_parameters": metrics["trainable_parameters"],
                            "curve": dict(zip(metrics["history"]["eval_step"], metrics["history"]["accuracy"]))}
         print(f"  {method}: {metrics['tuned_accuracy']:.4f}", flush=True)
     return results
@@ -161,9 +164,10 @@ def run_minilm(args, work: Path) -> dict:
     train, dev = sst2_files()
     run_dir = work / "minilm-p-tuning-v2"
     template = "Review: {sentence} Sentiment:{answer}"
+    steps, examples = args.minilm_steps, args.minilm_examples
     cmd = ["--method", "p-tuning-v2", "--model", "minilm", "--model-kind", "masked-lm", "--train-file", train,
-           "--validation-file", dev, "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
-           "--warmup-steps", str(args.steps // 10), "--eval-steps", "0", "--output-dir", str(run_dir), "--overwrite",
+           "--validation-file", dev, "--max-train-samples", str(examples), "--max-steps", str(steps),
+           "--batch-size", str(args.batch_size), "--warmup-steps", str(steps // 10), "--eval-steps", "0", "--output-dir", str(run_dir), "--overwrite",
            "--seed", str(args.seed), "--template", template, "--learning-rate", str(args.minilm_lr),
            "--num-virtual-tokens", str(args.minilm_virtual_tokens),
            # all-MiniLM-L6-v2 was trained to give sentence embeddings by mean pooling (its 1_Pooling config)
@@ -173,15 +177,16 @@ def run_minilm(args, work: Path) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     ours = {"accuracy": metrics["tuned_accuracy"], "trainable_parameters": metrics["trainable_parameters"], "command": cmd}
     print(f"  p-tuning-v2: {ours['accuracy']:.4f}; full fine-tuning ...", flush=True)
-    train_rows = read_examples(train)
+    train_rows = read_examples(train)[:examples]  # the same labelled examples --max-train-samples keeps
     dev_rows = read_examples(dev)
     started = time.perf_counter()
     full = full_finetune_minilm(train_rows, labels_of(train_rows, "label", train, C.LABEL_WORDS), dev_rows,
-                                labels_of(dev_rows, "label", dev, C.LABEL_WORDS), args.steps, args.batch_size,
+                                labels_of(dev_rows, "label", dev, C.LABEL_WORDS), steps, args.batch_size,
                                 args.full_finetune_lr, args.seed, template, pooling="mean")
     full["seconds"] = time.perf_counter() - started
     print(f"  full fine-tuning: {full['accuracy']:.4f}", flush=True)
-    return {"steps": args.steps, "batch_size": args.batch_size, "examples_seen": args.steps * args.batch_size,
+    return {"steps": steps, "batch_size": args.batch_size, "training_examples": len(train_rows),
+            "epochs": steps * args.batch_size / len(train_rows),
             "p-tuning-v2": ours, "full-finetuning": full, "gap_points": 100 * (full["accuracy"] - ours["accuracy"])}
 
 
@@ -221,10 +226,13 @@ def readme_table(result: dict) -> str:
             name += ", contextual calibration"
         lines.append(f"| {name} | {100 * r['accuracy']:.1f}{std} |")
     for method, r in result.get("sst2_methods", {}).items():
-        lines.append(f"| {method} ({r.get('steps', result['steps'])} steps × {r.get('batch_size', result['batch_size'])}) | {100 * r['accuracy']:.1f} |")
+        options = "; " + " ".join(r["options"]) if r.get("options") else ""
+        lines.append(f"| {method} ({r.get('steps', result['steps'])} steps × {r.get('batch_size', result['batch_size'])}{options}) | {100 * r['accuracy']:.1f} |")
     m = result.get("minilm")
     if m:
-        lines += ["", f"| SST-2 dev, all-MiniLM-L6-v2, {m['examples_seen']} examples | accuracy | trained parameters |", "|---|---|---|",
+        budget = (f"{m['training_examples']:,} labelled examples, {m['steps']} steps × {m['batch_size']} ({m['epochs']:.0f} epochs) each"
+                  if "training_examples" in m else f"{m['examples_seen']} examples")
+        lines += ["", f"| SST-2 dev, all-MiniLM-L6-v2, {budget} | accuracy | trained parameters |", "|---|---|---|",
                   f"| P-tuning v2 + linear head (frozen encoder) | {100 * m['p-tuning-v2']['accuracy']:.1f} | {m['p-tuning-v2']['trainable_parameters']:,} |",
                   f"| full fine-tuning | {100 * m['full-finetuning']['accuracy']:.1f} | {m['full-finetuning']['trainable_parameters']:,} |"]
     e = result.get("e2e")
@@ -247,12 +255,21 @@ def update_readme(marker: str, text: str) -> None:
     readme.write_text(f"{head}{start}\n{text}\n{end}{tail}")
 
 
+def _method_args(text: str) -> tuple[str, list[str]]:
+    method, sep, flags = text.partition("=")
+    if not sep or method not in SST2_METHODS:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected METHOD=FLAGS with METHOD one of {sorted(SST2_METHODS)}")
+    return method, shlex.split(flags)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
-    p.add_argument("--steps", type=int, default=300, help="SST-2 optimizer steps per method (SmolLM2 and MiniLM)")
+    p.add_argument("--steps", type=int, default=300, help="SST-2 optimizer steps per method on SmolLM2")
     p.add_argument("--methods", nargs="+", choices=list(SST2_METHODS), default=list(SST2_METHODS),
                    help="SST-2 methods to (re)run; the others keep their recorded results")
+    p.add_argument("--method-args", action="append", default=[], type=_method_args, metavar="METHOD=FLAGS",
+                   help="extra train flags for one SST-2 method, e.g. 'prompt-tuning=--num-virtual-tokens 20' (repeatable; recorded)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seeds", type=int, default=3, help="demonstration draws per k")
     p.add_argument("--e2e-steps", type=int, default=200)
@@ -260,6 +277,8 @@ def main(argv=None) -> int:
     p.add_argument("--full-finetune-lr", type=float, default=5e-5)
     p.add_argument("--minilm-lr", type=float, default=2e-2, help="P-tuning v2 learning rate on MiniLM")
     p.add_argument("--minilm-virtual-tokens", type=int, default=16)
+    p.add_argument("--minilm-examples", type=int, default=4800, help="labelled SST-2 examples both MiniLM contenders train on")
+    p.add_argument("--minilm-steps", type=int, default=900, help="optimizer steps of both MiniLM contenders (900 × 16 = 3 epochs of 4,800)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--work-dir", default=str(C.ROOT / "runs" / "bench-quality"))
     args = p.parse_args(argv)

@@ -12,9 +12,13 @@ library's normal path computes: ours asks the model for logits only where a labe
 PEFT gets ``logits_to_keep=1`` for classification too (it passes it through to the model) and
 computes its loss from ``labels`` for generation (logits at every position, virtual ones included).
 
+Ours runs as ``pstar_plugins.train`` does, padding-free (``PStarModel.packing``, ``core/packing.py``:
+the frozen model computes real positions only); ``ours_padded`` is the same model with packing
+off, to show what that part is worth.
+
 Floor: the same frozen model with no method, forward plus a backward that reaches the input
-embeddings, over the same tokens (L user tokens; L + m for methods that lengthen the input), the
-loss computed as ours is. Contenders alternate call by call; medians of ``--repeats`` after
+embeddings, over the same padded batch (L user tokens; L + m for methods that lengthen the
+input), the loss computed as ours is. Contenders alternate call by call; medians of ``--repeats`` after
 ``--warmup`` rounds. Peak memory: one step's peak above the resident model.
 
     python bench/train_step.py [--repeats 7] [--workloads sst2 e2e]
@@ -173,23 +177,34 @@ def run_method(method: str, work: Workload, m: int, repeats: int, warmup: int, d
     peft_params = [p for p in peft_model.parameters() if p.requires_grad]
 
     extra = m if method in LONGER_INPUT else 0
+    def ours_loss(packing: bool):
+        def loss():
+            ours.packing = packing
+            return work.ours_loss(ours, encoded)
+        return loss
+
     contenders = {
-        "ours": stepper(lambda: work.ours_loss(ours, encoded), ours_params),
+        "ours": stepper(ours_loss(True), ours_params),
+        "ours_padded": stepper(ours_loss(False), ours_params),
         "peft": stepper(lambda: work.peft_loss(peft_model), peft_params),
         "floor": stepper(lambda: work.floor_loss(peft_model.get_base_model(), extra), []),
     }
-    with torch.no_grad():  # the same loss on the same batch: both sides compute the same thing
-        ours_loss0, peft_loss0 = float(work.ours_loss(ours, encoded)), float(work.peft_loss(peft_model))
+    with torch.no_grad():  # the same loss on the same batch: every side computes the same thing
+        ours_loss0, peft_loss0 = float(ours_loss(True)()), float(work.peft_loss(peft_model))
+        padded_loss0 = float(ours_loss(False)())
     result = measure(contenders, repeats, warmup)
     ours.gradient_checkpointing_enable()
     result["ours_checkpointed"] = measure({"ours_checkpointed": contenders["ours"]}, max(3, repeats // 2), 1)["ours_checkpointed"]
     return {
         "ours_trainable": sum(p.numel() for p in ours_params), "peft_trainable": sum(p.numel() for p in peft_params),
-        "floor_extra_positions": extra, "initial_loss": {"ours": ours_loss0, "peft": peft_loss0}, **result,
+        "floor_extra_positions": extra, "initial_loss": {"ours": ours_loss0, "ours_padded": padded_loss0, "peft": peft_loss0},
+        **result,
         "time_vs_peft": result["ours"]["median_seconds"] / result["peft"]["median_seconds"],
         "time_vs_floor": result["ours"]["median_seconds"] / result["floor"]["median_seconds"],
         "memory_vs_peft": result["ours"]["peak_bytes"] / max(1, result["peft"]["peak_bytes"]),
         "checkpointed_memory_vs_peft": result["ours_checkpointed"]["peak_bytes"] / max(1, result["peft"]["peak_bytes"]),
+        "padded_time_vs_peft": result["ours_padded"]["median_seconds"] / result["peft"]["median_seconds"],
+        "padded_memory_vs_peft": result["ours_padded"]["peak_bytes"] / max(1, result["peft"]["peak_bytes"]),
     }
 
 
@@ -214,7 +229,8 @@ def main(argv=None) -> int:
             print(f"{wname:5} {method:14} ours {r['ours']['median_seconds'] * 1e3:7.1f} ms  peft {r['peft']['median_seconds'] * 1e3:7.1f} ms"
                   f"  floor {r['floor']['median_seconds'] * 1e3:7.1f} ms | time/peft {r['time_vs_peft']:.2f}  time/floor {r['time_vs_floor']:.2f}"
                   f" | mem ours {C.fmt_bytes(r['ours']['peak_bytes'])} peft {C.fmt_bytes(r['peft']['peak_bytes'])}"
-                  f" ckpt {C.fmt_bytes(r['ours_checkpointed']['peak_bytes'])} ({r['memory_vs_peft']:.2f}x, ckpt {r['checkpointed_memory_vs_peft']:.2f}x)",
+                  f" ckpt {C.fmt_bytes(r['ours_checkpointed']['peak_bytes'])} ({r['memory_vs_peft']:.2f}x, ckpt {r['checkpointed_memory_vs_peft']:.2f}x)"
+                  f" | padded: time/peft {r['padded_time_vs_peft']:.2f} mem/peft {r['padded_memory_vs_peft']:.2f}",
                   flush=True)
     payload = {"dtype": args.dtype, "virtual_tokens": args.virtual_tokens, "repeats": args.repeats, "warmup": args.warmup,
                "model": "SmolLM2-135M-Instruct", "goals": {"time_vs_peft": "<= 0.9", "time_vs_floor": "<= 1.05",

@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="run the demonstrations with every batch instead of computing their key/value cache once")
+    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --adapter: score on real tokens only, rows packed padding-free (same scores)")
     p.add_argument("--max-eval-samples", type=int, default=None, help="use only the first N rows")
     p.add_argument("--max-length", type=int, default=1024, help="truncate prompts to this many tokens (from the left)")
     p.add_argument("--output", default=None, help="write results JSON here")
@@ -107,6 +109,7 @@ def _main(argv):
 
     if args.adapter:
         model = load_adapter(base, args.adapter, tokenizer=tokenizer, trainable=False).eval()
+        model.packing = args.packing
         template = Template.parse(getattr(model.method_config, "template", None) or args.template)
         acc, f1 = run("adapter", model, template)
         results["runs"].append({"name": f"adapter {model.method_name}", "accuracy": acc, "macro_f1": f1})

@@ -111,6 +111,8 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--stop-after-steps", type=int, default=0,
                         help="leave after this many steps in this invocation, with a checkpoint (time-limited jobs); 0: run to --max-steps")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint the frozen model's layers to save memory")
+    parser.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the frozen decoder-only model on real tokens only, rows packed padding-free (same loss; see docs/design.md)")
     parser.add_argument("--seed", type=int, default=42, help="random seed")
     parser.add_argument("--dist-timeout", type=int, default=600,
                         help="seconds a collective may wait for a missing rank before the run fails (instead of hanging)")
@@ -255,6 +257,7 @@ def _main(argv):
     init_gathers = len(distributed.GATHER_LOG)  # vocab/text initialisation reads rows, never whole matrices
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    model.packing = args.packing
     zero_shot_template = Template(template.text, [p for p in template.parts if not isinstance(p, Soft)])
     if generation:
         verbalizer = zero_shot = None

@@ -36,6 +36,37 @@ def test_text_init_without_tokenizer_is_a_clear_error():
         build_model(tiny_model("llama"), "prompt-tuning", init="text", init_text="hello")
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", ["prefix-tuning", "p-tuning-v2"])
+def test_prefix_init_from_text_is_the_texts_kv_cache(arch, method):
+    """A prefix initialised from a text acts exactly like the text placed before the input."""
+    tok = CharTokenizer()
+    base = tiny_model(arch)
+    text = tok("a review", add_special_tokens=False)["input_ids"]
+    m = 6  # the text is cut to m tokens
+    options = {"head": "none"} if method == "p-tuning-v2" else {}
+    model = build_model(base, method, tokenizer=tok, num_virtual_tokens=m, projection=False, init="text",
+                        init_text="a review", **options)
+    x = random_batch(2, 5)
+    mask = torch.ones_like(x)
+    with torch.no_grad():
+        ours = model(input_ids=x, attention_mask=mask, position_ids=torch.arange(m, m + 5).expand(2, 5)).logits
+        model.method.detach(base)
+        joined = torch.cat([torch.tensor(text[:m]).expand(2, m), x], 1)
+        reference = base(input_ids=joined).logits[:, m:]
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_prefix_init_from_text_refuses_projection_and_empty_text():
+    tok = CharTokenizer()
+    with pytest.raises(ConfigError, match="--projection false"):
+        build_model(tiny_model("llama"), "prefix-tuning", tokenizer=tok, init="text", init_text="hello")
+    with pytest.raises(ConfigError, match="non-empty init_text"):
+        build_model(tiny_model("llama"), "prefix-tuning", tokenizer=tok, projection=False, init="text")
+    with pytest.raises(ConfigError, match="pass tokenizer="):
+        build_model(tiny_model("llama"), "prefix-tuning", projection=False, init="text", init_text="hello")
+
+
 def test_token_classification_head_ignores_padding():
     model = build_model(tiny_model("bert"), "p-tuning-v2", head="token-classification", num_labels=4, classifier_dropout=0.0)
     ids = random_batch(2, 6)

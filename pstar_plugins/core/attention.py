@@ -134,6 +134,8 @@ class PrefixInjector:
                 "transformers 5 architecture (Llama, GPT-2, BERT, RoBERTa, T5, BART, ...)."
             )
         self.active: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # when a dict: every site records its (keys, values) there and runs without a prefix
+        self.capturing: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] | None = None
         self.layer_map: dict[str, list[int | None]] = {}
         self._saved: list[tuple[nn.Module, object]] = []
         for site in self.sites:
@@ -165,6 +167,16 @@ class PrefixInjector:
             yield
         finally:
             self.active = previous
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]]:
+        """Record the keys and values every site computes (post-rotary, ``(B, n_kv, L, d)``),
+        keyed by ``(kind, index)``; no prefix is applied meanwhile."""
+        previous, self.capturing = self.capturing, {}
+        try:
+            yield self.capturing
+        finally:
+            self.capturing = previous
 
     def prefix_for(self, kind: str, index: int, batch: int):
         pair = self.active.get(kind)
@@ -230,6 +242,9 @@ def prefix_attention_forward(module, query, key, value, attention_mask, **kwargs
     function = _base_function(module, getattr(base, "_attn_implementation", None))
     injector: PrefixInjector | None = module.__dict__.get("_pstar_injector")
     site = module.__dict__.get("_pstar_site")
+    if injector is not None and injector.capturing is not None:
+        injector.capturing.setdefault(site, (key.detach(), value.detach()))
+        return function(module, query, key, value, attention_mask, **kwargs)
     pair = injector.prefix_for(*site, batch=query.shape[0]) if injector is not None else None
     if pair is None:
         return function(module, query, key, value, attention_mask, **kwargs)

@@ -88,8 +88,10 @@ class EmbeddingPromptMethod(PromptMethod):
         fill_position_ids(base_model, inputs)
         labels = inputs.get("labels")
         user_index = info["user_index"]
-        if user_index is None or is_encoder_decoder(base_model):
-            return base_model(**inputs)  # sequence length unchanged, or labels belong to the decoder
+        if is_encoder_decoder(base_model):
+            return base_model(**inputs)  # labels belong to the decoder
+        if user_index is None:
+            return self.call_base(base_model, inputs)  # sequence length unchanged
         keep = inputs.get("logits_to_keep")
         if info["at_start"] and accepts(base_model, "logits_to_keep") and (keep is None or isinstance(keep, int) and 0 < keep <= info["length"]):
             # the user's real tokens are the last L positions: no logits (and no loss) at virtual
@@ -97,7 +99,7 @@ class EmbeddingPromptMethod(PromptMethod):
             inputs["logits_to_keep"] = keep or info["length"]
             if labels is not None:
                 inputs["labels"] = labels.masked_fill(info["user_mask"].to(labels.device) == 0, IGNORE_INDEX)
-            return base_model(**inputs)
+            return self.call_base(base_model, inputs)
         if labels is not None:
             # virtual positions get IGNORE_INDEX: they never enter the loss
             padded = labels.new_full(inputs["inputs_embeds"].shape[:2], IGNORE_INDEX)

@@ -35,6 +35,17 @@ class PStarModel(nn.Module):
         return self.base_model.config
 
     @property
+    def packing(self) -> bool:
+        """Whether calls run padding-free where they can (``core.packing``): the frozen model
+        computes only real positions. Outputs at real positions are unchanged; positions that
+        are padding get zeros instead of the padded call's values. Off by default."""
+        return self.method.packing
+
+    @packing.setter
+    def packing(self, value: bool) -> None:
+        self.method.packing = bool(value)
+
+    @property
     def device(self) -> torch.device:
         return next(self.base_model.parameters()).device
 

@@ -113,10 +113,19 @@ class PromptMethod(nn.Module):
     """
 
     config: MethodConfig
+    #: run the frozen model padding-free where possible (``core.packing``); set by ``PStarModel.packing``
+    packing: bool = False
 
     def __init__(self, config: MethodConfig) -> None:
         super().__init__()
         self.config = config
+
+    def call_base(self, model: nn.Module, inputs: dict[str, Any], causal_lm: bool = True):
+        """Call the frozen ``model`` (a causal LM, or with ``causal_lm=False`` a decoder-only
+        backbone) on ``inputs``, padding-free when :attr:`packing` is on and the call allows it."""
+        from pstar_plugins.core import packing
+
+        return packing.call(model, inputs, self.packing, causal_lm)
 
     # -- running -------------------------------------------------------------------
     def run(self, base_model: nn.Module, inputs: dict[str, Any], task_ids: torch.Tensor | None):

@@ -26,13 +26,13 @@ def last_real_index(mask: torch.Tensor) -> torch.Tensor:
 
 
 class PTuningV2(PrefixTuning):
-    def __init__(self, config: PTuningV2Config, base_model: nn.Module) -> None:
+    def __init__(self, config: PTuningV2Config, base_model: nn.Module, tokenizer=None) -> None:
         if config.head != "none" and is_encoder_decoder(base_model):
             raise IncompatibleModelError(
                 "p-tuning-v2 classification heads are for encoder-only and decoder-only models; use "
                 "--head none (deep prompts with the LM head) or prefix-tuning for encoder-decoder models."
             )
-        super().__init__(config, base_model, layers=config.layers or None)
+        super().__init__(config, base_model, layers=config.layers or None, tokenizer=tokenizer)
         self.decoder_only = bool(getattr(base_model.config, "is_decoder", False)) or any(
             getattr(s.module, "is_causal", False) for s in self.injector.sites
         )
@@ -60,7 +60,10 @@ class PTuningV2(PrefixTuning):
         fill_position_ids(backbone, inputs)
         mask = inputs.get("attention_mask")
         with self.injector.activate(self.prefixes(task_ids)):
-            out = backbone(**{k: v for k, v in inputs.items() if v is not None})
+            if task_ids is None and self.decoder_only:
+                out = self.call_base(backbone, inputs, causal_lm=False)
+            else:
+                out = backbone(**{k: v for k, v in inputs.items() if v is not None})
         hidden = out.last_hidden_state.float()
         if mask is None:
             mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)

@@ -9,7 +9,7 @@ class PTuningV2Plugin(MethodPlugin):
     spec = MethodSpec("p-tuning-v2", PTuningV2Config, "deep prompts on every layer with a linear classification head (Liu et al. 2022)")
 
     def create(self, base_model, config, tokenizer):
-        return PTuningV2(config, base_model)
+        return PTuningV2(config, base_model, tokenizer=tokenizer)
 
 
 plugin = PTuningV2Plugin()

@@ -15,8 +15,8 @@ from torch import nn
 
 from pstar_plugins.core.attention import PrefixInjector
 from pstar_plugins.core.geometry import attention_geometry, hidden_size
-from pstar_plugins.core.inputs import fill_position_ids
-from pstar_plugins.errors import IncompatibleModelError
+from pstar_plugins.core.inputs import fill_position_ids, is_encoder_decoder
+from pstar_plugins.errors import ConfigError, IncompatibleModelError
 from pstar_plugins.methods.base import PromptMethod
 from pstar_plugins.methods.prefix_tuning.config import PrefixTuningConfig
 from pstar_plugins.methods.prefix_tuning.table import PrefixTable
@@ -28,7 +28,8 @@ class PrefixTuning(PromptMethod):
     ``layers`` (used by P-tuning v2) restricts prefixes to a subset of layer indices.
     """
 
-    def __init__(self, config: PrefixTuningConfig, base_model: nn.Module, layers: list[int] | None = None) -> None:
+    def __init__(self, config: PrefixTuningConfig, base_model: nn.Module, layers: list[int] | None = None,
+                 tokenizer=None) -> None:
         super().__init__(config)
         injector = PrefixInjector(base_model)
         self.__dict__["injector"] = injector  # plain attribute: not a submodule, not saved
@@ -54,6 +55,44 @@ class PrefixTuning(PromptMethod):
                                        input_size, config.projection_hidden_size, config.init_std, device)
         self.tables = nn.ModuleDict(tables)
         self.dropout = nn.Dropout(config.prefix_dropout)
+        if config.init == "text":
+            try:
+                self._init_from_text(base_model, tokenizer)
+            except Exception:
+                injector.detach()
+                raise
+
+    @torch.no_grad()
+    def _init_from_text(self, base_model: nn.Module, tokenizer) -> None:
+        """Start from the keys/values the frozen model computes for ``init_text`` (repeated or cut
+        to ``m`` tokens): Li & Liang 2021 §7.2 found initialising with real words' activations
+        much better than random in low-data settings. The prefix then equals the KV cache of the
+        text, so the first step behaves as if the text were prepended."""
+        if tokenizer is None:
+            raise ConfigError("init='text' needs the tokenizer: pass tokenizer= to build_model.")
+        m = self.config.num_virtual_tokens
+        ids = list(tokenizer(self.config.init_text, add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise ConfigError(f"init_text={self.config.init_text!r} has no tokens; give it some words.")
+        ids = (ids * (m // len(ids) + 1))[:m]
+        device = next(base_model.parameters()).device
+        ids = torch.tensor([ids], device=device)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if is_encoder_decoder(base_model):
+            inputs["decoder_input_ids"] = ids
+        training = base_model.training
+        base_model.eval()  # no dropout in the activations we keep
+        try:
+            with self.injector.capture() as captured:
+                base_model(**inputs)
+        finally:
+            base_model.train(training)
+        for kind, table in self.tables.items():
+            rows = [i for i, row in enumerate(self.injector.layer_map[kind]) if row is not None]
+            keys = torch.stack([captured[(kind, i)][0][0] for i in rows])  # (n_layers, n_kv, m, d)
+            values = torch.stack([captured[(kind, i)][1][0] for i in rows])
+            kv = torch.stack([keys, values], 1).permute(3, 0, 1, 2, 4)  # (m, n_layers, 2, n_kv, d)
+            table.prefix.copy_(kv.reshape(1, m, -1).expand_as(table.prefix).float())
 
     @property
     def folded(self) -> bool:
@@ -77,6 +116,8 @@ class PrefixTuning(PromptMethod):
         task_ids = self.check_task_ids(task_ids, self._batch_size(inputs))
         fill_position_ids(base_model, inputs)
         with self.injector.activate(self.prefixes(task_ids)):
+            if task_ids is None:  # one prefix for every row: any packing of the rows sees it
+                return self.call_base(base_model, inputs)
             return base_model(**{k: v for k, v in inputs.items() if v is not None})
 
     def generate(self, base_model, inputs, task_ids, **kwargs):

@@ -9,7 +9,7 @@ class PrefixTuningPlugin(MethodPlugin):
     spec = MethodSpec("prefix-tuning", PrefixTuningConfig, "key/value prefixes in every attention layer, P = MLP(P') (Li & Liang 2021)")
 
     def create(self, base_model, config, tokenizer):
-        return PrefixTuning(config, base_model)
+        return PrefixTuning(config, base_model, tokenizer=tokenizer)
 
 
 plugin = PrefixTuningPlugin()

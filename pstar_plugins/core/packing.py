@@ -1,0 +1,233 @@
+"""Padding-free calls of a decoder-only model on a padded batch.
+
+A padded batch of ``B`` rows of length ``L`` costs ``B·L`` token positions in every layer, real
+or not; SST-2 training batches are about half padding, and prompt tuning adds ``m`` real
+positions to every row. Here the real positions of all rows are packed, first-fit decreasing,
+into bins (see :func:`plan` for their length); every bin is one row of the call, and a 4D mask keeps
+each example to itself (causal within its own tokens, never across examples). Each token keeps
+the position id it had in the padded batch, so rotary and learned positions are unchanged, and
+the outputs at real positions equal the padded call's up to float rounding (tests check it,
+values and gradients, for every method on Llama and GPT-2 geometries).
+
+A plan is never dearer than the padded call by that cost model (its first candidate has at most
+``B`` bins no longer than the longest row). Attention stays within a bin, so its cost does not grow with ``B`` (one long row with
+a block-diagonal mask would make it quadratic in the batch's tokens).
+
+The same idea as padding-free training with flash-attention's variable-length kernel
+(transformers#31629) and TRL's first-fit-decreasing packing (trl#3526), done inside the model
+call with an explicit mask: no collator change, the ``sdpa`` and ``eager`` kernels on any
+device, and per-layer prefixes (the prefix columns that ``core.attention`` prepends are visible
+from every bin).
+
+Applicability is checked, not assumed (:func:`unsupported_reason`); a call that cannot be
+packed runs padded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from pstar_plugins.core.inputs import accepts, is_encoder_decoder
+
+# config attributes through which a causal LM changes logits after its LM head; a packed call
+# applies the LM head itself, so such models run padded
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+_MASK_KERNELS = ("sdpa", "eager")
+
+
+@dataclass
+class PackPlan:
+    """Where every real token of the padded ``(B, L)`` batch goes in the packed ``(R, C)`` one."""
+
+    batch: torch.Tensor  # (T,) source row of each real token, in row-major order
+    column: torch.Tensor  # (T,) source column
+    bin: torch.Tensor  # (T,) packed row
+    offset: torch.Tensor  # (T,) packed column
+    shape: tuple[int, int]  # (R, C)
+    source_shape: tuple[int, int]  # (B, L)
+    segment: torch.Tensor  # (R, C) source row + 1 at every packed position, 0 at padding
+    cost: float  # :func:`cost` of the packed call
+
+    @property
+    def tokens(self) -> int:
+        return int(self.batch.numel())
+
+
+def _first_fit_decreasing(lengths: list[int], capacity: int) -> tuple[list[tuple[int, int]], list[int]]:
+    fills: list[int] = []
+    where = [(0, 0)] * len(lengths)
+    for b in sorted(range(len(lengths)), key=lambda b: -lengths[b]):
+        for r, fill in enumerate(fills):
+            if fill + lengths[b] <= capacity:
+                where[b] = (r, fill)
+                fills[r] += lengths[b]
+                break
+        else:
+            where[b] = (len(fills), 0)
+            fills.append(lengths[b])
+    return where, fills
+
+
+def cost(rows: int, width: int, pair_cost: float) -> float:
+    """Relative cost of a call on ``rows × width`` positions: linear layers cost one unit per
+    position, attention ``pair_cost`` per query-key pair (dense within a row)."""
+    return rows * width * (1.0 + width * pair_cost)
+
+
+def pair_cost(config) -> float:
+    """Attention cost of one query-key pair relative to one position through a layer's linear
+    maps: about ``4h`` against ``2 × (4h² + 3h·i)`` multiply-adds (Llama-style layer, GPT-2 close)."""
+    h = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 1024
+    i = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * h
+    return 2.0 / (4 * h + 3 * i)
+
+
+def plan(mask: torch.Tensor, attention_pair_cost: float = 0.0) -> PackPlan:
+    """Pack the rows' real positions (``mask == 1``, in order; they need not be contiguous).
+
+    Bins start as long as the longest row and double while that lowers :func:`cost`: short
+    rows fill long bins better, but attention within a bin grows with its square.
+    """
+    B, L = mask.shape
+    real = mask.bool()
+    lengths = real.sum(1).tolist()
+    capacity = max(max(lengths), 1)
+    best = None
+    while True:
+        where, fills = _first_fit_decreasing(lengths, capacity)
+        estimate = cost(len(fills), max(fills), attention_pair_cost)
+        if best is None or estimate < best[0]:
+            best = (estimate, where, fills)
+        if len(fills) == 1:
+            break
+        capacity *= 2
+    estimate, where, fills = best
+    batch, column = real.nonzero(as_tuple=True)  # row-major: each row's tokens in order
+    device = mask.device
+    start = torch.tensor([where[b][1] for b in range(B)], device=device)
+    bins = torch.tensor([where[b][0] for b in range(B)], device=device)
+    rank = real.long().cumsum(1) - 1  # index of each real token within its row
+    offset = start[batch] + rank[batch, column]
+    bin_ = bins[batch]
+    R, C = len(fills), max(fills)
+    segment = torch.zeros(R, C, dtype=torch.long, device=device)
+    segment[bin_, offset] = batch + 1
+    return PackPlan(batch, column, bin_, offset, (R, C), (B, L), segment, estimate)
+
+
+def block_mask(p: PackPlan, dtype: torch.dtype, boolean: bool) -> torch.Tensor:
+    """``(R, 1, C, C)``: a query sees the earlier tokens of its own example. A padding query sees
+    itself only, so no softmax row is empty (an empty row would give NaN that reaches real
+    positions through the values)."""
+    seg = p.segment
+    C = seg.shape[1]
+    causal = torch.ones(C, C, dtype=torch.bool, device=seg.device).tril()
+    allowed = (seg[:, :, None] == seg[:, None, :]) & causal & (seg[:, None, :] != 0)
+    allowed |= torch.eye(C, dtype=torch.bool, device=seg.device)
+    allowed = allowed[:, None]
+    if boolean:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def pack(p: PackPlan, values: torch.Tensor, fill=0) -> torch.Tensor:
+    """``(B, L, *rest)`` → ``(R, C, *rest)``; differentiable in ``values``."""
+    out = values.new_full((*p.shape, *values.shape[2:]), fill)
+    return out.index_put((p.bin, p.offset), values[p.batch, p.column])
+
+
+def unpack(p: PackPlan, values: torch.Tensor) -> torch.Tensor:
+    """``(R, C, *rest)`` → ``(B, L, *rest)`` with zeros at padding; differentiable."""
+    out = values.new_zeros((*p.source_shape, *values.shape[2:]))
+    return out.index_put((p.batch, p.column), values[p.bin, p.offset])
+
+
+def _attention_kernel(model: nn.Module) -> str | None:
+    return getattr(model.config, "_attn_implementation", None)
+
+
+def unsupported_reason(model: nn.Module, inputs: dict[str, Any], causal_lm: bool) -> str | None:
+    """Why this call cannot be packed, or ``None`` when it can. ``causal_lm``: ``model`` is a
+    causal LM (logits wanted); otherwise it is the backbone of a decoder-only model."""
+    mask = inputs.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return "no 2D attention mask (nothing to unpad)"
+    if is_encoder_decoder(model):
+        return "encoder-decoder model"
+    if inputs.get("position_ids") is None:
+        return "the model takes no position_ids"
+    if _attention_kernel(model) not in _MASK_KERNELS:
+        return f"attention kernel {_attention_kernel(model)!r} (needs sdpa or eager)"
+    if inputs.get("past_key_values") is not None or inputs.get("use_cache"):
+        return "a KV cache is in use"
+    if inputs.get("output_hidden_states") or inputs.get("output_attentions"):
+        return "per-layer outputs are asked for (they would come back in the packed layout)"
+    if inputs.get("return_dict") is False:
+        return "return_dict=False"
+    if inputs.get("labels") is not None:
+        return "labels are passed (the model would compute its loss over padded positions)"
+    if causal_lm:
+        if not model.can_generate():
+            return "not a causal LM"
+        keep = inputs.get("logits_to_keep")
+        if not (isinstance(keep, int) and 0 < keep <= mask.shape[1]):
+            return "logits are asked for every position (pass logits_to_keep)"
+        if any(getattr(model.config, name, None) not in (None, 1, 1.0) for name in _LOGIT_POSTPROCESSING):
+            return "the model post-processes its logits"
+        if model.get_output_embeddings() is None or not accepts(model, "logits_to_keep"):
+            return "no LM head to apply"
+    return None
+
+
+def _packed_backbone_call(p: PackPlan, backbone: nn.Module, inputs: dict[str, Any], embed: nn.Module) -> torch.Tensor:
+    embeds = inputs.get("inputs_embeds")
+    if embeds is None:
+        embeds = embed(inputs["input_ids"])
+    kernel = _attention_kernel(backbone)
+    call = {k: v for k, v in inputs.items() if k not in ("input_ids", "inputs_embeds", "attention_mask", "position_ids",
+                                                          "logits_to_keep", "labels", "use_cache", "past_key_values")}
+    out = backbone(inputs_embeds=pack(p, embeds), position_ids=pack(p, inputs["position_ids"]),
+                   attention_mask=block_mask(p, embeds.dtype, boolean=kernel == "sdpa"), use_cache=False, **call)
+    return out.last_hidden_state
+
+
+def causal_lm_forward(p: PackPlan, model: nn.Module, inputs: dict[str, Any]) -> CausalLMOutputWithPast:
+    """``model(**inputs)`` for a causal LM with ``logits_to_keep = k``, packed: logits ``(B, k, V)``
+    at the real positions among each row's last ``k`` columns, zeros at padding."""
+    mask = inputs["attention_mask"]
+    B, L = mask.shape
+    keep = inputs["logits_to_keep"]
+    hidden = _packed_backbone_call(p, model.base_model, inputs, model.get_input_embeddings())
+    lookup = torch.full((B, L), -1, dtype=torch.long, device=mask.device)
+    lookup[p.batch, p.column] = torch.arange(p.tokens, device=mask.device)
+    wanted = lookup[:, L - keep:]  # (B, k): token number or -1
+    rows, cols = (wanted >= 0).nonzero(as_tuple=True)
+    token = wanted[rows, cols]
+    logits = model.get_output_embeddings()(hidden[p.bin[token], p.offset[token]])  # (n, V)
+    out = logits.new_zeros((B, keep, logits.shape[-1]))
+    return CausalLMOutputWithPast(logits=out.index_put((rows, cols), logits))
+
+
+def backbone_forward(p: PackPlan, backbone: nn.Module, inputs: dict[str, Any]) -> BaseModelOutputWithPast:
+    """``backbone(**inputs)`` packed: ``last_hidden_state`` ``(B, L, H)``, zeros at padding."""
+    hidden = _packed_backbone_call(p, backbone, inputs, backbone.get_input_embeddings())
+    return BaseModelOutputWithPast(last_hidden_state=unpack(p, hidden))
+
+
+def call(model: nn.Module, inputs: dict[str, Any], packing: bool, causal_lm: bool = True):
+    """Call ``model`` on ``inputs`` (``None`` values dropped), packed when asked and possible.
+
+    Whether a call is packed depends on the model and the kinds of inputs, never on the batch's
+    contents: under ZeRO-3 every rank must run the same modules in the same order, and ranks
+    see different batches. A batch without padding is packed too (into the same shape).
+    """
+    inputs = {k: v for k, v in inputs.items() if v is not None}
+    if packing and unsupported_reason(model, inputs, causal_lm) is None:
+        p = plan(inputs["attention_mask"], pair_cost(model.config))
+        return causal_lm_forward(p, model, inputs) if causal_lm else backbone_forward(p, model, inputs)
+    return model(**inputs)
