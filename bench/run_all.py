@@ -57,14 +57,14 @@ def table() -> str:
         lines.append(f"\nGoals: time ≤ 0.9× PEFT and ≤ 1.05× the floor; peak memory ≤ 0.7× PEFT; with gradient checkpointing ≤ 0.4× PEFT without.")
     mt = _load("mixed_tasks")
     if mt:
-        lines += ["", f"Mixed-task inference, {next(iter(mt['methods'].values()))['rows']} rows over 4 task prompts (goal ≥ 3×):", "",
+        lines += ["", f"Mixed-task inference, {next(iter(mt['methods'].values()))['rows']} rows over 4 task prompts, {mt['date'][:10]} (goal ≥ 3×):", "",
                   "| method | ours, one pass | PEFT, adapter by adapter | throughput ratio |", "|---|---|---|---|"]
         for method, r in mt["methods"].items():
             lines.append(f"| {method} | {r['ours']['rows_per_second']:.1f} rows/s | {r['peft']['rows_per_second']:.1f} rows/s | "
                          f"{r['throughput_ratio']:.2f}× ({_ok(r['throughput_ratio'], mt['goal']['throughput_ratio'])}) |")
     gen = _load("generation")
     if gen:
-        lines += ["", f"Generation with a tuned prefix (m = {gen['virtual_tokens']}, greedy, {gen['new_tokens']} new tokens; goal: first token ≥ 1.2× faster):", "",
+        lines += ["", f"Generation with a tuned prefix (m = {gen['virtual_tokens']}, greedy, {gen['new_tokens']} new tokens), {gen['date'][:10]} (goal: first token ≥ 1.2× faster):", "",
                   "| batch | first token: ours / PEFT / no prefix | speed-up | tokens/s: ours / PEFT / no prefix |", "|---|---|---|---|"]
         for key, r in gen["results"].items():
             lines.append(f"| {key.split('_')[1]} | {1e3 * r['ours']['ttft_seconds']:.1f} / {1e3 * r['peft']['ttft_seconds']:.1f} / "
@@ -87,10 +87,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--with-zero3", action="store_true")
     p.add_argument("--table-only", action="store_true")
+    p.add_argument("--only", nargs="+", choices=list(SCRIPTS), default=list(SCRIPTS),
+                   help="scripts to rerun; the others keep their recorded results in the table")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     args = p.parse_args(argv)
     if not args.table_only:
-        scripts = list(SCRIPTS) + (["zero3_scale"] if args.with_zero3 else [])
+        scripts = [s for s in SCRIPTS if s in args.only] + (["zero3_scale"] if args.with_zero3 else [])
         for name in scripts:
             started = time.perf_counter()
             cmd = [sys.executable, str(C.ROOT / "bench" / f"{name}.py")] + (["--dtype", args.dtype] if name in SCRIPTS else [])
