@@ -120,12 +120,13 @@ class PromptMethod(nn.Module):
         super().__init__()
         self.config = config
 
-    def call_base(self, model: nn.Module, inputs: dict[str, Any], causal_lm: bool = True):
+    def call_base(self, model: nn.Module, inputs: dict[str, Any], causal_lm: bool = True, packable: bool = True):
         """Call the frozen ``model`` (a causal LM, or with ``causal_lm=False`` a decoder-only
-        backbone) on ``inputs``, padding-free when :attr:`packing` is on and the call allows it."""
+        backbone) on ``inputs`` (``None`` values dropped), padding-free when :attr:`packing` is
+        on, the method says this call may be packed (``packable``) and the call allows it."""
         from pstar_plugins.core import packing
 
-        return packing.call(model, inputs, self.packing, causal_lm)
+        return packing.call(model, inputs, self.packing and packable, causal_lm)
 
     # -- running -------------------------------------------------------------------
     def run(self, base_model: nn.Module, inputs: dict[str, Any], task_ids: torch.Tensor | None):

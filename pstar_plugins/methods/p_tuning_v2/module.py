@@ -60,10 +60,7 @@ class PTuningV2(PrefixTuning):
         fill_position_ids(backbone, inputs)
         mask = inputs.get("attention_mask")
         with self.injector.activate(self.prefixes(task_ids)):
-            if task_ids is None and self.decoder_only:
-                out = self.call_base(backbone, inputs, causal_lm=False)
-            else:
-                out = backbone(**{k: v for k, v in inputs.items() if v is not None})
+            out = self.call_base(backbone, inputs, causal_lm=False, packable=task_ids is None and self.decoder_only)
         hidden = out.last_hidden_state.float()
         if mask is None:
             mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)

@@ -116,9 +116,8 @@ class PrefixTuning(PromptMethod):
         task_ids = self.check_task_ids(task_ids, self._batch_size(inputs))
         fill_position_ids(base_model, inputs)
         with self.injector.activate(self.prefixes(task_ids)):
-            if task_ids is None:  # one prefix for every row: any packing of the rows sees it
-                return self.call_base(base_model, inputs)
-            return base_model(**{k: v for k, v in inputs.items() if v is not None})
+            # one prefix for every row: any packing of the rows sees it; per-row prefixes do not pack
+            return self.call_base(base_model, inputs, packable=task_ids is None)
 
     def generate(self, base_model, inputs, task_ids, **kwargs):
         task_ids = self.check_task_ids(task_ids, self._batch_size(inputs))
