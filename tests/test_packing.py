@@ -180,3 +180,186 @@ def test_calls_that_cannot_be_packed_run_padded_and_say_why():
     with_labels = model(input_ids=ids, attention_mask=mask, labels=ids)
     model.packing = False
     assert torch.equal(with_labels.logits, model(input_ids=ids, attention_mask=mask, labels=ids).logits)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("method,options", [
+    ("prefix-tuning", {}),
+    ("prefix-tuning", {"projection": True}),
+    ("p-tuning-v2", {"head": "none"}),
+    ("p-tuning-v2", {"head": "sequence-classification", "num_labels": 2}),
+])
+def test_packed_mixed_task_batch_equals_padded(arch, method, options):
+    """Per-example prefixes: packed rows hold examples of different tasks side by side, and each
+    must see only its own task's prefix (a leak would change both values and gradients)."""
+    model = _model(arch, method, {**options, "num_tasks": 3})
+    with torch.no_grad():  # tasks that differ, so a wrong prefix would show
+        for p in model.method.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    batch = _generation_batch(method, options)
+    width = int((batch["labels"] != -100).any(0).nonzero()[0])
+    inputs = {k: v[:, :width] for k, v in batch.items() if k != "labels"}
+    B = inputs["attention_mask"].shape[0]
+    task_ids = torch.tensor([2, 0, 2, 1, 0, 2])[:B]
+    head = options.get("head", "none") != "none"
+
+    def scores(rows=slice(None)):
+        picked = {k: v[rows] for k, v in inputs.items()}
+        if head:
+            return model(**picked, task_ids=task_ids[rows]).logits
+        return model(**picked, task_ids=task_ids[rows], logits_to_keep=1).logits[:, -1]
+
+    weights = torch.randn(B, 1000)
+
+    def score():
+        out = scores()
+        return (out * weights[:, : out.shape[-1]]).sum()
+
+    padded = _loss_and_grads(model, score)
+    with torch.no_grad():  # each row alone, with its own task's prefix: the reference for both
+        alone = torch.cat([scores(slice(i, i + 1)) for i in range(B)])
+        assert torch.allclose(scores(), alone, atol=1e-4)
+    model.packing = True
+    with _positions_run(model) as seen:
+        packed = _loss_and_grads(model, score)
+    _assert_same(padded, packed)
+    assert len(seen) == 1 and seen[0] < B * inputs["attention_mask"].shape[1]
+
+
+def test_packed_mixed_task_training_with_checkpointing_matches():
+    model = _model("llama", "p-tuning-v2", {"head": "none", "num_tasks": 2})
+    with torch.no_grad():
+        for p in model.method.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    batch = _generation_batch("p-tuning-v2", {})
+    task_ids = torch.arange(batch["input_ids"].shape[0]) % 2
+    loss = lambda: target_token_loss(model, {**batch, "task_ids": task_ids})  # noqa: E731
+    padded = _loss_and_grads(model, loss)
+    model.train()
+    model.gradient_checkpointing_enable()
+    model.packing = True
+    _assert_same(padded, _loss_and_grads(model, loss))
+
+
+def _left_padded_prompts(batch):
+    """The prompts of the generation batch (left-padded to their longest)."""
+    width = int((batch["labels"] != -100).any(0).nonzero()[0])
+    return {k: v[:, :width] for k, v in batch.items() if k != "labels"}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("method,options", METHODS + [("prefix-tuning", {"num_tasks": 3}), ("p-tuning-v2", {"head": "none", "num_tasks": 3})])
+def test_generate_with_packed_prefill_equals_padded_generate(arch, method, options):
+    """The prompt's cache computed padding-free, then generate() on the last column only: the
+    same greedy tokens as the padded prefill, from a first call on fewer positions."""
+    model = _model(arch, method, options).eval()
+    with torch.no_grad():
+        for p in model.base_model.parameters():  # attention far from uniform: a misplaced key shows
+            p.mul_(4)
+        for p in model.method.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    prompts = _left_padded_prompts(_generation_batch(method, options))
+    B, L = prompts["attention_mask"].shape
+    extra = {"task_ids": torch.arange(B) % 3} if "num_tasks" in options else {}
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None, **extra)
+    with torch.no_grad():
+        padded = model.generate(**prompts, **kwargs)
+        model.packing = True
+        with _positions_run(model) as seen:
+            packed = model.generate(**prompts, **kwargs)
+    assert torch.equal(packed, padded), (packed, padded)
+    # prefill packed (with prompt tuning's virtual tokens: more columns, fewer real positions),
+    # then generate() runs the last prompt column alone
+    virtual = {"prompt-tuning": model.method.config.num_virtual_tokens, "p-tuning": 3}.get(method, 0)
+    assert seen[0] < B * (L + virtual - 1) and seen[1] == B
+
+
+def test_generate_that_cannot_use_a_packed_prefill_says_why():
+    model = _model("llama", "prefix-tuning", {}).eval()
+    base = model.base_model
+    inputs = {"input_ids": torch.tensor([[0, 5, 6]]), "attention_mask": torch.tensor([[0, 1, 1]])}
+    assert packing.prefill_unsupported_reason(base, inputs, {}) is None
+    assert "num_beams" in packing.prefill_unsupported_reason(base, inputs, {"num_beams": 2})
+    assert "cache" in packing.prefill_unsupported_reason(base, inputs, {"cache": object()})
+    assert "use_cache" in packing.prefill_unsupported_reason(base, inputs, {"use_cache": False})
+    # no padding before the last column: the packed prefill would only add a call
+    assert "padding" in packing.prefill_unsupported_reason(base, {**inputs, "attention_mask": torch.tensor([[1, 1, 0]])}, {})
+    model.packing = True
+    with torch.no_grad():  # beam search runs the padded prefill and still works
+        out = model.generate(**inputs, max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_prefill_cache_equals_the_padded_forward_cache_at_real_positions(arch):
+    from pstar_plugins.core.inputs import positions_from_mask
+
+    base = tiny_model(arch)
+    with torch.no_grad():  # weights large enough that attention is far from uniform
+        for p in base.parameters():
+            p.mul_(4)
+    prompts = _left_padded_prompts(_generation_batch("prefix-tuning", {}))
+    ids, mask = prompts["input_ids"], prompts["attention_mask"]
+    cache = packing.prefill(base, {"input_ids": ids, "attention_mask": mask})
+    head = mask[:, :-1]
+    with torch.no_grad():
+        out = base(input_ids=ids[:, :-1], attention_mask=head, position_ids=positions_from_mask(head), use_cache=True)
+    reference = getattr(out, "cache", None) or out.past_key_values
+    real = head.bool()
+    assert len(cache.layers) == len(reference.layers)
+    for mine, theirs in zip(cache.layers, reference.layers):
+        for x, y in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
+            assert x.shape == y.shape
+            torch.testing.assert_close(x.transpose(1, 2)[real], y.transpose(1, 2)[real], rtol=1e-4, atol=1e-5)
+            assert not x.transpose(1, 2)[~real].any()  # padding holds zeros (masked in every later call)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("num_tasks", [1, 3])
+def test_prompt_tuning_served_from_the_prompts_cache_equals_virtual_tokens(arch, num_tasks):
+    """Inference with packing on: each distinct prompt runs once and the user's tokens attend to
+    its keys/values; the logits equal those of [P; E] with the virtual tokens in every row."""
+    model = _model(arch, "prompt-tuning", {"num_tasks": num_tasks}).eval()
+    with torch.no_grad():
+        for p in model.base_model.parameters():
+            p.mul_(4)
+        model.method.prompt.add_(torch.randn_like(model.method.prompt))
+    prompts = _left_padded_prompts(_generation_batch("prompt-tuning", {}))
+    B, L = prompts["attention_mask"].shape
+    extra = {"task_ids": torch.tensor([2, 0, 2, 1, 0, 2])[:B]} if num_tasks > 1 else {}
+    m = model.method.config.num_virtual_tokens
+    with torch.no_grad():
+        full = model(**prompts, **extra).logits
+        last = model(**prompts, **extra, logits_to_keep=1).logits
+        model.packing = True
+        with _positions_run(model) as seen:
+            served_last = model(**prompts, **extra, logits_to_keep=1).logits
+        served_full = model(**prompts, **extra).logits
+    real = prompts["attention_mask"].bool()
+    torch.testing.assert_close(served_full[real], full[real], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(served_last, last, rtol=1e-4, atol=1e-4)
+    distinct = len(set(extra["task_ids"].tolist())) if extra else 1
+    assert seen == [distinct * m, seen[1]] and seen[1] < B * L  # the prompts once, then the packed user tokens
+    with torch.no_grad():  # the model's own loss over [P; E] counts the prompt's prediction of
+        with _positions_run(model) as seen:  # a left-padded row's first token: virtual tokens kept
+            loss = model(**prompts, **extra, labels=prompts["input_ids"]).loss
+        model.packing = False
+        reference = model(**prompts, **extra, labels=prompts["input_ids"]).loss
+    assert seen == [B * (L + m)]
+    assert torch.allclose(loss, reference, atol=1e-6)
+
+
+def test_adapter_saved_after_serving_from_the_prompts_cache_loads_onto_a_fresh_model(tmp_path):
+    """Serving attaches an attention router to the model; the adapter must not record it (a
+    prompt-tuning adapter names no attention sites)."""
+    from pstar_plugins import load_adapter
+
+    model = _model("llama", "prompt-tuning", {}).eval()
+    model.packing = True
+    prompts = _left_padded_prompts(_generation_batch("prompt-tuning", {}))
+    with torch.no_grad():
+        before = model(**prompts, logits_to_keep=1).logits
+    model.save_adapter(tmp_path)
+    loaded = load_adapter(tiny_model("llama"), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**prompts, logits_to_keep=1).logits, before, rtol=1e-4, atol=1e-5)

@@ -115,8 +115,13 @@ class PrefixInjector:
     """Owns the attention routing of one model and the prefix tensors of the current call.
 
     ``active`` maps a kind to a pair ``(keys, values)``, each ``(N, n_sites, n_kv, m, head_dim)``
-    where ``N`` is 1 (one prompt for the whole batch) or the batch size (one row per example,
-    mixed-task batches). A site whose row is missing (``layer_map``) gets no prefix.
+    where ``N`` is 1 (one prompt for the whole batch), the batch size (one row per example), or
+    the number of distinct prompts of a mixed-task batch with ``row_groups`` naming each row's.
+    A site whose row is missing (``layer_map``) gets no prefix.
+
+    In a packed call (``core.packing``) one row of the call holds examples of several tasks.
+    :meth:`packed` then gives every row all ``N`` prompts side by side (``N·m`` columns) and
+    masks each query to the ``m`` columns of its own example's prompt.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -134,6 +139,8 @@ class PrefixInjector:
                 "transformers 5 architecture (Llama, GPT-2, BERT, RoBERTa, T5, BART, ...)."
             )
         self.active: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.row_groups: torch.Tensor | None = None  # (B,) prompt row of each example, or None
+        self.segments: _PackedSegments | None = None  # set during a packed call
         # when a dict: every site records its (keys, values) there and runs without a prefix
         self.capturing: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] | None = None
         self.layer_map: dict[str, list[int | None]] = {}
@@ -160,13 +167,40 @@ class PrefixInjector:
         self._saved.clear()
 
     @contextlib.contextmanager
-    def activate(self, prefixes: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
-        previous = self.active
-        self.active = prefixes
+    def activate(self, prefixes: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 row_groups: torch.Tensor | None = None) -> Iterator[None]:
+        """Use ``prefixes`` in every attention call meanwhile; ``row_groups`` ``(B,)``: which of
+        their rows each example of the batch uses (default: row ``i`` for example ``i``, or the
+        single row for all)."""
+        with self.restored((prefixes, row_groups, None)):
+            yield
+
+    def state(self):
+        """What the current call uses, for :meth:`restored` (gradient checkpointing recomputes
+        layers during backward, after the forward's contexts have closed)."""
+        return self.active, self.row_groups, self.segments
+
+    @contextlib.contextmanager
+    def restored(self, state) -> Iterator[None]:
+        previous = self.state()
+        self.active, self.row_groups, self.segments = state
         try:
             yield
         finally:
-            self.active = previous
+            self.active, self.row_groups, self.segments = previous
+
+    @contextlib.contextmanager
+    def packed(self, segment: torch.Tensor) -> Iterator[None]:
+        """During a packed call: ``segment`` ``(R, C)`` is 1 + the source example of every packed
+        position, 0 at padding (``core.packing.PackPlan.segment``)."""
+        previous = self.segments
+        if self.row_groups is not None:
+            groups = self.row_groups.to(segment.device)[(segment - 1).clamp(min=0)]
+            self.segments = _PackedSegments(groups.masked_fill(segment == 0, -1))
+        try:
+            yield
+        finally:
+            self.segments = previous
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]]:
@@ -187,6 +221,16 @@ class PrefixInjector:
         if row is None:
             return None
         keys, values = pair[0][:, row], pair[1][:, row]  # (N, n_kv, m, head_dim)
+        if self.segments is not None:  # packed mixed-task call: every prompt, side by side
+            n, n_kv, m, d = keys.shape
+            keys = keys.transpose(0, 1).reshape(1, n_kv, n * m, d).expand(batch, -1, -1, -1)
+            values = values.transpose(0, 1).reshape(1, n_kv, n * m, d).expand(batch, -1, -1, -1)
+            return keys, values
+        if self.row_groups is not None:
+            groups = self.row_groups.to(keys.device)
+            if batch != groups.numel() and batch % groups.numel() == 0:  # generate() expanded rows
+                groups = groups.repeat_interleave(batch // groups.numel())
+            keys, values = keys[groups], values[groups]
         n = keys.shape[0]
         if n != batch:
             if n == 1:
@@ -214,8 +258,38 @@ def _base_function(module: nn.Module, implementation: str | None) -> Callable:
     return ALL_ATTENTION_FUNCTIONS[implementation]
 
 
-def _extend_mask(mask, module, query, kv_len: int, m: int, explicit_causal):
+class _PackedSegments:
+    """Prompt group of every packed position, ``(R, C)`` (-1 at padding), and the masks over the
+    prompt columns it implies, built once per call and dtype."""
+
+    def __init__(self, groups: torch.Tensor) -> None:
+        self.groups = groups
+        self._visible: dict[tuple[int, torch.dtype | None], torch.Tensor] = {}
+
+    def visible(self, m: int, n_groups: int, dtype: torch.dtype | None) -> torch.Tensor:
+        """``(R, 1, C, n_groups·m)``: a query sees the ``m`` columns of its own example's prompt
+        (boolean, or additive in ``dtype``); a padding query sees none (it sees itself)."""
+        key = (m, dtype)
+        if key not in self._visible:
+            column_group = torch.arange(n_groups * m, device=self.groups.device) // m
+            allowed = (self.groups[:, :, None] == column_group)[:, None]
+            if dtype is not None:
+                allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+            self._visible[key] = allowed
+        return self._visible[key]
+
+
+def _extend_mask(mask, module, query, kv_len: int, m: int, explicit_causal,
+                 segments: _PackedSegments | None = None, n_groups: int = 1):
+    """Prepend ``m`` prefix columns to the attention mask: visible from every query, or in a
+    packed mixed-task call (``segments``) only from the queries of each column's own prompt."""
     q_len = query.shape[2]
+    if segments is not None:
+        if mask is None or mask.dim() != 4:
+            raise IncompatibleModelError("a packed call with several prompts needs its 4D block mask.")
+        mask = mask[..., :kv_len]
+        visible = segments.visible(m // n_groups, n_groups, None if mask.dtype == torch.bool else mask.dtype)
+        return torch.cat([visible.to(mask.device), mask], dim=-1)
     if mask is None:
         causal = explicit_causal if explicit_causal is not None else getattr(module, "is_causal", False)
         if not causal or q_len == 1:
@@ -258,7 +332,8 @@ def prefix_attention_forward(module, query, key, value, attention_mask, **kwargs
     m, kv_len = prefix_k.shape[2], key.shape[2]
     key = torch.cat([prefix_k.to(key.dtype), key], dim=2)
     value = torch.cat([prefix_v.to(value.dtype), value], dim=2)
-    attention_mask = _extend_mask(attention_mask, module, query, kv_len, m, kwargs.get("is_causal"))
+    n_groups = injector.active[site[0]][0].shape[0] if injector.segments is not None else 1
+    attention_mask = _extend_mask(attention_mask, module, query, kv_len, m, kwargs.get("is_causal"), injector.segments, n_groups)
     bias = kwargs.get("position_bias")
     if bias is not None:  # T5: relative position bias has no entry for the prefix
         bias = bias[..., :kv_len]

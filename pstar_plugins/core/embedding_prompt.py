@@ -131,7 +131,8 @@ class EmbeddingPromptMethod(PromptMethod):
             if name in kwargs:
                 inputs[name] = kwargs.pop(name)
         self._embed(base_model, inputs, task_ids)
-        out = base_model.generate(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"], **kwargs)
+        out = self.generate_base(base_model, {"inputs_embeds": inputs["inputs_embeds"], "attention_mask": inputs["attention_mask"]},
+                                 **kwargs)
         if is_encoder_decoder(base_model) or input_ids is None:
             return out
         return torch.cat([input_ids, out.to(input_ids.device)], dim=1)

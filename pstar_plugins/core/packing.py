@@ -25,19 +25,22 @@ packed runs padded.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from pstar_plugins.core.inputs import accepts, is_encoder_decoder
+from pstar_plugins.core.distributed import is_partitioned
+from pstar_plugins.core.inputs import accepts, is_encoder_decoder, positions_from_mask
 
 # config attributes through which a causal LM changes logits after its LM head; a packed call
 # applies the LM head itself, so such models run padded
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 _MASK_KERNELS = ("sdpa", "eager")
+_CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers renamed past_key_values to cache in 5.x
 
 
 @dataclass
@@ -163,7 +166,7 @@ def unsupported_reason(model: nn.Module, inputs: dict[str, Any], causal_lm: bool
         return "the model takes no position_ids"
     if _attention_kernel(model) not in _MASK_KERNELS:
         return f"attention kernel {_attention_kernel(model)!r} (needs sdpa or eager)"
-    if inputs.get("past_key_values") is not None or inputs.get("use_cache"):
+    if any(inputs.get(name) is not None for name in _CACHE_ARGUMENTS) or inputs.get("use_cache"):
         return "a KV cache is in use"
     if inputs.get("output_hidden_states") or inputs.get("output_attentions"):
         return "per-layer outputs are asked for (they would come back in the packed layout)"
@@ -184,16 +187,23 @@ def unsupported_reason(model: nn.Module, inputs: dict[str, Any], causal_lm: bool
     return None
 
 
-def _packed_backbone_call(p: PackPlan, backbone: nn.Module, inputs: dict[str, Any], embed: nn.Module) -> torch.Tensor:
+def _packed_backbone_call(p: PackPlan, backbone: nn.Module, inputs: dict[str, Any], embed: nn.Module,
+                          cache=None) -> torch.Tensor:
     embeds = inputs.get("inputs_embeds")
     if embeds is None:
         embeds = embed(inputs["input_ids"])
     kernel = _attention_kernel(backbone)
     call = {k: v for k, v in inputs.items() if k not in ("input_ids", "inputs_embeds", "attention_mask", "position_ids",
-                                                          "logits_to_keep", "labels", "use_cache", "past_key_values")}
+                                                          "logits_to_keep", "labels", "use_cache", *_CACHE_ARGUMENTS)}
+    if cache is not None:
+        call[_cache_argument(backbone)] = cache
     out = backbone(inputs_embeds=pack(p, embeds), position_ids=pack(p, inputs["position_ids"]),
-                   attention_mask=block_mask(p, embeds.dtype, boolean=kernel == "sdpa"), use_cache=False, **call)
+                   attention_mask=block_mask(p, embeds.dtype, boolean=kernel == "sdpa"), use_cache=cache is not None, **call)
     return out.last_hidden_state
+
+
+def _cache_argument(model: nn.Module) -> str:
+    return next((name for name in _CACHE_ARGUMENTS if accepts(model, name)), "past_key_values")
 
 
 def causal_lm_forward(p: PackPlan, model: nn.Module, inputs: dict[str, Any]) -> CausalLMOutputWithPast:
@@ -219,15 +229,93 @@ def backbone_forward(p: PackPlan, backbone: nn.Module, inputs: dict[str, Any]) -
     return BaseModelOutputWithPast(last_hidden_state=unpack(p, hidden))
 
 
-def call(model: nn.Module, inputs: dict[str, Any], packing: bool, causal_lm: bool = True):
+def call(model: nn.Module, inputs: dict[str, Any], packing: bool, causal_lm: bool = True,
+         while_packed: Callable[[PackPlan], ContextManager] | None = None):
     """Call ``model`` on ``inputs`` (``None`` values dropped), packed when asked and possible.
 
     Whether a call is packed depends on the model and the kinds of inputs, never on the batch's
     contents: under ZeRO-3 every rank must run the same modules in the same order, and ranks
     see different batches. A batch without padding is packed too (into the same shape).
+    ``while_packed(plan)``: a context the packed call runs in (per-example prefixes use it to
+    learn where each example went).
     """
     inputs = {k: v for k, v in inputs.items() if v is not None}
     if packing and unsupported_reason(model, inputs, causal_lm) is None:
         p = plan(inputs["attention_mask"], pair_cost(model.config))
-        return causal_lm_forward(p, model, inputs) if causal_lm else backbone_forward(p, model, inputs)
+        with while_packed(p) if while_packed is not None else contextlib.nullcontext():
+            return causal_lm_forward(p, model, inputs) if causal_lm else backbone_forward(p, model, inputs)
     return model(**inputs)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def prefill_unsupported_reason(model: nn.Module, inputs: dict[str, Any], generate_kwargs: dict[str, Any]) -> str | None:
+    """Why :func:`prefill` cannot serve this ``generate()`` call, or ``None`` when it can."""
+    mask = inputs.get("attention_mask")
+    if mask is None or mask.dim() != 2 or mask.shape[1] < 2:
+        return "no 2D attention mask over at least two columns"
+    if is_encoder_decoder(model) or not model.can_generate():
+        return "not a decoder-only causal LM"
+    if _attention_kernel(model) not in _MASK_KERNELS:
+        return f"attention kernel {_attention_kernel(model)!r} (needs sdpa or eager)"
+    if any(generate_kwargs.get(name) is not None for name in _CACHE_ARGUMENTS):
+        return "the caller passes a cache"
+    config = generate_kwargs.get("generation_config") or model.generation_config
+    for name in ("num_beams", "num_return_sequences"):
+        if (generate_kwargs.get(name) or getattr(config, name, 1) or 1) != 1:
+            return f"{name} > 1 (generate() would expand the rows, not a cache it did not make)"
+    if generate_kwargs.get("use_cache") is False or getattr(config, "use_cache", True) is False:
+        return "use_cache=False"
+    if getattr(config, "cache_implementation", None) not in (None, "dynamic"):
+        return f"cache_implementation={config.cache_implementation!r}"
+    if getattr(model.config, "sliding_window", None) or getattr(model.config, "layer_types", None) and any(
+            t != "full_attention" for t in model.config.layer_types):
+        return "sliding-window attention layers"
+    if any(is_partitioned(p) for p in model.parameters()):
+        # the choice below depends on the batch's padding, and ZeRO-3 ranks must agree on the
+        # number of forward calls (each gathers every layer's weights)
+        return "ZeRO-3 partitioned weights"
+    if bool(mask[:, :-1].all()):
+        # nothing to unpad: the packed prefill would only add a call (the last column's)
+        return "no padding in the prompts"
+    return None
+
+
+@torch.no_grad()
+def prefill(model: nn.Module, inputs: dict[str, Any], while_packed: Callable[[PackPlan], ContextManager] | None = None):
+    """The KV cache of every column of ``inputs`` but the last, computed padding-free.
+
+    ``generate()`` on a left-padded batch runs its first forward on every column of every row.
+    Here the real positions before the last column are packed (:func:`plan`), run once with a
+    cache, and the cache is scattered back to the padded layout (zeros at padding, which the
+    attention mask hides). ``generate()`` then receives the full inputs with this cache and
+    runs only the last column (transformers slices inputs that a cache already covers). Key
+    and value positions are those of the padded call, so greedy outputs equal the unpacked
+    ``generate()``'s up to float rounding (tested).
+    """
+    from transformers import DynamicCache
+
+    head = {k: v[:, :-1] for k, v in inputs.items() if k in ("input_ids", "inputs_embeds", "attention_mask", "position_ids")}
+    if head.get("position_ids") is None:
+        head["position_ids"] = positions_from_mask(head["attention_mask"])
+    p = plan(head["attention_mask"], pair_cost(model.config))
+    packed = DynamicCache(config=model.config)
+    with while_packed(p) if while_packed is not None else contextlib.nullcontext():
+        _packed_backbone_call(p, model.base_model, head, model.get_input_embeddings(), cache=packed)
+    padded = DynamicCache(config=model.config)
+    for index, layer in enumerate(packed.layers):
+        keys = unpack(p, layer.keys.transpose(1, 2)).transpose(1, 2)  # (B, n_kv, L - 1, d)
+        values = unpack(p, layer.values.transpose(1, 2)).transpose(1, 2)
+        padded.update(keys.contiguous(), values.contiguous(), index)
+    return padded
+
+
+def generate(model: nn.Module, inputs: dict[str, Any], packing: bool,
+             while_packed: Callable[[PackPlan], ContextManager] | None = None, **kwargs):
+    """``model.generate(**inputs, **kwargs)`` (``None`` inputs dropped), with the prompt's cache
+    from :func:`prefill` when ``packing`` is on and the call allows it."""
+    inputs = {k: v for k, v in inputs.items() if v is not None}
+    if packing and prefill_unsupported_reason(model, inputs, kwargs) is None:
+        kwargs[_cache_argument(model)] = prefill(model, inputs, while_packed)
+    return model.generate(**inputs, **kwargs)

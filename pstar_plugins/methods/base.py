@@ -120,13 +120,22 @@ class PromptMethod(nn.Module):
         super().__init__()
         self.config = config
 
-    def call_base(self, model: nn.Module, inputs: dict[str, Any], causal_lm: bool = True, packable: bool = True):
+    def call_base(self, model: nn.Module, inputs: dict[str, Any], causal_lm: bool = True, packable: bool = True,
+                  while_packed=None):
         """Call the frozen ``model`` (a causal LM, or with ``causal_lm=False`` a decoder-only
         backbone) on ``inputs`` (``None`` values dropped), padding-free when :attr:`packing` is
-        on, the method says this call may be packed (``packable``) and the call allows it."""
+        on, the method says this call may be packed (``packable``) and the call allows it;
+        ``while_packed``: see :func:`pstar_plugins.core.packing.call`."""
         from pstar_plugins.core import packing
 
-        return packing.call(model, inputs, self.packing and packable, causal_lm)
+        return packing.call(model, inputs, self.packing and packable, causal_lm, while_packed)
+
+    def generate_base(self, model: nn.Module, inputs: dict[str, Any], while_packed=None, **kwargs):
+        """``model.generate(**inputs, **kwargs)``; when :attr:`packing` is on, the prompt's KV
+        cache is computed padding-free first (:func:`pstar_plugins.core.packing.prefill`)."""
+        from pstar_plugins.core import packing
+
+        return packing.generate(model, inputs, self.packing, while_packed, **kwargs)
 
     # -- running -------------------------------------------------------------------
     def run(self, base_model: nn.Module, inputs: dict[str, Any], task_ids: torch.Tensor | None):

@@ -59,8 +59,8 @@ class PTuningV2(PrefixTuning):
         task_ids = self.check_task_ids(task_ids, self._batch_size(inputs))
         fill_position_ids(backbone, inputs)
         mask = inputs.get("attention_mask")
-        with self.injector.activate(self.prefixes(task_ids)):
-            out = self.call_base(backbone, inputs, causal_lm=False, packable=task_ids is None and self.decoder_only)
+        with self.active_for(task_ids) as while_packed:
+            out = self.call_base(backbone, inputs, causal_lm=False, packable=self.decoder_only, while_packed=while_packed)
         hidden = out.last_hidden_state.float()
         if mask is None:
             mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)

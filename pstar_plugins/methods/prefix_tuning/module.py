@@ -106,6 +106,21 @@ class PrefixTuning(PromptMethod):
         """Compute every kind's prefix once for this call (the MLP runs once per forward)."""
         return {kind: table(task_ids, self.dropout) for kind, table in self.tables.items()}
 
+    @contextlib.contextmanager
+    def active_for(self, task_ids: torch.Tensor | None):
+        """Activate the prefixes of a call and yield ``while_packed`` for :meth:`call_base`.
+
+        A mixed-task batch computes each distinct task's prefix once (prefix dropout is drawn
+        per task and call) and maps rows to them; a packed call then lets every row of the call
+        hold examples of any task, each query seeing only its own task's prefix."""
+        if task_ids is None:
+            with self.injector.activate(self.prefixes(None)):
+                yield None
+            return
+        tasks, row_groups = torch.unique(task_ids, return_inverse=True)
+        with self.injector.activate(self.prefixes(tasks), row_groups):
+            yield lambda plan: self.injector.packed(plan.segment)
+
     def _batch_size(self, inputs: dict[str, Any]) -> int:
         for name in ("input_ids", "inputs_embeds", "attention_mask"):
             if inputs.get(name) is not None:
@@ -115,23 +130,22 @@ class PrefixTuning(PromptMethod):
     def run(self, base_model, inputs, task_ids):
         task_ids = self.check_task_ids(task_ids, self._batch_size(inputs))
         fill_position_ids(base_model, inputs)
-        with self.injector.activate(self.prefixes(task_ids)):
-            # one prefix for every row: any packing of the rows sees it; per-row prefixes do not pack
-            return self.call_base(base_model, inputs, packable=task_ids is None)
+        with self.active_for(task_ids) as while_packed:
+            return self.call_base(base_model, inputs, while_packed=while_packed)
 
     def generate(self, base_model, inputs, task_ids, **kwargs):
         task_ids = self.check_task_ids(task_ids, self._batch_size(inputs))
         # computed once: every decoding step reuses the same static prefix
-        with torch.no_grad(), self.injector.activate(self.prefixes(task_ids)):
-            return base_model.generate(**{k: v for k, v in inputs.items() if v is not None}, **kwargs)
+        with torch.no_grad(), self.active_for(task_ids) as while_packed:
+            return self.generate_base(base_model, inputs, while_packed, **kwargs)
 
     def detach(self, base_model) -> None:
         self.injector.detach()
 
     def checkpoint_context(self):
         # called when a checkpointed layer runs forward: recomputation sees the same prefixes
-        captured = self.injector.active
-        return contextlib.nullcontext(), self.injector.activate(captured)
+        captured = self.injector.state()
+        return contextlib.nullcontext(), self.injector.restored(captured)
 
     def param_groups(self, learning_rate, weight_decay):
         prefix, projection = [], []
