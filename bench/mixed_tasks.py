@@ -4,9 +4,9 @@ Ours: one forward over all 32 rows, each row picking its task's prompt by ``task
 holds the 4 prompts). PEFT: 4 adapters on one model, looping adapter by adapter (``set_adapter``,
 then a forward over that task's rows), the way PEFT serves prompt-learning adapters (its
 per-row ``adapter_names`` covers LoRA-style layers, not prompts). Both score the label words at
-the answer slot (``logits_to_keep=1`` on both sides). Ours runs padding-free where the method allows
-it with per-row prompts (prompt tuning; per-row prefixes run padded). Calls alternate; medians;
-rows per second.
+the answer slot (``logits_to_keep=1`` on both sides). Ours runs padding-free: rows of different
+tasks share packed rows, each query masked to its own task's prefix (prefix methods) or carrying
+its own virtual tokens (prompt tuning). Calls alternate; medians; rows per second.
 
     python bench/mixed_tasks.py [--repeats 7]
 """
@@ -44,7 +44,7 @@ def run(method: str, rows: int, m: int, repeats: int, warmup: int, dtype) -> dic
     options = {"num_virtual_tokens": m, "num_tasks": TASKS}
     options.update({"init": "random"} if method == "prompt-tuning" else {"projection": False, "head": "none"})
     ours = build_model(base, method, tokenizer=tokenizer, **options).eval()
-    ours.packing = True  # padding-free where the method allows it with per-row prompts (prompt tuning)
+    ours.packing = True
     verbalizer = Verbalizer(tokenizer, Template.parse(C.SST2_TEMPLATE), C.LABEL_WORDS, masked_lm=False)
     data = C.sst2_rows(rows)
     task_ids = torch.arange(rows) % TASKS
