@@ -190,13 +190,29 @@ class PrefixInjector:
             self.active, self.row_groups, self.segments = previous
 
     @contextlib.contextmanager
+    def activate_tasks(self, task_ids: torch.Tensor | None,
+                       prefixes_of: Callable[[torch.Tensor | None], dict[str, tuple[torch.Tensor, torch.Tensor]]]):
+        """Activate the prefixes of a call whose rows pick a task by ``task_ids`` (or share one
+        prompt when ``None``) and yield the ``while_packed`` for ``core.packing.call``.
+
+        ``prefixes_of(tasks)`` computes the prefixes of the distinct ``tasks`` only (``None``:
+        the single prompt); rows are mapped to them through ``row_groups``."""
+        if task_ids is None:
+            with self.activate(prefixes_of(None)):
+                yield None
+            return
+        tasks, row_groups = torch.unique(task_ids, return_inverse=True)
+        with self.activate(prefixes_of(tasks), row_groups):
+            yield lambda plan: self.packed(plan.segment)
+
+    @contextlib.contextmanager
     def packed(self, segment: torch.Tensor) -> Iterator[None]:
         """During a packed call: ``segment`` ``(R, C)`` is 1 + the source example of every packed
         position, 0 at padding (``core.packing.PackPlan.segment``)."""
         previous = self.segments
         if self.row_groups is not None:
             groups = self.row_groups.to(segment.device)[(segment - 1).clamp(min=0)]
-            self.segments = _PackedSegments(groups.masked_fill(segment == 0, -1))
+            self.segments = _PackedSegments(groups.masked_fill(segment == 0, -1), int(self.row_groups.max()) + 1)
         try:
             yield
         finally:
@@ -259,19 +275,21 @@ def _base_function(module: nn.Module, implementation: str | None) -> Callable:
 
 
 class _PackedSegments:
-    """Prompt group of every packed position, ``(R, C)`` (-1 at padding), and the masks over the
-    prompt columns it implies, built once per call and dtype."""
+    """Prompt group of every packed position, ``(R, C)`` (-1 at padding), out of ``n_groups``
+    prompts, and the masks over the prompt columns it implies, built once per call and dtype."""
 
-    def __init__(self, groups: torch.Tensor) -> None:
+    def __init__(self, groups: torch.Tensor, n_groups: int) -> None:
         self.groups = groups
+        self.n_groups = n_groups
         self._visible: dict[tuple[int, torch.dtype | None], torch.Tensor] = {}
 
-    def visible(self, m: int, n_groups: int, dtype: torch.dtype | None) -> torch.Tensor:
-        """``(R, 1, C, n_groups·m)``: a query sees the ``m`` columns of its own example's prompt
-        (boolean, or additive in ``dtype``); a padding query sees none (it sees itself)."""
-        key = (m, dtype)
+    def visible(self, columns: int, dtype: torch.dtype | None) -> torch.Tensor:
+        """``(R, 1, C, columns)`` over ``n_groups`` prompts side by side: a query sees the columns
+        of its own example's prompt (boolean, or additive in ``dtype``); a padding query sees
+        none (it sees itself)."""
+        key = (columns, dtype)
         if key not in self._visible:
-            column_group = torch.arange(n_groups * m, device=self.groups.device) // m
+            column_group = torch.arange(columns, device=self.groups.device) // (columns // self.n_groups)
             allowed = (self.groups[:, :, None] == column_group)[:, None]
             if dtype is not None:
                 allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
@@ -279,8 +297,7 @@ class _PackedSegments:
         return self._visible[key]
 
 
-def _extend_mask(mask, module, query, kv_len: int, m: int, explicit_causal,
-                 segments: _PackedSegments | None = None, n_groups: int = 1):
+def _extend_mask(mask, module, query, kv_len: int, m: int, explicit_causal, segments: _PackedSegments | None = None):
     """Prepend ``m`` prefix columns to the attention mask: visible from every query, or in a
     packed mixed-task call (``segments``) only from the queries of each column's own prompt."""
     q_len = query.shape[2]
@@ -288,7 +305,7 @@ def _extend_mask(mask, module, query, kv_len: int, m: int, explicit_causal,
         if mask is None or mask.dim() != 4:
             raise IncompatibleModelError("a packed call with several prompts needs its 4D block mask.")
         mask = mask[..., :kv_len]
-        visible = segments.visible(m // n_groups, n_groups, None if mask.dtype == torch.bool else mask.dtype)
+        visible = segments.visible(m, None if mask.dtype == torch.bool else mask.dtype)
         return torch.cat([visible.to(mask.device), mask], dim=-1)
     if mask is None:
         causal = explicit_causal if explicit_causal is not None else getattr(module, "is_causal", False)
@@ -332,8 +349,7 @@ def prefix_attention_forward(module, query, key, value, attention_mask, **kwargs
     m, kv_len = prefix_k.shape[2], key.shape[2]
     key = torch.cat([prefix_k.to(key.dtype), key], dim=2)
     value = torch.cat([prefix_v.to(value.dtype), value], dim=2)
-    n_groups = injector.active[site[0]][0].shape[0] if injector.segments is not None else 1
-    attention_mask = _extend_mask(attention_mask, module, query, kv_len, m, kwargs.get("is_causal"), injector.segments, n_groups)
+    attention_mask = _extend_mask(attention_mask, module, query, kv_len, m, kwargs.get("is_causal"), injector.segments)
     bias = kwargs.get("position_bias")
     if bias is not None:  # T5: relative position bias has no entry for the prefix
         bias = bias[..., :kv_len]

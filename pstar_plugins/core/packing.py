@@ -154,6 +154,11 @@ def _attention_kernel(model: nn.Module) -> str | None:
     return getattr(model.config, "_attn_implementation", None)
 
 
+def uses_cache(inputs: dict[str, Any]) -> bool:
+    """Whether a model call's ``inputs`` pass or ask for a KV cache."""
+    return any(inputs.get(name) is not None for name in _CACHE_ARGUMENTS) or bool(inputs.get("use_cache"))
+
+
 def unsupported_reason(model: nn.Module, inputs: dict[str, Any], causal_lm: bool) -> str | None:
     """Why this call cannot be packed, or ``None`` when it can. ``causal_lm``: ``model`` is a
     causal LM (logits wanted); otherwise it is the backbone of a decoder-only model."""
@@ -166,7 +171,7 @@ def unsupported_reason(model: nn.Module, inputs: dict[str, Any], causal_lm: bool
         return "the model takes no position_ids"
     if _attention_kernel(model) not in _MASK_KERNELS:
         return f"attention kernel {_attention_kernel(model)!r} (needs sdpa or eager)"
-    if any(inputs.get(name) is not None for name in _CACHE_ARGUMENTS) or inputs.get("use_cache"):
+    if uses_cache(inputs):
         return "a KV cache is in use"
     if inputs.get("output_hidden_states") or inputs.get("output_attentions"):
         return "per-layer outputs are asked for (they would come back in the packed layout)"

@@ -59,7 +59,7 @@ class PTuningV2(PrefixTuning):
         task_ids = self.check_task_ids(task_ids, self._batch_size(inputs))
         fill_position_ids(backbone, inputs)
         mask = inputs.get("attention_mask")
-        with self.active_for(task_ids) as while_packed:
+        with self.injector.activate_tasks(task_ids, self.prefixes) as while_packed:
             out = self.call_base(backbone, inputs, causal_lm=False, packable=self.decoder_only, while_packed=while_packed)
         hidden = out.last_hidden_state.float()
         if mask is None:

@@ -106,21 +106,6 @@ class PrefixTuning(PromptMethod):
         """Compute every kind's prefix once for this call (the MLP runs once per forward)."""
         return {kind: table(task_ids, self.dropout) for kind, table in self.tables.items()}
 
-    @contextlib.contextmanager
-    def active_for(self, task_ids: torch.Tensor | None):
-        """Activate the prefixes of a call and yield ``while_packed`` for :meth:`call_base`.
-
-        A mixed-task batch computes each distinct task's prefix once (prefix dropout is drawn
-        per task and call) and maps rows to them; a packed call then lets every row of the call
-        hold examples of any task, each query seeing only its own task's prefix."""
-        if task_ids is None:
-            with self.injector.activate(self.prefixes(None)):
-                yield None
-            return
-        tasks, row_groups = torch.unique(task_ids, return_inverse=True)
-        with self.injector.activate(self.prefixes(tasks), row_groups):
-            yield lambda plan: self.injector.packed(plan.segment)
-
     def _batch_size(self, inputs: dict[str, Any]) -> int:
         for name in ("input_ids", "inputs_embeds", "attention_mask"):
             if inputs.get(name) is not None:
@@ -130,13 +115,15 @@ class PrefixTuning(PromptMethod):
     def run(self, base_model, inputs, task_ids):
         task_ids = self.check_task_ids(task_ids, self._batch_size(inputs))
         fill_position_ids(base_model, inputs)
-        with self.active_for(task_ids) as while_packed:
+        # a mixed-task batch computes each distinct task's prefix once (prefix dropout is drawn
+        # per task and call); packed rows may hold several tasks, each query seeing its own
+        with self.injector.activate_tasks(task_ids, self.prefixes) as while_packed:
             return self.call_base(base_model, inputs, while_packed=while_packed)
 
     def generate(self, base_model, inputs, task_ids, **kwargs):
         task_ids = self.check_task_ids(task_ids, self._batch_size(inputs))
         # computed once: every decoding step reuses the same static prefix
-        with torch.no_grad(), self.active_for(task_ids) as while_packed:
+        with torch.no_grad(), self.injector.activate_tasks(task_ids, self.prefixes) as while_packed:
             return self.generate_base(base_model, inputs, while_packed, **kwargs)
 
     def detach(self, base_model) -> None:

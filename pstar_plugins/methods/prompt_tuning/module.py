@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pstar_plugins.core import packing
 from pstar_plugins.core.attention import SELF, PrefixInjector
 from pstar_plugins.core.distributed import embedding_rows, embedding_shape, embedding_std
 from pstar_plugins.core.embedding_prompt import EmbeddingPromptMethod
@@ -112,7 +113,7 @@ class PromptTuning(EmbeddingPromptMethod):
             # in [P; E] the last virtual token predicts a left-padded row's first token, and the
             # model's loss counts that prediction; without virtual positions there is none
             return "labels are passed"
-        if any(inputs.get(name) is not None for name in ("cache", "past_key_values")) or inputs.get("use_cache"):
+        if packing.uses_cache(inputs):
             return "a KV cache is in use"
         if self._injector(base_model) is None:
             return "the model's attention cannot take a prefix"
@@ -146,19 +147,18 @@ class PromptTuning(EmbeddingPromptMethod):
 
     def _run_from_prompt_cache(self, base_model, inputs, task_ids):
         input_ids = inputs["input_ids"]
-        B, L = input_ids.shape
-        task_ids = self.check_task_ids(task_ids, B)
-        tasks, row_groups = (None, None) if task_ids is None else torch.unique(task_ids, return_inverse=True)
-        prompts = self.prompt[:1] if tasks is None else self.prompt[tasks.to(self.prompt.device)]
-        keys, values = self.prompt_keys_values(base_model, prompts)
+        task_ids = self.check_task_ids(task_ids, input_ids.shape[0])
         mask = inputs.get("attention_mask")
         if mask is None:
             mask = inputs["attention_mask"] = torch.ones_like(input_ids)
         # the positions the user's tokens have behind the prompt in [P; E]
         inputs["position_ids"] = positions_from_mask(mask) + self.config.num_virtual_tokens * (mask > 0).long()
-        injector = self.__dict__[_SERVING_INJECTOR]
-        with injector.activate({SELF: (keys, values)}, row_groups):
-            while_packed = None if row_groups is None else (lambda plan: injector.packed(plan.segment))
+
+        def prefixes_of(tasks):
+            prompts = self.prompt[:1] if tasks is None else self.prompt[tasks.to(self.prompt.device)]
+            return {SELF: self.prompt_keys_values(base_model, prompts)}
+
+        with self.__dict__[_SERVING_INJECTOR].activate_tasks(task_ids, prefixes_of) as while_packed:
             return self.call_base(base_model, inputs, while_packed=while_packed)
 
     def detach(self, base_model) -> None:
