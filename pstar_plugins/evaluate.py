@@ -1,20 +1,32 @@
 """Evaluate a frozen model with a discrete template (zero-shot, k-shot in-context) or with a
-tuned adapter, on a classification file: accuracy and macro-F1, as JSON and a printed table.
+tuned adapter: accuracy and macro-F1 for classification, BLEU and ROUGE-L (greedy decoding) for
+generation, as JSON and a printed table.
 
     python -m pstar_plugins.evaluate --model smollm2 --shots 0 4 8 --seeds 3
     python -m pstar_plugins.evaluate --model smollm2 --adapter runs/quickstart/adapter
+    python -m pstar_plugins.evaluate --task generation --template 'Data: {mr}\\nText:{answer}' \\
+        --validation-file devset.csv --demonstration-file trainset.csv --shots 0 2
+
+An adapter saved by the training script records its task (kind, template, label words or target
+column, truncation length); evaluating it uses those unless a flag here says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 from pathlib import Path
 
 import torch
 
-from pstar_plugins.errors import run_reporting_errors
+from pstar_plugins.errors import ConfigError, run_reporting_errors
+
+CLASSIFICATION_TEMPLATE = "Review: {sentence} Sentiment:{answer}"
+# flag defaults when neither the command line nor the adapter's recorded task gives a value
+FALLBACKS = {"label_column": "label", "label_words": ["negative", "positive"], "target_column": "ref",
+             "max_new_tokens": 64, "max_length": 1024}
 
 
 def parse_args(argv=None):
@@ -32,10 +44,15 @@ def parse_args(argv=None):
     p.add_argument("--demonstration-split", default="train", help="--dataset split the demonstrations come from")
     p.add_argument("--column", action="append", default=[], metavar="DATA_COLUMN=NAME",
                    help="rename a data column to the name the template or --label-column uses (repeatable)")
-    p.add_argument("--demonstration-file", default=packaged_data("sst2_train_sample.tsv"), help="where in-context demonstrations come from")
-    p.add_argument("--template", default="Review: {sentence} Sentiment:{answer}", help="template with {column} slots and one {answer} slot")
-    p.add_argument("--label-column", default="label", help="column with the class")
-    p.add_argument("--label-words", nargs="+", default=["negative", "positive"], help="one word per class, in class order")
+    p.add_argument("--task", default=None, choices=["classification", "generation"],
+                   help="what to score (default: the adapter's recorded task, else classification)")
+    p.add_argument("--demonstration-file", default=None,
+                   help="where in-context demonstrations come from (default for classification: the packaged SST-2 sample)")
+    p.add_argument("--template", default=None, help=f"template with {{column}} slots and one {{answer}} slot (classification default: {CLASSIFICATION_TEMPLATE!r})")
+    p.add_argument("--label-column", default=None, help="classification: column with the class (default: label)")
+    p.add_argument("--label-words", nargs="+", default=None, help="classification: one word per class, in class order (default: negative positive)")
+    p.add_argument("--target-column", default=None, help="generation: column with the reference text (default: ref)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="generation: tokens to decode (default: 64)")
     p.add_argument("--shots", type=int, nargs="+", default=[0], help="numbers of in-context demonstrations (0: zero-shot)")
     p.add_argument("--seeds", type=int, default=3, help="demonstration draws per k > 0 (mean ± std over them)")
     p.add_argument("--calibrate", action="store_true", help="contextual calibration with a content-free input")
@@ -45,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
                    help="with --adapter: score on real tokens only, rows packed padding-free (same scores)")
     p.add_argument("--max-eval-samples", type=int, default=None, help="use only the first N rows")
-    p.add_argument("--max-length", type=int, default=1024, help="truncate prompts to this many tokens (from the left)")
+    p.add_argument("--max-length", type=int, default=None, help="truncate prompts to this many tokens, from the left (default: 1024)")
     p.add_argument("--output", default=None, help="write results JSON here")
     return p.parse_args(argv)
 
@@ -71,12 +88,43 @@ def main(argv=None) -> int:
     return run_reporting_errors(_main, argv)
 
 
+def resolve_task(args, recorded: dict | None) -> None:
+    """Fill the flags left unset from the adapter's recorded task (when it is the task asked for),
+    then from :data:`FALLBACKS`."""
+    from pstar_plugins.tasks.template import from_command_line
+
+    recorded = recorded or {}
+    args.task = args.task or recorded.get("kind") or "classification"
+    same = recorded.get("kind") == args.task
+    for name, fallback in FALLBACKS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, recorded[name] if same and name in recorded else fallback)
+    if args.template is not None:
+        args.template = from_command_line(args.template)
+    elif same and "template" in recorded:
+        args.template = recorded["template"]
+    elif args.task == "classification":
+        args.template = CLASSIFICATION_TEMPLATE
+    else:
+        raise ConfigError("--task generation needs --template, with the source columns and an {answer} slot at the end, "
+                          "e.g. --template 'Data: {mr}\\nText:{answer}'.")
+    if args.task == "generation" and args.calibrate:
+        raise ConfigError("--calibrate rescales class probabilities; it has no meaning for --task generation. Drop it.")
+    if (args.task == "generation" and not args.adapter and any(k > 0 for k in args.shots)
+            and args.demonstration_file is None and args.dataset is None):
+        raise ConfigError(f"--shots {' '.join(map(str, args.shots))} with --task generation needs --demonstration-file: "
+                          f"rows with the template's columns and the target column {args.target_column!r}.")
+    if args.task == "generation" and args.model_kind == "masked-lm":
+        raise ConfigError("--task generation decodes text with a causal LM; use --model-kind causal-lm.")
+
+
 def _main(argv):
     args = parse_args(argv)
     from tqdm.auto import tqdm
 
-    from pstar_plugins.core.adapter_io import load_adapter
-    from pstar_plugins.models import load
+    from pstar_plugins.core.adapter_io import load_adapter, read_adapter
+    from pstar_plugins.models import load, packaged_data
+    from pstar_plugins.tasks import generation as gen
     from pstar_plugins.tasks.baselines import (
         SharedPrefixModel, accuracy_and_macro_f1, balanced_demonstrations, common_prefix, content_free_scores,
         in_context_template)
@@ -84,15 +132,28 @@ def _main(argv):
     from pstar_plugins.tasks.template import Template
     from pstar_plugins.tasks.verbalizer import Verbalizer
 
+    recorded = read_adapter(args.adapter)[0].get("task") if args.adapter else None  # a bad adapter fails before any load
+    resolve_task(args, recorded)
+    generation = args.task == "generation"
     columns = parse_column_mapping(args.column)
     rows, source = load_split(args.validation_file, args.dataset, args.dataset_config, args.validation_split,
                               args.max_eval_samples, columns)
-    labels = labels_of(rows, args.label_column, source, args.label_words)
-    C = len(args.label_words)
+    if generation:
+        template = Template.parse(args.template)
+        groups = gen.group_references(rows, template, args.target_column)  # checks the target column before loading
+        labels, C = [], 0
+    else:
+        labels = labels_of(rows, args.label_column, source, args.label_words)
+        C = len(args.label_words)
     base, tokenizer = load(args.model, kind=args.model_kind, gguf_file=args.gguf_file)
     base.eval()
     masked = args.model_kind == "masked-lm"
-    results = {"model": args.model, "validation_data": source, "examples": len(rows), "runs": []}
+    results = {"model": args.model, "task": args.task, "template": args.template, "validation_data": source,
+               "examples": len(rows), "runs": []}
+    if generation:
+        results["sources"] = len(groups)
+    else:
+        results["label_words"] = args.label_words
 
     def run(name, model, template, calibrate_with=None, shared_prefix=False):
         verbalizer = Verbalizer(tokenizer, template, args.label_words, masked_lm=masked)
@@ -107,38 +168,74 @@ def _main(argv):
             preds = score_rows(model, verbalizer, rows, labels, args.batch_size, args.max_length, calibration, bar)
         return accuracy_and_macro_f1(preds, labels, C)
 
+    def run_generation(name, model, template):
+        with tqdm(total=len(groups), desc=name, leave=False) as bar:
+            hyps = gen.generate(model, template, tokenizer, [g[0] for g in groups], args.max_new_tokens, args.batch_size, bar)
+        return gen.bleu_rouge(hyps, [g[1] for g in groups]), hyps
+
     if args.adapter:
         model = load_adapter(base, args.adapter, tokenizer=tokenizer, trainable=False).eval()
         model.packing = args.packing
+        # a P-tuning adapter's template places its soft tokens, so it always comes from the adapter
         template = Template.parse(getattr(model.method_config, "template", None) or args.template)
-        acc, f1 = run("adapter", model, template)
-        results["runs"].append({"name": f"adapter {model.method_name}", "accuracy": acc, "macro_f1": f1})
+        name = f"adapter {model.method_name}"
+        if generation:
+            scores, hyps = run_generation(name, model, template)
+            results["runs"].append({"name": name, **scores, "example": hyps[:3]})
+        else:
+            acc, f1 = run(name, model, template)
+            results["runs"].append({"name": name, "accuracy": acc, "macro_f1": f1})
     else:
         template = Template.parse(args.template)
-        demo_rows, demo_source = load_split(args.demonstration_file, args.dataset, args.dataset_config,
-                                            args.demonstration_split, None, columns)
-        demo_labels = labels_of(demo_rows, args.label_column, demo_source, args.label_words)
+        demo_file = args.demonstration_file
+        if demo_file is None and any(k > 0 for k in args.shots):
+            demo_file = packaged_data("sst2_train_sample.tsv")
+        if any(k > 0 for k in args.shots):
+            demo_rows, demo_source = load_split(demo_file, args.dataset, args.dataset_config,
+                                                args.demonstration_split, None, columns)
+            if generation:
+                demo_groups = gen.group_references(demo_rows, template, args.target_column)  # one demo per source
+                demo_rows, demo_targets = [g[0] for g in demo_groups], [g[1][0] for g in demo_groups]
+            else:
+                demo_labels = labels_of(demo_rows, args.label_column, demo_source, args.label_words)
         for k in args.shots:
-            accs, f1s = [], []
+            per_seed = []
             for seed in range(args.seeds if k > 0 else 1):
-                picks = balanced_demonstrations(demo_rows, demo_labels, k, C, seed)
-                demos = [(demo_rows[i], args.label_words[demo_labels[i]]) for i in picks]
-                acc, f1 = run(f"{k}-shot seed {seed}", base, in_context_template(template, demos), args.calibrate,
-                              shared_prefix=k > 0 and not args.no_prefix_cache)
-                accs.append(acc)
-                f1s.append(f1)
-            results["runs"].append({
-                "name": f"{k}-shot" + (" calibrated" if args.calibrate else ""), "shots": k, "seeds": len(accs),
-                "accuracy": statistics.mean(accs), "accuracy_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
-                "macro_f1": statistics.mean(f1s), "per_seed_accuracy": accs})
-    print(f"\n{'run':<28} {'accuracy':>9}{'':<9} {'macro-F1':>9}")
+                if generation:
+                    picks = random.Random(seed).sample(range(len(demo_rows)), min(k, len(demo_rows))) if k else []
+                    demos = [(demo_rows[i], demo_targets[i]) for i in picks]
+                    scores, hyps = run_generation(f"{k}-shot seed {seed}", base, in_context_template(template, demos))
+                    per_seed.append({**scores, "example": hyps[:3]})
+                else:
+                    picks = balanced_demonstrations(demo_rows, demo_labels, k, C, seed) if k else []
+                    demos = [(demo_rows[i], args.label_words[demo_labels[i]]) for i in picks]
+                    acc, f1 = run(f"{k}-shot seed {seed}", base, in_context_template(template, demos), args.calibrate,
+                                  shared_prefix=k > 0 and not args.no_prefix_cache)
+                    per_seed.append({"accuracy": acc, "macro_f1": f1})
+            results["runs"].append(_summarise(f"{k}-shot" + (" calibrated" if args.calibrate else ""), k, per_seed))
+    metrics = ("bleu", "rouge_l") if generation else ("accuracy", "macro_f1")
+    titles = {"bleu": "BLEU", "rouge_l": "ROUGE-L", "accuracy": "accuracy", "macro_f1": "macro-F1"}
+    print(f"\n{'run':<28} {titles[metrics[0]]:>9}{'':<9} {titles[metrics[1]]:>9}")
     for r in results["runs"]:
-        std = f" ± {r['accuracy_std']:.4f}" if r.get("seeds", 1) > 1 else ""
-        print(f"{r['name']:<28} {r['accuracy']:>9.4f}{std:<9} {r['macro_f1']:>9.4f}")
+        std = f" ± {r[metrics[0] + '_std']:.4f}" if r.get("seeds", 1) > 1 else ""
+        print(f"{r['name']:<28} {r[metrics[0]]:>9.4f}{std:<9} {r[metrics[1]]:>9.4f}")
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(results, indent=2))
     return 0
+
+
+def _summarise(name: str, shots: int, per_seed: list[dict]) -> dict:
+    """Mean and population standard deviation over seeds of every metric of ``per_seed``."""
+    out = {"name": name, "shots": shots, "seeds": len(per_seed)}
+    for key in [k for k, v in per_seed[0].items() if isinstance(v, float)]:
+        values = [r[key] for r in per_seed]
+        out[key] = statistics.mean(values)
+        out[f"{key}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
+        out[f"per_seed_{key}"] = values
+    if "example" in per_seed[0]:
+        out["example"] = per_seed[0]["example"]
+    return out
 
 
 if __name__ == "__main__":

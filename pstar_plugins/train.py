@@ -158,7 +158,7 @@ def _main(argv):
     from pstar_plugins.models import load
     from pstar_plugins.plugins import get_plugin_manager
     from pstar_plugins.tasks.data import labels_of, load_split, parse_column_mapping
-    from pstar_plugins.tasks.template import Soft, Template
+    from pstar_plugins.tasks.template import Soft, Template, from_command_line
     from pstar_plugins.tasks.verbalizer import Verbalizer
 
     # without a GPU, multi-process runs need gloo (otherwise Accelerate sees one process while
@@ -223,8 +223,14 @@ def _main(argv):
         train_labels = labels_of(train_rows, args.label_column, train_source, args.label_words)
         eval_labels = labels_of(eval_rows, args.label_column, eval_source, args.label_words)
     template_text = getattr(config, "template", None) or args.template or DEFAULT_TEMPLATE
-    template_text = template_text.replace("\\n", "\n").replace("\\t", "\t")  # "\n" typed on a command line
+    template_text = from_command_line(template_text)
     template = Template.parse(template_text)
+    # what the adapter is for, saved with it: `pstar eval --adapter` then scores it as training did
+    task_record = {"kind": args.task, "template": template_text, "max_length": args.max_length}
+    if generation:
+        task_record.update(target_column=args.target_column, max_new_tokens=args.max_new_tokens)
+    else:
+        task_record.update(label_words=list(args.label_words), label_column=args.label_column)
     for name in template.fields:
         if name not in train_rows[0]:
             raise ConfigError(f"template slot {{{name}}} is not a column of {train_source} (columns: {sorted(train_rows[0])}); "
@@ -359,7 +365,7 @@ def _main(argv):
         accelerator.save_state(str(ckpt))  # model, optimizer, scheduler, RNG of every rank
         trainable_state = core.trainable_state()  # collective under ZeRO-3: every rank gathers
         if accelerator.is_main_process:
-            save_adapter(core, ckpt / "adapter", state=trainable_state)
+            save_adapter(core, ckpt / "adapter", state=trainable_state, task=task_record)
             rng_state = rng.getstate()
             payload = {"step": step_done, "order": order, "history": history, "rng": [rng_state[0], list(rng_state[1]), rng_state[2]]}
             # written last and atomically: its presence marks the checkpoint complete
@@ -421,7 +427,7 @@ def _main(argv):
         "bytes": sum(t.numel() * t.element_size() for t in state.values()),
     }
     if accelerator.is_main_process:
-        save_adapter(core, out_dir / "adapter", state=state)
+        save_adapter(core, out_dir / "adapter", state=state, task=task_record)
         results["save"]["seconds"] = time.perf_counter() - started
         results["history"] = history
         (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))

@@ -83,6 +83,21 @@ def _rewrite_embedded_config(tmp, change):
     _load(tmp)
 
 
+def _eval(*argv):
+    from pstar_plugins.evaluate import parse_args, resolve_task
+
+    resolve_task(parse_args(list(argv)), None)
+
+
+def _generation_rows(rows, target_column):
+    def run(tmp):
+        from pstar_plugins.tasks.generation import group_references
+        from pstar_plugins.tasks.template import Template
+
+        group_references(rows, Template.parse("D: {mr} T:{answer}"), target_column)
+    return run
+
+
 def _data_file(name, content: bytes, label_column="label"):
     def run(tmp):
         from pstar_plugins.tasks.data import labels_of, read_examples
@@ -194,6 +209,10 @@ CASES = [
     Case("truncated or corrupt safetensors file", _truncated_adapter, "AdapterError", "is truncated or corrupt"),
     Case("adapter config missing fields", lambda tmp: _rewrite_embedded_config(tmp, lambda m: m.pop("folded")), "AdapterError", "lacks field(s) ['folded']"),
     Case("adapter config from a newer format version", lambda tmp: _rewrite_embedded_config(tmp, lambda m: m.update(format_version=7)), "AdapterError", "has format_version 7; this pstar-plugins reads up to 1"),
+    Case("adapter config with a malformed task record", lambda tmp: _rewrite_embedded_config(tmp, lambda m: m.update(task={"kind": "regression", "template": "x"})), "AdapterError", "has task {'kind': 'regression', 'template': 'x'}; expected an object with kind classification or generation"),
+    Case("eval: generation without a template", lambda tmp: _eval("--task", "generation"), "ConfigError", "--task generation needs --template"),
+    Case("eval: generation demonstrations without a file", lambda tmp: _eval("--task", "generation", "--template", "D: {mr} T:{answer}", "--shots", "2"), "ConfigError", "--shots 2 with --task generation needs --demonstration-file"),
+    Case("data: generation row without the target column", _generation_rows([{"mr": "a"}], "ref"), "DataError", "evaluation row 1 has no target column 'ref' (columns: ['mr']); set --target-column"),
     Case("data: missing label column", _data_file("a.tsv", b"sentence\tgold\nfine\t1\n"), "DataError", "row 1 has no column 'label'"),
     Case("data: unknown label", _data_file("b.tsv", b"sentence\tlabel\nfine\tmaybe\n"), "DataError", "row 1 has label 'maybe'; expected one of ['negative', 'positive']"),
     Case("data: empty file", _data_file("c.csv", b""), "DataError", "is empty; expected a header row"),

@@ -43,8 +43,13 @@ def _geometry(model) -> dict[str, Any]:
     return model_geometry(model.base_model.config, kinds).to_dict()
 
 
-def adapter_metadata(model) -> dict[str, Any]:
-    return {
+TASK_KINDS = ("classification", "generation")
+
+
+def adapter_metadata(model, task: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The adapter's config. ``task`` records what it was trained for (kind, template, label
+    words or target column), so evaluating the adapter later needs no flags repeated."""
+    meta = {
         "format_version": FORMAT_VERSION,
         "method": model.method_name,
         "method_config": model.method_config.to_dict(),
@@ -54,13 +59,18 @@ def adapter_metadata(model) -> dict[str, Any]:
             **_geometry(model),
         },
     }
+    if task is not None:
+        meta["task"] = dict(task)
+    return meta
 
 
-def save_adapter(model, directory, state: dict[str, torch.Tensor] | None = None, write: bool = True) -> None:
+def save_adapter(model, directory, state: dict[str, torch.Tensor] | None = None, write: bool = True,
+                 task: dict[str, Any] | None = None) -> None:
     """Write the trainable tensors and config of ``model`` into ``directory``.
 
     ``state`` may be passed when it was gathered elsewhere (ZeRO-3); ``write=False`` lets
-    non-main ranks take part in gathering without touching the disk.
+    non-main ranks take part in gathering without touching the disk. ``task``: see
+    :func:`adapter_metadata`.
     """
     if state is None:
         state = model.trainable_state()
@@ -68,7 +78,7 @@ def save_adapter(model, directory, state: dict[str, torch.Tensor] | None = None,
         return
     directory = Path(directory)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    meta = adapter_metadata(model)
+    meta = adapter_metadata(model, task)
     text = json.dumps(meta, indent=2, sort_keys=True)
     # the config also travels inside the tensor file, so the one atomic rename that replaces the
     # weights replaces the config they belong to: a kill between the two writes cannot pair new
@@ -107,6 +117,10 @@ def read_adapter(directory) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
             f"the adapter config in {source} has format_version {version!r}; this pstar-plugins reads up to "
             f"{FORMAT_VERSION}. Upgrade pstar-plugins to load it."
         )
+    task = meta.get("task")
+    if task is not None and not (isinstance(task, dict) and task.get("kind") in TASK_KINDS and isinstance(task.get("template"), str)):
+        raise AdapterError(f"the adapter config in {source} has task {task!r}; expected an object with kind "
+                           f"{' or '.join(TASK_KINDS)} and a template string. Remove the field to evaluate with explicit flags.")
     return meta, tensors
 
 

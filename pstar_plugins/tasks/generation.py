@@ -90,15 +90,20 @@ def target_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def group_references(rows: list[dict], template: Template, target_column: str) -> list[tuple[dict, list[str]]]:
     """One entry per distinct source (the template's fields), with all its references."""
     groups: OrderedDict[tuple, tuple[dict, list[str]]] = OrderedDict()
-    for row in rows:
+    for number, row in enumerate(rows, start=1):
+        if target_column not in row:
+            raise DataError(f"evaluation row {number} has no target column {target_column!r} (columns: {sorted(row)}); "
+                            "set --target-column.")
         key = tuple(str(row.get(f)) for f in template.fields)
         groups.setdefault(key, (row, []))[1].append(str(row[target_column]).strip())
     return list(groups.values())
 
 
 @torch.no_grad()
-def generate(model, template: Template, tokenizer, sources: list[dict], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy decoding from left-padded prompts; returns the decoded continuations."""
+def generate(model, template: Template, tokenizer, sources: list[dict], max_new_tokens: int, batch_size: int,
+             progress=None) -> list[str]:
+    """Greedy decoding from left-padded prompts; returns the decoded continuations (``progress``:
+    a tqdm bar advanced by the rows of each batch)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     outputs: list[str] = []
@@ -117,6 +122,8 @@ def generate(model, template: Template, tokenizer, sources: list[dict], max_new_
                              do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **kwargs)
         for row in out[:, length:]:
             outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip().split("\n")[0].strip())
+        if progress is not None:
+            progress.update(len(prompts))
     return outputs
 
 

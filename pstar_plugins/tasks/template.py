@@ -51,6 +51,11 @@ class EncodedPrompt:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def from_command_line(text: str) -> str:
+    """A template typed on a command line: ``\\n`` and ``\\t`` become a newline and a tab."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
 class Template:
     def __init__(self, text: str, parts: list[Part]) -> None:
         self.text = text
