@@ -19,6 +19,7 @@ every command's settings) and regenerates the README's quality table.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import random
@@ -215,8 +216,11 @@ def run_e2e(args, work: Path) -> dict:
 
 
 def readme_table(result: dict) -> str:
-    lines = [f"Measured by `python bench/quality.py` on {result['machine']['cpus']} CPU cores, {result['date'][:10]} "
-             f"(bench/results/quality.json).", "",
+    dates = {k: v[:10] for k, v in result.get("part_dates", {}).items()}
+    when = "; ".join(f"{label} {dates[k]}" for k, label in (("icl", "prompting baselines"), ("sst2_methods", "SmolLM2 methods"),
+                                                           ("minilm", "MiniLM"), ("e2e", "E2E")) if k in dates)
+    lines = [f"Measured by `python bench/quality.py` on {result['machine']['cpus']} CPU cores ({when or result['date'][:10]}; "
+             f"bench/results/quality.json).", "",
              "| SST-2 dev (872), frozen SmolLM2-135M-Instruct | accuracy |", "|---|---|"]
     for r in result.get("icl", {}).get("runs", []):
         k = r["shots"]
@@ -277,8 +281,8 @@ def main(argv=None) -> int:
     p.add_argument("--full-finetune-lr", type=float, default=5e-5)
     p.add_argument("--minilm-lr", type=float, default=2e-2, help="P-tuning v2 learning rate on MiniLM")
     p.add_argument("--minilm-virtual-tokens", type=int, default=16)
-    p.add_argument("--minilm-examples", type=int, default=4800, help="labelled SST-2 examples both MiniLM contenders train on")
-    p.add_argument("--minilm-steps", type=int, default=900, help="optimizer steps of both MiniLM contenders (900 × 16 = 3 epochs of 4,800)")
+    p.add_argument("--minilm-examples", type=int, default=9600, help="labelled SST-2 examples both MiniLM contenders train on")
+    p.add_argument("--minilm-steps", type=int, default=1800, help="optimizer steps of both MiniLM contenders (1800 × 16 = 3 epochs of 9,600)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--work-dir", default=str(C.ROOT / "runs" / "bench-quality"))
     args = p.parse_args(argv)
@@ -287,6 +291,8 @@ def main(argv=None) -> int:
     path = C.RESULTS / "quality.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
     result = {k: previous[k] for k in ("icl", "sst2_methods", "minilm", "e2e") if k in previous}  # parts not rerun
+    # when each part was measured: a part that is not rerun keeps its date
+    part_dates = dict(previous.get("part_dates") or {k: previous["date"] for k in result})
     args.previous = previous
     result.update(steps=args.steps, batch_size=args.batch_size, e2e_steps=args.e2e_steps, seed=args.seed,
                   sst2_train_file=sst2_files()[0])
@@ -296,6 +302,8 @@ def main(argv=None) -> int:
         if part in args.only:
             key, run = parts[part]
             result[key] = run(args, work)
+            part_dates[key] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            result["part_dates"] = part_dates
             C.write_result("quality", result)  # each finished part is kept if a later one fails
     best = max(result.get("sst2_methods", {}).items(), key=lambda kv: kv[1]["accuracy"], default=None)
     result["targets"] = {
