@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from pstar_plugins.errors import ConfigError, run_reporting_errors
+from pstar_plugins.tasks.template import DEFAULT_TEMPLATE as CLASSIFICATION_TEMPLATE
 
-CLASSIFICATION_TEMPLATE = "Review: {sentence} Sentiment:{answer}"
 # flag defaults when neither the command line nor the adapter's recorded task gives a value
 FALLBACKS = {"label_column": "label", "label_words": ["negative", "positive"], "target_column": "ref",
              "max_new_tokens": 64, "max_length": 1024}
@@ -132,8 +132,8 @@ def _main(argv):
     from pstar_plugins.tasks.template import Template
     from pstar_plugins.tasks.verbalizer import Verbalizer
 
-    recorded = read_adapter(args.adapter)[0].get("task") if args.adapter else None  # a bad adapter fails before any load
-    resolve_task(args, recorded)
+    adapter = read_adapter(args.adapter) if args.adapter else None  # a bad adapter fails before any load
+    resolve_task(args, adapter[0].get("task") if adapter else None)
     generation = args.task == "generation"
     columns = parse_column_mapping(args.column)
     rows, source = load_split(args.validation_file, args.dataset, args.dataset_config, args.validation_split,
@@ -170,11 +170,10 @@ def _main(argv):
 
     def run_generation(name, model, template):
         with tqdm(total=len(groups), desc=name, leave=False) as bar:
-            hyps = gen.generate(model, template, tokenizer, [g[0] for g in groups], args.max_new_tokens, args.batch_size, bar)
-        return gen.bleu_rouge(hyps, [g[1] for g in groups]), hyps
+            return gen.generate_and_score(model, template, tokenizer, groups, args.max_new_tokens, args.batch_size, bar)
 
     if args.adapter:
-        model = load_adapter(base, args.adapter, tokenizer=tokenizer, trainable=False).eval()
+        model = load_adapter(base, args.adapter, tokenizer=tokenizer, trainable=False, contents=adapter).eval()
         model.packing = args.packing
         # a P-tuning adapter's template places its soft tokens, so it always comes from the adapter
         template = Template.parse(getattr(model.method_config, "template", None) or args.template)
@@ -187,10 +186,8 @@ def _main(argv):
             results["runs"].append({"name": name, "accuracy": acc, "macro_f1": f1})
     else:
         template = Template.parse(args.template)
-        demo_file = args.demonstration_file
-        if demo_file is None and any(k > 0 for k in args.shots):
-            demo_file = packaged_data("sst2_train_sample.tsv")
         if any(k > 0 for k in args.shots):
+            demo_file = args.demonstration_file or packaged_data("sst2_train_sample.tsv")
             demo_rows, demo_source = load_split(demo_file, args.dataset, args.dataset_config,
                                                 args.demonstration_split, None, columns)
             if generation:

@@ -25,9 +25,9 @@ import torch
 from torch.nn import functional as F
 
 from pstar_plugins.errors import ConfigError, PStarError, run_reporting_errors
+from pstar_plugins.tasks.template import DEFAULT_TEMPLATE
 
 logger = logging.getLogger("pstar_plugins.train")
-DEFAULT_TEMPLATE = "Review: {sentence} Sentiment:{answer}"
 
 
 def _method_arguments(parser: argparse.ArgumentParser, config_class) -> list[str]:
@@ -311,9 +311,8 @@ def _main(argv):
     def evaluate_generation(m, tmpl, desc, limit=None):
         groups = eval_groups[: limit or len(eval_groups)]
         m.eval()
-        hyps = gen.generate(m, tmpl, tokenizer, [g[0] for g in groups], args.max_new_tokens, args.eval_batch_size)
+        scores, hyps = gen.generate_and_score(m, tmpl, tokenizer, groups, args.max_new_tokens, args.eval_batch_size)
         m.train()
-        scores = gen.bleu_rouge(hyps, [g[1] for g in groups])
         results.setdefault("generation_scores", {})[desc] = {**scores, "sources": len(groups), "example": hyps[:3]}
         return scores["bleu"]
 

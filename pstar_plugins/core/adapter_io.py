@@ -135,11 +135,13 @@ def check_geometry(meta: dict[str, Any], model) -> None:
             )
 
 
-def load_adapter(base_model, directory, tokenizer=None, plugin_manager=None, trainable: bool = True):
-    """Build the adapter's method on ``base_model`` and load its tensors bit-exactly."""
+def load_adapter(base_model, directory, tokenizer=None, plugin_manager=None, trainable: bool = True,
+                 contents: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None):
+    """Build the adapter's method on ``base_model`` and load its tensors bit-exactly
+    (``contents``: what :func:`read_adapter` already returned for ``directory``)."""
     from pstar_plugins.core.build import build_model
 
-    meta, tensors = read_adapter(directory)
+    meta, tensors = contents if contents is not None else read_adapter(directory)
     from pstar_plugins.core.build import make_config
 
     config = make_config(meta["method"], meta["method_config"], plugin_manager=plugin_manager)

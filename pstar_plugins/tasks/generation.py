@@ -127,6 +127,13 @@ def generate(model, template: Template, tokenizer, sources: list[dict], max_new_
     return outputs
 
 
+def generate_and_score(model, template: Template, tokenizer, groups: list[tuple[dict, list[str]]], max_new_tokens: int,
+                       batch_size: int, progress=None) -> tuple[dict[str, float], list[str]]:
+    """Greedy continuations of each source of :func:`group_references` and their BLEU / ROUGE-L."""
+    hyps = generate(model, template, tokenizer, [g[0] for g in groups], max_new_tokens, batch_size, progress)
+    return bleu_rouge(hyps, [g[1] for g in groups]), hyps
+
+
 def bleu_rouge(hypotheses: list[str], references: list[list[str]]) -> dict[str, float]:
     """Corpus BLEU over all references (sacrebleu) and mean best-reference ROUGE-L F1."""
     import sacrebleu

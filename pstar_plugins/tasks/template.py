@@ -51,6 +51,10 @@ class EncodedPrompt:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# the default SST-2 template of the training script and of `pstar eval`
+DEFAULT_TEMPLATE = "Review: {sentence} Sentiment:{answer}"
+
+
 def from_command_line(text: str) -> str:
     """A template typed on a command line: ``\\n`` and ``\\t`` become a newline and a tab."""
     return text.replace("\\n", "\n").replace("\\t", "\t")
