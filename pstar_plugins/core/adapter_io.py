@@ -124,10 +124,17 @@ def read_adapter(directory) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return meta, tensors
 
 
-def check_geometry(meta: dict[str, Any], model) -> None:
+def check_geometry(meta: dict[str, Any], model, config=None) -> None:
+    """Refuse an adapter recorded for another model geometry. With ``model=None`` only what
+    ``config`` tells without building the method (hidden size, encoder-decoder) is checked."""
     saved = meta["base_model"]
-    current = {"name_or_path": saved.get("name_or_path", ""), **_geometry(model)}
-    for key in ("hidden_size", "is_encoder_decoder", "attention"):
+    if model is None:
+        current = model_geometry(config).to_dict()
+        keys = ("hidden_size", "is_encoder_decoder")
+    else:
+        current = {"name_or_path": saved.get("name_or_path", ""), **_geometry(model)}
+        keys = ("hidden_size", "is_encoder_decoder", "attention")
+    for key in keys:
         if saved.get(key) != current.get(key):
             raise AdapterError(
                 f"the adapter was trained for a model with {key}={saved.get(key)!r}, but this model has "
@@ -145,13 +152,18 @@ def load_adapter(base_model, directory, tokenizer=None, plugin_manager=None, tra
     from pstar_plugins.core.build import make_config
 
     config = make_config(meta["method"], meta["method_config"], plugin_manager=plugin_manager)
+    check_geometry(meta, None, base_model.config)  # what the config alone tells, before anything is injected
     # the saved tensors replace any initialisation, so skip the data-dependent ones (no tokenizer needed)
     model = build_model(base_model, meta["method"], config.for_loading(), tokenizer=tokenizer, plugin_manager=plugin_manager)
-    model.method.config = config
-    check_geometry(meta, model)
-    if meta["folded"]:
-        model.fold()
-    model.load_trainable_state(tensors)
+    try:
+        model.method.config = config
+        check_geometry(meta, model)
+        if meta["folded"]:
+            model.fold()
+        model.load_trainable_state(tensors)
+    except BaseException:
+        model.unwrap()  # a refused adapter leaves the base model as it was
+        raise
     if not trainable:
         for p in model.parameters():
             p.requires_grad_(False)

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from pstar_plugins.core.model import PStarModel
+from pstar_plugins.core.model import CARRIED_METHOD, PStarModel
 from pstar_plugins.errors import ConfigError, PluginError
 from pstar_plugins.methods.base import MethodConfig, PromptMethod
 from pstar_plugins.plugins import PStarPluginManager, get_plugin_manager
@@ -61,6 +61,12 @@ def build_model(
     """
     pm = plugin_manager or get_plugin_manager()
     method_config = make_config(method, config, plugin_manager=pm, **options)
+    carried = base_model.__dict__.get(CARRIED_METHOD)
+    if carried is not None:
+        raise ConfigError(
+            f"this {type(base_model).__name__} already carries method {carried!r}; a second method cannot be built on "
+            "it. Call .unwrap() on the PStarModel that holds it to get the bare model back, or load a fresh base model."
+        )
     module = pm.hook.pstar_build_method(base_model=base_model, method=method, config=method_config, tokenizer=tokenizer)
     if module is None:
         owner = pm.method(method).plugin
@@ -68,7 +74,12 @@ def build_model(
     if not isinstance(module, PromptMethod):
         raise PluginError(f"pstar_build_method for {method!r} returned {type(module).__name__}; expected a PromptMethod.")
     model = PStarModel(base_model, module, method, pm)
-    freeze(model)
+    base_model.__dict__[CARRIED_METHOD] = method
+    try:
+        freeze(model)
+    except BaseException:
+        model.unwrap()
+        raise
     return model
 
 

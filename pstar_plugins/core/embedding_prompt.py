@@ -26,7 +26,9 @@ class EmbeddingPromptMethod(PromptMethod):
     """Subclasses implement :meth:`virtual_block` and/or :meth:`fill_slots`."""
 
     def virtual_block(self, batch: int, task_ids: torch.Tensor | None) -> torch.Tensor | None:
-        """``(N, m, hidden)`` embeddings to insert (N = 1 or ``batch``), or ``None``."""
+        """``(N, m, hidden)`` embeddings to insert (N = 1, or one row per entry of ``task_ids``),
+        or ``None``. It may depend on ``task_ids`` only, not on the batch's tokens: at inference
+        prompt tuning runs each distinct block once and serves its keys/values to every row."""
         return None
 
     def insertion_index(self, input_ids: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
@@ -60,9 +62,14 @@ class EmbeddingPromptMethod(PromptMethod):
         if mask is None:
             mask = torch.ones(B, L, dtype=torch.long, device=embeds.device)
         user_mask = mask
-        embeds = self.fill_slots(embeds, inputs)
         task_ids = self.check_task_ids(task_ids, B)
-        block = self.virtual_block(B, task_ids)
+        if self.contributing:
+            embeds = self.fill_slots(embeds, inputs)
+            block = self.virtual_block(B, task_ids)
+        else:  # the bare model's call: the method's own inputs are dropped, nothing is inserted
+            for name in self.generate_input_names():
+                inputs.pop(name, None)
+            block = None
         info: dict[str, Any] = {"user_index": None, "at_start": True, "length": L}
         if block is not None:
             m = block.shape[1]

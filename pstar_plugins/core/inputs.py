@@ -32,13 +32,43 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(mask == 0, 0)
 
 
+def _find_position_convention(model: nn.Module) -> tuple[int, int]:
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in ("position_embeddings", "embed_positions") and isinstance(module, nn.Embedding):
+            if module.padding_idx is not None:
+                return module.padding_idx + 1, module.padding_idx
+            return 0, 0
+    return 0, 0
+
+
+def position_convention(model: nn.Module) -> tuple[int, int]:
+    """``(first, padding)``: the position id of a row's first real token and of padding.
+
+    ``(0, 0)`` for most models. Learned position tables with a padding row (the fairseq
+    convention of RoBERTa, XLM-RoBERTa, CamemBERT, ...: ``nn.Embedding(..., padding_idx=p)``)
+    number real tokens from ``p + 1`` and give padding ``p``; filling them from 0 would shift every
+    position silently.
+    """
+    key = model.__dict__.get("_pstar_position_convention")
+    if key is None:
+        key = _find_position_convention(model)
+        model.__dict__["_pstar_position_convention"] = key
+    return key
+
+
 def fill_position_ids(model: nn.Module, inputs: dict[str, Any]) -> None:
-    """Give a padded batch the positions each row would have alone (left padding included)."""
+    """Give a padded batch the positions each row would have alone (left padding included), in
+    the model's own numbering (:func:`position_convention`)."""
     if inputs.get("position_ids") is not None or inputs.get("attention_mask") is None:
         return
     if is_encoder_decoder(model) or not accepts(model, "position_ids"):
         return
-    inputs["position_ids"] = positions_from_mask(inputs["attention_mask"])
+    mask = inputs["attention_mask"]
+    first, padding = position_convention(model)
+    positions = positions_from_mask(mask)
+    if first or padding:
+        positions = (positions + first).masked_fill(mask == 0, padding)
+    inputs["position_ids"] = positions
 
 
 def first_real_index(mask: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,10 @@ from pstar_plugins.errors import PluginError
 from pstar_plugins.methods.base import MethodConfig, PromptMethod
 
 
+#: attribute of a base model that carries a method (set by ``build_model``, removed by ``unwrap``)
+CARRIED_METHOD = "_pstar_method"
+
+
 class PStarModel(nn.Module):
     """The wrapped model. ``forward`` and ``generate`` take the base model's arguments plus
     ``task_ids`` (``(B,)``, the prompt each row uses in a mixed-task batch) and whatever inputs
@@ -123,7 +127,13 @@ class PStarModel(nn.Module):
 
         save_adapter(self, directory, **kwargs)
 
+    def disable_adapter(self):
+        """Context manager: run the bare base model through this wrapper (the method's prompt
+        switched off), e.g. for a zero-shot baseline or a reference output."""
+        return self.method.disabled()
+
     def unwrap(self) -> nn.Module:
         """Remove the method from the base model and return the base model as it was loaded."""
         self.method.detach(self.base_model)
+        self.base_model.__dict__.pop(CARRIED_METHOD, None)
         return self.base_model

@@ -234,6 +234,26 @@ def backbone_forward(p: PackPlan, backbone: nn.Module, inputs: dict[str, Any]) -
     return BaseModelOutputWithPast(last_hidden_state=unpack(p, hidden))
 
 
+_recorders: list[list[str]] = []
+
+
+@contextlib.contextmanager
+def recording():
+    """Collect, for every model call and ``generate()`` meanwhile, ``"packed"`` or the reason it
+    ran padded (what the conformance suite reports as the fast path a cell took)."""
+    records: list[str] = []
+    _recorders.append(records)
+    try:
+        yield records
+    finally:
+        _recorders.remove(records)
+
+
+def _record(what: str, reason: str | None) -> None:
+    for records in _recorders:
+        records.append(f"{what}: packed" if reason is None else f"{what}: padded ({reason})")
+
+
 def call(model: nn.Module, inputs: dict[str, Any], packing: bool, causal_lm: bool = True,
          while_packed: Callable[[PackPlan], ContextManager] | None = None):
     """Call ``model`` on ``inputs`` (``None`` values dropped), packed when asked and possible.
@@ -245,7 +265,10 @@ def call(model: nn.Module, inputs: dict[str, Any], packing: bool, causal_lm: boo
     learn where each example went).
     """
     inputs = {k: v for k, v in inputs.items() if v is not None}
-    if packing and unsupported_reason(model, inputs, causal_lm) is None:
+    reason = unsupported_reason(model, inputs, causal_lm) if packing else "packing is off"
+    if _recorders:
+        _record("call", reason)
+    if reason is None:
         p = plan(inputs["attention_mask"], pair_cost(model.config))
         with while_packed(p) if while_packed is not None else contextlib.nullcontext():
             return causal_lm_forward(p, model, inputs) if causal_lm else backbone_forward(p, model, inputs)
@@ -321,6 +344,9 @@ def generate(model: nn.Module, inputs: dict[str, Any], packing: bool,
     """``model.generate(**inputs, **kwargs)`` (``None`` inputs dropped), with the prompt's cache
     from :func:`prefill` when ``packing`` is on and the call allows it."""
     inputs = {k: v for k, v in inputs.items() if v is not None}
-    if packing and prefill_unsupported_reason(model, inputs, kwargs) is None:
+    reason = prefill_unsupported_reason(model, inputs, kwargs) if packing else "packing is off"
+    if _recorders:
+        _record("prefill", reason)
+    if reason is None:
         kwargs[_cache_argument(model)] = prefill(model, inputs, while_packed)
     return model.generate(**inputs, **kwargs)

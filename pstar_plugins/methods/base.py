@@ -119,6 +119,33 @@ class PromptMethod(nn.Module):
     def __init__(self, config: MethodConfig) -> None:
         super().__init__()
         self.config = config
+        self._disabled = False
+
+    # -- switching the contribution off -------------------------------------------------
+    @contextlib.contextmanager
+    def disabled(self):
+        """While active, the method contributes nothing: the wrapped model computes what the bare
+        base model computes on the same inputs (positions, masks and outputs untouched; a method
+        with its own output head still applies it to the base model's hidden states). Every
+        ``run`` and ``generate`` must honour :attr:`contributing`; the conformance suite
+        (``pstar_plugins.testing.conformance``) checks it against the bare model."""
+        previous = self._disabled
+        self._disabled = True
+        try:
+            yield
+        finally:
+            self._disabled = previous
+
+    @property
+    def contributing(self) -> bool:
+        """``False`` inside :meth:`disabled`."""
+        return not self._disabled
+
+    def example_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
+        """Extra inputs the method needs for a batch of token ids (``(B, L)``, real tokens where
+        ``attention_mask`` is 1), e.g. P-tuning's ``prompt_index``. The conformance suite builds
+        its batches with it; default: none."""
+        return {}
 
     def call_base(self, model: nn.Module, inputs: dict[str, Any], causal_lm: bool = True, packable: bool = True,
                   while_packed=None):
@@ -199,7 +226,8 @@ class PromptMethod(nn.Module):
 
     @property
     def folded(self) -> bool:
-        return False
+        """Whether no training-only reparameterisation is left (``True`` for a method that has none)."""
+        return True
 
     def fold(self) -> None:
         """Replace training-only reparameterisation by static tensors (default: nothing to fold)."""

@@ -11,7 +11,7 @@ from torch import nn
 
 from pstar_plugins.core.distributed import embedding_rows, embedding_shape, embedding_std
 from pstar_plugins.core.embedding_prompt import EmbeddingPromptMethod
-from pstar_plugins.core.inputs import IGNORE_INDEX
+from pstar_plugins.core.inputs import IGNORE_INDEX, is_encoder_decoder
 from pstar_plugins.errors import ConfigError
 from pstar_plugins.methods.p_tuning.config import PTuningConfig
 from pstar_plugins.methods.p_tuning.encoder import PromptEncoder
@@ -31,6 +31,8 @@ class PTuning(EmbeddingPromptMethod):
             initial = embedding_rows(embedding, ids)
         else:
             initial = torch.randn(n, hidden) * embedding_std(embedding)
+        # the labels of an encoder-decoder model are the decoder's: the encoder's soft positions say nothing about them
+        self.labels_follow_inputs = not is_encoder_decoder(base_model)
         self.encoder = PromptEncoder(initial.to(weight.device), config.encoder, config.encoder_hidden_size or hidden)
 
     @property
@@ -56,9 +58,17 @@ class PTuning(EmbeddingPromptMethod):
         is_soft = (index >= 0).unsqueeze(-1)
         embeds = torch.where(is_soft, soft[index.clamp(min=0)], embeds)
         labels = inputs.get("labels")
-        if labels is not None:  # soft positions never enter the loss
+        if labels is not None and self.labels_follow_inputs:  # soft positions never enter the loss
             inputs["labels"] = labels.masked_fill(index >= 0, IGNORE_INDEX)
         return embeds
+
+    def example_inputs(self, input_ids, attention_mask):
+        """``prompt_index`` that makes the first soft-token-count real tokens of each row the
+        template's soft tokens, in order (the layout ``{soft:n} {text}``)."""
+        real = attention_mask.bool()
+        rank = real.long().cumsum(1) - 1
+        n = self.template.num_soft_tokens
+        return {"prompt_index": torch.where(real & (rank < n), rank, torch.full_like(rank, -1))}
 
     def generate_input_names(self):
         return ("prompt_index",)

@@ -103,7 +103,10 @@ class PrefixTuning(PromptMethod):
             table.fold()
 
     def prefixes(self, task_ids: torch.Tensor | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Compute every kind's prefix once for this call (the MLP runs once per forward)."""
+        """Compute every kind's prefix once for this call (the MLP runs once per forward); none
+        while the method is :meth:`disabled`."""
+        if not self.contributing:
+            return {}
         return {kind: table(task_ids, self.dropout) for kind, table in self.tables.items()}
 
     def _batch_size(self, inputs: dict[str, Any]) -> int:

@@ -27,6 +27,9 @@ from pstar_plugins.errors import ConfigError, IncompatibleModelError
 from pstar_plugins.methods.prompt_tuning.config import PromptTuningConfig
 
 _SERVING_INJECTOR = "_serving_injector"
+# what serving from the prompts' cache stands in for: the cache path runs only where these are
+# PromptTuning's own (``virtual_block`` is called by it, so overriding that is fine)
+_CACHE_STANDS_IN_FOR = ("run", "insertion_index", "fill_slots", "_embed", "_prediction_index")
 
 
 def _text_ids(tokenizer, text: str) -> list[int]:
@@ -99,6 +102,13 @@ class PromptTuning(EmbeddingPromptMethod):
         keys/values can stand in for them."""
         if not self.packing:
             return "packing is off"
+        if not self.contributing:
+            return "the method is disabled"
+        overridden = [name for name in _CACHE_STANDS_IN_FOR if getattr(type(self), name) is not getattr(PromptTuning, name)]
+        if overridden:
+            # the cache path re-implements what these compute; a subclass that changes them keeps
+            # the virtual tokens in the sequence, where its own code runs
+            return f"{type(self).__name__} overrides {', '.join(overridden)}"
         if torch.is_grad_enabled():
             return "training (the prompt's gradient flows through its positions)"
         if is_encoder_decoder(base_model) or not base_model.can_generate():
@@ -155,7 +165,8 @@ class PromptTuning(EmbeddingPromptMethod):
         inputs["position_ids"] = positions_from_mask(mask) + self.config.num_virtual_tokens * (mask > 0).long()
 
         def prefixes_of(tasks):
-            prompts = self.prompt[:1] if tasks is None else self.prompt[tasks.to(self.prompt.device)]
+            # through the overridable API: a subclass's prompt (residual MLP, ...) is what is cached
+            prompts = self.virtual_block(1 if tasks is None else len(tasks), tasks)
             return {SELF: self.prompt_keys_values(base_model, prompts)}
 
         with self.__dict__[_SERVING_INJECTOR].activate_tasks(task_ids, prefixes_of) as while_packed:
