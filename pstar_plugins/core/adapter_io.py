@@ -164,6 +164,11 @@ def load_adapter(base_model, directory, tokenizer=None, plugin_manager=None, tra
     except BaseException:
         model.unwrap()  # a refused adapter leaves the base model as it was
         raise
+    # base-model weights saved with the adapter were trainable when it was trained (a plugin
+    # unfroze them); they stay so, also when that plugin is not loaded now
+    for name, param in model.named_parameters():
+        if name in tensors and not name.startswith("method."):
+            param.requires_grad_(True)
     if not trainable:
         for p in model.parameters():
             p.requires_grad_(False)

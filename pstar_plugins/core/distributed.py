@@ -91,12 +91,13 @@ def gathered_trainable_state(model) -> dict[str, torch.Tensor]:
     ``accelerator.get_state_dict`` with ``stage3_gather_16bit_weights_on_model_save`` which
     gathers the whole model (transformers#29980).
     """
-    params = [p for p in model.method.parameters()]
+    params = [p for p in model.method.parameters()] + [p for _, p in model.extra_trainable_parameters()]
     with gathered(params):
         return {k: v.detach().to("cpu", copy=True) for k, v in model.raw_trainable_state().items()}
 
 
 def load_trainable_state_gathered(model, state) -> None:
-    params = [p for p in model.method.parameters()]
+    extra = [p for n, p in model.named_parameters() if n in state and not n.startswith("method.")]
+    params = [p for p in model.method.parameters()] + extra
     with gathered(params, modifier_rank=0):
         model.raw_load_trainable_state(state)

@@ -7,12 +7,14 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from pstar_plugins.errors import PluginError
+from pstar_plugins.errors import AdapterError, PluginError
 from pstar_plugins.methods.base import MethodConfig, PromptMethod
 
 
 #: attribute of a base model that carries a method (set by ``build_model``, removed by ``unwrap``)
 CARRIED_METHOD = "_pstar_method"
+#: adapter tensors with this prefix are base-model weights a plugin made trainable
+EXTRA_PREFIX = "base_model."
 
 
 class PStarModel(nn.Module):
@@ -106,15 +108,40 @@ class PStarModel(nn.Module):
 
         load_trainable_state_gathered(self, state)
 
+    def extra_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Trainable parameters outside the method's module: base-model weights that a plugin
+        unfroze through ``pstar_trainable_parameters`` (a final norm, a bias, ...). They are part
+        of the adapter: saved under their ``named_parameters()`` name and loaded back."""
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad and not n.startswith("method.")]
+
     def raw_trainable_state(self) -> dict[str, torch.Tensor]:
         state = self._pm.hook.pstar_trainable_state(model=self)
         if state is None:
             raise PluginError(f"no plugin returned the trainable state of method {self.method_name!r}.")
-        return dict(state)
+        state = dict(state)
+        for name, param in self.extra_trainable_parameters():
+            if name in state:
+                raise PluginError(f"method {self.method_name!r} saves a tensor named {name!r}, the name of a base-model weight.")
+            state[name] = param.detach()
+        return state
 
     def raw_load_trainable_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        if self._pm.hook.pstar_load_trainable_state(model=self, state=state) is None:
+        own = dict(self.named_parameters())
+        extra = {k: v for k, v in state.items() if k.startswith(EXTRA_PREFIX)}
+        unknown = sorted(k for k in extra if k not in own)
+        if unknown:
+            raise AdapterError(f"the adapter holds base-model weights {unknown[:5]} that this model does not have; "
+                               "it was trained on another architecture.")
+        for name, tensor in extra.items():
+            if tuple(tensor.shape) != tuple(getattr(own[name], "ds_shape", own[name].shape)):
+                raise AdapterError(f"adapter tensor {name!r} has shape {tuple(tensor.shape)}, the model's weight "
+                                   f"{tuple(own[name].shape)}; the adapter was trained for a different model.")
+        method_state = {k: v for k, v in state.items() if k not in extra}
+        if self._pm.hook.pstar_load_trainable_state(model=self, state=method_state) is None:
             raise PluginError(f"no plugin loaded the trainable state of method {self.method_name!r}.")
+        with torch.no_grad():
+            for name, tensor in extra.items():
+                own[name].copy_(tensor.to(own[name].dtype))
 
     def fold(self) -> "PStarModel":
         """Fold reparameterisation (prefix MLP, prompt encoder) into static tensors, in place."""

@@ -86,6 +86,10 @@ def export_peft(adapter_dir, base_model, output_dir) -> dict:
     if is_encoder_decoder(base_model):
         raise IncompatibleModelError("PEFT export covers decoder-only models; this one is encoder-decoder.")
     model = load_adapter(base_model, adapter_dir, trainable=False)
+    extra = sorted(k for k in model.raw_trainable_state() if not k.startswith("method.") and k.startswith("base_model."))
+    if extra:
+        raise AdapterError(f"the adapter also holds base-model weights a plugin trained ({extra[:3]}); a PEFT "
+                           "prompt-learning adapter has no place for them. Use the pstar adapter itself.")
     model.fold()
     method, cfg = model.method_name, model.method_config
     text = base_model.config.get_text_config() if hasattr(base_model.config, "get_text_config") else base_model.config

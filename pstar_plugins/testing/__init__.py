@@ -134,3 +134,11 @@ if pytest is not None:
         for name in names:
             if pm.get_plugin(name) is not None:
                 pm.unregister_plugin(name)
+
+    @pytest.fixture
+    def pstar_conformance():
+        """``pstar_conformance(factory, method, options)`` runs the conformance suite
+        (:mod:`pstar_plugins.testing.conformance`) and fails the test with its summary."""
+        from pstar_plugins.testing.conformance import assert_conforms
+
+        return assert_conforms

@@ -358,18 +358,21 @@ def check_padded_equals_alone(cell: Cell) -> str:
     rows = cell.rows()
     notes = []
     for side in ("left", "right"):
-        if not _padding_invariant(cell, lambda b: cell.forward(bare, b), rows, side):
-            notes.append(f"{side} padding not checked: the bare model itself is not invariant to it")
-            continue
         batch = cell.batch(model, rows, side)
-        with torch.no_grad():
-            together = cell.real_outputs(cell.forward(model, batch), batch)
-            for i, r in enumerate(rows):
-                alone_batch = cell.batch(model, [r], side)
-                if "decoder_input_ids" in batch:
-                    alone_batch["decoder_input_ids"] = batch["decoder_input_ids"][i:i + 1]
-                alone = cell.real_outputs(cell.forward(model, alone_batch), alone_batch)[0]
-                _close(together[i], alone, f"{side}-padded row {i} vs alone")
+        try:
+            with torch.no_grad():
+                together = cell.real_outputs(cell.forward(model, batch), batch)
+                for i, r in enumerate(rows):
+                    alone_batch = cell.batch(model, [r], side)
+                    if "decoder_input_ids" in batch:
+                        alone_batch["decoder_input_ids"] = batch["decoder_input_ids"][i:i + 1]
+                    alone = cell.real_outputs(cell.forward(model, alone_batch), alone_batch)[0]
+                    _close(together[i], alone, f"{side}-padded row {i} vs alone")
+        except AssertionError:
+            if _padding_invariant(cell, lambda b: cell.forward(bare, b), rows, side):
+                raise
+            # e.g. BART's encoder numbers left padding as positions and takes no position_ids
+            notes.append(f"{side} padding not required: the bare model itself is not invariant to it")
     if len(notes) == 2:
         raise Skip("; ".join(notes))
     return "; ".join(notes)
