@@ -99,10 +99,11 @@ class PStarPluginManager(pluggy.PluginManager):
                 )
             self.methods[spec.name] = MethodSpec(spec.name, spec.config_class, spec.help, plugin=name)
 
-        impl = getattr(plugin, "pstar_register_methods", None)
-        if impl is not None:
+        if any(impl.plugin is plugin for impl in self.hook.pstar_register_methods.get_hookimpls()):
+            # through pluggy (tracing and the plugin-naming wrapper apply), this plugin's implementation only
+            others = [p for p in self.get_plugins() if p is not plugin]
             try:
-                impl(register=register)
+                self.subset_hook_caller("pstar_register_methods", remove_plugins=others)(register=register)
             except Exception:
                 self.unregister(name=name)
                 self.methods = {k: v for k, v in self.methods.items() if v.plugin != name}

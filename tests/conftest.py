@@ -20,3 +20,6 @@ def tiny_dir(tmp_path_factory):
     from pstar_plugins.testing import save_tiny_pretrained
 
     return save_tiny_pretrained(tmp_path_factory.mktemp("tiny-llama"))
+
+
+pytest_plugins = ["pytester"]  # plugin authors' fixtures are tested inside a pytest run of their own

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
@@ -43,8 +44,11 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_dir, tmp
     assert "loss became" in result.stderr and "lower --learning-rate" in result.stderr
     complete = sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*") if (p / "trainer_state.json").exists())
     assert complete, "the checkpoint written before the loss went bad must be kept"
-    state = json.loads((tmp_path / "run" / complete[0] / "trainer_state.json").read_text())
-    assert all(v == v for v in state["history"]["loss"])  # only finite losses in the kept checkpoint
+    for name in complete:  # each kept checkpoint holds the losses of every step up to it, all finite
+        state = json.loads((tmp_path / "run" / name / "trainer_state.json").read_text())
+        losses = state["history"]["loss"]
+        assert len(losses) == state["step"] == int(name.split("-")[-1])
+        assert all(math.isfinite(v) for v in losses), losses
 
 
 @pytest.mark.slow

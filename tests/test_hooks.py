@@ -22,10 +22,40 @@ def _model(method="prefix-tuning", **options):
 
 
 def test_hook_pstar_register_methods():
-    seen = []
-    get_plugin_manager().hook.pstar_register_methods(register=seen.append)
-    assert {s.name for s in seen} >= {"prompt-tuning", "prefix-tuning", "p-tuning", "p-tuning-v2"}
-    assert all(isinstance(s, MethodSpec) and s.help for s in seen)
+    """Registration runs the hook through the manager (traced, errors naming the plugin) for the
+    plugin being registered only, and its methods become known by name."""
+    from pstar_plugins import hookimpl
+    from pstar_plugins.errors import PluginError
+    from pstar_plugins.plugins import create_plugin_manager
+
+    pm = create_plugin_manager(autoload=False)
+    assert set(pm.methods) == {"prompt-tuning", "prefix-tuning", "p-tuning", "p-tuning-v2"}
+    assert all(isinstance(s, MethodSpec) and s.help and s.plugin == s.name for s in pm.methods.values())
+    calls = []
+    pm.add_hookcall_monitoring(lambda name, impls, kwargs: calls.append((name, [i.plugin_name for i in impls])), lambda *a: None)
+
+    class TwoMethods:
+        @hookimpl
+        def pstar_register_methods(self, register):
+            register(MethodSpec("first-extra", pm.methods["prompt-tuning"].config_class, "one"))
+            register(MethodSpec("second-extra", pm.methods["prompt-tuning"].config_class, "two"))
+
+    pm.register_plugin(TwoMethods(), name="two-methods")
+    assert calls == [("pstar_register_methods", ["two-methods"])]
+    assert pm.methods["first-extra"].plugin == pm.methods["second-extra"].plugin == "two-methods"
+
+    class Raising:
+        @hookimpl
+        def pstar_register_methods(self, register):
+            raise KeyError("oops")
+
+    try:
+        pm.register_plugin(Raising(), name="raising")
+    except PluginError as exc:
+        assert "plugin 'raising' raised KeyError in pstar_register_methods" in str(exc)
+    else:
+        raise AssertionError("a raising registration was accepted")
+    assert pm.get_plugin("raising") is None
 
 
 def test_hook_pstar_build_method():

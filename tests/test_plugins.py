@@ -173,5 +173,23 @@ def test_author_kit_fixtures_register_and_clean_up(pstar_register, pstar_tiny_mo
     assert {n for n, _ in model.trainable_named_parameters()} == {"method.scale"}
 
 
-def test_author_kit_fixture_unregistered_after_the_previous_test():
-    assert "output-scale" not in get_plugin_manager().methods
+def test_author_kit_fixture_unregisters_after_each_test(pytester):
+    """Two tests in a plugin author's suite: what the first registers is gone in the second."""
+    pytester.makepyfile(
+        """
+        from pstar_plugins.methods.base import MethodPlugin, MethodSpec, MethodConfig
+        from pstar_plugins.plugins import get_plugin_manager
+
+        class Throwaway(MethodPlugin):
+            spec = MethodSpec("throwaway-method", MethodConfig, "for one test")
+
+        def test_registers(pstar_register):
+            pstar_register(Throwaway())
+            assert "throwaway-method" in get_plugin_manager().methods
+
+        def test_gone_afterwards():
+            assert "throwaway-method" not in get_plugin_manager().methods
+        """
+    )
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-q")
+    result.assert_outcomes(passed=2)
