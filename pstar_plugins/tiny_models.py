@@ -92,7 +92,7 @@ MISSING: dict[str, str] = {}
 
 #: Families built with ``"eager"`` attention when ``"sdpa"`` is requested, and why.
 ATTN_FALLBACK: dict[str, str] = {
-    "gemma2x": "Gemma2PreTrainedModel does not declare _supports_sdpa (attention logit soft-capping "
+    "gemma2": "Gemma2PreTrainedModel does not declare _supports_sdpa (attention logit soft-capping "
               "cannot be expressed through torch's scaled_dot_product_attention)",
     "bloom": "BloomAttention computes attention itself (ALiBi via baddbmm); "
              "BloomPreTrainedModel does not declare _supports_sdpa",
