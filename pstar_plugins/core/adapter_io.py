@@ -39,8 +39,8 @@ def _atomic_write(path: Path, write) -> None:
 
 def _geometry(model) -> dict[str, Any]:
     injector = getattr(model.method, "injector", None)
-    kinds = injector.counts() if injector is not None else {}
-    return model_geometry(model.base_model.config, kinds).to_dict()
+    sites = injector.geometry() if injector is not None else {}
+    return model_geometry(model.base_model.config, sites).to_dict()
 
 
 TASK_KINDS = ("classification", "generation")

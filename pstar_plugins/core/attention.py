@@ -24,16 +24,18 @@ changed (peft#2821, #2379, #2662, #2735).
 from __future__ import annotations
 
 import contextlib
-import inspect
 import sys
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from pstar_plugins.errors import IncompatibleModelError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pstar_plugins.core.geometry import AttentionGeometry
 
 ATTN_IMPLEMENTATION = "pstar_prefix"
 _SUPPORTED_BASES = ("sdpa", "eager", None)
@@ -52,32 +54,76 @@ class AttentionSite:
     module: nn.Module
     kind: str
     index: int
-
-
-_calls_interface_cache: dict[type, bool] = {}
-
-
-def _calls_attention_interface(cls: type) -> bool:
-    if cls not in _calls_interface_cache:
-        try:
-            source = inspect.getsource(cls.forward)
-        except (OSError, TypeError):
-            source = ""
-        _calls_interface_cache[cls] = "ALL_ATTENTION_FUNCTIONS" in source
-    return _calls_interface_cache[cls]
+    n_kv_heads: int  # as the module passed its keys to the attention function
+    key_dim: int
+    value_dim: int
 
 
 def _is_cross(name: str, module: nn.Module) -> bool:
     return bool(getattr(module, "is_cross_attention", False)) or "cross" in type(module).__name__.lower()
 
 
-def find_attention_sites(model: nn.Module) -> list[AttentionSite]:
-    """List the model's attention modules, in layer order, classified by kind."""
+def _probe_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Two tokens (and one decoder token) that any model of the family accepts."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    param = next(model.parameters())
+    token = int(getattr(text, "bos_token_id", None) or 0) % max(1, int(getattr(text, "vocab_size", 1) or 1))
+    ids = torch.full((1, 2), token, dtype=torch.long, device=param.device)
+    inputs: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if getattr(config, "is_encoder_decoder", False):
+        start = getattr(config, "decoder_start_token_id", None)
+        inputs["decoder_input_ids"] = torch.full((1, 1), int(start or 0), dtype=torch.long, device=param.device)
+    elif model.can_generate():
+        inputs["use_cache"] = False
+    return inputs
+
+
+def probe_attention_calls(model: nn.Module, injector: "PrefixInjector") -> dict[nn.Module, tuple[tuple, tuple]]:
+    """Which modules call transformers' attention interface, and with which key/value shapes.
+
+    Every module that holds a config (the model-level modules that build masks aside) is given
+    the view that names our registered attention function, and the model runs once on two
+    tokens. The modules that arrive in our function as its ``module`` argument are the attention
+    sites; the others get their own config back. This relies only on the attention-interface
+    registration (``AttentionInterface.register``) that transformers' own kernels use, not on the
+    names or source of the modeling code.
+    """
+    from transformers import PreTrainedModel, PretrainedConfig
+
+    wrapped = []
+    for module in model.modules():
+        config = module.__dict__.get("config")
+        if isinstance(module, PreTrainedModel) or not isinstance(config, PretrainedConfig):
+            continue
+        module.config = _ConfigView(config)
+        module.__dict__["_pstar_injector"] = injector
+        wrapped.append((module, config))
+    seen: dict[nn.Module, tuple[tuple, tuple]] = {}
+    training = model.training
+    injector.probing = seen
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(**_probe_inputs(model))
+    finally:
+        injector.probing = None
+        model.train(training)
+        for module, config in wrapped:
+            if module not in seen:
+                module.config = config
+                module.__dict__.pop("_pstar_injector", None)
+    return seen
+
+
+def find_attention_sites(model: nn.Module, calls: dict[nn.Module, tuple[tuple, tuple]]) -> list["AttentionSite"]:
+    """The modules that called the attention interface (:func:`probe_attention_calls`), in layer
+    order, classified by kind."""
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     counters: dict[str, int] = {}
     sites = []
     for name, module in model.named_modules():
-        if not _calls_attention_interface(type(module)):
+        if module not in calls:
             continue
         if encoder_decoder:
             parts = name.split(".")
@@ -91,7 +137,9 @@ def find_attention_sites(model: nn.Module) -> list[AttentionSite]:
             if _is_cross(name, module):
                 continue  # cross-attention of an encoder-only/decoder-only model is not prefixed
             kind = SELF
-        sites.append(AttentionSite(name, module, kind, counters.get(kind, 0)))
+        key_shape, value_shape = calls[module]
+        sites.append(AttentionSite(name, module, kind, counters.get(kind, 0), int(key_shape[1]), int(key_shape[-1]),
+                                   int(value_shape[-1])))
         counters[kind] = counters.get(kind, 0) + 1
     return sites
 
@@ -131,7 +179,17 @@ class PrefixInjector:
                 f"prefix methods need attn_implementation 'sdpa' or 'eager', but the model was loaded "
                 f"with {base_impl!r}. Reload it with from_pretrained(..., attn_implementation='sdpa')."
             )
-        self.sites = find_attention_sites(model)
+        carried = [type(m).__name__ for m in model.modules() if isinstance(m.__dict__.get("config"), _ConfigView)]
+        if carried:
+            raise IncompatibleModelError(
+                f"the attention of this {type(model).__name__} is already routed by pstar-plugins ({carried[0]}); build "
+                "the method on a fresh base model, or .unwrap() the PStarModel that holds it first."
+            )
+        self.probing: dict | None = None
+        self._saved: list[tuple[nn.Module, object]] = []
+        self.sites = find_attention_sites(model, probe_attention_calls(model, self))
+        for site in self.sites:
+            self._saved.append((site.module, object.__getattribute__(site.module.config, "_pstar_base")))
         if not self.sites:
             raise IncompatibleModelError(
                 f"{type(model).__name__} has no attention module that calls transformers' attention "
@@ -144,13 +202,24 @@ class PrefixInjector:
         # when a dict: every site records its (keys, values) there and runs without a prefix
         self.capturing: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] | None = None
         self.layer_map: dict[str, list[int | None]] = {}
-        self._saved: list[tuple[nn.Module, object]] = []
         for site in self.sites:
-            module = site.module
-            self._saved.append((module, module.config))
-            module.config = _ConfigView(module.config)
-            module.__dict__["_pstar_site"] = (site.kind, site.index)
-            module.__dict__["_pstar_injector"] = self
+            site.module.__dict__["_pstar_site"] = (site.kind, site.index)
+
+    def geometry(self) -> dict[str, "AttentionGeometry"]:
+        """Each kind's key/value shape as its sites computed them in the probe call."""
+        from pstar_plugins.core.geometry import AttentionGeometry
+
+        out = {}
+        for kind in self.counts():
+            shapes = {(s.n_kv_heads, s.key_dim, s.value_dim) for s in self.sites if s.kind == kind}
+            if len(shapes) != 1:
+                raise IncompatibleModelError(
+                    f"the {kind} attention layers of this model use different key/value shapes {sorted(shapes)}; "
+                    "prefix methods need one shape per kind of attention site. Use prompt-tuning instead."
+                )
+            n_kv, key_dim, value_dim = shapes.pop()
+            out[kind] = AttentionGeometry(self.counts()[kind], n_kv, key_dim, value_dim if value_dim != key_dim else 0)
+        return out
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -333,6 +402,9 @@ def prefix_attention_forward(module, query, key, value, attention_mask, **kwargs
     function = _base_function(module, getattr(base, "_attn_implementation", None))
     injector: PrefixInjector | None = module.__dict__.get("_pstar_injector")
     site = module.__dict__.get("_pstar_site")
+    if injector is not None and injector.probing is not None:
+        injector.probing.setdefault(module, (tuple(key.shape), tuple(value.shape)))
+        return function(module, query, key, value, attention_mask, **kwargs)
     if injector is not None and injector.capturing is not None:
         injector.capturing.setdefault(site, (key.detach(), value.detach()))
         return function(module, query, key, value, attention_mask, **kwargs)
@@ -340,11 +412,11 @@ def prefix_attention_forward(module, query, key, value, attention_mask, **kwargs
     if pair is None:
         return function(module, query, key, value, attention_mask, **kwargs)
     prefix_k, prefix_v = pair
-    if prefix_k.shape[1] != key.shape[1] or prefix_k.shape[-1] != key.shape[-1]:
+    if prefix_k.shape[1] != key.shape[1] or prefix_k.shape[-1] != key.shape[-1] or prefix_v.shape[-1] != value.shape[-1]:
         raise IncompatibleModelError(
             f"prefix for {site[0]} layer {site[1]} has {prefix_k.shape[1]} key/value heads of size "
-            f"{prefix_k.shape[-1]}, but the model's keys have {key.shape[1]} of size {key.shape[-1]}; the "
-            "adapter was made for a different model geometry."
+            f"{prefix_k.shape[-1]}/{prefix_v.shape[-1]}, but the model's keys/values have {key.shape[1]} of size "
+            f"{key.shape[-1]}/{value.shape[-1]}; the adapter was made for a different model geometry."
         )
     m, kv_len = prefix_k.shape[2], key.shape[2]
     key = torch.cat([prefix_k.to(key.dtype), key], dim=2)

@@ -17,7 +17,18 @@ class AttentionGeometry:
 
     n_layers: int
     n_kv_heads: int
-    head_dim: int
+    head_dim: int  # of the keys
+    value_dim: int = 0  # of the values, where it differs from the keys' (DeepSeek's latent attention)
+
+    @property
+    def value_width(self) -> int:
+        return self.value_dim or self.head_dim
+
+    def to_dict(self) -> dict:
+        out = {"n_layers": self.n_layers, "n_kv_heads": self.n_kv_heads, "head_dim": self.head_dim}
+        if self.value_dim and self.value_dim != self.head_dim:
+            out["value_dim"] = self.value_dim
+        return out
 
 
 @dataclass(frozen=True)
@@ -68,21 +79,26 @@ def attention_geometry(config: PretrainedConfig, kind: str) -> AttentionGeometry
     if getattr(text, "multi_query", False):
         kv_heads = 1
     head_dim = _first(text, "head_dim", "d_kv") or (hidden // heads if hidden and heads else None)
+    value_dim = 0
+    if getattr(text, "v_head_dim", None) and getattr(text, "qk_nope_head_dim", None) is not None:
+        # multi-head latent attention: per-head keys of nope + rope size, values of their own size
+        head_dim = int(text.qk_nope_head_dim) + int(getattr(text, "qk_rope_head_dim", 0) or 0)
+        value_dim = int(text.v_head_dim)
+        kv_heads = heads
     if not (layers and kv_heads and head_dim):
         raise IncompatibleModelError(
             f"cannot read the attention shape of model_type={getattr(config, 'model_type', '?')!r} from its "
             "config (need layer count, key/value heads and head size); this architecture is not supported "
             "by prefix methods yet."
         )
-    return AttentionGeometry(int(layers), int(kv_heads), int(head_dim))
+    return AttentionGeometry(int(layers), int(kv_heads), int(head_dim), value_dim if value_dim != head_dim else 0)
 
 
-def model_geometry(config: PretrainedConfig, kinds: dict[str, int] | None = None) -> ModelGeometry:
+def model_geometry(config: PretrainedConfig, attention_sites: dict[str, AttentionGeometry] | None = None) -> ModelGeometry:
+    """The model's geometry; ``attention_sites``: the key/value shape of each kind of attention
+    site as the model computes it (``PrefixInjector.geometry``)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    attention = {}
-    for kind in kinds or {}:
-        g = attention_geometry(config, kind)
-        attention[kind] = {"n_layers": g.n_layers, "n_kv_heads": g.n_kv_heads, "head_dim": g.head_dim}
+    attention = {kind: g.to_dict() for kind, g in (attention_sites or {}).items()}
     return ModelGeometry(
         model_type=str(getattr(config, "model_type", "")),
         hidden_size=hidden_size(config),

@@ -119,6 +119,9 @@ def export_peft(adapter_dir, base_model, output_dir) -> dict:
         if cfg.num_tasks != 1 or getattr(cfg, "layers", None):
             raise AdapterError("PEFT prefix tuning has one prefix on every layer: export needs num_tasks=1 and all layers.")
         table = model.method.tables["self"]
+        if table.geometry.value_width != table.geometry.head_dim:
+            raise AdapterError("keys and values of this model have different head sizes (latent attention); PEFT's "
+                               "prefix layout has one size for both, so this adapter has no PEFT equivalent.")
         keys, values = table(None, torch.nn.Identity())  # (1, L, n_kv, m, d)
         keys = _rotate_keys(base_model, keys.detach(), table.m)
         g = table.geometry

@@ -22,6 +22,13 @@ from pstar_plugins.methods.prefix_tuning.config import PrefixTuningConfig
 from pstar_plugins.methods.prefix_tuning.table import PrefixTable
 
 
+def _declared_layers(config, kind: str) -> int | None:
+    try:
+        return attention_geometry(config, kind).n_layers
+    except IncompatibleModelError:
+        return None
+
+
 class PrefixTuning(PromptMethod):
     """``tables[kind]`` holds ``(T, m, ...)`` prefixes for every site of that kind.
 
@@ -36,21 +43,28 @@ class PrefixTuning(PromptMethod):
         device = next(base_model.parameters()).device
         input_size = config.projection_input_size or hidden_size(base_model.config)
         tables = {}
+        try:
+            observed = injector.geometry()
+        except IncompatibleModelError:
+            injector.detach()
+            raise
         for kind, count in injector.counts().items():
-            geometry = attention_geometry(base_model.config, kind)
-            if geometry.n_layers != count:
+            declared = _declared_layers(base_model.config, kind)
+            if declared is not None and declared != count:
                 injector.detach()
                 raise IncompatibleModelError(
-                    f"the config of {type(base_model).__name__} declares {geometry.n_layers} {kind} attention layers "
-                    f"but {count} attention modules were found; this architecture is not supported by prefix methods."
+                    f"the config of {type(base_model).__name__} (model_type {base_model.config.model_type!r}) declares "
+                    f"{declared} {kind} attention layers but {count} called transformers' attention interface; "
+                    "prefix methods would leave layers without a prefix. Use prompt-tuning or p-tuning instead."
                 )
+            geometry = observed[kind]
             rows = list(range(count)) if layers is None else sorted({i if i >= 0 else count + i for i in layers})
             bad = [i for i in rows if not 0 <= i < count]
             if bad:
                 injector.detach()
                 raise IncompatibleModelError(f"layers {bad} do not exist: the model has {count} {kind} layers (0..{count - 1}).")
             injector.layer_map[kind] = [rows.index(i) if i in rows else None for i in range(count)]
-            sub = type(geometry)(len(rows), geometry.n_kv_heads, geometry.head_dim)
+            sub = type(geometry)(len(rows), geometry.n_kv_heads, geometry.head_dim, geometry.value_dim)
             tables[kind] = PrefixTable(sub, config.num_tasks, config.num_virtual_tokens, config.projection,
                                        input_size, config.projection_hidden_size, config.init_std, device)
         self.tables = nn.ModuleDict(tables)
@@ -91,8 +105,7 @@ class PrefixTuning(PromptMethod):
             rows = [i for i, row in enumerate(self.injector.layer_map[kind]) if row is not None]
             keys = torch.stack([captured[(kind, i)][0][0] for i in rows])  # (n_layers, n_kv, m, d)
             values = torch.stack([captured[(kind, i)][1][0] for i in rows])
-            kv = torch.stack([keys, values], 1).permute(3, 0, 1, 2, 4)  # (m, n_layers, 2, n_kv, d)
-            table.prefix.copy_(kv.reshape(1, m, -1).expand_as(table.prefix).float())
+            table.prefix.copy_(table.join(keys, values)[None].expand_as(table.prefix).float())
 
     @property
     def folded(self) -> bool:

@@ -21,7 +21,7 @@ class PrefixTable(nn.Module):
         super().__init__()
         self.geometry = geometry
         self.m = m
-        width = geometry.n_layers * 2 * geometry.n_kv_heads * geometry.head_dim
+        width = geometry.n_layers * geometry.n_kv_heads * (geometry.head_dim + geometry.value_width)
         kw = {"device": device, "dtype": torch.float32}
         if projection:
             self.embedding = nn.Parameter(torch.randn(num_tasks, m, input_size, **kw))  # P'
@@ -47,11 +47,25 @@ class PrefixTable(nn.Module):
     def forward(self, task_ids: torch.Tensor | None, dropout: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         flat = self.table()
         flat = flat[:1] if task_ids is None else flat[task_ids.to(flat.device)]  # (N, m, width)
-        flat = dropout(flat)
+        return self.split(dropout(flat))
+
+    def split(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(N, m, width)`` → keys ``(N, n_layers, n_kv, m, head_dim)`` and values (``value_width``)."""
         g = self.geometry
-        kv = flat.view(flat.shape[0], self.m, g.n_layers, 2, g.n_kv_heads, g.head_dim)
-        kv = kv.permute(3, 0, 2, 4, 1, 5)  # (2, N, n_layers, n_kv, m, head_dim)
-        return kv[0], kv[1]
+        if g.value_width == g.head_dim:  # layout (m, layer, key|value, head, d), as PEFT's
+            kv = flat.view(flat.shape[0], self.m, g.n_layers, 2, g.n_kv_heads, g.head_dim)
+            kv = kv.permute(3, 0, 2, 4, 1, 5)  # (2, N, n_layers, n_kv, m, head_dim)
+            return kv[0], kv[1]
+        kv = flat.view(flat.shape[0], self.m, g.n_layers, g.n_kv_heads, g.head_dim + g.value_width)
+        kv = kv.permute(0, 2, 3, 1, 4)  # (N, n_layers, n_kv, m, key | value)
+        return kv[..., :g.head_dim], kv[..., g.head_dim:]
+
+    def join(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`split` for one prompt: ``(n_layers, n_kv, m, d)`` each → ``(m, width)``."""
+        g = self.geometry
+        if g.value_width == g.head_dim:
+            return torch.stack([keys, values], 1).permute(3, 0, 1, 2, 4).reshape(self.m, -1)
+        return torch.cat([keys, values], -1).permute(2, 0, 1, 3).reshape(self.m, -1)
 
     @torch.no_grad()
     def fold(self) -> None:

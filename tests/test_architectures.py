@@ -7,7 +7,7 @@ import functools
 import pytest
 import torch
 
-from pstar_plugins.tiny_models import ARCHITECTURES, ATTN_FALLBACK, KIND, MISSING, VOCAB, tiny_config, tiny_model
+from pstar_plugins.testing.architectures import ARCHITECTURES, ATTN_FALLBACK, KIND, MISSING, VOCAB, tiny_config, tiny_model
 
 BATCH, LENGTH = 3, 12
 # Families whose released configs use a sliding window; their tiny window must bite on LENGTH tokens.
