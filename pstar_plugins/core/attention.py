@@ -192,9 +192,9 @@ class PrefixInjector:
             self._saved.append((site.module, object.__getattribute__(site.module.config, "_pstar_base")))
         if not self.sites:
             raise IncompatibleModelError(
-                f"{type(model).__name__} has no attention module that calls transformers' attention "
-                "interface, so it cannot take key/value prefixes. Use 'prompt-tuning' instead, or a "
-                "transformers 5 architecture (Llama, GPT-2, BERT, RoBERTa, T5, BART, ...)."
+                f"{type(model).__name__} (model type {getattr(model.config, 'model_type', '?')!r}) computes attention in "
+                "its own code, not through transformers' attention interface, so its layers cannot take key/value "
+                "prefixes. Use prompt-tuning or p-tuning instead (docs/architectures.md lists what each family supports)."
             )
         self.active: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.row_groups: torch.Tensor | None = None  # (B,) prompt row of each example, or None
@@ -307,9 +307,9 @@ class PrefixInjector:
             return None
         keys, values = pair[0][:, row], pair[1][:, row]  # (N, n_kv, m, head_dim)
         if self.segments is not None:  # packed mixed-task call: every prompt, side by side
-            n, n_kv, m, d = keys.shape
-            keys = keys.transpose(0, 1).reshape(1, n_kv, n * m, d).expand(batch, -1, -1, -1)
-            values = values.transpose(0, 1).reshape(1, n_kv, n * m, d).expand(batch, -1, -1, -1)
+            n, n_kv, m = keys.shape[:3]
+            keys = keys.transpose(0, 1).reshape(1, n_kv, n * m, keys.shape[-1]).expand(batch, -1, -1, -1)
+            values = values.transpose(0, 1).reshape(1, n_kv, n * m, values.shape[-1]).expand(batch, -1, -1, -1)
             return keys, values
         if self.row_groups is not None:
             groups = self.row_groups.to(keys.device)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pstar_plugins.core.model import CARRIED_METHOD, PStarModel
-from pstar_plugins.errors import ConfigError, PluginError
+from pstar_plugins.errors import ConfigError, IncompatibleModelError, PluginError
 from pstar_plugins.methods.base import MethodConfig, PromptMethod
 from pstar_plugins.plugins import PStarPluginManager, get_plugin_manager
 
@@ -67,7 +67,11 @@ def build_model(
             f"this {type(base_model).__name__} already carries method {carried!r}; a second method cannot be built on "
             "it. Call .unwrap() on the PStarModel that holds it to get the bare model back, or load a fresh base model."
         )
-    module = pm.hook.pstar_build_method(base_model=base_model, method=method, config=method_config, tokenizer=tokenizer)
+    try:
+        module = pm.hook.pstar_build_method(base_model=base_model, method=method, config=method_config, tokenizer=tokenizer)
+    except IncompatibleModelError as exc:  # every refusal names the method and the model type
+        model_type = getattr(getattr(base_model, "config", None), "model_type", "?")
+        raise IncompatibleModelError(f"{method} on model type {model_type!r}: {exc}") from exc
     if module is None:
         owner = pm.method(method).plugin
         raise PluginError(f"method {method!r} is registered by plugin {owner!r}, but no plugin built it.")

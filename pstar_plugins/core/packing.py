@@ -36,10 +36,48 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from pstar_plugins.core.distributed import is_partitioned
 from pstar_plugins.core.inputs import accepts, is_encoder_decoder, positions_from_mask
 
-# config attributes through which a causal LM changes logits after its LM head; a packed call
-# applies the LM head itself, so such models run padded
-_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 _MASK_KERNELS = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class Family:
+    """How a model family's padding-free call is made, as the conformance matrix verified it.
+
+    ``logits``: ``"head"`` when the family's logits are its output embeddings applied to the last
+    hidden state and nothing else (they are computed for the wanted positions only), ``"forward"``
+    when the family's own forward scales or caps them (the packed call then runs the model's own
+    forward and keeps the wanted columns). ``layer_masks``: the forward takes one mask per layer
+    type (``config.layer_types``) as a dict, needed when some layers use a sliding window.
+    """
+
+    logits: str = "head"
+    layer_masks: bool = False
+
+
+_HEAD, _FORWARD = Family("head"), Family("forward")
+#: the families whose padding-free calls tests/test_matrix.py checks against the padded call
+#: (values and gradients, prompt cache and packed prefill): every other family runs padded
+PADDING_FREE_FAMILIES: dict[str, Family] = {
+    "llama": _HEAD, "mistral": _HEAD, "mixtral": _HEAD, "qwen2": Family("head", True), "qwen3": Family("head", True),
+    "qwen3_moe": _HEAD, "gemma": _HEAD, "gemma2": Family("forward", True), "gemma3_text": Family("forward", True),
+    "phi": _HEAD, "phi3": _HEAD, "gpt2": _HEAD, "gpt_neox": _HEAD, "gptj": _HEAD, "gpt_bigcode": _HEAD, "opt": _HEAD,
+    "starcoder2": _HEAD, "olmo2": _HEAD, "cohere": _FORWARD, "granite": _FORWARD, "stablelm": _HEAD,
+    "smollm3": Family("head", True), "deepseek_v3": _HEAD,
+}
+
+
+def family_reason(model: nn.Module) -> str | None:
+    """Why ``model``'s family has no verified padding-free path, or ``None``."""
+    model_type = getattr(model.config, "model_type", None)
+    family = PADDING_FREE_FAMILIES.get(model_type)
+    if family is None:
+        return f"model type {model_type!r} is not verified for padding-free calls (see docs/architectures.md)"
+    types = set(getattr(model.config, "layer_types", None) or ())
+    if types - {"full_attention", "sliding_attention"}:
+        return f"layer types {sorted(types - {'full_attention', 'sliding_attention'})} have no packed mask"
+    if "sliding_attention" in types and not family.layer_masks:
+        return f"model type {model_type!r} takes one mask for layers of several types"
+    return None
 _CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers renamed past_key_values to cache in 5.x
 
 
@@ -55,6 +93,7 @@ class PackPlan:
     source_shape: tuple[int, int]  # (B, L)
     segment: torch.Tensor  # (R, C) source row + 1 at every packed position, 0 at padding
     cost: float  # :func:`cost` of the packed call
+    source_column: torch.Tensor  # (R, C) source column of every packed position (0 at padding)
 
     @property
     def tokens(self) -> int:
@@ -120,17 +159,36 @@ def plan(mask: torch.Tensor, attention_pair_cost: float = 0.0) -> PackPlan:
     R, C = len(fills), max(fills)
     segment = torch.zeros(R, C, dtype=torch.long, device=device)
     segment[bin_, offset] = batch + 1
-    return PackPlan(batch, column, bin_, offset, (R, C), (B, L), segment, estimate)
+    source_column = torch.zeros(R, C, dtype=torch.long, device=device)
+    source_column[bin_, offset] = column
+    return PackPlan(batch, column, bin_, offset, (R, C), (B, L), segment, estimate, source_column)
 
 
-def block_mask(p: PackPlan, dtype: torch.dtype, boolean: bool) -> torch.Tensor:
-    """``(R, 1, C, C)``: a query sees the earlier tokens of its own example. A padding query sees
-    itself only, so no softmax row is empty (an empty row would give NaN that reaches real
-    positions through the values)."""
+def masks(p: PackPlan, model: nn.Module, dtype: torch.dtype):
+    """The packed call's attention mask: one block mask, windowed when every layer slides, or one
+    per layer type (``config.layer_types``) when the family takes them as a dict."""
+    config = model.config
+    boolean = _attention_kernel(model) == "sdpa"
+    window = getattr(config, "sliding_window", None)
+    types = set(getattr(config, "layer_types", None) or ())
+    if "sliding_attention" in types:
+        full = block_mask(p, dtype, boolean)
+        return {"full_attention": full, "sliding_attention": block_mask(p, dtype, boolean, window)}
+    return block_mask(p, dtype, boolean, window if not types else None)
+
+
+def block_mask(p: PackPlan, dtype: torch.dtype, boolean: bool, window: int | None = None) -> torch.Tensor:
+    """``(R, 1, C, C)``: a query sees the earlier tokens of its own example (with ``window``: only
+    those fewer than ``window`` columns back in the padded batch, transformers' sliding-window
+    rule). A padding query sees itself only, so no softmax row is empty (an empty row would give
+    NaN that reaches real positions through the values)."""
     seg = p.segment
     C = seg.shape[1]
     causal = torch.ones(C, C, dtype=torch.bool, device=seg.device).tril()
     allowed = (seg[:, :, None] == seg[:, None, :]) & causal & (seg[:, None, :] != 0)
+    if window is not None:
+        column = p.source_column
+        allowed &= (column[:, :, None] - column[:, None, :]) < window
     allowed |= torch.eye(C, dtype=torch.bool, device=seg.device)
     allowed = allowed[:, None]
     if boolean:
@@ -167,6 +225,9 @@ def unsupported_reason(model: nn.Module, inputs: dict[str, Any], causal_lm: bool
         return "no 2D attention mask (nothing to unpad)"
     if is_encoder_decoder(model):
         return "encoder-decoder model"
+    family = family_reason(model)
+    if family is not None:
+        return family
     if inputs.get("position_ids") is None:
         return "the model takes no position_ids"
     if _attention_kernel(model) not in _MASK_KERNELS:
@@ -185,8 +246,6 @@ def unsupported_reason(model: nn.Module, inputs: dict[str, Any], causal_lm: bool
         keep = inputs.get("logits_to_keep")
         if not (isinstance(keep, int) and 0 < keep <= mask.shape[1]):
             return "logits are asked for every position (pass logits_to_keep)"
-        if any(getattr(model.config, name, None) not in (None, 1, 1.0) for name in _LOGIT_POSTPROCESSING):
-            return "the model post-processes its logits"
         if model.get_output_embeddings() is None or not accepts(model, "logits_to_keep"):
             return "no LM head to apply"
     return None
@@ -197,13 +256,12 @@ def _packed_backbone_call(p: PackPlan, backbone: nn.Module, inputs: dict[str, An
     embeds = inputs.get("inputs_embeds")
     if embeds is None:
         embeds = embed(inputs["input_ids"])
-    kernel = _attention_kernel(backbone)
     call = {k: v for k, v in inputs.items() if k not in ("input_ids", "inputs_embeds", "attention_mask", "position_ids",
                                                           "logits_to_keep", "labels", "use_cache", *_CACHE_ARGUMENTS)}
     if cache is not None:
         call[_cache_argument(backbone)] = cache
     out = backbone(inputs_embeds=pack(p, embeds), position_ids=pack(p, inputs["position_ids"]),
-                   attention_mask=block_mask(p, embeds.dtype, boolean=kernel == "sdpa"), use_cache=cache is not None, **call)
+                   attention_mask=masks(p, backbone, embeds.dtype), use_cache=cache is not None, **call)
     return out.last_hidden_state
 
 
@@ -217,13 +275,24 @@ def causal_lm_forward(p: PackPlan, model: nn.Module, inputs: dict[str, Any]) -> 
     mask = inputs["attention_mask"]
     B, L = mask.shape
     keep = inputs["logits_to_keep"]
-    hidden = _packed_backbone_call(p, model.base_model, inputs, model.get_input_embeddings())
     lookup = torch.full((B, L), -1, dtype=torch.long, device=mask.device)
     lookup[p.batch, p.column] = torch.arange(p.tokens, device=mask.device)
     wanted = lookup[:, L - keep:]  # (B, k): token number or -1
     rows, cols = (wanted >= 0).nonzero(as_tuple=True)
     token = wanted[rows, cols]
-    logits = model.get_output_embeddings()(hidden[p.bin[token], p.offset[token]])  # (n, V)
+    if PADDING_FREE_FAMILIES[model.config.model_type].logits == "head":
+        hidden = _packed_backbone_call(p, model.base_model, inputs, model.get_input_embeddings())
+        logits = model.get_output_embeddings()(hidden[p.bin[token], p.offset[token]])  # (n, V)
+    else:  # the model's own forward computes the logits (its scaling, capping) at the wanted columns
+        columns, where = torch.unique(p.offset[token], return_inverse=True)
+        embeds = inputs.get("inputs_embeds")
+        if embeds is None:
+            embeds = model.get_input_embeddings()(inputs["input_ids"])
+        call = {k: v for k, v in inputs.items() if k not in ("input_ids", "inputs_embeds", "attention_mask", "position_ids",
+                                                              "logits_to_keep", "labels", "use_cache", *_CACHE_ARGUMENTS)}
+        packed = model(inputs_embeds=pack(p, embeds), position_ids=pack(p, inputs["position_ids"]),
+                       attention_mask=masks(p, model, embeds.dtype), use_cache=False, logits_to_keep=columns, **call).logits
+        logits = packed[p.bin[token], where]  # (n, V)
     out = logits.new_zeros((B, keep, logits.shape[-1]))
     return CausalLMOutputWithPast(logits=out.index_put((rows, cols), logits))
 
@@ -285,6 +354,9 @@ def prefill_unsupported_reason(model: nn.Module, inputs: dict[str, Any], generat
         return "no 2D attention mask over at least two columns"
     if is_encoder_decoder(model) or not model.can_generate():
         return "not a decoder-only causal LM"
+    family = family_reason(model)
+    if family is not None:
+        return family
     if _attention_kernel(model) not in _MASK_KERNELS:
         return f"attention kernel {_attention_kernel(model)!r} (needs sdpa or eager)"
     if any(generate_kwargs.get(name) is not None for name in _CACHE_ARGUMENTS):

@@ -125,6 +125,12 @@ class PromptTuning(EmbeddingPromptMethod):
             return "labels are passed"
         if packing.uses_cache(inputs):
             return "a KV cache is in use"
+        family = packing.family_reason(base_model)
+        if family is not None:
+            return family
+        if getattr(base_model.config, "sliding_window", None) or "sliding_attention" in (getattr(base_model.config, "layer_types", None) or ()):
+            # in [P; E] the virtual tokens leave a query's window like any token; a prefix never does
+            return "sliding-window attention"
         if self._injector(base_model) is None:
             return "the model's attention cannot take a prefix"
         return None
