@@ -456,9 +456,21 @@ def check_save_load_roundtrip(cell: Cell) -> str:
     return f"{len(trained)} tensors bit-exact"
 
 
+class _ScoreRecorder:
+    """A logits processor that keeps the scores ``generate()`` decides each step on."""
+
+    def __init__(self) -> None:
+        self.scores: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        self.scores.append(scores.detach().float().clone())
+        return scores
+
+
 def _greedy_loop(cell: Cell, model, batch: dict[str, Any], steps: int):
-    """Greedy decoding by full recomputation, no cache; returns tokens and each step's top-2 margin."""
-    margins = []
+    """Greedy decoding by full recomputation, no cache; returns tokens, each step's logits and
+    each step's top-2 margin."""
+    margins, logits_seen = [], []
     if cell.kind == SEQ2SEQ:
         start = model.base_model.generation_config.decoder_start_token_id
         start = start if start is not None else model.base_model.config.decoder_start_token_id
@@ -468,20 +480,22 @@ def _greedy_loop(cell: Cell, model, batch: dict[str, Any], steps: int):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=dec,
                            **extra).logits[:, -1]
             logits = _no_eos(cell, logits.float())
+            logits_seen.append(logits)
             top = logits.topk(2, dim=-1).values
             margins.append(top[:, 0] - top[:, 1])
             dec = torch.cat([dec, logits.argmax(-1, keepdim=True)], 1)
-        return dec, torch.stack(margins, 1)
+        return dec, logits_seen, torch.stack(margins, 1)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     for _ in range(steps):
         extra = model.method.example_inputs(ids, mask)
         logits = model(input_ids=ids, attention_mask=mask, **extra).logits[:, -1]
         logits = _no_eos(cell, logits.float())
+        logits_seen.append(logits)
         top = logits.topk(2, dim=-1).values
         margins.append(top[:, 0] - top[:, 1])
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    return ids, torch.stack(margins, 1)
+    return ids, logits_seen, torch.stack(margins, 1)
 
 
 def _no_eos(cell: Cell, logits: torch.Tensor) -> torch.Tensor:
@@ -504,16 +518,27 @@ def check_generate_equals_loop(cell: Cell) -> str:
 
     with torch.no_grad(), _packing(model, False):
         try:
-            expected, margins = _greedy_loop(cell, model, batch, steps)
+            expected, expected_logits, margins = _greedy_loop(cell, model, batch, steps)
         except PStarError as exc:
             raise Skip(f"the method does not generate: {exc}") from exc
     notes = []
+    from transformers import LogitsProcessorList
+
     for on in (False, True):
-        kwargs = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, use_cache=True, pad_token_id=cell.pad)
+        recorder = _ScoreRecorder()
+        kwargs = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, use_cache=True, pad_token_id=cell.pad,
+                      logits_processor=LogitsProcessorList([recorder]))
         extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "decoder_input_ids")}
         with torch.no_grad(), _packing(model, on), packing_module.recording() as records:
             got = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra, **kwargs)
         got = got[:, : expected.shape[1]]
+        # the first step's scores come from the prompt's cache (packed prefill when on): the
+        # strongest check, as greedy tokens of a near-uniform random model rarely change
+        first, reference = recorder.scores[0], expected_logits[0]
+        finite = torch.isfinite(reference)
+        if not torch.equal(torch.isfinite(first), finite):
+            raise AssertionError(f"packing={on}: generate()'s first-step scores mask other tokens than the loop's")
+        _close(first[finite], reference[finite], f"packing={on}: generate()'s first-step scores vs the loop's logits")
         if not torch.equal(got, expected):
             offset = 1 if is_encoder_decoder(model.base_model) else batch["input_ids"].shape[1]
             diff = (got != expected).nonzero()
