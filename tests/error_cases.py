@@ -38,11 +38,27 @@ def _build(method, **options):
     return lambda tmp: build_model(_tiny(), method, **options)
 
 
+#: the output folder of the training command a case runs, and its files just before the command
+#: ran (after the case's own set-up); tests/test_error_table.py checks that a refused command
+#: changed none of them
+BEFORE_COMMAND: dict[str, tuple[Path, dict | None]] = {}
+
+
+def tree(path: Path) -> dict | None:
+    """Every file under ``path`` with its size and modification time (``None``: no folder)."""
+    if not path.exists():
+        return None
+    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*"))}
+
+
 def _train(*argv):
     def run(tmp):
         from pstar_plugins.train import _main
 
-        _main([*argv, "--output-dir", str(tmp / "out")] if "--output-dir" not in argv else list(argv))
+        args = [*argv, "--output-dir", str(tmp / "out")] if "--output-dir" not in argv else list(argv)
+        out = Path(args[args.index("--output-dir") + 1])
+        BEFORE_COMMAND["train"] = (out, tree(out))
+        _main(args)
     return run
 
 
@@ -201,7 +217,7 @@ CASES = [
     Case("template with an unknown slot", _template("{sentence} {label words}"), "ConfigError", "unknown slot {label words}"),
     Case("p-tuning template without soft tokens", _build("p-tuning", template="{sentence}{answer}"), "ConfigError", "has no {soft} token"),
     Case("classification head with fewer than 2 labels", _build("p-tuning-v2", num_labels=1), "ConfigError", "num_labels=1: a classification head needs at least 2 labels"),
-    Case("prefix tuning on a model without attention layers", _no_attention, "IncompatibleModelError", "has no attention module that calls transformers' attention interface"),
+    Case("prefix tuning on a model without attention layers", _no_attention, "IncompatibleModelError", "not through transformers' attention interface"),
     Case("prefix methods on a flash-attention model", _flash, "IncompatibleModelError", "Reload it with from_pretrained(..., attn_implementation='sdpa')"),
     Case("mixed-task adapter called without task_ids", _mixed_without_task_ids, "ConfigError", "holds 3 task prompts; pass task_ids"),
     Case("adapter trained for a different model", _adapter_for_other_model, "AdapterError", "the adapter was trained for a model with attention={'self': {'head_dim': 8, 'n_kv_heads': 2"),

@@ -40,12 +40,16 @@ def run(arch: str, method: str):
     return check_method(lambda: tiny_model(arch), method, options(arch, method), name=f"{method} on {arch}")
 
 
-def _fast_path(report) -> str:
+def _fast_path(report, arch: str) -> str:
+    from pstar_plugins.testing.architectures import KIND
+
     detail = report.outcome("packed_equals_padded").detail
     if "call: packed" in detail:
         return "padding-free"
     found = re.search(r"padded \((.*)\)", detail)
-    return f"padded: {found.group(1)}" if found else "padded"
+    if found:
+        return f"padded: {found.group(1)}"
+    return "padded: " + {"masked-lm": "encoder-only model", "seq2seq-lm": "encoder-decoder model"}.get(KIND[arch], "direct call")
 
 
 def row(arch: str, method: str, report) -> str:
@@ -56,7 +60,7 @@ def row(arch: str, method: str, report) -> str:
     if not report.ok:
         failed = ", ".join(o.check for o in report.failures)
         return f"| {arch} | {method} | **fails** | {failed} |"
-    return f"| {arch} | {method} | ✓ | {_fast_path(report)} |"
+    return f"| {arch} | {method} | ✓ | {_fast_path(report, arch)} |"
 
 
 HEADER = """# Architectures
@@ -79,10 +83,15 @@ with the message shown; no cell builds and then gives wrong numbers.
 Prefix tuning and P-tuning v2 are refused on BLOOM, Falcon, MPT and DeBERTa-v2: these families
 compute attention in their own code instead of calling transformers' attention interface, the
 only place where a prefix can join the keys and values after the positions are applied
-(docs/design.md). PEFT reaches BLOOM and Falcon through `past_key_values`, which gives the
-prefix positions (ALiBi distances, rotary shifts) the other families' prefixes do not have, so
-the same adapter would mean different things on different families; prompt tuning and P-tuning
-work there.
+(docs/design.md). Prompt tuning and P-tuning work there. The other way in is the KV cache, which
+is how PEFT reaches BLOOM and Falcon. A prototype (the prefix held in a cache layer that returns
+prefix + new keys without storing them, the mask extended by the prefix length, explicit
+position ids) trained on tiny Falcon and BLOOM and kept left-padded rows equal to rows alone,
+but failed with gradient checkpointing on all three ALiBi/own-attention families (transformers
+turns the cache off under checkpointing, and the masks no longer match the keys), gave MPT rows
+that change with left padding (its ALiBi counts columns), and would give BLOOM's prefix ALiBi
+distances that prefixes elsewhere do not have. DeBERTa-v2's disentangled attention has no cache.
+Until those can pass the whole suite, the cells stay refused at build time.
 
 | architecture | method | result | fast path or reason |
 |---|---|---|---|

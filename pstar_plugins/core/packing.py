@@ -324,7 +324,7 @@ def _record(what: str, reason: str | None) -> None:
 
 
 def call(model: nn.Module, inputs: dict[str, Any], packing: bool, causal_lm: bool = True,
-         while_packed: Callable[[PackPlan], ContextManager] | None = None):
+         while_packed: Callable[[PackPlan], ContextManager] | None = None, padded_because: str = "packing is off"):
     """Call ``model`` on ``inputs`` (``None`` values dropped), packed when asked and possible.
 
     Whether a call is packed depends on the model and the kinds of inputs, never on the batch's
@@ -334,7 +334,7 @@ def call(model: nn.Module, inputs: dict[str, Any], packing: bool, causal_lm: boo
     learn where each example went).
     """
     inputs = {k: v for k, v in inputs.items() if v is not None}
-    reason = unsupported_reason(model, inputs, causal_lm) if packing else "packing is off"
+    reason = unsupported_reason(model, inputs, causal_lm) if packing else padded_because
     if _recorders:
         _record("call", reason)
     if reason is None:

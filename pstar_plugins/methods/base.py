@@ -155,7 +155,10 @@ class PromptMethod(nn.Module):
         ``while_packed``: see :func:`pstar_plugins.core.packing.call`."""
         from pstar_plugins.core import packing
 
-        return packing.call(model, inputs, self.packing and packable, causal_lm, while_packed)
+        if self.packing and not packable:
+            return packing.call(model, inputs, False, causal_lm, while_packed,
+                                padded_because=f"{type(self).__name__} runs this call padded")
+        return packing.call(model, inputs, self.packing, causal_lm, while_packed)
 
     def generate_base(self, model: nn.Module, inputs: dict[str, Any], while_packed=None, **kwargs):
         """``model.generate(**inputs, **kwargs)``; when :attr:`packing` is on, the prompt's KV
