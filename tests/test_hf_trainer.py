@@ -31,7 +31,8 @@ def tokenizer(tiny_dir):
 
 
 def rows(n=16):
-    return [{"sentence": f"the film number {i} was {'great' if i % 2 else 'dull'}", "label": i % 2} for i in range(n)]
+    return [{"sentence": f"the film number {i} was {'very ' * (i % 3)}{'great' if i % 2 else 'dull'}", "label": i % 2}
+            for i in range(n)]
 
 
 def features(method, tokenizer, n=16):
@@ -173,3 +174,23 @@ def test_load_best_model_at_end_restores_the_best_checkpoint(tiny_dir, tokenizer
     _, last_tensors = read_adapter(tmp_path / "out" / "checkpoint-4")
     assert_same(trainable_copy(model), best_tensors)
     assert any(not torch.equal(best_tensors[k], last_tensors[k]) for k in best_tensors)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_collator_pads_every_input_with_its_neutral_value(tokenizer, side):
+    short = encode_example("{soft:2} {sentence}:{answer}", tokenizer, {"sentence": "ok"}, "yes", task_id=1)
+    long = encode_example("{soft:2} {sentence}:{answer}", tokenizer, {"sentence": "a much longer review text"}, "no", task_id=0)
+    batch = PStarDataCollator(tokenizer, padding_side=side)([short, long])
+    n, width = len(short["input_ids"]), len(long["input_ids"])
+    assert n < width and batch["input_ids"].shape == (2, width)
+    real = slice(0, n) if side == "right" else slice(width - n, width)
+    pad = slice(n, width) if side == "right" else slice(0, width - n)
+    for name, value in [("input_ids", tokenizer.pad_token_id), ("attention_mask", 0), ("labels", -100), ("prompt_index", -1)]:
+        assert batch[name][0, real].tolist() == short[name]
+        assert set(batch[name][0, pad].tolist()) == {value}, name
+        assert batch[name][1].tolist() == long[name]
+    assert batch["task_ids"].tolist() == [1, 0]
+    # the labels cover the target only (its tokens and EOS), prompt_index the two soft tokens
+    target = tokenizer(" yes", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert [t for t in short["labels"] if t != -100] == target
+    assert sorted(i for i in short["prompt_index"] if i >= 0) == [0, 1]
