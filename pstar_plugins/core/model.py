@@ -35,6 +35,15 @@ class PStarModel(nn.Module):
         return self.base_model.config
 
     @property
+    def generation_config(self):
+        """The base model's (trainers such as TRL's set its pad and EOS tokens)."""
+        return self.base_model.generation_config
+
+    def add_model_tags(self, tags) -> None:
+        """Tag the base model's card (``PreTrainedModel.add_model_tags``; TRL calls it)."""
+        self.base_model.add_model_tags(tags)
+
+    @property
     def packing(self) -> bool:
         """Whether calls run padding-free where they can (``core.packing``): the frozen model
         computes only real positions. Outputs at real positions are unchanged; positions that
@@ -76,8 +85,9 @@ class PStarModel(nn.Module):
         return self.method.generate(self.base_model, inputs, task_ids, **kwargs)
 
     # -- training conveniences ---------------------------------------------------------
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Checkpoint the frozen model's layers.
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **options) -> None:
+        """Checkpoint the frozen model's layers (``options``, e.g. ``every_n_layers``, go to the
+        base model's method, as ``Trainer`` passes them).
 
         Non-reentrant checkpointing is forced: prefixes reach attention through a closure, not a
         layer input, and reentrant checkpointing gives no gradient to such tensors.
@@ -87,7 +97,7 @@ class PStarModel(nn.Module):
         # recomputation runs during backward, outside forward's scope: let the method restore
         # whatever state its layers read (e.g. the active prefixes) for the recomputed layer
         kwargs["context_fn"] = self.method.checkpoint_context
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **options)
         self.base_model.train(self.training)
 
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
