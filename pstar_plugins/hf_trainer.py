@@ -18,6 +18,7 @@ For TRL's ``SFTTrainer`` see :mod:`pstar_plugins.trl_sft`.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from dataclasses import dataclass
@@ -107,6 +108,28 @@ class PStarDataCollator:
         return batch
 
 
+def deepspeed_without_gpu(backend: str = "gloo") -> dict[str, Any]:
+    """``TrainingArguments(deepspeed=..., accelerator_config=deepspeed_without_gpu())`` for
+    DeepSpeed on CPU processes (launched with ``DS_ACCELERATOR=cpu``).
+
+    Without a GPU, ``TrainingArguments`` (transformers 5.24) lets DeepSpeed start the process
+    group with no backend named: Accelerate then counts 1 process while DeepSpeed counts all, and
+    DeepSpeed stops at its batch check ("train_batch_size is not equal to micro_batch_per_gpu *
+    gradient_acc_step * world_size 2 != 2 * 1 * 2"). This sets the process state up first, with
+    ``backend``, and has ``TrainingArguments`` use it. Call it before creating the arguments.
+    """
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend=backend)
+    return {"use_configured_state": True}
+
+
+def _without_frozen_keys(load, *args, **kwargs):
+    kwargs["load_module_strict"] = False  # the checkpoint has no frozen weights to match
+    return load(*args, **kwargs)
+
+
 class AdapterCheckpointMixin:
     """What :class:`PStarTrainer` changes in ``transformers.Trainer`` (and, mixed into TRL's
     ``SFTTrainer``, in :class:`pstar_plugins.trl_sft.PStarSFTTrainer`):
@@ -155,6 +178,24 @@ class AdapterCheckpointMixin:
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    # DeepSpeed ZeRO-3: the engine checkpoint Trainer writes beside the adapter (for resuming)
+    # would also hold every rank's shard of the frozen weights ("frozen_param_fragments");
+    # Trainer leaves them out for PEFT models only. The engine is handed to Trainer through this
+    # attribute, so it is set up here to save without them, and to load such a checkpoint
+    # without asking for them (under ZeRO-3 the trainable partitions come back from the
+    # optimizer states; the frozen weights are the ones the model was loaded with).
+    @property
+    def model_wrapped(self):
+        return self.__dict__.get("_pstar_model_wrapped")
+
+    @model_wrapped.setter
+    def model_wrapped(self, value) -> None:
+        stage = getattr(value, "zero_optimization_stage", None)
+        if callable(stage) and stage() == 3 and "save_checkpoint" not in vars(value):
+            value.save_checkpoint = functools.partial(value.save_checkpoint, exclude_frozen_parameters=True)
+            value.load_checkpoint = functools.partial(_without_frozen_keys, value.load_checkpoint)
+        self.__dict__["_pstar_model_wrapped"] = value
 
     def _load_adapter_tensors(self, directory) -> None:
         from pstar_plugins.core.adapter_io import read_adapter
