@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from pstar_plugins import PStarModel, build_model, param_groups
 from pstar_plugins.core.adapter_io import read_adapter
+from pstar_plugins.errors import AdapterError
 from pstar_plugins.hf_trainer import PStarDataCollator, PStarTrainer, encode_example
 from tests.test_train_entry_point import needs_model
 
@@ -195,3 +196,9 @@ def test_collator_pads_every_input_with_its_neutral_value(tokenizer, side):
     target = tokenizer(" yes", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert [t for t in short["labels"] if t != -100] == target
     assert sorted(i for i in short["prompt_index"] if i >= 0) == [0, 1]
+
+
+def test_resuming_from_another_methods_checkpoint_is_refused(tiny_dir, tokenizer, tmp_path):
+    train(tiny_dir, tokenizer, "prefix-tuning", tmp_path / "prefix", steps=2)
+    with pytest.raises(AdapterError, match="holds a 'prefix-tuning' adapter, but the model being trained uses 'prompt-tuning'"):
+        train(tiny_dir, tokenizer, "prompt-tuning", tmp_path / "prompt", steps=4, resume=str(tmp_path / "prefix" / "checkpoint-2"))
