@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from pstar_plugins import tracking
 from pstar_plugins.errors import ConfigError, PStarError, run_reporting_errors
 from pstar_plugins.tasks.template import DEFAULT_TEMPLATE
 
@@ -118,6 +119,7 @@ def parse_args(argv: list[str] | None = None):
                         help="seconds a collective may wait for a missing rank before the run fails (instead of hanging)")
     parser.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot baseline evaluation")
     parser.add_argument("--plot", default="training.png", help="file name (in --output-dir) of the loss/accuracy plot; '' for none")
+    tracking.add_arguments(parser)  # --report-to
     method = known.method if known.method in pm.methods else None
     option_names = _method_arguments(parser, pm.method(method).config_class) if method else []
     args = parser.parse_args(argv)
@@ -175,7 +177,7 @@ def _main(argv):
     # our loop counts optimizer steps itself: the scheduler must advance once per step, not once
     # per process (Accelerate's default assumes a dataloader it sharded)
     accelerator = Accelerator(kwargs_handlers=handlers, step_scheduler_with_optimizer=False,
-                              cpu=distributed and no_gpu and not deepspeed)
+                              cpu=distributed and no_gpu and not deepspeed, **tracking.accelerator_kwargs(args))
     if distributed and accelerator.distributed_type.value == "NO":
         raise PStarError(f"{os.environ.get('WORLD_SIZE')} processes were launched but Accelerate set up no "
                          "process group, so gradients would not be synchronised; check the launcher config.")
@@ -335,8 +337,12 @@ def _main(argv):
     history = {"step": [], "loss": [], "eval_step": [], metric: []}
     results = {"method": args.method, "model": args.model, "task": args.task, "metric": metric,
                "trainable_parameters": trainable, "frozen_parameters": frozen, "init_gather_calls": init_gathers}
+    # --report-to: the run's configuration (flags, resolved method options, learning rate)
+    tracking.start(accelerator, {**vars(args), **{f"method.{k}": v for k, v in config.to_dict().items()},
+                                 "learning_rate": lr, "trainable_parameters": trainable, "processes": accelerator.num_processes})
     if not args.no_zero_shot and not head_classifier:
         results[f"zero_shot_{metric}"] = evaluate(core.base_model, "zero-shot" if generation else zero_shot, "zero-shot eval")
+        tracking.log(accelerator, {f"eval/zero_shot_{metric}": results[f"zero_shot_{metric}"]}, step=0)
         logger.info("zero-shot %s (template %r): %.4f", metric, zero_shot_template.text, results[f"zero_shot_{metric}"])
 
     logger.info("***** Running training *****")
@@ -397,10 +403,12 @@ def _main(argv):
         history["step"].append(step + 1)
         history["loss"].append(loss_value)
         progress.set_postfix(loss=f"{loss_value:.4f}")
+        tracking.log(accelerator, {"train/loss": loss_value, "train/learning_rate": scheduler.get_last_lr()[0]}, step=step + 1)
         if args.eval_steps and (step + 1) % args.eval_steps == 0 and step + 1 < args.max_steps:
             acc = evaluate(model, verbalizer, "eval", limit=args.eval_subset_size)
             history["eval_step"].append(step + 1)
             history[metric].append(acc)
+            tracking.log(accelerator, {f"eval/{metric}": acc}, step=step + 1)
             logger.info("step %d: loss %.4f, dev %s %.4f (first %d)", step + 1, loss_value, metric, acc, args.eval_subset_size)
         if args.checkpointing_steps and (step + 1) % args.checkpointing_steps == 0:
             checkpoint(step + 1)
@@ -414,6 +422,7 @@ def _main(argv):
     results[f"tuned_{metric}"] = evaluate(model, verbalizer, "final eval")
     history["eval_step"].append(args.max_steps)
     history[metric].append(results[f"tuned_{metric}"])
+    tracking.log(accelerator, {f"eval/{metric}": results[f"tuned_{metric}"]}, step=args.max_steps)
     distributed.GATHER_LOG.clear()
     started = time.perf_counter()
     state = core.trainable_state()  # collective under ZeRO-3: only the method's partitions

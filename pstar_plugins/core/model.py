@@ -41,6 +41,15 @@ class PStarModel(nn.Module):
         return self.base_model.config
 
     @property
+    def generation_config(self):
+        """The base model's (trainers such as TRL's set its pad and EOS tokens)."""
+        return self.base_model.generation_config
+
+    def add_model_tags(self, tags) -> None:
+        """Tag the base model's card (``PreTrainedModel.add_model_tags``; TRL calls it)."""
+        self.base_model.add_model_tags(tags)
+
+    @property
     def packing(self) -> bool:
         """Whether calls run padding-free where they can (``core.packing``): the frozen model
         computes only real positions. Outputs at real positions are unchanged; positions that
@@ -55,8 +64,24 @@ class PStarModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.base_model.parameters()).device
 
-    def forward(self, input_ids=None, attention_mask=None, task_ids=None, **kwargs):
-        inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, **kwargs}
+    #: the method's loss is a mean over the batch it is given; ``transformers.Trainer`` then
+    #: scales it for gradient accumulation itself instead of passing ``num_items_in_batch``
+    accepts_loss_kwargs = False
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, task_ids=None, prompt_index=None,
+                position_ids=None, token_type_ids=None, inputs_embeds=None, decoder_input_ids=None,
+                decoder_attention_mask=None, **kwargs):
+        """The base model's forward plus ``task_ids`` and ``prompt_index``.
+
+        The arguments are named, not hidden in ``**kwargs``: ``transformers.Trainer`` keeps only the
+        dataset columns the signature names and finds the labels there (without ``labels`` in the
+        signature it drops them and no loss comes back). Arguments left ``None`` are not passed on.
+        """
+        named = {"labels": labels, "prompt_index": prompt_index, "position_ids": position_ids,
+                 "token_type_ids": token_type_ids, "inputs_embeds": inputs_embeds,
+                 "decoder_input_ids": decoder_input_ids, "decoder_attention_mask": decoder_attention_mask}
+        inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask,
+                                  **{k: v for k, v in named.items() if v is not None}, **kwargs}
         return self.method.run(self.base_model, inputs, task_ids)
 
     @torch.no_grad()
@@ -66,8 +91,9 @@ class PStarModel(nn.Module):
         return self.method.generate(self.base_model, inputs, task_ids, **kwargs)
 
     # -- training conveniences ---------------------------------------------------------
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Checkpoint the frozen model's layers.
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **options) -> None:
+        """Checkpoint the frozen model's layers (``options``, e.g. ``every_n_layers``, go to the
+        base model's method, as ``Trainer`` passes them).
 
         Non-reentrant checkpointing is forced: prefixes reach attention through a closure, not a
         layer input, and reentrant checkpointing gives no gradient to such tensors.
@@ -77,7 +103,7 @@ class PStarModel(nn.Module):
         # recomputation runs during backward, outside forward's scope: let the method restore
         # whatever state its layers read (e.g. the active prefixes) for the recomputed layer
         kwargs["context_fn"] = self.method.checkpoint_context
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **options)
         self.base_model.train(self.training)
 
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -158,6 +184,37 @@ class PStarModel(nn.Module):
         """Context manager: run the bare base model through this wrapper (the method's prompt
         switched off), e.g. for a zero-shot baseline or a reference output."""
         return self.method.disabled()
+
+    def save_pretrained(self, save_directory, state_dict: Mapping[str, torch.Tensor] | None = None,
+                        is_main_process: bool = True, task: dict[str, Any] | None = None, **kwargs) -> None:
+        """Write the adapter files (``adapter_config.json``, ``adapter.safetensors``), never a frozen
+        weight: the ``save_pretrained`` of ``transformers`` and PEFT, in this library's format.
+
+        ``state_dict``: the adapter tensors (:meth:`trainable_state`) if already gathered; under
+        ZeRO-3 every rank calls this and only ``is_main_process`` writes. Other keyword
+        arguments of ``PreTrainedModel.save_pretrained`` (``safe_serialization``, ...) are
+        accepted and have no effect: the format is always safetensors.
+        """
+        from pstar_plugins.core.adapter_io import save_adapter
+
+        state = dict(state_dict) if state_dict is not None else self.trainable_state()
+        expected = set(self.raw_trainable_state())
+        if set(state) != expected:
+            raise PluginError(f"save_pretrained got tensors {sorted(set(state) ^ expected)[:5]} that are not (or not all of) "
+                              f"the adapter's; pass model.trainable_state() or no state_dict.")
+        save_adapter(self, save_directory, state=state, write=is_main_process, task=task)
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, adapter_directory, tokenizer=None, plugin_manager=None,
+                        is_trainable: bool = False) -> "PStarModel":
+        """Load an adapter written by :meth:`save_pretrained` onto ``base_model`` (PEFT's
+        ``PeftModel.from_pretrained(base, path, is_trainable=...)`` convention: frozen and in
+        eval mode unless ``is_trainable``)."""
+        from pstar_plugins.core.adapter_io import load_adapter
+
+        model = load_adapter(base_model, adapter_directory, tokenizer=tokenizer, plugin_manager=plugin_manager,
+                             trainable=is_trainable)
+        return model.train(is_trainable)
 
     def unwrap(self) -> nn.Module:
         """Remove the method from the base model and return the base model as it was loaded."""
