@@ -102,9 +102,11 @@ def probe_attention_calls(model: nn.Module, injector: "PrefixInjector") -> dict[
     seen: dict[nn.Module, tuple[tuple, tuple]] = {}
     training = model.training
     injector.probing = seen
+    from pstar_plugins.core.distributed import gathered_module_by_module
+
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), gathered_module_by_module(model):  # ZeRO-3: one module's weights at a time
             model(**_probe_inputs(model))
     finally:
         injector.probing = None

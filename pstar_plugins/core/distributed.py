@@ -40,6 +40,43 @@ def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None) -
         yield
 
 
+@contextlib.contextmanager
+def gathered_module_by_module(model: nn.Module) -> Iterator[None]:
+    """Let a forward of a ZeRO-3 partitioned ``model`` run outside the DeepSpeed engine (e.g. the
+    attention-site probe of ``build_model``, which runs before ``accelerator.prepare``): each
+    module's own partitioned parameters are gathered when the module starts and released when it
+    returns, so at most one module's weights are whole at a time, as in the engine's own forward.
+    Every rank must run the same forward. Parameters that are already whole are left alone."""
+
+    def pending(module: nn.Module) -> list[torch.Tensor]:
+        return [p for p in module.parameters(recurse=False) if is_partitioned(p) and p.data.numel() == 0]
+
+    modules = [m for m in model.modules() if pending(m)]
+    if not modules:
+        yield
+        return
+    open_gathers: dict[int, contextlib.ExitStack] = {}
+
+    def before(module, args):
+        stack = contextlib.ExitStack()
+        stack.enter_context(gathered(pending(module)))
+        open_gathers[id(module)] = stack
+
+    def after(module, args, output):
+        stack = open_gathers.pop(id(module), None)
+        if stack is not None:
+            stack.close()
+
+    handles = [m.register_forward_pre_hook(before) for m in modules] + [m.register_forward_hook(after) for m in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for stack in open_gathers.values():
+            stack.close()
+
+
 def embedding_shape(embedding: nn.Module) -> tuple[int, int]:
     """``(vocab, hidden)`` of an embedding matrix; ZeRO-3 keeps the full shape in ``ds_shape``."""
     weight = embedding.weight

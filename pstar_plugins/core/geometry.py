@@ -1,5 +1,7 @@
-"""Shapes a method needs, read from the model config (never from a forward pass, so that it also
-works on a ZeRO-3 partitioned model whose weights are not materialised on any rank)."""
+"""Shapes a method needs, read from the model config. The prefix geometry itself comes from the
+attention-site probe (``core.attention.probe_attention_calls``: the keys and values the sites
+really compute; under ZeRO-3 the probe gathers one module's weights at a time); the config
+readers here serve the layer-count check, the PEFT exporter and adapters' hidden size."""
 
 from __future__ import annotations
 

@@ -97,7 +97,9 @@ class PrefixTuning(PromptMethod):
         training = base_model.training
         base_model.eval()  # no dropout in the activations we keep
         try:
-            with self.injector.capture() as captured:
+            from pstar_plugins.core.distributed import gathered_module_by_module
+
+            with self.injector.capture() as captured, gathered_module_by_module(base_model):
                 base_model(**inputs)
         finally:
             base_model.train(training)
