@@ -207,8 +207,8 @@ def check_args(args) -> None:
         raise ConfigError(f"--validation-split-percentage {args.validation_split_percentage}: expected 1 to 99.")
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_reporting_errors(_main, argv)
+def main(argv: list[str] | None = None, prog: str = "python -m pstar_plugins.train") -> int:
+    return run_reporting_errors(_main, argv, prog)
 
 
 def _data(args):
@@ -302,8 +302,8 @@ def _check_room(template, tokenizer, max_length: int) -> None:
                           f"{used + 64} or more, or shorten the template.")
 
 
-def _main(argv):
-    args = parse_args(argv)
+def _main(argv, prog: str = "pstar train"):
+    args = parse_args(argv, prog)
     from pstar_plugins import run_dir
     from pstar_plugins.models import check_source
     from pstar_plugins.plugins import get_plugin_manager
@@ -390,7 +390,8 @@ def _train(args, spec, config, adapter, lr, out_dir, run_id, resume, template, t
     set_seed(args.seed)
 
     # what the adapter is for, saved with it: `pstar eval --adapter` then scores it as training did
-    task_record = {"kind": args.task, "template": template.text, "max_length": args.max_length}
+    task_record = {"kind": args.task, "template": template.text, "max_length": args.max_length,
+                   "model": args.model, "model_kind": args.model_kind, "gguf_file": args.gguf_file}
     if generation:
         task_record.update(target_column=args.target_column, max_new_tokens=args.max_new_tokens)
     else:
