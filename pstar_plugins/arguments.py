@@ -154,7 +154,7 @@ def field_argument(hint: Any) -> dict[str, Any]:
                 return conv(text)
             except (ValueError, TypeError, argparse.ArgumentTypeError):
                 continue
-        names = " or ".join(getattr(m, "__name__", str(m)) for m in members)
+        names = " or ".join("true or false" if m is bool else getattr(m, "__name__", str(m)) for m in members)
         raise argparse.ArgumentTypeError(f"expected {names}{' or none' if optional else ''}, got {text!r}")
 
     convert.__name__ = " | ".join(getattr(m, "__name__", str(m)) for m in members) + (" | None" if optional else "")
