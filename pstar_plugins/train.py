@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -113,6 +114,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser, preset_lr: float | 
                         help="seconds a collective may wait for a missing rank before the run fails (instead of hanging)")
     parser.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot baseline evaluation")
     parser.add_argument("--plot", default="training.png", help="file name (in --output-dir) of the loss/accuracy plot; '' for none")
+    parser.add_argument("--logging-steps", type=int, default=10, metavar="N",
+                        help="when stderr is not a terminal (a log file), log one line every N steps instead of a progress bar")
 
 
 def build_parser(method_names, method: str | None = None, prog: str = "pstar train") -> arguments.StrictParser:
@@ -183,7 +186,7 @@ def check_args(args) -> None:
         a.positive_float("--learning-rate", args.learning_rate)
     a.non_negative_float("--weight-decay", args.weight_decay)
     a.non_negative_float("--max-grad-norm", args.max_grad_norm)
-    for name in ("batch_size", "eval_batch_size", "max_length", "eval_subset_size", "max_new_tokens", "dist_timeout"):
+    for name in ("batch_size", "eval_batch_size", "max_length", "eval_subset_size", "max_new_tokens", "dist_timeout", "logging_steps"):
         a.positive_int(a.flag_of(name), getattr(args, name))
     if args.max_steps < 1:
         raise ConfigError(f"--max-steps {args.max_steps}: expected a positive integer (0 would save an untrained adapter); "
@@ -487,7 +490,8 @@ def _train(args, spec, config, adapter, lr, out_dir, run_id, resume, template, t
         m.eval()
         correct = 0
         n = min(limit or len(eval_rows), len(eval_rows))
-        bar = tqdm(range(0, n, args.eval_batch_size), desc=desc, disable=not accelerator.is_main_process, leave=False)
+        bar = tqdm(range(0, n, args.eval_batch_size), desc=desc, disable=not (accelerator.is_main_process and sys.stderr.isatty()),
+                   leave=False)
         for i in bar:
             j = min(i + args.eval_batch_size, n)
             scores, gold = classify(m, scorer, eval_rows[i:j], eval_labels[i:j])
@@ -538,7 +542,10 @@ def _train(args, spec, config, adapter, lr, out_dir, run_id, resume, template, t
         accelerator.wait_for_everyone()
 
     model.train()
-    progress = tqdm(range(start_step, args.max_steps), desc="training", disable=not accelerator.is_main_process)
+    interactive = sys.stderr.isatty()
+    # a terminal gets a progress bar; a log file one line per --logging-steps, not carriage returns
+    progress = tqdm(range(start_step, args.max_steps), desc="training",
+                    disable=not (accelerator.is_main_process and interactive))
     world, rank = accelerator.num_processes, accelerator.process_index
     for step in progress:
         global_batch = args.batch_size * world
@@ -561,6 +568,8 @@ def _train(args, spec, config, adapter, lr, out_dir, run_id, resume, template, t
         history["step"].append(step + 1)
         history["loss"].append(loss_value)
         progress.set_postfix(loss=f"{loss_value:.4f}")
+        if not interactive and ((step + 1) % args.logging_steps == 0 or step + 1 == args.max_steps):
+            logger.info("step %d/%d: loss %.4f, lr %.3g", step + 1, args.max_steps, loss_value, scheduler.get_last_lr()[0])
         if args.eval_steps and (step + 1) % args.eval_steps == 0 and step + 1 < args.max_steps:
             acc = evaluate(model, verbalizer, "eval", limit=args.eval_subset_size)
             history["eval_step"].append(step + 1)
@@ -596,13 +605,43 @@ def _train(args, spec, config, adapter, lr, out_dir, run_id, resume, template, t
         (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
         if args.plot:
             _plot(history, out_dir / args.plot, args.method, metric, args.eval_subset_size)
-        print(f"\n{'':-<60}\nmethod {args.method} on {args.model}")
-        if f"zero_shot_{metric}" in results:
-            print(f"  zero-shot dev {metric:<9}: {results[f'zero_shot_{metric}']:.4f}")
-        print(f"  tuned dev {metric:<13}: {results[f'tuned_{metric}']:.4f}")
-        print(f"  adapter saved to       : {out_dir / 'adapter'}\n{'':-<60}")
+        written = [out_dir / "adapter", out_dir / "metrics.json"]
+        if args.plot and (out_dir / args.plot).is_file():
+            written.append(out_dir / args.plot)
+        written += run_dir.complete_checkpoints(out_dir)
+        print(_summary(args, results, metric, written))
     accelerator.end_training()
     return 0
+
+
+def _summary(args, results: dict, metric: str, written: list[Path]) -> str:
+    """The closing report: the scores (with their scales) and every file this run wrote."""
+    lines = ["", "-" * 60, f"method {args.method} on {args.model}"]
+    if metric == "accuracy":
+        if "zero_shot_accuracy" in results:
+            lines.append(f"  zero-shot dev accuracy : {results['zero_shot_accuracy']:.4f} (0-1)")
+        lines.append(f"  tuned dev accuracy     : {results['tuned_accuracy']:.4f} (0-1)")
+    else:
+        scores = results.get("generation_scores", {})
+        for label, key in (("zero-shot", "zero-shot eval"), ("tuned", "final eval")):
+            if key in scores:
+                lines.append(f"  {label + ' dev':<15}: BLEU {scores[key]['bleu']:.2f}, ROUGE-L {scores[key]['rouge_l']:.2f} (both 0-100)")
+        sample = scores.get("final eval", {}).get("example") or []
+        if sample:
+            lines.append(f"  sample output          : {sample[0]!r}")
+    lines.append("  files written:")
+    lines += [f"    {p}{'/' if p.is_dir() else ''}" for p in written]
+    lines.append("-" * 60)
+    return "\n".join(lines)
+
+
+def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    """Exponential moving average with bias correction (TensorBoard's smoothing)."""
+    out, average = [], 0.0
+    for i, v in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * v
+        out.append(average / (1 - weight ** i))
+    return out
 
 
 def _plot(history, path: Path, method: str, metric: str = "accuracy", subset: int = 0) -> None:
@@ -615,12 +654,20 @@ def _plot(history, path: Path, method: str, metric: str = "accuracy", subset: in
         logger.warning("matplotlib is not installed; no plot written (pip install matplotlib)")
         return
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(history["step"], history["loss"], color="tab:blue", alpha=0.7, label="training loss")
+    ax.plot(history["step"], history["loss"], color="tab:blue", alpha=0.25, linewidth=0.8, label="training loss (raw)")
+    ax.plot(history["step"], _smooth(history["loss"]), color="tab:blue", label="training loss (smoothed)")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss", color="tab:blue")
     ax2 = ax.twinx()
-    ax2.plot(history["eval_step"], history[metric], "o-", color="tab:red", label=f"dev {metric}")
-    ax2.set_ylabel(f"dev {metric} (periodic: first {subset}; last point: all)" if subset else f"dev {metric}", color="tab:red")
+    # the periodic evaluations score a subset, the last one the whole dev set: two series, not one line
+    periodic = list(zip(history["eval_step"][:-1], history[metric][:-1]))
+    if periodic:
+        ax2.plot(*zip(*periodic), "o-", color="tab:red", label=f"dev {metric}, first {subset} rows" if subset else f"dev {metric}")
+    if history["eval_step"]:
+        ax2.plot(history["eval_step"][-1:], history[metric][-1:], "*", color="black", markersize=12, label=f"final dev {metric}, all rows")
+    ax2.set_ylabel(f"dev {metric}", color="tab:red")
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], loc="best", fontsize=8)
     ax.set_title(f"{method}: training loss and dev {metric}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -110,3 +110,20 @@ def test_methods_verbose_lists_each_methods_options(capsys):
     assert main(["methods", "--verbose"]) == 0
     out = capsys.readouterr().out
     assert "--num-virtual-tokens N" in out and "--encoder-hidden-size N" in out and "--projection {true,false}" in out
+
+
+def test_generation_summary_gives_both_scores_with_their_scale_a_sample_and_the_files(tmp_path):
+    from argparse import Namespace
+
+    from pstar_plugins.train import _smooth, _summary
+
+    results = {"generation_scores": {"zero-shot eval": {"bleu": 1.234, "rouge_l": 10.0, "example": ["x"]},
+                                     "final eval": {"bleu": 12.345, "rouge_l": 40.5, "example": ["a pub near the river", "b"]}}}
+    (tmp_path / "adapter").mkdir()
+    text = _summary(Namespace(method="prefix-tuning", model="m"), results, "bleu", [tmp_path / "adapter", tmp_path / "metrics.json"])
+    assert "  zero-shot dev  : BLEU 1.23, ROUGE-L 10.00 (both 0-100)" in text
+    assert "  tuned dev      : BLEU 12.35, ROUGE-L 40.50 (both 0-100)" in text
+    assert "sample output          : 'a pub near the river'" in text
+    assert f"files written:\n    {tmp_path / 'adapter'}/\n    {tmp_path / 'metrics.json'}\n" in text
+    assert _smooth([4.0, 4.0, 4.0]) == pytest.approx([4.0, 4.0, 4.0])  # bias-corrected: no pull towards 0
+    assert _smooth([0.0, 10.0], weight=0.5) == pytest.approx([0.0, 5 / 0.75])

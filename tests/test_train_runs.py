@@ -86,5 +86,7 @@ def test_a_p_tuning_template_with_newlines_is_stored_once_converted(tiny_dir, tm
                  method=("p-tuning", "--encoder", "mlp")),
         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 1/1: loss" in result.stderr and "\r" not in result.stderr  # a log line, no progress-bar spam
+    assert f"files written:\n    {out / 'adapter'}/\n    {out / 'metrics.json'}\n" in result.stdout
     meta = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert meta["method_config"]["template"] == meta["task"]["template"] == "{soft:2} Review: {sentence}\nSentiment:{answer}"
