@@ -283,6 +283,19 @@ def _method_config(args, spec):
     return spec.config_class.from_dict(options), adapter  # validated before anything is loaded or written
 
 
+def _default_template_for(text: str, row: dict, args) -> str:
+    """A default template (the method's preset or :data:`DEFAULT_TEMPLATE`) whose one text slot
+    names no column of the data, pointed at the data's one text column when there is exactly one."""
+    from pstar_plugins.tasks.template import Template
+
+    missing = [f for f in Template.parse(text).fields if f not in row]
+    ignored = {args.label_column} if args.task == "classification" else {args.target_column}
+    candidates = [c for c, v in row.items() if c not in ignored and isinstance(v, str)]
+    if len(missing) == 1 and len(candidates) == 1 and "{" not in candidates[0] and "}" not in candidates[0]:
+        return text.replace("{" + missing[0] + "}", "{" + candidates[0] + "}")
+    return text
+
+
 def _check_template(template, args, train_rows, train_source) -> None:
     if args.model_kind == "causal-lm" or args.task == "generation":
         template.check_answer_last()
@@ -330,6 +343,14 @@ def _main(argv, prog: str = "pstar train"):
     # one template, converted from the command line once (parse_args): the P-tuning config holds
     # the same text as the task record, so `pstar eval` scores the prompt training used
     template_text = getattr(config, "template", None) or args.template or DEFAULT_TEMPLATE
+    if args.template is None and not args.init_from_adapter and "template" not in args.method_options:
+        adapted = _default_template_for(template_text, train_rows[0], args)
+        if adapted != template_text:
+            logger.info("default template %r adapted to the data's text column: %r (set --template to choose)",
+                        template_text, adapted)
+            template_text = adapted
+            if getattr(config, "template", None) is not None:
+                config = config.replace(template=adapted)
     template = Template.parse(template_text)
     _check_template(template, args, train_rows, train_source)
     check_source(args.model, args.model_kind, args.gguf_file, args.task)

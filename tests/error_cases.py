@@ -185,6 +185,12 @@ def _mixed_without_task_ids(tmp):
     build_model(_tiny(), "prompt-tuning", num_tasks=3, init="random")(input_ids=torch.ones(1, 3, dtype=torch.long))
 
 
+def _encode_missing_slot():
+    from pstar_plugins.tasks.template import Template
+
+    Template.parse("R: {review}{answer}").encode({"text": "fine"}, tokenizer=None)
+
+
 def _template(text):
     def run(tmp):
         from pstar_plugins.tasks.template import Template
@@ -340,7 +346,8 @@ CASES = [
     Case("eval: generation demonstrations without a file", lambda tmp: _eval("--task", "generation", "--template", "D: {mr} T:{answer}", "--shots", "2"), "ConfigError", "--shots 2 with --task generation needs --demonstration-file"),
     Case("data: generation row without the target column", _generation_rows([{"mr": "a"}], "ref"), "DataError", "evaluation row 1 has no target column 'ref' (columns: ['mr']); set --target-column"),
     Case("data: missing label column", _data_file("a.tsv", b"sentence\tgold\nfine\t1\n"), "DataError", "row 1 has no column 'label'"),
-    Case("data: unknown label", _data_file("b.tsv", b"sentence\tlabel\nfine\tmaybe\n"), "DataError", "row 1 has label 'maybe'; expected one of ['negative', 'positive']"),
+    Case("data: unknown label", _data_file("b.tsv", b"sentence\tlabel\nfine\tmaybe\n"), "DataError", "row 1 has label 'maybe'; expected one of ['negative', 'positive'] or an index below 2. Set --label-words to the data's labels"),
+    Case("data: template slot missing from an example", lambda tmp: _encode_missing_slot(), "DataError", "template field {review} is not a column of the example (columns: ['text']); change the slot with --template or map a column to it with --column DATA_COLUMN=review"),
     Case("data: empty file", _data_file("c.csv", b""), "DataError", "is empty; expected a header row"),
     Case("data: invalid UTF-8", _data_file("d.tsv", b"sentence\tlabel\nok\t1\n\xff\t0\n"), "DataError", "line 3 is not valid UTF-8"),
     Case("data: malformed JSON line", _data_file("e.jsonl", b'{"sentence": "a", "label": 1}\n{"sentence": \n'), "DataError", "row 2 is not valid JSON"),

@@ -127,3 +127,16 @@ def test_generation_summary_gives_both_scores_with_their_scale_a_sample_and_the_
     assert f"files written:\n    {tmp_path / 'adapter'}/\n    {tmp_path / 'metrics.json'}\n" in text
     assert _smooth([4.0, 4.0, 4.0]) == pytest.approx([4.0, 4.0, 4.0])  # bias-corrected: no pull towards 0
     assert _smooth([0.0, 10.0], weight=0.5) == pytest.approx([0.0, 5 / 0.75])
+
+
+def test_a_default_template_follows_the_datas_one_text_column():
+    from argparse import Namespace
+
+    from pstar_plugins.train import PRESETS, _default_template_for
+
+    args = Namespace(label_column="label", target_column="ref", task="classification")
+    preset = PRESETS["p-tuning"][0]["template"]
+    assert _default_template_for(preset, {"text": "fine", "label": "1"}, args) == "{soft:3} Review: {text} {soft:3} Sentiment:{answer}"
+    assert _default_template_for(preset, {"sentence": "fine", "label": "1"}, args) == preset  # already fits
+    # two candidate columns: no guess, the slot check then names --template and --column
+    assert _default_template_for(preset, {"title": "a", "body": "b", "label": "1"}, args) == preset

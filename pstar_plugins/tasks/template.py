@@ -170,7 +170,7 @@ class Template:
                 if part.name not in example:
                     raise DataError(
                         f"template field {{{part.name}}} is not a column of the example (columns: {sorted(example)}); "
-                        "rename the slot or map the column."
+                        "change the slot with --template or map a column to it with --column DATA_COLUMN=" + part.name + "."
                     )
                 run.append(str(example[part.name]))
             elif isinstance(part, Soft):
