@@ -140,3 +140,18 @@ def test_a_default_template_follows_the_datas_one_text_column():
     assert _default_template_for(preset, {"sentence": "fine", "label": "1"}, args) == preset  # already fits
     # two candidate columns: no guess, the slot check then names --template and --column
     assert _default_template_for(preset, {"title": "a", "body": "b", "label": "1"}, args) == preset
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["methods"], ["train", "--method", "p-tuning", "--help"],
+                                  ["train", "--method", "prompt-tuning", "--batch-size", "0", "--output-dir", "unused"]])
+def test_help_listing_and_argument_errors_never_import_torch(argv):
+    """What keeps these commands well under two seconds (bench/cli_latency.py measures it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pstar_plugins.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'deepspeed', 'accelerate') if m in sys.modules)\n"
+            "print('heavy:', heavy)")
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    assert result.stdout.strip().endswith("heavy: []"), result.stdout[-500:] + result.stderr[-2000:]
