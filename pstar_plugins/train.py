@@ -376,6 +376,7 @@ def _main(argv, prog: str = "pstar train"):
 
 def _train(args, spec, config, adapter, lr, out_dir, run_id, resume, template, train_rows, train_labels, train_source,
            eval_rows, eval_labels):
+    _quiet_third_party(sys.stderr.isatty())
     import torch
     from accelerate import Accelerator, InitProcessGroupKwargs
     from accelerate.utils import set_seed
@@ -633,6 +634,20 @@ def _train(args, spec, config, adapter, lr, out_dir, run_id, resume, template, t
         print(_summary(args, results, metric, written))
     accelerator.end_training()
     return 0
+
+
+def _is_cpu_notice(record: logging.LogRecord) -> bool:
+    return "Setting accelerator to CPU" not in record.getMessage()
+
+
+def _quiet_third_party(interactive: bool) -> None:
+    """Keep other libraries' notices out of a normal run's output: DeepSpeed's "Setting
+    accelerator to CPU" on machines without a GPU, and, in a log file, the weight-loading bar."""
+    logging.getLogger("DeepSpeed").addFilter(_is_cpu_notice)  # the logger DeepSpeed writes through
+    if not interactive:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
 
 def _summary(args, results: dict, metric: str, written: list[Path]) -> str:

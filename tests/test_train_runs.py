@@ -87,6 +87,15 @@ def test_a_p_tuning_template_with_newlines_is_stored_once_converted(tiny_dir, tm
         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 1/1: loss" in result.stderr and "\r" not in result.stderr  # a log line, no progress-bar spam
+    assert "Setting accelerator to CPU" not in result.stderr and "Loading weights" not in result.stderr
     assert f"files written:\n    {out / 'adapter'}/\n    {out / 'metrics.json'}\n" in result.stdout
     meta = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert meta["method_config"]["template"] == meta["task"]["template"] == "{soft:2} Review: {sentence}\nSentiment:{answer}"
+    # pstar eval without --model: the adapter's recorded base model (the default SmolLM2 would be refused by hidden size)
+    evaluated = subprocess.run([sys.executable, "-m", "pstar_plugins.evaluate", "--adapter", str(out / "adapter"),
+                                "--max-eval-samples", "4", "--output", str(tmp_path / "eval.json")],
+                               capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    scores = json.loads((tmp_path / "eval.json").read_text())
+    assert scores["model"] == str(tiny_dir) and scores["template"] == meta["task"]["template"]
+    assert scores["runs"][0]["accuracy"] == json.loads((out / "metrics.json").read_text())["tuned_accuracy"]
