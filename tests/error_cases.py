@@ -317,6 +317,16 @@ _SEED_FIELD_MODULE = (
     "plugin = SeedPlugin()\n")
 
 
+def _eval_adapter_on_a_model_of_another_size(tmp):
+    import transformers as tf
+
+    from pstar_plugins.evaluate import _main
+
+    _saved_adapter(tmp, method="prompt-tuning")
+    tf.LlamaConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4).save_pretrained(tmp / "wide")
+    _main(["--adapter", str(tmp / "adapter"), "--model", str(tmp / "wide")])
+
+
 def _export_into_non_empty_folder(tmp):
     from pstar_plugins.cli import _export_target
 
@@ -387,6 +397,7 @@ CASES = [
     Case("-p module whose plugin object has a misspelt hook", lambda tmp: _plugin_module(tmp, "pstar_typo_plugin", _MISSPELT_OBJECT_MODULE), "PluginError", "plugin 'pstar_typo_plugin:plugin' implements an unknown hook"),
     Case("-p module that implements no hook", lambda tmp: _plugin_module(tmp, "pstar_hookless_plugin", _NO_HOOK_MODULE), "PluginError", "-p pstar_hookless_plugin: the module implements no pstar hook"),
     Case("method config field named like a pstar train flag", lambda tmp: _plugin_module(tmp, "pstar_seed_plugin", _SEED_FIELD_MODULE), "PluginError", "plugin 'pstar_seed_plugin:plugin': method 'seeded' has a config field 'seed', whose flag --seed is already a flag of pstar train"),
+    Case("eval: --adapter on a model of another hidden size (checked from its config, before loading weights)", _eval_adapter_on_a_model_of_another_size, "exit 2 (AdapterError)", "--adapter was trained on a model with hidden size 32"),
     Case("export: --output into a non-empty folder", _export_into_non_empty_folder, "ConfigError", "is not empty (notes.txt); choose an empty or new folder, or pass --overwrite"),
     Case("misspelt hook implementation in a plugin", _misspelt_hook, "PluginError", "plugin 'typo-plugin' implements an unknown hook"),
     Case("exception inside a plugin's hook", _raising_hook, "PluginError", "plugin 'broken-plugin' raised ZeroDivisionError in pstar_param_groups"),
