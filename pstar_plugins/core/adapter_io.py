@@ -91,6 +91,26 @@ def save_adapter(model, directory, state: dict[str, torch.Tensor] | None = None,
     _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
 
 
+def _warn_if_edited(config_path: Path, embedded: str) -> None:
+    """The config inside the tensor file is the one that loads (it cannot be out of step with the
+    tensors); an ``adapter_config.json`` that says otherwise was edited or is from another save."""
+    import warnings
+
+    try:
+        beside, inside = json.loads(config_path.read_text(encoding="utf-8")), json.loads(embedded)
+    except (UnicodeDecodeError, json.JSONDecodeError, OSError):
+        beside, inside = None, {}
+    if beside == inside:
+        return
+    if isinstance(beside, dict) and isinstance(inside, dict):
+        keys = sorted(k for k in set(beside) | set(inside) if beside.get(k) != inside.get(k))
+        what = f"differs in {keys}"
+    else:
+        what = "is not valid JSON"
+    warnings.warn(f"{config_path} {what} from the config stored inside {WEIGHTS_NAME}, which is the one used; edits to "
+                  f"{CONFIG_NAME} have no effect (re-save the adapter to change its config).", stacklevel=3)
+
+
 def read_adapter(directory) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read and validate an adapter's config and tensors (safetensors only)."""
     directory = Path(directory)
@@ -128,26 +148,6 @@ def read_adapter(directory) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         raise AdapterError(f"the adapter config in {source} has task {task!r}; expected an object with kind "
                            f"{' or '.join(TASK_KINDS)} and a template string. Remove the field to evaluate with explicit flags.")
     return meta, tensors
-
-
-def _warn_if_edited(config_path: Path, embedded: str) -> None:
-    """The config inside the tensor file is the one that loads (it cannot be out of step with the
-    tensors); an ``adapter_config.json`` that says otherwise was edited or is from another save."""
-    import warnings
-
-    try:
-        beside, inside = json.loads(config_path.read_text(encoding="utf-8")), json.loads(embedded)
-    except (UnicodeDecodeError, json.JSONDecodeError, OSError):
-        beside, inside = None, {}
-    if beside == inside:
-        return
-    if isinstance(beside, dict) and isinstance(inside, dict):
-        keys = sorted(k for k in set(beside) | set(inside) if beside.get(k) != inside.get(k))
-        what = f"differs in {keys}"
-    else:
-        what = "is not valid JSON"
-    warnings.warn(f"{config_path} {what} from the config stored inside {WEIGHTS_NAME}, which is the one used; edits to "
-                  f"{CONFIG_NAME} have no effect (re-save the adapter to change its config).", stacklevel=3)
 
 
 def check_geometry(meta: dict[str, Any], model) -> None:
