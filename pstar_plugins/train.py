@@ -645,6 +645,8 @@ def _quiet_third_party(interactive: bool) -> None:
     accelerator to CPU" on machines without a GPU, and, in a log file, the weight-loading bar."""
     logging.getLogger("DeepSpeed").addFilter(_is_cpu_notice)  # the logger DeepSpeed writes through
     if not interactive:
+        # tqdm reads TQDM_DISABLE when it is imported: other libraries' bars (GGUF conversion, ...)
+        os.environ.setdefault("TQDM_DISABLE", "1")
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
