@@ -26,13 +26,28 @@ SHARED_TASK_FLAGS = {
 }
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Shows ``(default: X)`` for every option with a real default; options whose help already
+    says what is used (``(default: the method's preset)``), or that default to nothing, are left alone."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or not action.option_strings or action.default in (None, [], False, argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
+class RawDescriptionDefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter):
+    """:class:`DefaultsHelpFormatter` that keeps the description's line breaks."""
+
+
 class StrictParser(argparse.ArgumentParser):
     """``argparse`` without prefix matching; usage errors raise :class:`ConfigError` (exit 2 through
     :func:`pstar_plugins.errors.run_reporting_errors`) and an unknown flag names the nearest one."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("allow_abbrev", False)
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
 
     def parse_args(self, args=None, namespace=None):  # type: ignore[override]

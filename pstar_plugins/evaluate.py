@@ -19,7 +19,7 @@ import random
 import statistics
 from pathlib import Path
 
-from pstar_plugins.arguments import StrictParser, check_label_words
+from pstar_plugins.arguments import RawDescriptionDefaultsHelpFormatter, StrictParser, check_label_words
 from pstar_plugins.errors import ConfigError, run_reporting_errors
 from pstar_plugins.tasks.template import DEFAULT_TEMPLATE as CLASSIFICATION_TEMPLATE
 
@@ -28,14 +28,10 @@ FALLBACKS = {"label_column": "label", "label_words": ["negative", "positive"], "
              "max_new_tokens": 64, "max_length": 1024}
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
-
-
 def parse_args(argv=None, prog: str = "pstar eval"):
     from pstar_plugins.models import packaged_data
 
-    p = StrictParser(prog=prog, description=__doc__, formatter_class=_HelpFormatter)
+    p = StrictParser(prog=prog, description=__doc__, formatter_class=RawDescriptionDefaultsHelpFormatter)
     p.add_argument("--model", default=None,
                    help="offline alias (smollm2, minilm), a local folder, or any hub model id "
                         "(default: with --adapter, the model it was trained on; else smollm2)")
