@@ -19,8 +19,7 @@ import random
 import statistics
 from pathlib import Path
 
-import torch
-
+from pstar_plugins.arguments import RawDescriptionDefaultsHelpFormatter, StrictParser, check_label_words
 from pstar_plugins.errors import ConfigError, run_reporting_errors
 from pstar_plugins.tasks.template import DEFAULT_TEMPLATE as CLASSIFICATION_TEMPLATE
 
@@ -29,13 +28,16 @@ FALLBACKS = {"label_column": "label", "label_words": ["negative", "positive"], "
              "max_new_tokens": 64, "max_length": 1024}
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, prog: str = "pstar eval"):
     from pstar_plugins.models import packaged_data
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2", help="offline alias (smollm2, minilm), a local folder, or any hub model id")
+    p = StrictParser(prog=prog, description=__doc__, formatter_class=RawDescriptionDefaultsHelpFormatter)
+    p.add_argument("--model", default=None,
+                   help="offline alias (smollm2, minilm), a local folder, or any hub model id "
+                        "(default: with --adapter, the model it was trained on; else smollm2)")
     p.add_argument("--gguf-file", default=None, help="GGUF file inside --model's folder")
-    p.add_argument("--model-kind", default="causal-lm", choices=["causal-lm", "masked-lm"], help="which head to load")
+    p.add_argument("--model-kind", default=None, choices=["causal-lm", "masked-lm"],
+                   help="which head to load (default: with --adapter, the kind it was trained with; else causal-lm)")
     p.add_argument("--adapter", default=None, help="a tuned adapter directory to evaluate instead of the baselines")
     p.add_argument("--validation-file", default=packaged_data("sst2_dev.tsv"), help="evaluation data (.csv, .tsv, .jsonl)")
     p.add_argument("--dataset", default=None, help="a Hugging Face datasets id or local dataset folder instead of the files")
@@ -67,8 +69,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-@torch.no_grad()
 def score_rows(model, verbalizer, rows, labels, batch_size, max_length, calibration=None, progress=None):
+    import torch
+
+    with torch.no_grad():
+        return _score_rows(model, verbalizer, rows, labels, batch_size, max_length, calibration, progress)
+
+
+def _score_rows(model, verbalizer, rows, labels, batch_size, max_length, calibration, progress):
     from pstar_plugins.tasks.baselines import calibrate
 
     preds = []
@@ -84,8 +92,8 @@ def score_rows(model, verbalizer, rows, labels, batch_size, max_length, calibrat
     return preds
 
 
-def main(argv=None) -> int:
-    return run_reporting_errors(_main, argv)
+def main(argv=None, prog: str = "python -m pstar_plugins.evaluate") -> int:
+    return run_reporting_errors(_main, argv, prog)
 
 
 def resolve_task(args, recorded: dict | None) -> None:
@@ -94,6 +102,12 @@ def resolve_task(args, recorded: dict | None) -> None:
     from pstar_plugins.tasks.template import from_command_line
 
     recorded = recorded or {}
+    if getattr(args, "model", None) is None:  # the model the adapter was trained on, else the default
+        args.model = recorded.get("model") or "smollm2"
+        if args.gguf_file is None and recorded.get("model"):
+            args.gguf_file = recorded.get("gguf_file")
+    if getattr(args, "model_kind", None) is None:
+        args.model_kind = recorded.get("model_kind") or "causal-lm"
     args.task = args.task or recorded.get("kind") or "classification"
     same = recorded.get("kind") == args.task
     for name, fallback in FALLBACKS.items():
@@ -116,10 +130,32 @@ def resolve_task(args, recorded: dict | None) -> None:
                           f"rows with the template's columns and the target column {args.target_column!r}.")
     if args.task == "generation" and args.model_kind == "masked-lm":
         raise ConfigError("--task generation decodes text with a causal LM; use --model-kind causal-lm.")
+    if args.task == "classification":
+        check_label_words(args.label_words)
 
 
-def _main(argv):
-    args = parse_args(argv)
+def check_adapter_base(meta: dict, model: str, gguf_file: str | None) -> None:
+    """Refuse an adapter whose recorded hidden size differs from ``model``'s, reading only the config."""
+    from pstar_plugins.errors import AdapterError
+    from pstar_plugins.models import resolve
+
+    saved = meta.get("base_model", {}).get("hidden_size")
+    path, gguf = resolve(model, gguf_file)
+    if saved is None or gguf or not (Path(path) / "config.json").is_file():
+        return  # GGUF or hub: the geometry check after loading covers it
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
+    if hidden is not None and hidden != saved:
+        trained_on = meta.get("task", {}).get("model") or meta["base_model"].get("name_or_path")
+        raise AdapterError(f"--adapter was trained on a model with hidden size {saved} ({trained_on!r}), but --model {model} "
+                           f"has {hidden}; pass --model {trained_on} (or leave --model out to use it).")
+
+
+def _main(argv, prog: str = "pstar eval"):
+    args = parse_args(argv, prog)
     from tqdm.auto import tqdm
 
     from pstar_plugins.core.adapter_io import load_adapter, read_adapter
@@ -133,13 +169,22 @@ def _main(argv):
     from pstar_plugins.tasks.verbalizer import Verbalizer
 
     adapter = read_adapter(args.adapter) if args.adapter else None  # a bad adapter fails before any load
-    resolve_task(args, adapter[0].get("task") if adapter else None)
+    recorded = dict(adapter[0].get("task") or {}) if adapter else None
+    if adapter and not (recorded or {}).get("model") and adapter[0]["base_model"].get("name_or_path"):
+        recorded = {**(recorded or {}), "model": adapter[0]["base_model"]["name_or_path"]}
+    resolve_task(args, recorded)
+    from pstar_plugins.models import check_source
+
+    check_source(args.model, args.model_kind, args.gguf_file, args.task)
+    if adapter:
+        check_adapter_base(adapter[0], args.model, args.gguf_file)
     generation = args.task == "generation"
     columns = parse_column_mapping(args.column)
     rows, source = load_split(args.validation_file, args.dataset, args.dataset_config, args.validation_split,
                               args.max_eval_samples, columns)
     if generation:
         template = Template.parse(args.template)
+        template.check_answer_last()
         groups = gen.group_references(rows, template, args.target_column)  # checks the target column before loading
         labels, C = [], 0
     else:
@@ -175,8 +220,13 @@ def _main(argv):
     if args.adapter:
         model = load_adapter(base, args.adapter, tokenizer=tokenizer, trainable=False, contents=adapter).eval()
         model.packing = args.packing
-        # a P-tuning adapter's template places its soft tokens, so it always comes from the adapter
-        template = Template.parse(getattr(model.method_config, "template", None) or args.template)
+        # a P-tuning adapter's template places its soft tokens, so it always comes from the adapter:
+        # the task record's text (converted from the command line once, at training), which the
+        # method config holds too; adapters written before both held it keep their task record's
+        placed = getattr(model.method_config, "template", None)
+        if placed is not None and adapter[0].get("task", {}).get("template"):
+            placed = adapter[0]["task"]["template"]
+        template = Template.parse(placed or args.template)
         name = f"adapter {model.method_name}"
         if generation:
             scores, hyps = run_generation(name, model, template)

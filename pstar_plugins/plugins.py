@@ -20,13 +20,14 @@ import importlib.metadata as metadata
 import os
 import sys
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import pluggy
 
 from pstar_plugins import hookspecs
 from pstar_plugins.errors import PluginError, PStarError, UnknownMethodError
-from pstar_plugins.methods.base import MethodSpec
+from pstar_plugins.methods.spec import MethodSpec
 
 ENTRY_POINT_GROUP = "pstar_plugins"
 ENV_DISABLE_AUTOLOAD = "PSTAR_DISABLE_PLUGIN_AUTOLOAD"
@@ -91,6 +92,9 @@ class PStarPluginManager(pluggy.PluginManager):
         def register(spec: MethodSpec) -> None:
             if not isinstance(spec, MethodSpec):
                 raise PluginError(f"plugin {name!r} registered {spec!r}; expected a MethodSpec.")
+            from pstar_plugins.train import check_method_fields
+
+            check_method_fields(spec, name)  # every config field must be settable from pstar train
             if spec.name in self.methods:
                 owner = self.methods[spec.name].plugin
                 raise PluginError(
@@ -126,13 +130,25 @@ class PStarPluginManager(pluggy.PluginManager):
         self.methods = {k: v for k, v in self.methods.items() if v.plugin != name}
 
     def load_module(self, path: str) -> str:
-        """Register a plugin given as ``module`` or ``module:object`` (the ``-p`` flag)."""
+        """Register a plugin given as ``module`` or ``module:object`` (the ``-p`` flag).
+
+        A bare ``module`` must implement hooks itself, or hold exactly one plugin object (an
+        attribute with hook implementations), which is then registered: a module whose hooks
+        are all misspelt or missing is an error, never a silent no-op.
+        """
         try:
             obj = _import_object(path)
         except (ImportError, AttributeError) as exc:
             raise PluginError(f"cannot import plugin {path!r}: {exc}. Check the module path and PYTHONPATH.") from exc
-        self.register_plugin(obj, name=path, source="-p")
-        return path
+        except Exception as exc:  # the module itself raised while importing
+            last = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+            raise PluginError(f"plugin module {path.partition(':')[0]!r} raised {type(exc).__name__} on import: {last}. "
+                              "Fix the module, or drop -p " + path + ".") from exc
+        name = path
+        if ":" not in path:
+            obj, name = _plugin_of_module(obj, path)
+        self.register_plugin(obj, name=name, source="-p")
+        return name
 
     def load_entry_points(self) -> None:
         selected = set(_env_list(ENV_SELECT))
@@ -162,6 +178,33 @@ class PStarPluginManager(pluggy.PluginManager):
             version, source = self.sources.get(name, ("", ""))
             infos.append(PluginInfo(name, version, hooks, source))
         return infos
+
+
+def _hook_like(obj: Any) -> list[str]:
+    """Names on ``obj`` that look meant as hooks: ``pstar_*`` callables or marked implementations."""
+    marker = hookspecs.PROJECT_NAME + "_impl"
+    names = []
+    for attr in dir(obj):
+        value = getattr(obj, attr, None)
+        if callable(value) and (attr.startswith("pstar_") or hasattr(value, marker)):
+            names.append(attr)
+    return names
+
+
+def _plugin_of_module(module: Any, path: str) -> tuple[Any, str]:
+    """What ``-p module`` registers: the module when it implements hooks itself, else its one plugin object."""
+    marker = hookspecs.PROJECT_NAME + "_impl"
+    if any(hasattr(getattr(module, a, None), marker) for a in dir(module)):
+        return module, path
+    candidates = [a for a in dir(module) if not a.startswith("_") and not isinstance(getattr(module, a), (type, ModuleType))
+                  and not callable(getattr(module, a)) and _hook_like(getattr(module, a))]
+    if len(candidates) == 1:
+        return getattr(module, candidates[0]), f"{path}:{candidates[0]}"
+    if candidates:
+        raise PluginError(f"-p {path}: the module holds several plugin objects ({', '.join(candidates)}); "
+                          f"name one with -p {path}:{candidates[0]}.")
+    raise PluginError(f"-p {path}: the module implements no pstar hook (no @hookimpl function named like a hook in "
+                      "docs/plugin_hooks.md, and no plugin object); check the hook names, or pass -p MODULE:OBJECT.")
 
 
 def _naming_wrapper(function, plugin_name: str, hook_name: str):

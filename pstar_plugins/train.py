@@ -17,115 +17,15 @@ import json
 import logging
 import os
 import random
+import sys
 import time
-import typing
 from pathlib import Path
 
-import torch
-from torch.nn import functional as F
-
-from pstar_plugins import tracking
+from pstar_plugins import arguments, tracking
 from pstar_plugins.errors import ConfigError, PStarError, run_reporting_errors
 from pstar_plugins.tasks.template import DEFAULT_TEMPLATE
 
 logger = logging.getLogger("pstar_plugins.train")
-
-
-def _method_arguments(parser: argparse.ArgumentParser, config_class) -> list[str]:
-    group = parser.add_argument_group(f"{config_class.__name__} options")
-    names = []
-    hints = typing.get_type_hints(config_class)
-    taken = {o for a in parser._actions for o in a.option_strings}
-    for f in dataclasses.fields(config_class):
-        flag = "--" + f.name.replace("_", "-")
-        if flag in taken:  # shared with the task flags (--template, --label-words): those fill it
-            continue
-        help_text = f.metadata.get("help", "")
-        hint = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        if hint is bool:
-            group.add_argument(flag, dest=f"m_{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
-                               metavar="{true,false}", help=f"{help_text} (default: {default})")
-        elif typing.get_origin(hint) is list:
-            inner = typing.get_args(hint)[0]
-            group.add_argument(flag, dest=f"m_{f.name}", type=inner, nargs="*", default=None, help=f"{help_text} (default: {default})")
-        else:
-            group.add_argument(flag, dest=f"m_{f.name}", type=hint, default=None, help=f"{help_text} (default: {default})")
-        names.append(f.name)
-    return names
-
-
-def parse_args(argv: list[str] | None = None):
-    from pstar_plugins.models import packaged_data
-    from pstar_plugins.plugins import get_plugin_manager
-
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--method")
-    pre.add_argument("-p", "--plugin", action="append", default=[])
-    known, _ = pre.parse_known_args(argv)
-    pm = get_plugin_manager()
-    for module in known.plugin:
-        pm.load_module(module)
-
-    parser = argparse.ArgumentParser(description="Train a P*-tuning method on a frozen model with Accelerate.")
-    parser.add_argument("--method", required=True, help=f"method name; one of: {', '.join(sorted(pm.methods))}")
-    parser.add_argument("-p", "--plugin", action="append", default=[], help="extra plugin module for this run (module or module:object)")
-    parser.add_argument("--model", default="smollm2", help="offline alias (smollm2, minilm), a local folder, or any hub model id")
-    parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model's folder, if the weights are GGUF")
-    parser.add_argument("--model-kind", default="causal-lm", choices=["causal-lm", "masked-lm"], help="which head to load")
-    parser.add_argument("--train-file", default=packaged_data("sst2_train_sample.tsv"), help="training data (.csv, .tsv, .jsonl)")
-    parser.add_argument("--validation-file", default=packaged_data("sst2_dev.tsv"), help="evaluation data (.csv, .tsv, .jsonl)")
-    parser.add_argument("--dataset", default=None,
-                        help="a Hugging Face datasets id or local dataset folder to use instead of --train-file/--validation-file")
-    parser.add_argument("--dataset-config", default=None, help="the dataset's configuration (e.g. sst2 for glue)")
-    parser.add_argument("--train-split", default="train", help="--dataset split to train on")
-    parser.add_argument("--validation-split", default="validation", help="--dataset split to evaluate on")
-    parser.add_argument("--column", action="append", default=[], metavar="DATA_COLUMN=NAME",
-                        help="rename a data column to the name the template or --label-column uses (repeatable)")
-    parser.add_argument("--template", default=None, help=f"template with {{column}} slots and one {{answer}} slot (default: {DEFAULT_TEMPLATE!r}, or the method's preset)")
-    parser.add_argument("--task", default="classification", choices=["classification", "generation"],
-                        help="classification (label words or a linear head) or generation (loss on the target tokens only)")
-    parser.add_argument("--target-column", default="ref", help="generation: the column with the target text")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="generation: tokens to decode in evaluation")
-    parser.add_argument("--label-column", default="label", help="column with the class (index or label word)")
-    parser.add_argument("--label-words", nargs="+", default=["negative", "positive"], help="one word per class, in class order")
-    parser.add_argument("--output-dir", required=True, help="where the adapter, checkpoints, metrics and plot go")
-    parser.add_argument("--overwrite", action="store_true", help="allow an output dir that already holds a different run")
-    parser.add_argument("--learning-rate", type=float, default=None, help="base learning rate (default: the method's preset)")
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="weight decay of the non-embedding groups")
-    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm (0: no clipping); DeepSpeed gets the same value")
-    parser.add_argument("--batch-size", type=int, default=16, help="per-process training batch size")
-    parser.add_argument("--eval-batch-size", type=int, default=32, help="per-process evaluation batch size")
-    parser.add_argument("--max-steps", type=int, default=100, help="optimizer steps")
-    parser.add_argument("--warmup-steps", type=int, default=10, help="linear warm-up steps")
-    parser.add_argument("--max-length", type=int, default=128, help="truncate examples to this many tokens")
-    parser.add_argument("--max-train-samples", type=int, default=None, help="use only the first N training rows")
-    parser.add_argument("--max-eval-samples", type=int, default=None, help="use only the first N evaluation rows")
-    parser.add_argument("--eval-steps", type=int, default=25, help="evaluate every N steps (0: only at the end)")
-    parser.add_argument("--eval-subset-size", type=int, default=128, help="periodic evaluations use the first N evaluation rows (the final one uses all)")
-    parser.add_argument("--checkpointing-steps", type=int, default=0, help="save the full training state every N steps (0: never)")
-    parser.add_argument("--resume-from-checkpoint", default=None,
-                        help="checkpoint folder to resume from; 'latest' (the newest complete one in --output-dir) or "
-                             "'latest-if-any' (the same, or a fresh start when there is none: for preemptible jobs)")
-    parser.add_argument("--init-from-adapter", default=None,
-                        help="continue training a saved adapter (its method and options are used; a folded one keeps training folded)")
-    parser.add_argument("--stop-after-steps", type=int, default=0,
-                        help="leave after this many steps in this invocation, with a checkpoint (time-limited jobs); 0: run to --max-steps")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint the frozen model's layers to save memory")
-    parser.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
-                        help="run the frozen decoder-only model on real tokens only, rows packed padding-free (same loss; see docs/design.md)")
-    parser.add_argument("--seed", type=int, default=42, help="random seed")
-    parser.add_argument("--dist-timeout", type=int, default=600,
-                        help="seconds a collective may wait for a missing rank before the run fails (instead of hanging)")
-    parser.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot baseline evaluation")
-    parser.add_argument("--plot", default="training.png", help="file name (in --output-dir) of the loss/accuracy plot; '' for none")
-    tracking.add_arguments(parser)  # --report-to
-    method = known.method if known.method in pm.methods else None
-    option_names = _method_arguments(parser, pm.method(method).config_class) if method else []
-    args = parser.parse_args(argv)
-    args.method_options = {n: getattr(args, f"m_{n}") for n in option_names if getattr(args, f"m_{n}") is not None}
-    return args
-
 
 PRESETS = {  # learning rates and options that work on SmolLM2-135M with AdamW (see docs/recipes.md)
     "prompt-tuning": ({"num_virtual_tokens": 10}, 3e-2),
@@ -135,34 +35,365 @@ PRESETS = {  # learning rates and options that work on SmolLM2-135M with AdamW (
     "p-tuning": ({"template": "{soft:3} Review: {sentence} {soft:3} Sentiment:{answer}"}, 1e-3),
     "p-tuning-v2": ({"num_virtual_tokens": 16}, 5e-3),
 }
+DEFAULT_LEARNING_RATE = 1e-3  # methods without a preset
 
 
-def _check_output_dir(path: Path, args, run_id: dict) -> None:
-    marker = path / "run.json"
-    if marker.exists() and not args.overwrite and not args.resume_from_checkpoint:
-        previous = json.loads(marker.read_text())
-        if previous != run_id:
-            raise ConfigError(f"--output-dir {path} holds a different run ({previous.get('method')}); choose another directory or pass --overwrite.")
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2", help="offline alias (smollm2, minilm), a local folder, or any hub model id")
+    parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model's folder, if the weights are GGUF")
+    parser.add_argument("--model-kind", default="causal-lm", choices=["causal-lm", "masked-lm"], help="which head to load")
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_reporting_errors(_main, argv)
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train-file", default=None,
+                        help="training data (.csv, .tsv, .jsonl); with neither it nor --dataset: the packaged SST-2 sample")
+    parser.add_argument("--validation-file", default=None,
+                        help="evaluation data (.csv, .tsv, .jsonl); without --train-file: the packaged SST-2 dev set; "
+                             "with --train-file: required, unless --validation-split-percentage splits one off")
+    parser.add_argument("--validation-split-percentage", type=int, default=None, metavar="P",
+                        help="evaluate on the last P%% of --train-file's rows (train on the rest) instead of a --validation-file")
+    parser.add_argument("--dataset", default=None,
+                        help="a Hugging Face datasets id or local dataset folder to use instead of --train-file/--validation-file")
+    parser.add_argument("--dataset-config", default=None, help="the dataset's configuration (e.g. sst2 for glue)")
+    parser.add_argument("--train-split", default="train", help="--dataset split to train on")
+    parser.add_argument("--validation-split", default="validation", help="--dataset split to evaluate on")
+    parser.add_argument("--column", action="append", default=[], metavar="DATA_COLUMN=NAME",
+                        help="rename a data column to the name the template or --label-column uses (repeatable)")
+    parser.add_argument("--max-train-samples", type=int, default=None, metavar="N", help="use only the first N training rows")
+    parser.add_argument("--max-eval-samples", type=int, default=None, metavar="N", help="use only the first N evaluation rows")
 
 
-def _main(argv):
-    args = parse_args(argv)
+def _add_task_arguments(parser: argparse.ArgumentParser, preset_template: str | None) -> None:
+    default_template = (preset_template or DEFAULT_TEMPLATE).replace("%", "%%")
+    parser.add_argument("--template", default=None,
+                        help="template with {column} slots and one {answer} slot at the end; \\n is a newline "
+                             f"(default: {default_template!r})")
+    parser.add_argument("--task", default="classification", choices=["classification", "generation"],
+                        help="classification (label words or a linear head) or generation (loss on the target tokens only)")
+    parser.add_argument("--target-column", default="ref", help="generation: the column with the target text")
+    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="generation: tokens to decode in evaluation")
+    parser.add_argument("--label-column", default="label", help="column with the class (index or label word)")
+    parser.add_argument("--label-words", nargs="+", default=["negative", "positive"], metavar="WORD",
+                        help="one word per class, in class order")
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser, preset_lr: float | None) -> None:
+    lr_default = f"{preset_lr:g}, this method's preset" if preset_lr is not None else "the method's preset; see --method NAME --help"
+    parser.add_argument("--output-dir", required=True, help="where the adapter, checkpoints, metrics and plot go")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run in --output-dir (a finished or a different one), its checkpoints included")
+    parser.add_argument("--learning-rate", type=float, default=None, metavar="LR", help=f"base learning rate (default: {lr_default})")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="weight decay of the non-embedding groups")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0,
+                        help="clip the global gradient norm (0: no clipping); DeepSpeed gets the same value")
+    parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="per-process training batch size")
+    parser.add_argument("--eval-batch-size", type=int, default=32, metavar="N", help="per-process evaluation batch size")
+    parser.add_argument("--max-steps", type=int, default=100, metavar="N", help="optimizer steps")
+    parser.add_argument("--warmup-steps", type=int, default=None, metavar="N",
+                        help="linear warm-up steps, at most --max-steps (default: 10, or --max-steps when that is fewer)")
+    parser.add_argument("--max-length", type=int, default=128, metavar="N", help="truncate examples to this many tokens")
+    parser.add_argument("--eval-steps", type=int, default=25, metavar="N", help="evaluate every N steps (0: only at the end)")
+    parser.add_argument("--eval-subset-size", type=int, default=128, metavar="N",
+                        help="periodic evaluations use the first N evaluation rows (the final one uses all)")
+    parser.add_argument("--checkpointing-steps", type=int, default=0, metavar="N",
+                        help="save the full training state every N steps (0: never)")
+    parser.add_argument("--checkpoints-total-limit", type=int, default=0, metavar="N",
+                        help="keep only the newest N complete checkpoints (0: keep all)")
+    parser.add_argument("--resume-from-checkpoint", default=None, metavar="PATH|latest|latest-if-any",
+                        help="checkpoint folder to resume from; 'latest' (the newest complete one in --output-dir) or "
+                             "'latest-if-any' (the same, or a fresh start when there is none: for preemptible jobs)")
+    parser.add_argument("--init-from-adapter", default=None, metavar="DIR",
+                        help="continue training a saved adapter (its method and options are used; a folded one keeps training folded)")
+    parser.add_argument("--stop-after-steps", type=int, default=0, metavar="N",
+                        help="leave after this many steps in this invocation, with a checkpoint (time-limited jobs); 0: run to --max-steps")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint the frozen model's layers to save memory")
+    parser.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the frozen decoder-only model on real tokens only, rows packed padding-free (same loss; see docs/design.md)")
+    parser.add_argument("--seed", type=int, default=42, help="random seed")
+    parser.add_argument("--dist-timeout", type=int, default=600, metavar="SECONDS",
+                        help="seconds a collective may wait for a missing rank before the run fails (instead of hanging)")
+    parser.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot baseline evaluation")
+    parser.add_argument("--plot", default="training.png", help="file name (in --output-dir) of the loss/accuracy plot; '' for none")
+    parser.add_argument("--logging-steps", type=int, default=10, metavar="N",
+                        help="when stderr is not a terminal (a log file), log one line every N steps instead of a progress bar")
+    tracking.add_arguments(parser)  # --report-to
+
+
+def build_parser(method_names, method: str | None = None, prog: str = "pstar train") -> arguments.StrictParser:
+    """The training script's own flags (``method_names``: the registered methods, for the help).
+    With a known ``method`` the defaults shown are the ones that method's run uses."""
+    preset, preset_lr = PRESETS.get(method, ({}, DEFAULT_LEARNING_RATE)) if method else ({}, None)
+    parser = arguments.StrictParser(
+        prog=prog, description="Train a P*-tuning method on a frozen model with Accelerate.",
+        epilog="Each method has options of its own: pstar train --method NAME --help lists them, "
+               "pstar methods --verbose lists every method's.")
+    parser.add_argument("--method", required=True, help=f"method name; one of: {', '.join(sorted(method_names))}")
+    parser.add_argument("-p", "--plugin", action="append", default=[], metavar="MODULE[:OBJECT]",
+                        help="extra plugin module for this run (module or module:object)")
+    _add_model_arguments(parser)
+    _add_data_arguments(parser)
+    _add_task_arguments(parser, preset.get("template"))
+    _add_training_arguments(parser, preset_lr)
+    return parser
+
+
+def script_flags() -> set[str]:
+    """Every flag of ``pstar train`` itself: a method config field may not reuse one."""
+    return set(build_parser([]).option_strings())
+
+
+def check_method_fields(spec, plugin: str) -> None:
+    """Refuse, at registration, a method whose config fields cannot all be set from ``pstar train``."""
+    arguments.check_method_fields(spec.config_class, spec.name, plugin, script_flags())
+
+
+def _pre_parse(argv: list[str] | None):
+    """``--method`` and ``-p`` first: they decide which method flags exist."""
+    pre = arguments.StrictParser(add_help=False)
+    pre.add_argument("--method")
+    pre.add_argument("-p", "--plugin", action="append", default=[])
+    known, _ = pre.parse_known_args(argv)
+    return known
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "pstar train"):
+    from pstar_plugins.plugins import get_plugin_manager
+
+    known = _pre_parse(argv)
+    pm = get_plugin_manager()
+    for module in known.plugin:
+        pm.load_module(module)
+    method = known.method if known.method in pm.methods else None
+    parser = build_parser(pm.methods, method, prog)
+    option_names = []
+    if method:
+        spec = pm.method(method)
+        arguments.check_method_fields(spec.config_class, method, spec.plugin, set(parser.option_strings()))
+        option_names = arguments.add_method_arguments(parser, spec.config_class, method, PRESETS.get(method, ({}, None))[0])
+    args = parser.parse_args(argv)
+    args.method_options = {n: getattr(args, f"m_{n}") for n in option_names if hasattr(args, f"m_{n}")}
+    if args.template is not None:  # converted once: the method config and the task record hold the same text
+        from pstar_plugins.tasks.template import from_command_line
+
+        args.template = from_command_line(args.template)
+    check_args(args)
+    return args
+
+
+def check_args(args) -> None:
+    """Refuse values that cannot train what was asked, before anything is loaded or written."""
+    a = arguments
+    if args.learning_rate is not None:
+        a.positive_float("--learning-rate", args.learning_rate)
+    a.non_negative_float("--weight-decay", args.weight_decay)
+    a.non_negative_float("--max-grad-norm", args.max_grad_norm)
+    for name in ("batch_size", "eval_batch_size", "max_length", "eval_subset_size", "max_new_tokens", "dist_timeout", "logging_steps"):
+        a.positive_int(a.flag_of(name), getattr(args, name))
+    if args.max_steps < 1:
+        raise ConfigError(f"--max-steps {args.max_steps}: expected a positive integer (0 would save an untrained adapter); "
+                          "pass --max-steps 1 or more.")
+    if args.warmup_steps is None:
+        args.warmup_steps = min(10, args.max_steps)
+    for name in ("warmup_steps", "eval_steps", "checkpointing_steps", "checkpoints_total_limit", "stop_after_steps"):
+        a.non_negative_int(a.flag_of(name), getattr(args, name))
+    for name in ("max_train_samples", "max_eval_samples"):
+        if getattr(args, name) is not None:
+            a.positive_int(a.flag_of(name), getattr(args, name))
+    if args.warmup_steps > args.max_steps:
+        raise ConfigError(f"--warmup-steps {args.warmup_steps} is more than --max-steps {args.max_steps}, so the learning "
+                          f"rate would never reach its value; pass --warmup-steps {min(10, args.max_steps)} or fewer.")
+    if args.task == "classification":
+        a.check_label_words(args.label_words)
+    if args.task == "generation" and args.model_kind == "masked-lm":
+        raise ConfigError("--task generation decodes text with a causal LM, which --model-kind masked-lm is not; "
+                          "use --model-kind causal-lm with a decoder model, or --task classification.")
+    if args.validation_split_percentage is not None and not 0 < args.validation_split_percentage < 100:
+        raise ConfigError(f"--validation-split-percentage {args.validation_split_percentage}: expected 1 to 99.")
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m pstar_plugins.train") -> int:
+    return run_reporting_errors(_main, argv, prog)
+
+
+def _data(args):
+    """Training and evaluation rows with their names for messages. The packaged SST-2 files are
+    the default only when no data at all is given; a --train-file needs its own evaluation rows."""
+    from pstar_plugins.models import packaged_data
+    from pstar_plugins.tasks.data import load_split, parse_column_mapping
+
+    columns = parse_column_mapping(args.column)
+    if args.dataset:
+        if args.train_file or args.validation_file:
+            raise ConfigError("--dataset and --train-file/--validation-file both name the data; keep one of them.")
+        train_file = validation_file = None
+    elif args.train_file is None:
+        if args.validation_file is not None:
+            raise ConfigError(f"--validation-file {args.validation_file} without --train-file would train on the packaged "
+                              "SST-2 sample; pass --train-file too.")
+        train_file, validation_file = packaged_data("sst2_train_sample.tsv"), packaged_data("sst2_dev.tsv")
+    else:
+        train_file, validation_file = args.train_file, args.validation_file
+        if validation_file is None and args.validation_split_percentage is None:
+            raise ConfigError(f"--train-file {args.train_file} without --validation-file: pass --validation-file, or "
+                              "--validation-split-percentage 10 to evaluate on 10% of the training rows (trained on the rest).")
+    if args.validation_split_percentage is not None and (validation_file is not None or args.dataset):
+        raise ConfigError("--validation-split-percentage splits --train-file; it cannot be combined with "
+                          "--validation-file or --dataset.")
+    train_rows, train_source = load_split(train_file, args.dataset, args.dataset_config, args.train_split,
+                                          None if args.validation_split_percentage else args.max_train_samples, columns)
+    if args.validation_split_percentage is not None:
+        order = list(range(len(train_rows)))
+        random.Random(args.seed).shuffle(order)
+        held = max(1, len(order) * args.validation_split_percentage // 100)
+        if held >= len(order):
+            raise ConfigError(f"--validation-split-percentage {args.validation_split_percentage} of {len(order)} rows leaves "
+                              "none to train on; pass more rows or a --validation-file.")
+        eval_rows = [train_rows[i] for i in sorted(order[:held])][: args.max_eval_samples]
+        train_rows = [train_rows[i] for i in sorted(order[held:])][: args.max_train_samples]
+        eval_source = f"{train_source} (held-out {args.validation_split_percentage}%, seed {args.seed})"
+        logger.info("evaluating on %d rows held out of %s (--validation-split-percentage %d)", len(eval_rows), train_source,
+                    args.validation_split_percentage)
+    else:
+        eval_rows, eval_source = load_split(validation_file, args.dataset, args.dataset_config, args.validation_split,
+                                            args.max_eval_samples, columns)
+    return train_rows, train_source, eval_rows, eval_source
+
+
+def _method_config(args, spec):
+    """The method's config: its preset, the method flags, the shared task flags, or a saved adapter's."""
+    preset, _ = PRESETS.get(args.method, ({}, DEFAULT_LEARNING_RATE))
+    fields = {f.name for f in dataclasses.fields(spec.config_class)}
+    options = {k: v for k, v in preset.items() if k in fields}
+    options.update(args.method_options)
+    if "label_words" in fields:  # arguments.SHARED_TASK_FLAGS: the task's flags fill these fields
+        options["label_words"] = args.label_words
+    if "template" in fields and args.template:
+        options["template"] = args.template
+    adapter = None
+    if args.init_from_adapter:
+        from pstar_plugins.core.adapter_io import read_adapter
+
+        adapter = read_adapter(args.init_from_adapter)
+        meta = adapter[0]
+        if meta["method"] != args.method:
+            raise ConfigError(f"--init-from-adapter {args.init_from_adapter} holds a {meta['method']!r} adapter, "
+                              f"but --method is {args.method!r}; pass --method {meta['method']}.")
+        if args.method_options:
+            raise ConfigError(f"--init-from-adapter takes the method options from the adapter; drop {sorted(args.method_options)}.")
+        options = dict(meta["method_config"])
+    return spec.config_class.from_dict(options), adapter  # validated before anything is loaded or written
+
+
+def _default_template_for(text: str, row: dict, args) -> str:
+    """A default template (the method's preset or :data:`DEFAULT_TEMPLATE`) whose one text slot
+    names no column of the data, pointed at the data's one text column when there is exactly one."""
+    from pstar_plugins.tasks.template import Template
+
+    missing = [f for f in Template.parse(text).fields if f not in row]
+    ignored = {args.label_column} if args.task == "classification" else {args.target_column}
+    candidates = [c for c, v in row.items() if c not in ignored and isinstance(v, str)]
+    if len(missing) == 1 and len(candidates) == 1 and "{" not in candidates[0] and "}" not in candidates[0]:
+        return text.replace("{" + missing[0] + "}", "{" + candidates[0] + "}")
+    return text
+
+
+def _check_template(template, args, train_rows, train_source) -> None:
+    if args.model_kind == "causal-lm" or args.task == "generation":
+        template.check_answer_last()
+    if not template.has_answer:
+        raise ConfigError(f"template {template.text!r} has no {{answer}} slot; add one at the end, "
+                          "e.g. --template 'Review: {sentence} Sentiment:{answer}'.")
+    for name in template.fields:
+        if name not in train_rows[0]:
+            raise ConfigError(f"template slot {{{name}}} is not a column of {train_source} (columns: {sorted(train_rows[0])}); "
+                              f"rename a column with --column DATA_COLUMN={name}, or change the slot with --template.")
+
+
+def _check_room(template, tokenizer, max_length: int) -> None:
+    """The template alone (its soft tokens included) must leave room for the example's text."""
+    empty = template.encode({name: "" for name in template.fields}, tokenizer, stop_at_answer=True)
+    used = len(empty.input_ids)
+    if used >= max_length:
+        raise ConfigError(f"--max-length {max_length} leaves no room for the text: the template {template.text!r} alone "
+                          f"takes {used} tokens (soft tokens and special tokens included); pass --max-length "
+                          f"{used + 64} or more, or shorten the template.")
+
+
+def _main(argv, prog: str = "pstar train"):
+    args = parse_args(argv, prog)
+    from pstar_plugins import run_dir
+    from pstar_plugins.models import check_source
+    from pstar_plugins.plugins import get_plugin_manager
+    from pstar_plugins.tasks.data import labels_of
+    from pstar_plugins.tasks.template import Template
+
+    pm = get_plugin_manager()
+    spec = pm.method(args.method)
+    config, adapter = _method_config(args, spec)
+    lr = args.learning_rate if args.learning_rate is not None else PRESETS.get(args.method, ({}, DEFAULT_LEARNING_RATE))[1]
+    out_dir = Path(args.output_dir)
+    run_dir.check_writable(out_dir)
+    train_rows, train_source, eval_rows, eval_source = _data(args)
+    generation = args.task == "generation"
+    if generation:
+        train_labels = [0] * len(train_rows)
+        eval_labels = []
+    else:
+        train_labels = labels_of(train_rows, args.label_column, train_source, args.label_words)
+        eval_labels = labels_of(eval_rows, args.label_column, eval_source, args.label_words)
+    # one template, converted from the command line once (parse_args): the P-tuning config holds
+    # the same text as the task record, so `pstar eval` scores the prompt training used
+    template_text = getattr(config, "template", None) or args.template or DEFAULT_TEMPLATE
+    if args.template is None and not args.init_from_adapter and "template" not in args.method_options:
+        adapted = _default_template_for(template_text, train_rows[0], args)
+        if adapted != template_text:
+            logger.info("default template %r adapted to the data's text column: %r (set --template to choose)",
+                        template_text, adapted)
+            template_text = adapted
+            if getattr(config, "template", None) is not None:
+                config = config.replace(template=adapted)
+    template = Template.parse(template_text)
+    _check_template(template, args, train_rows, train_source)
+    check_source(args.model, args.model_kind, args.gguf_file, args.task)
+    resume = run_dir.checkpoint_to_resume(args.resume_from_checkpoint, out_dir)
+    if resume is not None:
+        run_dir.check_resume(resume, args.method, args.max_steps)
+    run_id = {"method": args.method, "model": args.model, "train_file": train_source}
+    main_process = os.environ.get("RANK", "0") == "0"
+    lock = run_dir.RunLock(out_dir) if main_process else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        if main_process:  # under the lock: a run that finished meanwhile is seen
+            run_dir.check_previous_run(out_dir, run_id, args.overwrite, resume is not None, args.plot)
+            if args.overwrite and resume is None:
+                run_dir.clear_previous_run(out_dir, args.plot)
+        return _train(args, spec, config, adapter, lr, out_dir, run_id, resume, template, train_rows, train_labels,
+                      train_source, eval_rows, eval_labels)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(args, spec, config, adapter, lr, out_dir, run_id, resume, template, train_rows, train_labels, train_source,
+           eval_rows, eval_labels):
+    _quiet_third_party(sys.stderr.isatty())
+    import torch
     from accelerate import Accelerator, InitProcessGroupKwargs
     from accelerate.utils import set_seed
+    from torch.nn import functional as F
     from tqdm.auto import tqdm
 
-    from pstar_plugins import build_model, param_groups
+    from pstar_plugins import build_model, param_groups, run_dir
     from pstar_plugins.core.adapter_io import save_adapter
-    from pstar_plugins.models import load
-    from pstar_plugins.plugins import get_plugin_manager
-    from pstar_plugins.tasks.data import labels_of, load_split, parse_column_mapping
-    from pstar_plugins.tasks.template import Soft, Template, from_command_line
+    from pstar_plugins.models import load, load_tokenizer
+    from pstar_plugins.tasks.template import Soft, Template
     from pstar_plugins.tasks.verbalizer import Verbalizer
 
+    adapter_meta, adapter_tensors = adapter if adapter is not None else (None, None)
+    generation = args.task == "generation"
+    if generation:
+        from pstar_plugins.tasks import generation as gen
     # without a GPU, multi-process runs need gloo (otherwise Accelerate sees one process while
     # DeepSpeed sees several); a single plain process must not ask for a process group at all
     # DDP without GPUs must be asked for as cpu=True: otherwise Accelerate silently runs every
@@ -184,63 +415,19 @@ def _main(argv):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if accelerator.is_main_process else logging.ERROR)
     set_seed(args.seed)
 
-    pm = get_plugin_manager()
-    spec = pm.method(args.method)
-    preset, preset_lr = PRESETS.get(args.method, ({}, 1e-3))
-    options = {k: v for k, v in preset.items() if k in {f.name for f in dataclasses.fields(spec.config_class)}}
-    options.update(args.method_options)
-    fields = {f.name for f in dataclasses.fields(spec.config_class)}
-    if "label_words" in fields:
-        options["label_words"] = args.label_words
-    if "template" in fields and args.template:
-        options["template"] = args.template
-    adapter_meta = adapter_tensors = None
-    if args.init_from_adapter:
-        from pstar_plugins.core.adapter_io import read_adapter
-
-        adapter_meta, adapter_tensors = read_adapter(args.init_from_adapter)
-        if adapter_meta["method"] != args.method:
-            raise ConfigError(f"--init-from-adapter {args.init_from_adapter} holds a {adapter_meta['method']!r} adapter, "
-                              f"but --method is {args.method!r}; pass --method {adapter_meta['method']}.")
-        if args.method_options:
-            raise ConfigError(f"--init-from-adapter takes the method options from the adapter; drop {sorted(args.method_options)}.")
-        options = dict(adapter_meta["method_config"])
-    config = spec.config_class.from_dict(options)  # validate before anything is loaded or written
-    lr = args.learning_rate or preset_lr
-    out_dir = Path(args.output_dir)
-    columns = parse_column_mapping(args.column)
-    train_rows, train_source = load_split(args.train_file, args.dataset, args.dataset_config, args.train_split,
-                                          args.max_train_samples, columns)
-    eval_rows, eval_source = load_split(args.validation_file, args.dataset, args.dataset_config, args.validation_split,
-                                        args.max_eval_samples, columns)
-    run_id = {"method": args.method, "model": args.model, "train_file": train_source}
-    _check_output_dir(out_dir, args, run_id)
-    generation = args.task == "generation"
-    if generation:
-        from pstar_plugins.tasks import generation as gen
-
-        train_labels = [0] * len(train_rows)
-        eval_labels = []
-    else:
-        train_labels = labels_of(train_rows, args.label_column, train_source, args.label_words)
-        eval_labels = labels_of(eval_rows, args.label_column, eval_source, args.label_words)
-    template_text = getattr(config, "template", None) or args.template or DEFAULT_TEMPLATE
-    template_text = from_command_line(template_text)
-    template = Template.parse(template_text)
     # what the adapter is for, saved with it: `pstar eval --adapter` then scores it as training did
-    task_record = {"kind": args.task, "template": template_text, "max_length": args.max_length}
+    task_record = {"kind": args.task, "template": template.text, "max_length": args.max_length,
+                   "model": args.model, "model_kind": args.model_kind, "gguf_file": args.gguf_file}
     if generation:
         task_record.update(target_column=args.target_column, max_new_tokens=args.max_new_tokens)
     else:
         task_record.update(label_words=list(args.label_words), label_column=args.label_column)
-    for name in template.fields:
-        if name not in train_rows[0]:
-            raise ConfigError(f"template slot {{{name}}} is not a column of {train_source} (columns: {sorted(train_rows[0])}); "
-                              "rename a column with --column DATA_COLUMN=" + name + ".")
 
+    tokenizer = load_tokenizer(args.model, args.gguf_file)
+    _check_room(template, tokenizer, args.max_length)
     # every rank loads at the same time: under ZeRO-3 the model is built inside zero.Init, whose
     # parameter partitioning is a collective; main_process_first() here would deadlock
-    base, tokenizer = load(args.model, kind=args.model_kind, gguf_file=args.gguf_file)
+    base, tokenizer = load(args.model, kind=args.model_kind, gguf_file=args.gguf_file, tokenizer=tokenizer)
     masked = args.model_kind == "masked-lm"
     head_classifier = getattr(config, "head", "none") != "none"
     if head_classifier and generation:
@@ -326,7 +513,8 @@ def _main(argv):
         m.eval()
         correct = 0
         n = min(limit or len(eval_rows), len(eval_rows))
-        bar = tqdm(range(0, n, args.eval_batch_size), desc=desc, disable=not accelerator.is_main_process, leave=False)
+        bar = tqdm(range(0, n, args.eval_batch_size), desc=desc, disable=not (accelerator.is_main_process and sys.stderr.isatty()),
+                   leave=False)
         for i in bar:
             j = min(i + args.eval_batch_size, n)
             scores, gold = classify(m, scorer, eval_rows[i:j], eval_labels[i:j])
@@ -354,7 +542,6 @@ def _main(argv):
     rng = random.Random(args.seed)
     order: list[int] = []
     start_step = 0
-    resume = _checkpoint_to_resume(args, out_dir)
     if resume is not None:
         accelerator.load_state(str(resume))
         state = json.loads((resume / "trainer_state.json").read_text())
@@ -377,10 +564,15 @@ def _main(argv):
             tmp = ckpt / "trainer_state.json.tmp"
             tmp.write_text(json.dumps(payload))
             os.replace(tmp, ckpt / "trainer_state.json")
+            for old in run_dir.prune_checkpoints(out_dir, args.checkpoints_total_limit):
+                logger.info("removed %s (--checkpoints-total-limit %d)", old.name, args.checkpoints_total_limit)
         accelerator.wait_for_everyone()
 
     model.train()
-    progress = tqdm(range(start_step, args.max_steps), desc="training", disable=not accelerator.is_main_process)
+    interactive = sys.stderr.isatty()
+    # a terminal gets a progress bar; a log file one line per --logging-steps, not carriage returns
+    progress = tqdm(range(start_step, args.max_steps), desc="training",
+                    disable=not (accelerator.is_main_process and interactive))
     world, rank = accelerator.num_processes, accelerator.process_index
     for step in progress:
         global_batch = args.batch_size * world
@@ -404,6 +596,8 @@ def _main(argv):
         history["loss"].append(loss_value)
         progress.set_postfix(loss=f"{loss_value:.4f}")
         tracking.log(accelerator, {"train/loss": loss_value, "train/learning_rate": scheduler.get_last_lr()[0]}, step=step + 1)
+        if not interactive and ((step + 1) % args.logging_steps == 0 or step + 1 == args.max_steps):
+            logger.info("step %d/%d: loss %.4f, lr %.3g", step + 1, args.max_steps, loss_value, scheduler.get_last_lr()[0])
         if args.eval_steps and (step + 1) % args.eval_steps == 0 and step + 1 < args.max_steps:
             acc = evaluate(model, verbalizer, "eval", limit=args.eval_subset_size)
             history["eval_step"].append(step + 1)
@@ -441,13 +635,59 @@ def _main(argv):
         (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
         if args.plot:
             _plot(history, out_dir / args.plot, args.method, metric, args.eval_subset_size)
-        print(f"\n{'':-<60}\nmethod {args.method} on {args.model}")
-        if f"zero_shot_{metric}" in results:
-            print(f"  zero-shot dev {metric:<9}: {results[f'zero_shot_{metric}']:.4f}")
-        print(f"  tuned dev {metric:<13}: {results[f'tuned_{metric}']:.4f}")
-        print(f"  adapter saved to       : {out_dir / 'adapter'}\n{'':-<60}")
+        written = [out_dir / "adapter", out_dir / "metrics.json"]
+        if args.plot and (out_dir / args.plot).is_file():
+            written.append(out_dir / args.plot)
+        written += run_dir.complete_checkpoints(out_dir)
+        print(_summary(args, results, metric, written))
     accelerator.end_training()
     return 0
+
+
+def _is_cpu_notice(record: logging.LogRecord) -> bool:
+    return "Setting accelerator to CPU" not in record.getMessage()
+
+
+def _quiet_third_party(interactive: bool) -> None:
+    """Keep other libraries' notices out of a normal run's output: DeepSpeed's "Setting
+    accelerator to CPU" on machines without a GPU, and, in a log file, the weight-loading bar."""
+    logging.getLogger("DeepSpeed").addFilter(_is_cpu_notice)  # the logger DeepSpeed writes through
+    if not interactive:
+        # tqdm reads TQDM_DISABLE when it is imported: other libraries' bars (GGUF conversion, ...)
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
+def _summary(args, results: dict, metric: str, written: list[Path]) -> str:
+    """The closing report: the scores (with their scales) and every file this run wrote."""
+    lines = ["", "-" * 60, f"method {args.method} on {args.model}"]
+    if metric == "accuracy":
+        if "zero_shot_accuracy" in results:
+            lines.append(f"  zero-shot dev accuracy : {results['zero_shot_accuracy']:.4f} (0-1)")
+        lines.append(f"  tuned dev accuracy     : {results['tuned_accuracy']:.4f} (0-1)")
+    else:
+        scores = results.get("generation_scores", {})
+        for label, key in (("zero-shot", "zero-shot eval"), ("tuned", "final eval")):
+            if key in scores:
+                lines.append(f"  {label + ' dev':<15}: BLEU {scores[key]['bleu']:.2f}, ROUGE-L {scores[key]['rouge_l']:.2f} (both 0-100)")
+        sample = scores.get("final eval", {}).get("example") or []
+        if sample:
+            lines.append(f"  sample output          : {sample[0]!r}")
+    lines.append("  files written:")
+    lines += [f"    {p}{'/' if p.is_dir() else ''}" for p in written]
+    lines.append("-" * 60)
+    return "\n".join(lines)
+
+
+def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    """Exponential moving average with bias correction (TensorBoard's smoothing)."""
+    out, average = [], 0.0
+    for i, v in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * v
+        out.append(average / (1 - weight ** i))
+    return out
 
 
 def _plot(history, path: Path, method: str, metric: str = "accuracy", subset: int = 0) -> None:
@@ -460,12 +700,20 @@ def _plot(history, path: Path, method: str, metric: str = "accuracy", subset: in
         logger.warning("matplotlib is not installed; no plot written (pip install matplotlib)")
         return
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(history["step"], history["loss"], color="tab:blue", alpha=0.7, label="training loss")
+    ax.plot(history["step"], history["loss"], color="tab:blue", alpha=0.25, linewidth=0.8, label="training loss (raw)")
+    ax.plot(history["step"], _smooth(history["loss"]), color="tab:blue", label="training loss (smoothed)")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss", color="tab:blue")
     ax2 = ax.twinx()
-    ax2.plot(history["eval_step"], history[metric], "o-", color="tab:red", label=f"dev {metric}")
-    ax2.set_ylabel(f"dev {metric} (periodic: first {subset}; last point: all)" if subset else f"dev {metric}", color="tab:red")
+    # the periodic evaluations score a subset, the last one the whole dev set: two series, not one line
+    periodic = list(zip(history["eval_step"][:-1], history[metric][:-1]))
+    if periodic:
+        ax2.plot(*zip(*periodic), "o-", color="tab:red", label=f"dev {metric}, first {subset} rows" if subset else f"dev {metric}")
+    if history["eval_step"]:
+        ax2.plot(history["eval_step"][-1:], history[metric][-1:], "*", color="black", markersize=12, label=f"final dev {metric}, all rows")
+    ax2.set_ylabel(f"dev {metric}", color="tab:red")
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], loc="best", fontsize=8)
     ax.set_title(f"{method}: training loss and dev {metric}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -473,28 +721,11 @@ def _plot(history, path: Path, method: str, metric: str = "accuracy", subset: in
 
 
 
-def _complete_checkpoints(out_dir: Path) -> list[Path]:
-    found = [p for p in out_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
 def _checkpoint_to_resume(args, out_dir: Path) -> Path | None:
-    value = args.resume_from_checkpoint
-    if not value:
-        return None
-    if value in ("latest", "latest-if-any"):
-        done = _complete_checkpoints(out_dir)
-        if done:
-            return done[-1]
-        if value == "latest-if-any":
-            return None
-        raise ConfigError(f"--resume-from-checkpoint latest: no complete checkpoint-* folder in {out_dir}; "
-                          "use latest-if-any to start fresh when there is none.")
-    path = Path(value)
-    if not (path / "trainer_state.json").is_file():
-        raise ConfigError(f"--resume-from-checkpoint {path}: not a complete checkpoint (no trainer_state.json); "
-                          "pass a checkpoint-N folder written by this script, or 'latest'.")
-    return path
+    """The checkpoint ``--resume-from-checkpoint`` names (see :func:`run_dir.checkpoint_to_resume`)."""
+    from pstar_plugins import run_dir
+
+    return run_dir.checkpoint_to_resume(args.resume_from_checkpoint, out_dir)
 
 
 if __name__ == "__main__":

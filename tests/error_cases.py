@@ -201,12 +201,154 @@ def _mixed_without_task_ids(tmp):
     build_model(_tiny(), "prompt-tuning", num_tasks=3, init="random")(input_ids=torch.ones(1, 3, dtype=torch.long))
 
 
+def _encode_missing_slot():
+    from pstar_plugins.tasks.template import Template
+
+    Template.parse("R: {review}{answer}").encode({"text": "fine"}, tokenizer=None)
+
+
 def _template(text):
     def run(tmp):
         from pstar_plugins.tasks.template import Template
 
         Template.parse(text)
     return run
+
+
+_TINY_FOLDER: list[Path] = []
+
+
+def _tiny_folder() -> Path:
+    """A tiny random Llama saved with the offline SmolLM2 tokenizer (made once per process)."""
+    if not _TINY_FOLDER:
+        import tempfile
+
+        from pstar_plugins.testing import save_tiny_pretrained
+
+        _TINY_FOLDER.append(save_tiny_pretrained(Path(tempfile.mkdtemp(prefix="pstar-tiny-"))))
+    return _TINY_FOLDER[0]
+
+
+def _train_tiny(*argv):
+    """Like :func:`_train` on the tiny model folder: for checks that need the tokenizer."""
+    def run(tmp):
+        _train("--model", str(_tiny_folder()), "--max-steps", "2", "--no-zero-shot", *argv)(tmp)
+    return run
+
+
+def _with_env(name, value, run):
+    def wrapped(tmp):
+        import os
+
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            run(tmp)
+        finally:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+    return wrapped
+
+
+def _encoder_folder_as_causal_lm(tmp):
+    import transformers as tf
+
+    tf.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64).save_pretrained(tmp / "bert")
+    _train("--method", "prompt-tuning", "--model", str(tmp / "bert"), "--task", "generation", "--template", "D: {sentence} T:{answer}",
+           "--target-column", "label")(tmp)
+
+
+def _output_dir_under_a_file(tmp):
+    (tmp / "a-file").write_text("x")
+    _train("--method", "prompt-tuning", "--output-dir", str(tmp / "a-file" / "out"))(tmp)
+
+
+def _checkpoint(tmp, method, step):
+    ckpt = tmp / "out" / f"checkpoint-{step}"
+    (ckpt / "adapter").mkdir(parents=True)
+    (ckpt / "adapter" / "adapter_config.json").write_text(json.dumps({"method": method}))
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": step}))
+
+
+def _resume_other_method(tmp):
+    _checkpoint(tmp, "p-tuning", 4)
+    _train("--method", "prompt-tuning", "--resume-from-checkpoint", "latest")(tmp)
+
+
+def _resume_past_max_steps(tmp):
+    _checkpoint(tmp, "prompt-tuning", 60)
+    _train("--method", "prompt-tuning", "--resume-from-checkpoint", "latest", "--max-steps", "12")(tmp)
+
+
+def _finished_run(tmp):
+    out = tmp / "out"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"method": "prompt-tuning", "model": "smollm2", "train_file": _packaged("sst2_train_sample.tsv")}))
+    (out / "metrics.json").write_text("{}")
+    _train("--method", "prompt-tuning")(tmp)
+
+
+def _packaged(name):
+    from pstar_plugins.models import packaged_data
+
+    return packaged_data(name)
+
+
+def _locked_output_dir(tmp):
+    import os
+    import socket
+
+    out = tmp / "out"
+    out.mkdir()
+    (out / ".pstar-run.lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+    _train("--method", "prompt-tuning")(tmp)
+
+
+def _plugin_module(tmp, name, source):
+    """Write ``source`` as module ``name`` on sys.path and load it with ``-p name``."""
+    from pstar_plugins.plugins import create_plugin_manager
+
+    (tmp / f"{name}.py").write_text(source)
+    sys.path.insert(0, str(tmp))
+    try:
+        create_plugin_manager(autoload=False).load_module(name)
+    finally:
+        sys.path.remove(str(tmp))
+        sys.modules.pop(name, None)
+
+
+_RAISING_MODULE = "import json\nsettings = json.loads('{not json')\n"
+_MISSPELT_OBJECT_MODULE = (
+    "from pstar_plugins import hookimpl\n\n"
+    "class Typo:\n    @hookimpl\n    def pstar_fold_prefix(self, model):\n        return True\n\n"
+    "plugin = Typo()\n")
+_NO_HOOK_MODULE = "def pstar_fold_prefix(model):\n    return True\n"
+_SEED_FIELD_MODULE = (
+    "from dataclasses import dataclass, field\n"
+    "from pstar_plugins.methods.base import MethodConfig, MethodPlugin, MethodSpec\n\n"
+    "@dataclass\nclass SeedConfig(MethodConfig):\n    seed: int = field(default=0, metadata={'help': 'init seed'})\n\n"
+    "class SeedPlugin(MethodPlugin):\n    spec = MethodSpec('seeded', SeedConfig, 'a method whose field shadows --seed')\n\n"
+    "plugin = SeedPlugin()\n")
+
+
+def _eval_adapter_on_a_model_of_another_size(tmp):
+    import transformers as tf
+
+    from pstar_plugins.evaluate import _main
+
+    _saved_adapter(tmp, method="prompt-tuning")
+    tf.LlamaConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4).save_pretrained(tmp / "wide")
+    _main(["--adapter", str(tmp / "adapter"), "--model", str(tmp / "wide")])
+
+
+def _export_into_non_empty_folder(tmp):
+    from pstar_plugins.cli import _export_target
+
+    (tmp / "other").mkdir()
+    (tmp / "other" / "notes.txt").write_text("another run's file")
+    _export_target(str(tmp / "other"), overwrite=False)
 
 
 CASES = [
@@ -230,7 +372,8 @@ CASES = [
     Case("eval: generation demonstrations without a file", lambda tmp: _eval("--task", "generation", "--template", "D: {mr} T:{answer}", "--shots", "2"), "ConfigError", "--shots 2 with --task generation needs --demonstration-file"),
     Case("data: generation row without the target column", _generation_rows([{"mr": "a"}], "ref"), "DataError", "evaluation row 1 has no target column 'ref' (columns: ['mr']); set --target-column"),
     Case("data: missing label column", _data_file("a.tsv", b"sentence\tgold\nfine\t1\n"), "DataError", "row 1 has no column 'label'"),
-    Case("data: unknown label", _data_file("b.tsv", b"sentence\tlabel\nfine\tmaybe\n"), "DataError", "row 1 has label 'maybe'; expected one of ['negative', 'positive']"),
+    Case("data: unknown label", _data_file("b.tsv", b"sentence\tlabel\nfine\tmaybe\n"), "DataError", "row 1 has label 'maybe'; expected one of ['negative', 'positive'] or an index below 2. Set --label-words to the data's labels"),
+    Case("data: template slot missing from an example", lambda tmp: _encode_missing_slot(), "DataError", "template field {review} is not a column of the example (columns: ['text']); change the slot with --template or map a column to it with --column DATA_COLUMN=review"),
     Case("data: empty file", _data_file("c.csv", b""), "DataError", "is empty; expected a header row"),
     Case("data: invalid UTF-8", _data_file("d.tsv", b"sentence\tlabel\nok\t1\n\xff\t0\n"), "DataError", "line 3 is not valid UTF-8"),
     Case("data: malformed JSON line", _data_file("e.jsonl", b'{"sentence": "a", "label": 1}\n{"sentence": \n'), "DataError", "row 2 is not valid JSON"),
@@ -238,8 +381,51 @@ CASES = [
     Case("data: --column names no column of the data", _dataset(mapping={"sentence": "text"}), "DataError", "--column sentence=... names no column (columns: ['label', 'text'])"),
     Case("data: --column without '='", lambda tmp: __import__("pstar_plugins.tasks.data", fromlist=["x"]).parse_column_mapping(["text"]), "ConfigError", "--column 'text': expected DATA_COLUMN=NAME"),
     Case("output directory holds a different run", _other_run_in_output_dir, "exit 2 (ConfigError)", "holds a different run (p-tuning); choose another directory or pass --overwrite"),
+    Case("train: {answer} before the end of the template (causal LM)", _train("--method", "prompt-tuning", "--template", "{answer} is the sentiment of: {sentence}"), "exit 2 (ConfigError)", "{sentence} comes after {answer}, but a causal LM predicts the answer from the text before it; move {answer} to the end"),
+    Case("train: negative learning rate", _train("--method", "prompt-tuning", "--learning-rate", "-0.1"), "exit 2 (ConfigError)", "--learning-rate -0.1: expected a finite number above 0"),
+    Case("train: learning rate nan", _train("--method", "prompt-tuning", "--learning-rate", "nan"), "exit 2 (ConfigError)", "--learning-rate nan: expected a finite number above 0"),
+    Case("train: learning rate 0 (was silently the preset)", _train("--method", "prompt-tuning", "--learning-rate", "0"), "exit 2 (ConfigError)", "--learning-rate 0.0: expected a finite number above 0"),
+    Case("train: --batch-size 0", _train("--method", "prompt-tuning", "--batch-size", "0"), "exit 2 (ConfigError)", "--batch-size 0: expected a positive integer"),
+    Case("train: --eval-batch-size 0", _train("--method", "prompt-tuning", "--eval-batch-size", "0"), "exit 2 (ConfigError)", "--eval-batch-size 0: expected a positive integer"),
+    Case("train: --max-steps -1", _train("--method", "prompt-tuning", "--max-steps", "-1"), "exit 2 (ConfigError)", "--max-steps -1: expected a positive integer"),
+    Case("train: --max-steps 0 (would save an untrained adapter)", _train("--method", "prompt-tuning", "--max-steps", "0"), "exit 2 (ConfigError)", "(0 would save an untrained adapter)"),
+    Case("train: --warmup-steps more than --max-steps", _train("--method", "prompt-tuning", "--max-steps", "5", "--warmup-steps", "20"), "exit 2 (ConfigError)", "--warmup-steps 20 is more than --max-steps 5"),
+    Case("train: a flag value of the wrong type", _train("--method", "prompt-tuning", "--batch-size", "sixteen"), "exit 2 (ConfigError)", "argument --batch-size: invalid int value: 'sixteen'. See pstar train --help"),
+    Case("train: abbreviated method flag (was taken as --num-virtual-tokens)", _train("--method", "prompt-tuning", "--num-virtual-token", "5"), "exit 2 (ConfigError)", "unknown option --num-virtual-token; did you mean --num-virtual-tokens?"),
+    Case("train: abbreviated flag (was taken as --learning-rate)", _train("--method", "prompt-tuning", "--learning-rat", "0.1"), "exit 2 (ConfigError)", "unknown option --learning-rat; did you mean --learning-rate?"),
+    Case("train: misspelt flag", _train("--method", "prompt-tuning", "--learnig-rate", "0.1"), "exit 2 (ConfigError)", "unknown option --learnig-rate; did you mean --learning-rate?"),
+    Case("train: empty label word", _train("--method", "prompt-tuning", "--label-words", "bad", ""), "exit 2 (ConfigError)", "1 empty or blank word(s); give one real word per class"),
+    Case("train: blank label word", _train("--method", "prompt-tuning", "--label-words", "bad", "  "), "exit 2 (ConfigError)", "1 empty or blank word(s); give one real word per class"),
+    Case("train: repeated label word", _train("--method", "prompt-tuning", "--label-words", "good", "good", "meh"), "exit 2 (ConfigError)", "['good'] appear more than once, so two classes could not be told apart"),
+    Case("train: --max-length shorter than the template and its soft tokens", _train_tiny("--method", "p-tuning", "--template", "{soft:8} Review: {sentence} Sentiment:{answer}", "--max-length", "8"), "exit 2 (ConfigError)", "--max-length 8 leaves no room for the text: the template"),
+    Case("train: --model folder that does not exist", _train("--method", "prompt-tuning", "--model", "/no/such/folder"), "exit 2 (ConfigError)", "--model /no/such/folder: no such folder. Pass an existing model folder, an offline alias (smollm2, minilm)"),
+    Case("train: hub id while offline and not cached", _with_env("HF_HUB_OFFLINE", "1", _train("--method", "prompt-tuning", "--model", "someone/not-a-cached-model")), "exit 2 (ConfigError)", "HF_HUB_OFFLINE is set and it is not in the local cache. Unset HF_HUB_OFFLINE to download it, or use an offline alias (smollm2, minilm)"),
+    Case("train: --model-kind masked-lm with --task generation", _train("--method", "prompt-tuning", "--model-kind", "masked-lm", "--task", "generation", "--template", "D: {sentence} T:{answer}"), "exit 2 (ConfigError)", "--task generation decodes text with a causal LM, which --model-kind masked-lm is not"),
+    Case("train: an encoder (BERT) as the causal LM of a generation task", _encoder_folder_as_causal_lm, "exit 2 (ConfigError)", "is an encoder-only bert model, which cannot generate text; use a decoder model"),
+    Case("train: --output-dir that cannot be created", _output_dir_under_a_file, "exit 2 (ConfigError)", "is a file, so the folder cannot be created; choose another --output-dir"),
+    Case("train: only --train-file (was: validation silently on SST-2 dev)", _train("--method", "prompt-tuning", "--train-file", _packaged("sst2_train_sample.tsv")), "exit 2 (ConfigError)", "without --validation-file: pass --validation-file, or --validation-split-percentage 10"),
+    Case("train: only --validation-file", _train("--method", "prompt-tuning", "--validation-file", _packaged("sst2_dev.tsv")), "exit 2 (ConfigError)", "without --train-file would train on the packaged SST-2 sample; pass --train-file too"),
+    Case("train: rerun into a finished run's --output-dir", _finished_run, "exit 2 (ConfigError)", "holds a finished run (metrics.json); pass --overwrite to replace it"),
+    Case("train: --output-dir in use by a running process", _locked_output_dir, "exit 2 (ConfigError)", "is in use by another run (PID"),
+    Case("train: --resume-from-checkpoint of another method's run", _resume_other_method, "exit 2 (ConfigError)", "is a 'p-tuning' run, but --method is 'prompt-tuning'"),
+    Case("train: resume with a --max-steps below the checkpoint's step", _resume_past_max_steps, "exit 2 (ConfigError)", "is at step 60, past --max-steps 12; pass --max-steps 60 or more"),
+    Case("-p module that raises on import", lambda tmp: _plugin_module(tmp, "pstar_raising_plugin", _RAISING_MODULE), "PluginError", "plugin module 'pstar_raising_plugin' raised JSONDecodeError on import: Expecting property name enclosed in double quotes"),
+    Case("-p module whose plugin object has a misspelt hook", lambda tmp: _plugin_module(tmp, "pstar_typo_plugin", _MISSPELT_OBJECT_MODULE), "PluginError", "plugin 'pstar_typo_plugin:plugin' implements an unknown hook"),
+    Case("-p module that implements no hook", lambda tmp: _plugin_module(tmp, "pstar_hookless_plugin", _NO_HOOK_MODULE), "PluginError", "-p pstar_hookless_plugin: the module implements no pstar hook"),
+    Case("method config field named like a pstar train flag", lambda tmp: _plugin_module(tmp, "pstar_seed_plugin", _SEED_FIELD_MODULE), "PluginError", "plugin 'pstar_seed_plugin:plugin': method 'seeded' has a config field 'seed', whose flag --seed is already a flag of pstar train"),
+    Case("eval: --adapter on a model of another hidden size (checked from its config, before loading weights)", _eval_adapter_on_a_model_of_another_size, "exit 2 (AdapterError)", "--adapter was trained on a model with hidden size 32"),
+    Case("export: --output into a non-empty folder", _export_into_non_empty_folder, "ConfigError", "is not empty (notes.txt); choose an empty or new folder, or pass --overwrite"),
     Case("misspelt hook implementation in a plugin", _misspelt_hook, "PluginError", "plugin 'typo-plugin' implements an unknown hook"),
     Case("exception inside a plugin's hook", _raising_hook, "PluginError", "plugin 'broken-plugin' raised ZeroDivisionError in pstar_param_groups"),
+    Case("adapter_config.json edited by hand (the config inside the tensor file is the one used)", None, "UserWarning, embedded config used",
+         "adapter_config.json differs in [...] from the config stored inside adapter.safetensors, which is the one used",
+         "tests/test_adapter_file_modes.py::test_an_edited_adapter_config_json_is_reported_and_the_embedded_one_used"),
+    Case("two runs into one --output-dir at once; a lock left by a killed run", None, "second run: exit 2 naming the first's PID; stale lock taken over",
+         "--output-dir ... is in use by another run (PID N on HOST ...)",
+         "tests/test_train_runs.py::test_a_second_run_into_a_busy_folder_exits_2_naming_the_first_ones_pid"),
+    Case("rerun into a finished run, resume below its step, --overwrite", None, "exit 2, nothing lost; --overwrite removes the old checkpoints",
+         "holds a finished run (adapter, metrics.json); pass --overwrite",
+         "tests/test_train_runs.py::test_reruns_overwrite_checkpoint_limit_and_resume_bounds"),
     Case("loss becomes NaN/inf", None, "exit 2, earlier checkpoints kept", "loss became nan at step N; lower --learning-rate. Checkpoints so far are kept.",
          "tests/test_faults.py::test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint"),
     Case("SIGKILL while an adapter is being saved", None, "previous or new adapter loads, never a mix", "(atomic rename; config embedded in the tensor file)",

@@ -28,6 +28,10 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp's file is 0600 (and writers may recreate it): give it the mode any new file gets
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -87,6 +91,26 @@ def save_adapter(model, directory, state: dict[str, torch.Tensor] | None = None,
     _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
 
 
+def _warn_if_edited(config_path: Path, embedded: str) -> None:
+    """The config inside the tensor file is the one that loads (it cannot be out of step with the
+    tensors); an ``adapter_config.json`` that says otherwise was edited or is from another save."""
+    import warnings
+
+    try:
+        beside, inside = json.loads(config_path.read_text(encoding="utf-8")), json.loads(embedded)
+    except (UnicodeDecodeError, json.JSONDecodeError, OSError):
+        beside, inside = None, {}
+    if beside == inside:
+        return
+    if isinstance(beside, dict) and isinstance(inside, dict):
+        keys = sorted(k for k in set(beside) | set(inside) if beside.get(k) != inside.get(k))
+        what = f"differs in {keys}"
+    else:
+        what = "is not valid JSON"
+    warnings.warn(f"{config_path} {what} from the config stored inside {WEIGHTS_NAME}, which is the one used; edits to "
+                  f"{CONFIG_NAME} have no effect (re-save the adapter to change its config).", stacklevel=3)
+
+
 def read_adapter(directory) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read and validate an adapter's config and tensors (safetensors only)."""
     directory = Path(directory)
@@ -102,6 +126,8 @@ def read_adapter(directory) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     source = weights_path if embedded is not None else config_path
     if embedded is None and not config_path.is_file():
         raise AdapterError(f"{directory} has no {CONFIG_NAME} and its tensor file carries no config.")
+    if embedded is not None and config_path.is_file():
+        _warn_if_edited(config_path, embedded)
     try:
         meta = json.loads(embedded if embedded is not None else config_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

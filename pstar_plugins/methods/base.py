@@ -1,5 +1,6 @@
 """What every method shares: its spec, its config base class, its module base class, and the
-plugin base class whose hook implementations delegate to the module.
+plugin base class whose hook implementations delegate to the module (the torch-free parts live
+in :mod:`pstar_plugins.methods.spec` and are re-exported here).
 
 A third-party method subclasses :class:`MethodConfig`, :class:`PromptMethod` and
 :class:`MethodPlugin` exactly like the built-ins do.
@@ -8,96 +9,16 @@ A third-party method subclasses :class:`MethodConfig`, :class:`PromptMethod` and
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import typing
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import nn
 
 from pstar_plugins.errors import AdapterError, ConfigError
-from pstar_plugins.hookspecs import hookimpl
+from pstar_plugins.methods.spec import MethodConfig, MethodPlugin, MethodSpec, one_of, positive_int  # noqa: F401
 
 if TYPE_CHECKING:  # pragma: no cover
     from pstar_plugins.core.model import PStarModel
-
-
-# ----------------------------------------------------------------------------- config
-
-
-@dataclass
-class MethodConfig:
-    """Base of every method config. Fields carry ``metadata={"help": ...}`` for the CLI."""
-
-    num_tasks: int = field(default=1, metadata={"help": "number of task-specific prompts held in one table"})
-
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` for an invalid value. Subclasses extend this."""
-        if not isinstance(self.num_tasks, int) or self.num_tasks < 1:
-            raise ConfigError(f"num_tasks={self.num_tasks!r}: expected an integer ≥ 1 (one prompt per task).")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def field_types(cls) -> dict[str, Any]:
-        return typing.get_type_hints(cls)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "MethodConfig":
-        """Build and validate a config; unknown keys are an error that lists the known ones."""
-        if not isinstance(values, Mapping):
-            raise ConfigError(f"method config must be a JSON object, got {type(values).__name__}.")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown option(s) {unknown} for {cls.__name__}; known options: {sorted(known)}."
-            )
-        try:
-            config = cls(**dict(values))
-        except TypeError as exc:
-            raise ConfigError(f"invalid options for {cls.__name__}: {exc}") from exc
-        config.validate()
-        return config
-
-    def for_loading(self) -> "MethodConfig":
-        """The config to build with when saved tensors will overwrite the initialisation.
-
-        Methods whose initialisation reads text or the vocabulary return a copy that skips it.
-        """
-        return self
-
-    def replace(self, **changes: Any) -> "MethodConfig":
-        config = dataclasses.replace(self, **changes)
-        config.validate()
-        return config
-
-
-def positive_int(owner: MethodConfig, name: str) -> None:
-    value = getattr(owner, name)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{name}={value!r}: expected a positive integer. Set --{name.replace('_', '-')} to 1 or more.")
-
-
-def one_of(owner: MethodConfig, name: str, choices: tuple[str, ...]) -> None:
-    value = getattr(owner, name)
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r}: expected one of {list(choices)}.")
-
-
-# ----------------------------------------------------------------------------- spec
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A registered method: its CLI name, config class and one-line help."""
-
-    name: str
-    config_class: type[MethodConfig]
-    help: str
-    plugin: str = ""
 
 
 # ----------------------------------------------------------------------------- module
@@ -234,64 +155,3 @@ class PromptMethod(nn.Module):
 
     def fold(self) -> None:
         """Replace training-only reparameterisation by static tensors (default: nothing to fold)."""
-
-
-# ----------------------------------------------------------------------------- plugin
-
-
-class MethodPlugin:
-    """Hook implementations that delegate to the method's :class:`PromptMethod`.
-
-    Subclasses set ``spec`` and implement :meth:`create`. Every hook returns ``None`` when the
-    model carries another plugin's method, so the core never needs to know the name.
-    """
-
-    spec: ClassVar[MethodSpec]
-
-    def create(self, base_model, config: MethodConfig, tokenizer) -> PromptMethod:
-        raise NotImplementedError
-
-    def _mine(self, model: "PStarModel") -> bool:
-        return model.method_name == self.spec.name
-
-    @hookimpl
-    def pstar_register_methods(self, register) -> None:
-        register(self.spec)
-
-    @hookimpl
-    def pstar_build_method(self, base_model, method, config, tokenizer):
-        if method != self.spec.name:
-            return None
-        return self.create(base_model, config, tokenizer)
-
-    @hookimpl
-    def pstar_trainable_parameters(self, model):
-        if not self._mine(model):
-            return None
-        return ["method." + name for name in model.method.trainable_parameter_names()]
-
-    @hookimpl
-    def pstar_param_groups(self, model, learning_rate, weight_decay):
-        if not self._mine(model):
-            return None
-        return model.method.param_groups(learning_rate, weight_decay)
-
-    @hookimpl
-    def pstar_trainable_state(self, model):
-        if not self._mine(model):
-            return None
-        return model.method.trainable_state()
-
-    @hookimpl
-    def pstar_load_trainable_state(self, model, state):
-        if not self._mine(model):
-            return None
-        model.method.load_trainable_state(state)
-        return True
-
-    @hookimpl
-    def pstar_fold(self, model):
-        if not self._mine(model):
-            return None
-        model.method.fold()
-        return True

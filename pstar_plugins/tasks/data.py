@@ -69,7 +69,8 @@ def labels_of(rows: list[dict[str, Any]], column: str, path: str, classes: list[
         elif value.lstrip("-").isdigit() and 0 <= int(value) < len(classes):
             out.append(int(value))
         else:
-            raise DataError(f"{path}: row {number} has label {value!r}; expected one of {classes} or an index below {len(classes)}.")
+            raise DataError(f"{path}: row {number} has label {value!r}; expected one of {classes} or an index below "
+                            f"{len(classes)}. Set --label-words to the data's labels, in class order (or --label-column).")
     return out
 
 

@@ -122,6 +122,22 @@ class Template:
     def has_answer(self) -> bool:
         return any(isinstance(p, Answer) for p in self.parts)
 
+    def check_answer_last(self) -> None:
+        """Causal LMs score or generate the answer after everything before it, so no text slot or
+        soft token may follow ``{answer}`` (it would be cut off without a word)."""
+        parts = self.parts
+        at = next((i for i, p in enumerate(parts) if isinstance(p, Answer)), None)
+        if at is None:
+            return
+        after = [p for p in parts[at + 1:] if isinstance(p, (Field, Soft))]
+        if after:
+            what = ", ".join(f"{{{p.name}}}" if isinstance(p, Field) else f"{{soft:{p.count}}}" for p in after)
+            raise ConfigError(
+                f"template {self.text!r}: {what} comes after {{answer}}, but a causal LM predicts the answer from the "
+                "text before it; move {answer} to the end (e.g. 'Review: {sentence} Sentiment:{answer}'), or use "
+                "--model-kind masked-lm, which fills the answer slot anywhere."
+            )
+
     def encode(self, example: Mapping[str, Any], tokenizer, answer_ids: list[int] | None = None,
                placeholder_id: int = 0, add_special_tokens: bool = True, stop_at_answer: bool = False) -> EncodedPrompt:
         """Tokenise ``example`` through the template.
@@ -154,7 +170,7 @@ class Template:
                 if part.name not in example:
                     raise DataError(
                         f"template field {{{part.name}}} is not a column of the example (columns: {sorted(example)}); "
-                        "rename the slot or map the column."
+                        "change the slot with --template or map a column to it with --column DATA_COLUMN=" + part.name + "."
                     )
                 run.append(str(example[part.name]))
             elif isinstance(part, Soft):

@@ -30,15 +30,22 @@ class Verbalizer:
     def __init__(self, tokenizer, template: Template, label_words: list[str], masked_lm: bool) -> None:
         if not template.has_answer:
             raise ConfigError(f"template {template.text!r} has no {{answer}} slot; add one where the label word goes.")
-        if len(label_words) < 2:
-            raise ConfigError(f"label_words={label_words!r}: a classifier needs at least two label words.")
+        if not masked_lm:
+            template.check_answer_last()
+        from pstar_plugins.arguments import check_label_words
+
+        check_label_words(list(label_words))
         self.tokenizer = tokenizer
         self.template = template
         self.masked_lm = masked_lm
         self.words = [list(tokenizer(" " + w.strip(), add_special_tokens=False)["input_ids"]) for w in label_words]
         empty = [w for w, ids in zip(label_words, self.words) if not ids]
         if empty:
-            raise ConfigError(f"label words {empty} tokenise to nothing; choose real words.")
+            raise ConfigError(f"label words {empty} tokenise to nothing; choose real words with --label-words.")
+        same = sorted({w for w, ids in zip(label_words, self.words) if self.words.count(ids) > 1})
+        if same:
+            raise ConfigError(f"label words {same} tokenise to the same tokens, so their classes could not be told apart; "
+                              "choose distinct words with --label-words.")
         self.single_token = all(len(ids) == 1 for ids in self.words)
         self.mask_id = getattr(tokenizer, "mask_token_id", None)
         if masked_lm and self.mask_id is None:

@@ -2,6 +2,14 @@
 produced by a prompt encoder."""
 
 from pstar_plugins.methods.p_tuning.config import PTuningConfig
-from pstar_plugins.methods.p_tuning.module import PTuning
 
 __all__ = ["PTuningConfig", "PTuning"]
+
+
+def __getattr__(name: str):
+    """The module class is imported on first use: importing the config needs no torch."""
+    if name == "PTuning":
+        from pstar_plugins.methods.p_tuning.module import PTuning
+
+        return PTuning
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

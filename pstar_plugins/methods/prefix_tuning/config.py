@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pstar_plugins.errors import ConfigError
-from pstar_plugins.methods.base import MethodConfig, one_of, positive_int
+from pstar_plugins.methods.spec import MethodConfig, one_of, positive_int
 
 INITS = ("random", "text")
 

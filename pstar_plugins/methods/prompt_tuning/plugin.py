@@ -1,14 +1,15 @@
 """The prompt-tuning plugin: registered through the same path as third-party plugins."""
 
-from pstar_plugins.methods.base import MethodPlugin, MethodSpec
+from pstar_plugins.methods.spec import MethodPlugin, MethodSpec
 from pstar_plugins.methods.prompt_tuning.config import PromptTuningConfig
-from pstar_plugins.methods.prompt_tuning.module import PromptTuning
 
 
 class PromptTuningPlugin(MethodPlugin):
     spec = MethodSpec("prompt-tuning", PromptTuningConfig, "m trainable vectors before the input embeddings (Lester et al. 2021)")
 
     def create(self, base_model, config, tokenizer):
+        from pstar_plugins.methods.prompt_tuning.module import PromptTuning  # torch: only when a method is built
+
         return PromptTuning(config, base_model, tokenizer)
 
 
