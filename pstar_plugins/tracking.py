@@ -31,13 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def selected(args) -> list[str]:
     """The trackers ``--report-to`` asks for; ``[]`` for none. Raises before anything loads when
     a named tracker's package is missing (Accelerate would silently skip it)."""
-    from accelerate.tracking import get_available_trackers
-
     names = list(dict.fromkeys(args.report_to))
     if "none" in names:
         if len(names) > 1:
             raise ConfigError(f"--report-to {' '.join(names)}: 'none' cannot be combined with trackers; pass one or the other.")
         return []
+    from accelerate.tracking import get_available_trackers
+
     available = {str(t) for t in get_available_trackers()}
     if "all" in names:
         found = sorted(available & set(TRACKERS))

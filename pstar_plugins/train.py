@@ -183,6 +183,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "pstar train"):
 def check_args(args) -> None:
     """Refuse values that cannot train what was asked, before anything is loaded or written."""
     a = arguments
+    tracking.selected(args)  # --report-to: a tracker that is not installed, or 'none' with others
     if args.learning_rate is not None:
         a.positive_float("--learning-rate", args.learning_rate)
     a.non_negative_float("--weight-decay", args.weight_decay)

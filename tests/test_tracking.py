@@ -52,7 +52,7 @@ def test_tensorboard_event_files_hold_loss_learning_rate_metrics_and_config(tiny
 
 @needs_model
 def test_no_tracker_by_default(tiny_dir, tmp_path):
-    assert run(tiny_dir, tmp_path / "run", "--max-steps", "1", "--no-zero-shot") == 0
+    assert run(tiny_dir, tmp_path / "run", "--max-steps", "1", "--warmup-steps", "1", "--no-zero-shot") == 0
     assert not list((tmp_path / "run").rglob("events.out.tfevents.*"))
     assert not (tmp_path / "run" / "pstar-plugins").exists()
 
@@ -71,7 +71,6 @@ def test_bad_report_to_fails_before_anything_loads(tmp_path, capsys, value, mess
 
 
 def test_unknown_tracker_is_refused_by_the_parser(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["--method", "prompt-tuning", "--output-dir", str(tmp_path / "out"), "--report-to", "tensorbord"])
-    assert exc.value.code == 2
+    assert main(["--method", "prompt-tuning", "--output-dir", str(tmp_path / "out"), "--report-to", "tensorbord"]) == 2
     assert "invalid choice: 'tensorbord'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
