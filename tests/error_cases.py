@@ -366,7 +366,7 @@ CASES = [
     Case("adapter of another method passed to --init-from-adapter", _adapter_of_another_method, "exit 2 (ConfigError)", "holds a 'prefix-tuning' adapter, but --method is 'prompt-tuning'"),
     Case("truncated or corrupt safetensors file", _truncated_adapter, "AdapterError", "is truncated or corrupt"),
     Case("adapter config missing fields", lambda tmp: _rewrite_embedded_config(tmp, lambda m: m.pop("folded")), "AdapterError", "lacks field(s) ['folded']"),
-    Case("adapter config from a newer format version", lambda tmp: _rewrite_embedded_config(tmp, lambda m: m.update(format_version=7)), "AdapterError", "has format_version 7; this pstar-plugins reads up to 1"),
+    Case("adapter config from a newer format version", lambda tmp: _rewrite_embedded_config(tmp, lambda m: m.update(format_version=7)), "AdapterError", "has format_version 7; this pstar-plugins reads up to 2"),
     Case("adapter config with a malformed task record", lambda tmp: _rewrite_embedded_config(tmp, lambda m: m.update(task={"kind": "regression", "template": "x"})), "AdapterError", "has task {'kind': 'regression', 'template': 'x'}; expected an object with kind classification or generation"),
     Case("eval: generation without a template", lambda tmp: _eval("--task", "generation"), "ConfigError", "--task generation needs --template"),
     Case("eval: generation demonstrations without a file", lambda tmp: _eval("--task", "generation", "--template", "D: {mr} T:{answer}", "--shots", "2"), "ConfigError", "--shots 2 with --task generation needs --demonstration-file"),

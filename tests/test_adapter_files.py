@@ -32,7 +32,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, arch, method):
     for name, shape in EXPECTED_TENSORS.get(method, lambda m: {})(model).items():
         assert tuple(saved[name].shape) == shape
     meta = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert meta["method"] == method and meta["format_version"] == 1
+    assert meta["method"] == method and meta["format_version"] == 2
 
     loaded = load_adapter(tiny_model(arch, seed=0), tmp_path)
     for (n, a), (m, b) in zip(model.trainable_named_parameters(), loaded.trainable_named_parameters()):

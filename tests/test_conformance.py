@@ -72,3 +72,29 @@ def test_p_tuning_trains_on_encoder_decoder_models():
 def test_second_build_and_refused_load_leave_the_base_usable():
     assert_conforms(lambda: tiny_model("llama"), "prefix-tuning", METHOD_OPTIONS["prefix-tuning"],
                     checks=["build_twice_and_refused_load"])
+
+
+def test_adapter_of_the_old_position_numbering_warns_on_roberta(tmp_path):
+    """Adapters written before RoBERTa-style models kept their own position numbering load,
+    with a warning that their outputs moved; others load silently."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    for arch, warns in (("roberta", True), ("llama", False)):
+        model = build_model(tiny_model(arch), "prompt-tuning", **METHOD_OPTIONS["prompt-tuning"])
+        folder = tmp_path / arch
+        model.save_adapter(folder)
+        path = folder / "adapter.safetensors"
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata()
+        meta = json.loads(metadata["pstar_adapter_config"])
+        meta["format_version"] = 1
+        save_file(load_file(path), str(path), metadata={**metadata, "pstar_adapter_config": json.dumps(meta)})
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load_adapter(tiny_model(arch), folder)
+        assert any("numbered this model's positions from 0" in str(w.message) for w in caught) == warns

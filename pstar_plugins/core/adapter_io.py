@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,9 @@ from safetensors.torch import load_file, save_file
 from pstar_plugins.core.geometry import model_geometry
 from pstar_plugins.errors import AdapterError
 
-FORMAT_VERSION = 1
+# 2: base-model weights a plugin trained (``base_model.*`` tensors), separate key/value widths
+# in the geometry, and RoBERTa-style models' own position numbering
+FORMAT_VERSION = 2
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 METADATA_KEY = "pstar_adapter_config"
@@ -94,7 +97,6 @@ def save_adapter(model, directory, state: dict[str, torch.Tensor] | None = None,
 def _warn_if_edited(config_path: Path, embedded: str) -> None:
     """The config inside the tensor file is the one that loads (it cannot be out of step with the
     tensors); an ``adapter_config.json`` that says otherwise was edited or is from another save."""
-    import warnings
 
     try:
         beside, inside = json.loads(config_path.read_text(encoding="utf-8")), json.loads(embedded)
@@ -176,6 +178,13 @@ def load_adapter(base_model, directory, tokenizer=None, plugin_manager=None, tra
 
     meta, tensors = contents if contents is not None else read_adapter(directory)
     from pstar_plugins.core.build import make_config
+    from pstar_plugins.core.inputs import position_convention
+
+    if meta["format_version"] < 2 and position_convention(base_model) != (0, 0):
+        warnings.warn(
+            f"{directory}: this adapter was trained by a pstar-plugins that numbered this model's positions from 0; "
+            f"{type(base_model).__name__} numbers them from its padding index + 1, as the model does now, so its outputs "
+            "differ from those the adapter was trained with. Retrain it for exact results.", stacklevel=2)
 
     config = make_config(meta["method"], meta["method_config"], plugin_manager=plugin_manager)
     check_geometry(meta, None, base_model.config)  # what the config alone tells, before anything is injected
