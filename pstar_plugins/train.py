@@ -612,6 +612,7 @@ def _train(args, spec, config, adapter, lr, out_dir, run_id, resume, template, t
                 checkpoint(step + 1)
             logger.info("stopping after %d steps in this run (--stop-after-steps); resume with --resume-from-checkpoint latest", args.stop_after_steps)
             accelerator.end_training()
+            distributed.shut_down()
             return 0
 
     results[f"tuned_{metric}"] = evaluate(model, verbalizer, "final eval")
@@ -642,6 +643,7 @@ def _train(args, spec, config, adapter, lr, out_dir, run_id, resume, template, t
         written += run_dir.complete_checkpoints(out_dir)
         print(_summary(args, results, metric, written))
     accelerator.end_training()
+    distributed.shut_down()
     return 0
 
 

@@ -43,6 +43,7 @@ def main(model_dir: str, ds_config: str, out: str, resume: str | None = None) ->
             "gather_calls": len(distributed.GATHER_LOG), "gathered": len(gathered), "frozen_gathered": len(gathered & frozen),
             "frozen_bytes": sum(getattr(p, "ds_numel", p.numel()) * 4 for p in model.parameters() if not p.requires_grad),
         }))
+    distributed.shut_down()
 
 
 if __name__ == "__main__":

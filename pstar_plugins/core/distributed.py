@@ -138,3 +138,13 @@ def load_trainable_state_gathered(model, state) -> None:
     params = [p for p in model.method.parameters()] + extra
     with gathered(params, modifier_rank=0):
         model.raw_load_trainable_state(state)
+
+
+def shut_down() -> None:
+    """End this process's part of the process group once every rank got here, so that no rank
+    exits while the communication threads of another are still running."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

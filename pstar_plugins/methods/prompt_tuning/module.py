@@ -20,7 +20,7 @@ from torch import nn
 
 from pstar_plugins.core import packing
 from pstar_plugins.core.attention import SELF, PrefixInjector
-from pstar_plugins.core.distributed import embedding_rows, embedding_shape, embedding_std
+from pstar_plugins.core.distributed import embedding_rows, embedding_shape, embedding_std, is_partitioned
 from pstar_plugins.core.embedding_prompt import EmbeddingPromptMethod
 from pstar_plugins.core.inputs import first_real_index, is_encoder_decoder, positions_from_mask
 from pstar_plugins.errors import ConfigError, IncompatibleModelError
@@ -125,6 +125,9 @@ class PromptTuning(EmbeddingPromptMethod):
             return "labels are passed"
         if packing.uses_cache(inputs):
             return "a KV cache is in use"
+        if any(is_partitioned(p) for p in base_model.parameters()):
+            # not verified under ZeRO-3 (the conformance matrix runs one process), like the packed prefill
+            return "ZeRO-3 partitioned weights"
         family = packing.family_reason(base_model)
         if family is not None:
             return family
