@@ -70,6 +70,18 @@ def assert_same(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
+def assert_checkpoints_and_final_hold_the_adapter(trainer, tmp_path: Path, model: PStarModel, method: str, trained) -> None:
+    """Checkpoints 1 and 2 and ``save_model()`` hold the adapter only, and the saved one is
+    ``method``'s with the ``trained`` tensors."""
+    for step in (1, 2):
+        assert_adapter_only(tmp_path / "out" / f"checkpoint-{step}", model)
+    trainer.save_model(str(tmp_path / "final"))
+    assert_adapter_only(tmp_path / "final", model)
+    meta, tensors = read_adapter(tmp_path / "final")
+    assert meta["method"] == method
+    assert_same(tensors, trained)
+
+
 def assert_adapter_only(folder: Path, model: PStarModel):
     """No frozen weight anywhere in ``folder``: tensor files hold exactly the adapter's tensors,
     the optimizer state only the trainable parameters' moments, and all files together are a
@@ -125,13 +137,7 @@ def test_checkpoints_and_save_model_write_the_adapter_only(tiny_dir, tokenizer, 
     trainer.train()
     # the optimizer has the method's parameter groups (e.g. p-tuning's soft tokens without weight decay)
     assert [len(g["params"]) for g in trainer.optimizer.param_groups] == [len(g["params"]) for g in param_groups(model, 1e-3)]
-    for step in (1, 2):
-        assert_adapter_only(tmp_path / "out" / f"checkpoint-{step}", model)
-    trainer.save_model(str(tmp_path / "final"))
-    assert_adapter_only(tmp_path / "final", model)
-    meta, tensors = read_adapter(tmp_path / "final")
-    assert meta["method"] == method
-    assert_same(tensors, trainable_copy(model))
+    assert_checkpoints_and_final_hold_the_adapter(trainer, tmp_path, model, method, trainable_copy(model))
     # from_pretrained onto a fresh base model reproduces the trained model's outputs
     reloaded = PStarModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "final")
     assert not any(p.requires_grad for p in reloaded.parameters())

@@ -6,8 +6,7 @@ import torch
 import transformers as tf
 
 from pstar_plugins import build_model
-from pstar_plugins.core.adapter_io import read_adapter
-from tests.test_hf_trainer import assert_adapter_only, assert_same, trainable_copy
+from tests.test_hf_trainer import assert_checkpoints_and_final_hold_the_adapter, trainable_copy
 from tests.test_train_entry_point import needs_model
 
 trl = pytest.importorskip("trl", reason="trl is installed by scripts/setup.sh ([trl])")
@@ -59,10 +58,4 @@ def test_sft_trainer_trains_on_completions_and_saves_the_adapter_only(tiny_dir, 
         expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         assert trainer.compute_loss(model, dict(batch)).item() == pytest.approx(expected.item(), rel=1e-5)
 
-    for step in (1, 2):
-        assert_adapter_only(tmp_path / "out" / f"checkpoint-{step}", model)
-    trainer.save_model(str(tmp_path / "final"))
-    assert_adapter_only(tmp_path / "final", model)
-    meta, tensors = read_adapter(tmp_path / "final")
-    assert meta["method"] == method
-    assert_same(tensors, after)
+    assert_checkpoints_and_final_hold_the_adapter(trainer, tmp_path, model, method, after)
