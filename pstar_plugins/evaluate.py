@@ -80,7 +80,8 @@ def _score_rows(model, verbalizer, rows, labels, batch_size, max_length, calibra
     from pstar_plugins.tasks.baselines import calibrate
 
     preds = []
-    head = getattr(getattr(model, "method_config", None), "head", "none") != "none"
+    config = getattr(model, "method_config", None)
+    head = config is not None and config.has_classifier_head()
     for i in range(0, len(rows), batch_size):
         batch = verbalizer.encode(rows[i:i + batch_size], labels[i:i + batch_size], max_length=max_length)
         scores = verbalizer.class_scores(model, batch, head)

@@ -14,6 +14,7 @@ Environment variables (read when the manager is first created):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import importlib.metadata as metadata
@@ -101,7 +102,7 @@ class PStarPluginManager(pluggy.PluginManager):
                     f"plugin {name!r} registers method {spec.name!r}, already registered by plugin {owner!r}. "
                     f"Rename one of them or block one with {ENV_BLOCK}={name}."
                 )
-            self.methods[spec.name] = MethodSpec(spec.name, spec.config_class, spec.help, plugin=name)
+            self.methods[spec.name] = dataclasses.replace(spec, plugin=name)
 
         if any(impl.plugin is plugin for impl in self.hook.pstar_register_methods.get_hookimpls()):
             # through pluggy (tracing and the plugin-naming wrapper apply), this plugin's implementation only

@@ -27,15 +27,6 @@ from pstar_plugins.tasks.template import DEFAULT_TEMPLATE
 
 logger = logging.getLogger("pstar_plugins.train")
 
-PRESETS = {  # learning rates and options that work on SmolLM2-135M with AdamW (see docs/recipes.md)
-    "prompt-tuning": ({"num_virtual_tokens": 10}, 3e-2),
-    # Adam moves every weight of the wide P' → prefix MLP by ~lr per step, so the MLP output moves
-    # hundreds of times faster than a raw prompt: 5e-3 kept SmolLM2 at chance, 2e-4 trains
-    "prefix-tuning": ({"num_virtual_tokens": 10}, 2e-4),
-    "p-tuning": ({"template": "{soft:3} Review: {sentence} {soft:3} Sentiment:{answer}"}, 1e-3),
-    "p-tuning-v2": ({"num_virtual_tokens": 16}, 5e-3),
-}
-DEFAULT_LEARNING_RATE = 1e-3  # methods without a preset
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,7 +113,9 @@ def _add_training_arguments(parser: argparse.ArgumentParser, preset_lr: float | 
 def build_parser(method_names, method: str | None = None, prog: str = "pstar train") -> arguments.StrictParser:
     """The training script's own flags (``method_names``: the registered methods, for the help).
     With a known ``method`` the defaults shown are the ones that method's run uses."""
-    preset, preset_lr = PRESETS.get(method, ({}, DEFAULT_LEARNING_RATE)) if method else ({}, None)
+    from pstar_plugins.plugins import get_plugin_manager
+
+    preset = get_plugin_manager().method(method).preset if method else None
     parser = arguments.StrictParser(
         prog=prog, description="Train a P*-tuning method on a frozen model with Accelerate.",
         epilog="Each method has options of its own: pstar train --method NAME --help lists them, "
@@ -132,8 +125,8 @@ def build_parser(method_names, method: str | None = None, prog: str = "pstar tra
                         help="extra plugin module for this run (module or module:object)")
     _add_model_arguments(parser)
     _add_data_arguments(parser)
-    _add_task_arguments(parser, preset.get("template"))
-    _add_training_arguments(parser, preset_lr)
+    _add_task_arguments(parser, preset.options.get("template") if preset else None)
+    _add_training_arguments(parser, preset.learning_rate if preset else None)
     return parser
 
 
@@ -169,7 +162,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "pstar train"):
     if method:
         spec = pm.method(method)
         arguments.check_method_fields(spec.config_class, method, spec.plugin, set(parser.option_strings()))
-        option_names = arguments.add_method_arguments(parser, spec.config_class, method, PRESETS.get(method, ({}, None))[0])
+        option_names = arguments.add_method_arguments(parser, spec.config_class, method, spec.preset.options)
     args = parser.parse_args(argv)
     args.method_options = {n: getattr(args, f"m_{n}") for n in option_names if hasattr(args, f"m_{n}")}
     if args.template is not None:  # converted once: the method config and the task record hold the same text
@@ -262,7 +255,7 @@ def _data(args):
 
 def _method_config(args, spec):
     """The method's config: its preset, the method flags, the shared task flags, or a saved adapter's."""
-    preset, _ = PRESETS.get(args.method, ({}, DEFAULT_LEARNING_RATE))
+    preset = spec.preset.options
     fields = {f.name for f in dataclasses.fields(spec.config_class)}
     options = {k: v for k, v in preset.items() if k in fields}
     options.update(args.method_options)
@@ -331,7 +324,7 @@ def _main(argv, prog: str = "pstar train"):
     pm = get_plugin_manager()
     spec = pm.method(args.method)
     config, adapter = _method_config(args, spec)
-    lr = args.learning_rate if args.learning_rate is not None else PRESETS.get(args.method, ({}, DEFAULT_LEARNING_RATE))[1]
+    lr = args.learning_rate if args.learning_rate is not None else spec.preset.learning_rate
     out_dir = Path(args.output_dir)
     run_dir.check_writable(out_dir)
     train_rows, train_source, eval_rows, eval_source = _data(args)
@@ -430,11 +423,11 @@ def _train(args, spec, config, adapter, lr, out_dir, run_id, resume, template, t
     # parameter partitioning is a collective; main_process_first() here would deadlock
     base, tokenizer = load(args.model, kind=args.model_kind, gguf_file=args.gguf_file, tokenizer=tokenizer)
     masked = args.model_kind == "masked-lm"
-    head_classifier = getattr(config, "head", "none") != "none"
+    head_classifier = config.has_classifier_head()
     if head_classifier and generation:
         raise ConfigError("a classification head cannot generate; use --head none for --task generation.")
     if head_classifier:
-        config = config.replace(num_labels=len(args.label_words))
+        config = config.for_classes(len(args.label_words))
     from pstar_plugins.core import distributed
 
     distributed.GATHER_LOG.clear()

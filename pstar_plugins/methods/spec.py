@@ -67,6 +67,14 @@ class MethodConfig:
         """
         return self
 
+    def has_classifier_head(self) -> bool:
+        """Whether the method scores classes with a linear head of its own instead of label words."""
+        return False
+
+    def for_classes(self, num_classes: int) -> "MethodConfig":
+        """The config for a task with ``num_classes`` classes (a head sizes itself from it)."""
+        return self
+
     def replace(self, **changes: Any) -> "MethodConfig":
         config = dataclasses.replace(self, **changes)
         config.validate()
@@ -89,13 +97,30 @@ def one_of(owner: MethodConfig, name: str, choices: tuple[str, ...]) -> None:
 
 
 @dataclass(frozen=True)
+class Preset:
+    """The recipe ``pstar train`` uses for a method unless told otherwise.
+
+    ``options`` are method config values, ``learning_rate`` the base AdamW rate, and
+    ``expected_examples`` how many training examples the recipe was chosen for (None: unstated).
+    """
+
+    options: Mapping[str, Any] = field(default_factory=dict)
+    learning_rate: float = 1e-3
+    expected_examples: int | None = None
+
+
+DEFAULT_PRESET = Preset()  # methods that declare none
+
+
+@dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its CLI name, config class and one-line help."""
+    """A registered method: its CLI name, config class, one-line help and preset."""
 
     name: str
     config_class: type[MethodConfig]
     help: str
     plugin: str = ""
+    preset: Preset = DEFAULT_PRESET
 
 
 # ----------------------------------------------------------------------------- plugin

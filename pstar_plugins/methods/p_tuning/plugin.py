@@ -1,11 +1,12 @@
 """The p-tuning plugin."""
 
-from pstar_plugins.methods.spec import MethodPlugin, MethodSpec
+from pstar_plugins.methods.spec import MethodPlugin, MethodSpec, Preset
 from pstar_plugins.methods.p_tuning.config import PTuningConfig
 
 
 class PTuningPlugin(MethodPlugin):
-    spec = MethodSpec("p-tuning", PTuningConfig, "template-placed soft tokens from an LSTM/MLP prompt encoder (Liu et al. 2021)")
+    spec = MethodSpec("p-tuning", PTuningConfig, "template-placed soft tokens from an LSTM/MLP prompt encoder (Liu et al. 2021)",
+                      preset=Preset({"template": "{soft:3} Review: {sentence} {soft:3} Sentiment:{answer}"}, 1e-3))
 
     def create(self, base_model, config, tokenizer):
         from pstar_plugins.methods.p_tuning.module import PTuning  # torch: only when a method is built

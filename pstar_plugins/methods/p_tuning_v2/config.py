@@ -26,6 +26,12 @@ class PTuningV2Config(PrefixTuningConfig):
     pooling: str = field(default="auto", metadata={"help": "sequence pooling: auto (first token for encoders, last for decoders) | first | last | mean"})
     classifier_dropout: float = field(default=0.1, metadata={"help": "dropout before the linear head"})
 
+    def has_classifier_head(self) -> bool:
+        return self.head != "none"
+
+    def for_classes(self, num_classes: int) -> "PTuningV2Config":
+        return self.replace(num_labels=num_classes) if self.has_classifier_head() else self
+
     def validate(self) -> None:
         super().validate()
         one_of(self, "head", HEADS)
