@@ -27,6 +27,8 @@ from pstar_plugins.tasks.template import DEFAULT_TEMPLATE
 
 logger = logging.getLogger("pstar_plugins.train")
 
+LR_SCHEDULES = {"linear": "linear decay to 0", "cosine": "half-cosine decay to 0", "constant_with_warmup": "constant"}
+
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +84,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser, preset_lr: float | 
     parser.add_argument("--max-steps", type=int, default=100, metavar="N", help="optimizer steps")
     parser.add_argument("--warmup-steps", type=int, default=None, metavar="N",
                         help="linear warm-up steps, at most --max-steps (default: 10, or --max-steps when that is fewer)")
+    parser.add_argument("--lr-scheduler-type", default="linear", choices=list(LR_SCHEDULES),
+                        help="learning-rate schedule after the warm-up (transformers' schedules): " + "; ".join(f"{k}: {v}" for k, v in LR_SCHEDULES.items()))
     parser.add_argument("--max-length", type=int, default=128, metavar="N", help="truncate examples to this many tokens")
     parser.add_argument("--eval-steps", type=int, default=25, metavar="N", help="evaluate every N steps (0: only at the end)")
     parser.add_argument("--eval-subset-size", type=int, default=128, metavar="N",
@@ -464,9 +468,10 @@ def _train(args, spec, config, adapter, lr, out_dir, run_id, resume, template, t
     for g in groups:
         g.pop("name", None)
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=args.weight_decay)
-    warmup = min(args.warmup_steps, args.max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)) * max(0.0, (args.max_steps - s) / max(1, args.max_steps - warmup)) if s >= warmup else (s + 1) / max(1, warmup))
+    from transformers import get_scheduler  # the same schedules the Trainer uses
+
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=min(args.warmup_steps, args.max_steps),
+                              num_training_steps=args.max_steps)
     trainable, frozen = model.parameter_counts()
     ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if ds_plugin is not None:  # we feed batches ourselves, so tell DeepSpeed the micro-batch size
