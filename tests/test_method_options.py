@@ -120,3 +120,40 @@ def test_flash_attention_model_is_refused_for_prefix_methods():
     base.config._attn_implementation = "flash_attention_2"
     with pytest.raises(IncompatibleModelError, match="attn_implementation='sdpa'"):
         build_model(base, "prefix-tuning")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_head_from_label_words_starts_with_the_verbalizers_class_scores(arch):
+    """The p-tuning-v2 head initialised from the label words' output rows gives the same class
+    distribution as scoring the label words with the LM head, for the same deep prompts."""
+    tok = CharTokenizer()
+    words = ["ab", "c", "d"]
+    with_head = build_model(tiny_model(arch), "p-tuning-v2", tokenizer=tok, num_virtual_tokens=3, num_labels=3,
+                            label_words=words, head_init="label-words", classifier_dropout=0.0)
+    lm = build_model(tiny_model(arch), "p-tuning-v2", tokenizer=tok, num_virtual_tokens=3, head="none")
+    prefixes = {k: v for k, v in with_head.method.trainable_state().items() if not k.startswith("head.")}
+    lm.method.load_trainable_state(prefixes)
+    first = [tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in words]
+    ids = random_batch(2, 7, seed=3)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding
+    with_head.eval(), lm.eval()
+    with torch.no_grad():
+        head_logits = with_head(input_ids=ids, attention_mask=mask).logits
+        word_logits = lm(input_ids=ids, attention_mask=mask).logits[:, -1, first]
+    torch.testing.assert_close(head_logits.log_softmax(-1), word_logits.float().log_softmax(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_head_init_auto_is_random_where_the_pooled_position_is_not_the_answer_position():
+    tok = CharTokenizer()
+    torch.manual_seed(0)
+    mean_pooled = build_model(tiny_model("llama"), "p-tuning-v2", tokenizer=tok, num_virtual_tokens=3, num_labels=2,
+                              label_words=["ab", "c"], pooling="mean")
+    rows = tiny_model("llama").get_output_embeddings().weight
+    assert not any(torch.allclose(mean_pooled.method.head.weight[0], r) for r in rows)
+    with pytest.raises(ConfigError, match="head_init='label-words' needs a decoder-only model"):
+        build_model(tiny_model("bert"), "p-tuning-v2", tokenizer=tok, num_virtual_tokens=3, num_labels=2,
+                    label_words=["ab", "c"], head_init="label-words")
+    with pytest.raises(ConfigError, match="needs one label word per class: got 1 words for num_labels=2"):
+        build_model(tiny_model("llama"), "p-tuning-v2", tokenizer=tok, num_virtual_tokens=3, num_labels=2,
+                    label_words=["ab"], head_init="label-words")

@@ -8,6 +8,7 @@ from pstar_plugins.methods.prefix_tuning.config import PrefixTuningConfig
 
 HEADS = ("sequence-classification", "token-classification", "none")
 POOLINGS = ("auto", "first", "last", "mean")
+HEAD_INITS = ("auto", "label-words", "random")
 
 
 @dataclass
@@ -25,12 +26,18 @@ class PTuningV2Config(PrefixTuningConfig):
     num_labels: int = field(default=2, metadata={"help": "classes of the linear head"})
     pooling: str = field(default="auto", metadata={"help": "sequence pooling: auto (first token for encoders, last for decoders) | first | last | mean"})
     classifier_dropout: float = field(default=0.1, metadata={"help": "dropout before the linear head"})
+    head_init: str = field(default="auto", metadata={"help": "auto (label-words where the head reads the position the LM predicts from, else random) | "
+                                                             "label-words (the LM's output rows of the label words' first tokens) | random"})
+    label_words: list[str] = field(default_factory=list, metadata={"help": "one word per class, for head_init=label-words"})
 
     def has_classifier_head(self) -> bool:
         return self.head != "none"
 
     def for_classes(self, num_classes: int) -> "PTuningV2Config":
         return self.replace(num_labels=num_classes) if self.has_classifier_head() else self
+
+    def for_loading(self) -> "PTuningV2Config":
+        return self.replace(head_init="random")  # the saved head overwrites it
 
     def validate(self) -> None:
         super().validate()
@@ -42,5 +49,9 @@ class PTuningV2Config(PrefixTuningConfig):
                 raise ConfigError(f"num_labels={self.num_labels}: a classification head needs at least 2 labels.")
         if not all(isinstance(i, int) for i in self.layers):
             raise ConfigError(f"layers={self.layers!r}: expected a list of layer indices.")
+        one_of(self, "head_init", HEAD_INITS)
+        if self.head_init == "label-words" and self.head == "sequence-classification" and len(self.label_words) != self.num_labels:
+            raise ConfigError(f"head_init='label-words' needs one label word per class: got {len(self.label_words)} words "
+                              f"for num_labels={self.num_labels}; pass --label-words with {self.num_labels} words or --head-init random.")
         if not 0.0 <= float(self.classifier_dropout) < 1.0:
             raise ConfigError(f"classifier_dropout={self.classifier_dropout!r}: expected a probability in [0, 1).")

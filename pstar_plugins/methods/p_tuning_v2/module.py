@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from transformers.modeling_outputs import SequenceClassifierOutput, TokenClassifierOutput
 
 from pstar_plugins.core.inputs import IGNORE_INDEX, fill_position_ids, first_real_index, is_encoder_decoder
-from pstar_plugins.errors import IncompatibleModelError
+from pstar_plugins.errors import ConfigError, IncompatibleModelError
 from pstar_plugins.methods.p_tuning_v2.config import PTuningV2Config
 from pstar_plugins.core.geometry import hidden_size
 from pstar_plugins.methods.prefix_tuning.module import PrefixTuning
@@ -40,6 +40,47 @@ class PTuningV2(PrefixTuning):
             device = next(base_model.parameters()).device
             self.head = nn.Linear(hidden_size(base_model.config), config.num_labels, device=device, dtype=torch.float32)
             self.head_dropout = nn.Dropout(config.classifier_dropout)
+            if self._head_from_label_words(base_model, tokenizer):
+                self._init_head_from_label_words(base_model, tokenizer)
+
+    def _head_from_label_words(self, base_model, tokenizer) -> bool:
+        """Whether the head starts from the label words' rows of the LM head.
+
+        A decoder's last position is the one its LM head predicts the answer word from, so a
+        linear head whose rows are the label words' output embeddings starts with the label-word
+        verbalizer's class scores (their softmax over the classes is the same) instead of chance;
+        WARP (Hambardzumyan et al. 2021) initialises its class embeddings from the label words in
+        the same way. An encoder's pooled first token or a mean has no such correspondence.
+        """
+        config = self.config
+        if config.head != "sequence-classification" or config.head_init == "random":
+            return False
+        reads_answer_position = self.decoder_only and config.pooling in ("auto", "last")
+        usable = reads_answer_position and tokenizer is not None and base_model.get_output_embeddings() is not None
+        if config.head_init == "label-words" and not usable:
+            raise ConfigError(
+                "head_init='label-words' needs a decoder-only model with its LM head, last-token pooling and a tokenizer "
+                f"(model_type {base_model.config.model_type!r}, pooling {config.pooling!r}); pass --head-init random.")
+        return usable and len(config.label_words) == config.num_labels
+
+    def _init_head_from_label_words(self, base_model, tokenizer) -> None:
+        from pstar_plugins.core.distributed import embedding_rows, gathered
+
+        ids = []
+        for word in self.config.label_words:  # tokenised as the verbalizer does: after a space
+            tokens = tokenizer(" " + word.strip(), add_special_tokens=False)["input_ids"]
+            if not tokens:
+                raise ConfigError(f"label word {word!r} tokenises to nothing; choose real words with --label-words.")
+            ids.append(tokens[0])
+        output = base_model.get_output_embeddings()
+        with torch.no_grad():
+            self.head.weight.copy_(embedding_rows(output, torch.tensor(ids)).to(self.head.weight.device))
+            bias = getattr(output, "bias", None)
+            if bias is not None:
+                with gathered([bias]):
+                    self.head.bias.copy_(bias.detach()[torch.tensor(ids, device=bias.device)].float())
+            else:
+                self.head.bias.zero_()
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         pooling = self.config.pooling
