@@ -40,8 +40,9 @@ def test_tensorboard_event_files_hold_loss_learning_rate_metrics_and_config(tiny
     loss = logged["train/loss"]
     assert [s for s, _ in loss] == [1, 2, 3, 4]
     assert [v for _, v in loss] == pytest.approx(history["loss"], rel=1e-6)
-    # the rate after each step's scheduler update: warm-up 2 steps to 0.01, then linear decay to 0 at step 4
-    assert [v for _, v in logged["train/learning_rate"]] == pytest.approx([0.01, 0.01, 0.005, 0.0], abs=1e-9)
+    # the rate after each step's scheduler update (transformers' linear schedule): warm-up over 2
+    # steps to 0.01, then linear decay to 0 at step 4
+    assert [v for _, v in logged["train/learning_rate"]] == pytest.approx([0.005, 0.01, 0.005, 0.0], abs=1e-9)
     assert logged["eval/accuracy"] == [(2, pytest.approx(history["accuracy"][0])), (4, pytest.approx(metrics["tuned_accuracy"]))]
     assert logged["eval/zero_shot_accuracy"] == [(0, pytest.approx(metrics["zero_shot_accuracy"]))]
     # the configuration: flags and resolved method options, as TensorBoard hparams and a YAML copy
