@@ -20,6 +20,7 @@ class SpaceMergingTokenizer:
     BOS = 1 is added; ids stay below the tiny models' vocabulary of 96."""
 
     pad_token_id = 0
+    mask_token_id = 4
 
     def __call__(self, text, add_special_tokens=True):
         ids, i = [], 0
@@ -217,3 +218,14 @@ def test_continuations_cost_one_call_of_the_frozen_model():
         assert len(calls) == len(WORDS)
     finally:
         handle.remove()
+
+
+def test_masked_lms_keep_their_one_pass_answer_slot():
+    model = tiny_model("bert")
+    verbalizer = Verbalizer(TOKENIZER, Template.parse(TEMPLATE), WORDS, masked_lm=True)
+    batch = verbalizer.encode(ROWS)
+    with torch.no_grad(), recording() as paths:
+        assert verbalizer.scores(model, batch).shape == (len(ROWS), len(WORDS))
+    assert paths == []  # neither path of the causal LMs
+    with pytest.raises(IncompatibleModelError, match="causal LMs"):
+        verbalizer.scores_per_class(model, batch)

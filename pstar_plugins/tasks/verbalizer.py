@@ -143,6 +143,9 @@ class Verbalizer:
     def scores_per_class(self, model, batch: EncodedBatch) -> torch.Tensor:
         """The causal-LM scores of :meth:`scores` with one model call per class (each class's word
         appended to the whole input): the reference of the one-pass path, and its fallback."""
+        if self.masked_lm:
+            raise IncompatibleModelError("per-class scoring appends words after the input, which is for causal LMs; "
+                                         "a masked LM's scores come from its answer slot (Verbalizer.scores).")
         device = next(model.parameters()).device
         return self._per_class(model, {k: v.to(device) for k, v in batch.inputs.items()})
 
