@@ -295,7 +295,7 @@ def one_pass_unsupported_reason(model) -> str | None:
         reason = _method_reason(method)
         if reason is not None:
             return reason
-    if lm.training and torch.is_grad_enabled() and getattr(lm, "is_gradient_checkpointing", False):
+    if lm.training and torch.is_grad_enabled() and getattr(lm, "is_activation_checkpointing", False):
         return "gradient checkpointing (the frozen model keeps no cache while it trains)"
     if any(is_partitioned(p) for p in lm.parameters()):
         # the continuation pass runs inside a module's forward hook, which ZeRO-3's own
