@@ -119,13 +119,17 @@ class SharedPrefixModel(torch.nn.Module):
             self._expanded = (batch, cache)
         return self._expanded[1]
 
-    def forward(self, input_ids, attention_mask, logits_to_keep: int = 0, **kwargs):
+    def forward(self, input_ids, attention_mask, logits_to_keep: int = 0, use_cache: bool | None = None, **kwargs):
         P = self.prefix.numel()
         mask = attention_mask.bool()
         rows = [ids[m] for ids, m in zip(input_ids, mask)]
         prefix = self.prefix.to(input_ids.device)
         if kwargs or P == 0 or any(len(r) <= P or not torch.equal(r[:P], prefix) for r in rows):
+            if use_cache is not None:
+                kwargs["use_cache"] = use_cache
             return self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep, **kwargs)
+        # the prefix's call always uses a cache (``use_cache`` asks for one: the verbalizer's
+        # one-pass scoring continues from it, and finds the prefix's keys/values there too)
         B, S = len(rows), max(len(r) for r in rows) - P
         suffix = input_ids.new_zeros((B, S))
         suffix_mask = attention_mask.new_zeros((B, S))

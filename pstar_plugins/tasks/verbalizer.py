@@ -2,22 +2,27 @@
 
 One scorer serves zero-shot prompting, in-context learning and every tuned prompt, so numbers
 are comparable. Causal LMs: the log-probability of each label word's tokens after the text
-(multi-token words are scored token by token, teacher-forced). Masked LMs: the answer slot is
+(multi-token words are scored token by token, teacher-forced: the input runs once with a
+KV cache and every class's continuation once from it, see "one-pass scoring" below). Masked LMs: the answer slot is
 ``k`` mask tokens (``k`` = longest label word) and a word scores the mean log-probability of its
 tokens at the first masks (the PET convention for multi-token verbalizers).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
-from pstar_plugins.errors import ConfigError
+from pstar_plugins.errors import ConfigError, IncompatibleModelError
 from pstar_plugins.tasks.template import Template
 
+logger = logging.getLogger(__name__)
 
 @dataclass
 class EncodedBatch:
@@ -92,7 +97,12 @@ class Verbalizer:
         return self.scores(model, batch)
 
     def scores(self, model, batch: EncodedBatch) -> torch.Tensor:
-        """``(B, C)`` log-probabilities of the label words (unnormalised across classes)."""
+        """``(B, C)`` log-probabilities of the label words (unnormalised across classes).
+
+        Multi-token words on a causal LM are scored in one pass where that is exact
+        (:meth:`scores_one_pass`, :func:`one_pass_unsupported_reason`), else per class
+        (:meth:`scores_per_class`); :func:`recording` shows which path each call took.
+        """
         device = next(model.parameters()).device
         inputs = {k: v.to(device) for k, v in batch.inputs.items()}
         at = batch.answer_index.to(device)
@@ -107,11 +117,45 @@ class Verbalizer:
         if self.single_token:
             logits = model(**inputs, logits_to_keep=1).logits[:, -1]  # the answer slot ends every row
             return F.log_softmax(logits.float(), dim=-1)[:, [w[0] for w in self.words]]
-        # multi-token words: append each word and sum its tokens' log-probabilities
+        reason = one_pass_unsupported_reason(model)
+        if reason is None:
+            scores, reason = self._one_pass(model, inputs)
+            if scores is not None:
+                _record(None)
+                return scores
+        _record(reason)
+        return self._per_class(model, inputs)
+
+    def scores_one_pass(self, model, batch: EncodedBatch) -> torch.Tensor:
+        """The multi-token scores of :meth:`scores` from one pass over the input and one over every
+        class's continuation; raises :class:`IncompatibleModelError` where that path cannot be exact."""
+        if self.masked_lm or self.single_token:
+            raise IncompatibleModelError("one-pass scoring is for multi-token label words on a causal LM.")
+        reason = one_pass_unsupported_reason(model)
+        scores = None
+        if reason is None:
+            device = next(model.parameters()).device
+            scores, reason = self._one_pass(model, {k: v.to(device) for k, v in batch.inputs.items()})
+        if scores is None:
+            raise IncompatibleModelError(f"one-pass label-word scoring cannot be exact here: {reason}.")
+        return scores
+
+    def scores_per_class(self, model, batch: EncodedBatch) -> torch.Tensor:
+        """The causal-LM scores of :meth:`scores` with one model call per class (each class's word
+        appended to the whole input): the reference of the one-pass path, and its fallback."""
+        if self.masked_lm:
+            raise IncompatibleModelError("per-class scoring appends words after the input, which is for causal LMs; "
+                                         "a masked LM's scores come from its answer slot (Verbalizer.scores).")
+        device = next(model.parameters()).device
+        return self._per_class(model, {k: v.to(device) for k, v in batch.inputs.items()})
+
+    def _per_class(self, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        device = inputs["input_ids"].device
+        B = inputs["input_ids"].shape[0]
         out = []
         for word in self.words:
             k = len(word)
-            word_t = torch.tensor(word, device=device).expand(at.shape[0], k)
+            word_t = torch.tensor(word, device=device).expand(B, k)
             extended = dict(inputs)
             extended["input_ids"] = torch.cat([inputs["input_ids"], word_t], 1)
             extended["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(word_t)], 1)
@@ -121,3 +165,204 @@ class Verbalizer:
             logp = F.log_softmax(logits.float(), dim=-1)
             out.append(logp.gather(2, word_t.unsqueeze(-1)).squeeze(-1).sum(-1))
         return torch.stack(out, -1)
+
+    def _one_pass(self, model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, str | None]:
+        """Scores from the input's pass and one continuation pass, or ``(None, reason)`` when the
+        frozen model's call turned out not to allow it (then nothing is left to undo)."""
+        lm = _frozen_lm(model)[0]
+        B = inputs["input_ids"].shape[0]
+        continuation = _Continuation(self.words, self.pad_id, B, inputs["input_ids"].device)
+        handle = lm.register_forward_hook(continuation, with_kwargs=True)
+        try:
+            first = model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]  # (B, V): each word's first token
+        finally:
+            handle.remove()
+        if continuation.failure is None and continuation.logits is None:
+            continuation.failure = "the method did not call the frozen model on the input"
+        if continuation.failure is not None:
+            return None, continuation.failure
+        logp_first = F.log_softmax(first.float(), dim=-1)
+        logp_rest = F.log_softmax(continuation.logits.float(), dim=-1)  # (B * C', T, V)
+        out = []
+        for c, word in enumerate(self.words):
+            score = logp_first[:, word[0]]
+            if len(word) > 1:
+                j = continuation.classes.index(c)
+                rest = logp_rest[torch.arange(B, device=first.device) * len(continuation.classes) + j, :len(word) - 1]
+                target = torch.tensor(word[1:], device=first.device).expand(B, len(word) - 1)
+                score = score + rest.gather(2, target.unsqueeze(-1)).squeeze(-1).sum(-1)
+            out.append(score)
+        return torch.stack(out, -1), None
+
+
+# ----------------------------------------------------------------------------- one-pass scoring
+#
+# The continuations of a multi-token verbalizer share the whole input; only their last few tokens
+# differ. The input runs once with a KV cache (through the method, which inserts its virtual
+# tokens, fills its template slots and activates its prefixes as in any call), and, still inside
+# that call of the frozen model (so that whatever the method made active for it, its prefixes,
+# stays active), every class's continuation runs once from that cache: row ``b * C' + j`` holds
+# the tokens of the j-th multi-token word after row b's input, attending to row b's cached keys
+# and values (under the mask and at the positions the frozen model was called with) and to its
+# own earlier tokens, never another class's. That is exactly the attention each word's tokens get
+# in ``[input; word]``, so the log-probabilities and their gradients (through the cache to the
+# prompt) equal the per-class loop's up to float rounding (tests/test_label_words.py).
+
+#: families whose one-pass scores and gradients tests/test_label_words.py checks against the
+#: per-class loop; every other family is scored per class (their cache or positions may differ)
+ONE_PASS_FAMILIES = frozenset({"llama", "gpt2", "qwen2", "qwen3", "gemma", "gpt_neox", "opt", "phi"})
+
+_recorders: list[list[str]] = []
+_logged: set[str] = set()
+
+
+@contextlib.contextmanager
+def recording():
+    """Collect, for every multi-token causal-LM scoring meanwhile, ``"one pass"`` or
+    ``"per class (<reason>)"``."""
+    records: list[str] = []
+    _recorders.append(records)
+    try:
+        yield records
+    finally:
+        _recorders.remove(records)
+
+
+def _record(reason: str | None) -> None:
+    for records in _recorders:
+        records.append("one pass" if reason is None else f"per class ({reason})")
+    if reason is not None and reason not in _logged:
+        _logged.add(reason)
+        logger.warning("multi-token label words are scored with one model call per class: %s", reason)
+
+
+def _frozen_lm(model) -> tuple[nn.Module | None, Any, str | None]:
+    """The frozen Hugging Face model that ``model`` finally calls, the method wrapped around it
+    (or ``None``), or a reason why neither can be found."""
+    from transformers import PreTrainedModel
+
+    from pstar_plugins.core.model import PStarModel
+    from pstar_plugins.tasks.baselines import SharedPrefixModel
+
+    method = None
+    while not isinstance(model, PreTrainedModel):
+        if isinstance(model, PStarModel):
+            method, model = model.method, model.base_model
+        elif isinstance(model, SharedPrefixModel):
+            model = model.model
+        elif isinstance(getattr(model, "module", None), nn.Module):  # DistributedDataParallel, DeepSpeed's engine
+            model = model.module
+        else:
+            return None, None, f"{type(model).__name__} is not a model of this library or of transformers"
+    return model, method, None
+
+
+def _method_reason(method) -> str | None:
+    from pstar_plugins.methods.p_tuning.module import PTuning
+    from pstar_plugins.methods.p_tuning_v2.module import PTuningV2
+    from pstar_plugins.methods.prefix_tuning.module import PrefixTuning
+    from pstar_plugins.methods.prompt_tuning.module import PromptTuning
+
+    # their contributions sit in the input's cache (virtual tokens, template slots) or in
+    # prefixes active for the frozen model's whole call; a subclass or another method could also
+    # change the continuation's own tokens, which the continuation pass would not see
+    if type(method) not in (PromptTuning, PrefixTuning, PTuning, PTuningV2):
+        return f"method {type(method).__name__} is not verified for one-pass scoring"
+    if isinstance(method, PTuningV2) and method.config.head != "none":
+        return "p-tuning-v2 with a classification head scores through its head"
+    return None
+
+
+def one_pass_unsupported_reason(model) -> str | None:
+    """Why multi-token label words cannot be scored in one pass on ``model``, or ``None``.
+
+    Depends on the model only, never on a batch: under ZeRO-3 every rank must run the same calls.
+    """
+    lm, method, reason = _frozen_lm(model)
+    if reason is not None:
+        return reason
+    from pstar_plugins.core.distributed import is_partitioned
+    from pstar_plugins.core.inputs import is_encoder_decoder
+
+    config = lm.config
+    if is_encoder_decoder(lm) or not lm.can_generate():
+        return "not a decoder-only causal LM"
+    if config.model_type not in ONE_PASS_FAMILIES:
+        return f"model type {config.model_type!r} is not verified for one-pass scoring"
+    if getattr(config, "sliding_window", None) or any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
+        return "sliding-window attention layers (their cache keeps only the window)"
+    if method is not None:
+        reason = _method_reason(method)
+        if reason is not None:
+            return reason
+    if lm.training and torch.is_grad_enabled() and getattr(lm, "is_activation_checkpointing", False):
+        return "gradient checkpointing (the frozen model keeps no cache while it trains)"
+    if any(is_partitioned(p) for p in lm.parameters()):
+        # the continuation pass runs inside a module's forward hook, which ZeRO-3's own
+        # parameter-fetching hooks are not known to allow
+        return "ZeRO-3 partitioned weights"
+    return None
+
+
+class _Continuation:
+    """Forward hook of the frozen model for one :meth:`Verbalizer._one_pass`: after the model's
+    call on the input (with its cache), runs every multi-token class's continuation from it."""
+
+    def __init__(self, words: list[list[int]], pad_id: int, batch: int, device: torch.device) -> None:
+        self.classes = [c for c, w in enumerate(words) if len(w) > 1]
+        T = max(len(w) for w in words) - 1  # the tokens fed; each predicts the next one of its word
+        ids = torch.full((len(self.classes), T), pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros(len(self.classes), T, dtype=torch.long, device=device)
+        for j, c in enumerate(self.classes):
+            ids[j, :len(words[c]) - 1] = torch.tensor(words[c][:-1], device=device)
+            mask[j, :len(words[c]) - 1] = 1  # right padding: after every real token, seen by none
+        self.ids, self.mask = ids.repeat(batch, 1), mask.repeat(batch, 1)  # row b * C' + j
+        self.source = torch.arange(batch, device=device).repeat_interleave(len(self.classes))
+        self.logits: torch.Tensor | None = None
+        self.failure: str | None = None
+        self.calls = 0
+        self.running = False
+
+    def __call__(self, module, args, kwargs, output):
+        if self.running:
+            return None
+        self.calls += 1
+        if self.calls > 1:
+            self.logits, self.failure = None, "the method called the frozen model more than once"
+            return None
+        self.failure = self._continue(module, args, kwargs, output)
+        return None
+
+    def _continue(self, module, args, kwargs, output) -> str | None:
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        from pstar_plugins.core.inputs import accepts
+
+        if args:
+            return "the frozen model was called with positional arguments"
+        mask = kwargs.get("attention_mask")
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            return "the frozen model was called without a 2D attention mask"
+        cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+        if cache is None or not all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None])):
+            return "the frozen model returned no dynamic KV cache"
+        if cache.get_seq_length() != mask.shape[1]:
+            return "the frozen model's cache does not cover its attention mask"
+        source = self.source.to(mask.device)
+        expanded = DynamicCache(config=module.config)  # a new cache: the call's own (a caller's) is left as it is
+        for index, layer in enumerate(cache.layers):
+            expanded.update(layer.keys.index_select(0, source), layer.values.index_select(0, source), index)
+        T = self.ids.shape[1]
+        call: dict[str, Any] = {"input_ids": self.ids.to(mask.device),
+                                "attention_mask": torch.cat([mask[source], self.mask.to(mask.dtype)], 1),
+                                "use_cache": True, ("cache" if accepts(module, "cache") else "past_key_values"): expanded}
+        positions = kwargs.get("position_ids")
+        if positions is not None:  # the positions the word's tokens get in [input; word]: after the last one
+            call["position_ids"] = positions[source, -1:] + 1 + torch.arange(T, device=positions.device)
+        self.running = True
+        try:
+            self.logits = module(**call).logits  # (B * C', T, V)
+        finally:
+            self.running = False
+        return None
