@@ -134,16 +134,6 @@ def build_parser(method_names, method: str | None = None, prog: str = "pstar tra
     return parser
 
 
-def script_flags() -> set[str]:
-    """Every flag of ``pstar train`` itself: a method config field may not reuse one."""
-    return set(build_parser([]).option_strings())
-
-
-def check_method_fields(spec, plugin: str) -> None:
-    """Refuse, at registration, a method whose config fields cannot all be set from ``pstar train``."""
-    arguments.check_method_fields(spec.config_class, spec.name, plugin, script_flags())
-
-
 def _pre_parse(argv: list[str] | None):
     """``--method`` and ``-p`` first: they decide which method flags exist."""
     pre = arguments.StrictParser(add_help=False)
@@ -162,10 +152,11 @@ def parse_args(argv: list[str] | None = None, prog: str = "pstar train"):
         pm.load_module(module)
     method = known.method if known.method in pm.methods else None
     parser = build_parser(pm.methods, method, prog)
+    for spec in pm.methods.values():  # every config field of every method must be settable from here
+        arguments.check_method_fields(spec.config_class, spec.name, spec.plugin, set(parser.option_strings()))
     option_names = []
     if method:
         spec = pm.method(method)
-        arguments.check_method_fields(spec.config_class, method, spec.plugin, set(parser.option_strings()))
         option_names = arguments.add_method_arguments(parser, spec.config_class, method, spec.preset.options)
     args = parser.parse_args(argv)
     args.method_options = {n: getattr(args, f"m_{n}") for n in option_names if hasattr(args, f"m_{n}")}

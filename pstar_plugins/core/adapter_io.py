@@ -45,9 +45,7 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def _geometry(model) -> dict[str, Any]:
-    injector = getattr(model.method, "injector", None)
-    sites = injector.geometry() if injector is not None else {}
-    return model_geometry(model.base_model.config, sites).to_dict()
+    return model_geometry(model.base_model.config, model.method.adapter_geometry()).to_dict()
 
 
 TASK_KINDS = ("classification", "generation")

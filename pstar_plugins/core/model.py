@@ -141,10 +141,7 @@ class PStarModel(nn.Module):
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad and not n.startswith("method.")]
 
     def raw_trainable_state(self) -> dict[str, torch.Tensor]:
-        state = self._pm.hook.pstar_trainable_state(model=self)
-        if state is None:
-            raise PluginError(f"no plugin returned the trainable state of method {self.method_name!r}.")
-        state = dict(state)
+        state = dict(self.method.trainable_state())
         for name, param in self.extra_trainable_parameters():
             if name in state:
                 raise PluginError(f"method {self.method_name!r} saves a tensor named {name!r}, the name of a base-model weight.")
@@ -163,16 +160,14 @@ class PStarModel(nn.Module):
                 raise AdapterError(f"adapter tensor {name!r} has shape {tuple(tensor.shape)}, the model's weight "
                                    f"{tuple(own[name].shape)}; the adapter was trained for a different model.")
         method_state = {k: v for k, v in state.items() if k not in extra}
-        if self._pm.hook.pstar_load_trainable_state(model=self, state=method_state) is None:
-            raise PluginError(f"no plugin loaded the trainable state of method {self.method_name!r}.")
+        self.method.load_trainable_state(method_state)
         with torch.no_grad():
             for name, tensor in extra.items():
                 own[name].copy_(tensor.to(own[name].dtype))
 
     def fold(self) -> "PStarModel":
         """Fold reparameterisation (prefix MLP, prompt encoder) into static tensors, in place."""
-        if self._pm.hook.pstar_fold(model=self) is None:
-            raise PluginError(f"no plugin folds method {self.method_name!r}.")
+        self.method.fold()
         return self
 
     def save_adapter(self, directory, **kwargs) -> None:
