@@ -7,6 +7,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from pstar_plugins.core.adapter_io import save_adapter
 from pstar_plugins.errors import AdapterError, PluginError
 from pstar_plugins.methods.base import MethodConfig, PromptMethod
 
@@ -171,8 +172,6 @@ class PStarModel(nn.Module):
         return self
 
     def save_adapter(self, directory, **kwargs) -> None:
-        from pstar_plugins.core.adapter_io import save_adapter
-
         save_adapter(self, directory, **kwargs)
 
     def disable_adapter(self):
@@ -183,33 +182,20 @@ class PStarModel(nn.Module):
     def save_pretrained(self, save_directory, state_dict: Mapping[str, torch.Tensor] | None = None,
                         is_main_process: bool = True, task: dict[str, Any] | None = None, **kwargs) -> None:
         """Write the adapter files (``adapter_config.json``, ``adapter.safetensors``), never a frozen
-        weight: the ``save_pretrained`` of ``transformers`` and PEFT, in this library's format.
+        weight: the ``save_pretrained`` of ``transformers`` and PEFT, in this library's format
+        (``pstar_plugins.load_adapter(base_model, directory, trainable=False)`` loads them back).
 
         ``state_dict``: the adapter tensors (:meth:`trainable_state`) if already gathered; under
         ZeRO-3 every rank calls this and only ``is_main_process`` writes. Other keyword
         arguments of ``PreTrainedModel.save_pretrained`` (``safe_serialization``, ...) are
         accepted and have no effect: the format is always safetensors.
         """
-        from pstar_plugins.core.adapter_io import save_adapter
-
         state = dict(state_dict) if state_dict is not None else self.trainable_state()
         expected = set(self.raw_trainable_state())
         if set(state) != expected:
             raise PluginError(f"save_pretrained got tensors {sorted(set(state) ^ expected)[:5]} that are not (or not all of) "
                               f"the adapter's; pass model.trainable_state() or no state_dict.")
         save_adapter(self, save_directory, state=state, write=is_main_process, task=task)
-
-    @classmethod
-    def from_pretrained(cls, base_model: nn.Module, adapter_directory, tokenizer=None, plugin_manager=None,
-                        is_trainable: bool = False) -> "PStarModel":
-        """Load an adapter written by :meth:`save_pretrained` onto ``base_model`` (PEFT's
-        ``PeftModel.from_pretrained(base, path, is_trainable=...)`` convention: frozen and in
-        eval mode unless ``is_trainable``)."""
-        from pstar_plugins.core.adapter_io import load_adapter
-
-        model = load_adapter(base_model, adapter_directory, tokenizer=tokenizer, plugin_manager=plugin_manager,
-                             trainable=is_trainable)
-        return model.train(is_trainable)
 
     def unwrap(self) -> nn.Module:
         """Remove the method from the base model and return the base model as it was loaded."""

@@ -22,8 +22,9 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from pstar_plugins.core.adapter_io import _atomic_write, load_adapter
+from pstar_plugins.core.adapter_io import _atomic_write
 from pstar_plugins.core.build import build_model
+from pstar_plugins.core.loading import load_adapter
 from pstar_plugins.core.inputs import is_encoder_decoder
 from pstar_plugins.errors import AdapterError, IncompatibleModelError
 from pstar_plugins.plugins import get_plugin_manager

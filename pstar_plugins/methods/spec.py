@@ -29,6 +29,9 @@ class MethodConfig:
 
     num_tasks: int = field(default=1, metadata={"help": "number of task-specific prompts held in one table"})
 
+    #: fields that earlier versions had (and wrote into adapter files); :meth:`from_saved` drops them
+    retired_fields: ClassVar[tuple[str, ...]] = ()
+
     def validate(self) -> None:
         """Raise :class:`ConfigError` for an invalid value. Subclasses extend this."""
         if not isinstance(self.num_tasks, int) or self.num_tasks < 1:
@@ -54,6 +57,14 @@ class MethodConfig:
             raise ConfigError(f"invalid options for {cls.__name__}: {exc}") from exc
         config.validate()
         return config
+
+    @classmethod
+    def from_saved(cls, values: Mapping[str, Any]) -> "MethodConfig":
+        """The config recorded in an adapter file (:meth:`from_dict`, less :attr:`retired_fields`,
+        so that files written before a field was retired still load)."""
+        if isinstance(values, Mapping):
+            values = {k: v for k, v in values.items() if k not in cls.retired_fields}
+        return cls.from_dict(values)
 
     def for_loading(self) -> "MethodConfig":
         """The config to build with when saved tensors will overwrite the initialisation.
