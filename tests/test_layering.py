@@ -141,6 +141,39 @@ def test_the_cycle_finder_reports_a_function_local_cycle():
     assert [n.module for n in _imports(tree)] == ["pstar_plugins.core"]
 
 
+#: the layers of docs/design.md ("Architecture"), bottom first; a module belongs to the entry
+#: with the longest matching prefix and imports only from its own layer or below
+LAYERS = [
+    ("contract", ["pstar_plugins.errors", "pstar_plugins.hookspecs", "pstar_plugins.methods.spec",
+                  "pstar_plugins.methods.builtin"]),
+    ("plugins", ["pstar_plugins.plugins"]),
+    ("mechanisms", ["pstar_plugins.core", "pstar_plugins.tasks.template"]),
+    ("methods", ["pstar_plugins.methods"]),
+    ("adapter files", ["pstar_plugins.core.adapter_io"]),
+    ("wrapped model", ["pstar_plugins.core.model", "pstar_plugins.core.build"]),
+    ("loading", ["pstar_plugins.core.loading"]),
+    ("tasks and interop", ["pstar_plugins.tasks", "pstar_plugins.interop", "pstar_plugins.arguments",
+                           "pstar_plugins.models", "pstar_plugins.run_dir", "pstar_plugins.tracking"]),
+    ("scripts", ["pstar_plugins"]),
+]
+
+
+def layer_of(module: str) -> int:
+    best = max(((len(prefix), index) for index, (_, prefixes) in enumerate(LAYERS) for prefix in prefixes
+                if module == prefix or module.startswith(prefix + ".")), default=None)
+    assert best is not None, f"{module} is in no layer"
+    return best[1]
+
+
+def test_every_import_goes_to_the_same_layer_or_below():
+    graph = import_graph()
+    upward = sorted(f"{m} ({LAYERS[layer_of(m)][0]}) -> {t} ({LAYERS[layer_of(t)][0]})"
+                    for m, targets in graph.items() for t in targets if layer_of(t) > layer_of(m))
+    assert not upward, "imports of a higher layer:\n" + "\n".join(upward)
+    assert layer_of("pstar_plugins.methods.spec") == 0 and layer_of("pstar_plugins.methods.base") == 3
+    assert layer_of("pstar_plugins.core.packing") == 2 and layer_of("pstar_plugins.train") == len(LAYERS) - 1
+
+
 def test_contract_types_import_no_wrapped_model():
     """The bottom layer (spec, hook specs, plugin manager, method base classes) imports nothing
     from the wrapped model or above."""
