@@ -160,6 +160,18 @@ def _misspelt_hook(tmp):
     create_plugin_manager(autoload=False).register_plugin(Typo(), name="typo-plugin")
 
 
+def _removed_hook(tmp):
+    from pstar_plugins import hookimpl
+    from pstar_plugins.plugins import create_plugin_manager
+
+    class OldStyle:
+        @hookimpl
+        def pstar_fold(self, model):
+            return True
+
+    create_plugin_manager(autoload=False).register_plugin(OldStyle(), name="old-plugin")
+
+
 def _raising_hook(tmp):
     from pstar_plugins import build_model, hookimpl
     from pstar_plugins.plugins import create_plugin_manager
@@ -435,6 +447,7 @@ CASES = [
     Case("eval: --adapter on a model of another hidden size (checked from its config, before loading weights)", _eval_adapter_on_a_model_of_another_size, "exit 2 (AdapterError)", "--adapter was trained on a model with hidden size 32"),
     Case("export: --output into a non-empty folder", _export_into_non_empty_folder, "ConfigError", "is not empty (notes.txt); choose an empty or new folder, or pass --overwrite"),
     Case("misspelt hook implementation in a plugin", _misspelt_hook, "PluginError", "plugin 'typo-plugin' implements an unknown hook"),
+    Case("plugin implementing a hook of earlier versions", _removed_hook, "PluginError", "plugin 'old-plugin' implements pstar_fold, which no longer exists: the core asks the method class directly. Instead, override PromptMethod.fold()"),
     Case("exception inside a plugin's hook", _raising_hook, "PluginError", "plugin 'broken-plugin' raised ZeroDivisionError in pstar_param_groups"),
     Case("adapter_config.json edited by hand (the config inside the tensor file is the one used)", None, "UserWarning, embedded config used",
          "adapter_config.json differs in [...] from the config stored inside adapter.safetensors, which is the one used",
