@@ -192,8 +192,7 @@ def _refuse_removed_hooks(plugin: Any, name: str) -> None:
         if callable(getattr(plugin, hook, None)):
             raise PluginError(f"plugin {name!r} implements {hook}, which no longer exists: the core asks the method "
                               f"class directly. Instead, {instead} (docs/method_contract.md).")
-    create = getattr(type(plugin), "create", None)
-    if isinstance(plugin, MethodPlugin) and create is not None and create is not MethodPlugin.__dict__.get("create", None):
+    if isinstance(plugin, MethodPlugin) and callable(getattr(type(plugin), "create", None)):
         raise PluginError(f"plugin {name!r} overrides MethodPlugin.create(), which is no longer called: set "
                           "method_class on its MethodSpec instead (docs/method_contract.md).")
 
