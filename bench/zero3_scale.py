@@ -73,9 +73,9 @@ def worker(args) -> None:
     build_seconds = time.perf_counter() - t0
     numel = sum(getattr(p, "ds_numel", p.numel()) for p in base.parameters())
     local_numel = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in base.parameters())
-    distributed.GATHER_LOG.clear()
-    model = build_model(base, "prompt-tuning", num_virtual_tokens=args.prompt_length, init="vocab")
-    init_gathers = len(distributed.GATHER_LOG)
+    with distributed.recording_gathers() as init_calls:
+        model = build_model(base, "prompt-tuning", num_virtual_tokens=args.prompt_length, init="vocab")
+    init_gathers = len(init_calls)
     groups = param_groups(model, 3e-2)
     for g in groups:
         g.pop("name")
@@ -98,16 +98,16 @@ def worker(args) -> None:
 
     # ours: gather only the prompt, rank 0 writes
     accelerator.wait_for_everyone()
-    distributed.GATHER_LOG.clear()
     t = time.perf_counter()
-    state = core.trainable_state()
+    with distributed.recording_gathers() as save_calls:
+        state = core.trainable_state()
     if accelerator.is_main_process:
         save_adapter(core, Path(args.out) / "adapter", state=state)
     accelerator.wait_for_everyone()
     ours_seconds = time.perf_counter() - t
     ours_bytes = sum(v.numel() * v.element_size() for v in state.values())
     frozen_ids = {id(p) for p in core.parameters() if not p.requires_grad}
-    frozen_gathered = len({i for call in distributed.GATHER_LOG for i in call} & frozen_ids)
+    frozen_gathered = len({i for call in save_calls for i in call} & frozen_ids)
     peak_before_baseline = peak_rss_bytes()
 
     # baseline: the whole model gathered to rank 0 (16-bit gather path of accelerate/DeepSpeed)

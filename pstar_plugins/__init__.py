@@ -16,7 +16,7 @@ _EXPORTS = {
     "build_model": "pstar_plugins.core.build",
     "get_plugin_manager": "pstar_plugins.plugins",
     "hookimpl": "pstar_plugins.hookspecs",
-    "load_adapter": "pstar_plugins.core.adapter_io",
+    "load_adapter": "pstar_plugins.core.loading",
     "make_optimizer": "pstar_plugins.core.build",
     "param_groups": "pstar_plugins.core.build",
     "save_adapter": "pstar_plugins.core.adapter_io",
@@ -25,7 +25,8 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pstar_plugins.core.adapter_io import load_adapter, save_adapter
+    from pstar_plugins.core.adapter_io import save_adapter
+    from pstar_plugins.core.loading import load_adapter
     from pstar_plugins.core.build import build_model, make_optimizer, param_groups
     from pstar_plugins.core.model import PStarModel
     from pstar_plugins.errors import PStarError

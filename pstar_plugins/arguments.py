@@ -18,8 +18,8 @@ from typing import Any, Callable
 from pstar_plugins.errors import ConfigError, PluginError
 
 #: task flags that fill a method config field of the same name instead of being a second flag:
-#: P-tuning places its soft tokens in the task's ``--template``, prompt tuning and P-tuning
-#: initialise or verbalise from the task's ``--label-words``. Any other clash is refused.
+#: P-tuning places its soft tokens in the task's ``--template``, prompt tuning initialises from
+#: the task's ``--label-words`` (``init=labels``). Any other clash is refused.
 SHARED_TASK_FLAGS = {
     "template": "the task's --template fills it (P-tuning places its soft tokens there)",
     "label_words": "the task's --label-words fills it (one word per class)",

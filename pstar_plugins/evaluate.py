@@ -159,7 +159,8 @@ def _main(argv, prog: str = "pstar eval"):
     args = parse_args(argv, prog)
     from tqdm.auto import tqdm
 
-    from pstar_plugins.core.adapter_io import load_adapter, read_adapter
+    from pstar_plugins.core.adapter_io import read_adapter
+    from pstar_plugins.core.loading import load_adapter
     from pstar_plugins.models import load, packaged_data
     from pstar_plugins.tasks import generation as gen
     from pstar_plugins.tasks.baselines import (

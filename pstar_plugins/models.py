@@ -92,6 +92,9 @@ def load_tokenizer(name: str, gguf_file: str | None = None):
     """The tokenizer of ``name`` (fast: no weights), with a pad token."""
     from transformers import AutoTokenizer
 
+    # the scripts fork data-loading workers after tokenizing: quiet the fast tokenizers' warning
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
     path, gguf = resolve(name, gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
     if tokenizer.pad_token_id is None:
@@ -115,5 +118,3 @@ def load(name: str, kind: str = "causal-lm", gguf_file: str | None = None, dtype
 def packaged_data(name: str) -> str:
     return str(Path(__file__).parent / "data" / name)
 
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

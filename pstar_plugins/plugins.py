@@ -28,7 +28,8 @@ import pluggy
 
 from pstar_plugins import hookspecs
 from pstar_plugins.errors import PluginError, PStarError, UnknownMethodError
-from pstar_plugins.methods.spec import MethodSpec
+from pstar_plugins.methods.builtin import BUILTIN_PLUGINS
+from pstar_plugins.methods.spec import MethodPlugin, MethodSpec
 
 ENTRY_POINT_GROUP = "pstar_plugins"
 ENV_DISABLE_AUTOLOAD = "PSTAR_DISABLE_PLUGIN_AUTOLOAD"
@@ -36,11 +37,13 @@ ENV_SELECT = "PSTAR_PLUGINS"
 ENV_BLOCK = "PSTAR_BLOCK_PLUGINS"
 ENV_TRACE = "PSTAR_TRACE_PLUGINS"
 
-BUILTIN_PLUGINS: dict[str, str] = {
-    "prompt-tuning": "pstar_plugins.methods.prompt_tuning.plugin:plugin",
-    "prefix-tuning": "pstar_plugins.methods.prefix_tuning.plugin:plugin",
-    "p-tuning": "pstar_plugins.methods.p_tuning.plugin:plugin",
-    "p-tuning-v2": "pstar_plugins.methods.p_tuning_v2.plugin:plugin",
+#: hooks of earlier versions that only routed a call to the method owning the model; the core
+#: now asks the method itself. Each maps to what a plugin implements instead.
+REMOVED_HOOKS: dict[str, str] = {
+    "pstar_build_method": "set method_class on the MethodSpec (the core builds with spec.create())",
+    "pstar_trainable_state": "override PromptMethod.trainable_state() on the method class",
+    "pstar_load_trainable_state": "override PromptMethod.load_trainable_state() on the method class",
+    "pstar_fold": "override PromptMethod.fold() (and the folded property) on the method class",
 }
 
 
@@ -78,6 +81,7 @@ class PStarPluginManager(pluggy.PluginManager):
             return
         if self.get_plugin(name) is not None:
             raise PluginError(f"a plugin named {name!r} is already registered; choose another name.")
+        _refuse_removed_hooks(plugin, name)
         try:
             self.register(plugin, name=name)
         except pluggy.PluginValidationError as exc:
@@ -93,9 +97,9 @@ class PStarPluginManager(pluggy.PluginManager):
         def register(spec: MethodSpec) -> None:
             if not isinstance(spec, MethodSpec):
                 raise PluginError(f"plugin {name!r} registered {spec!r}; expected a MethodSpec.")
-            from pstar_plugins.train import check_method_fields
-
-            check_method_fields(spec, name)  # every config field must be settable from pstar train
+            if spec.method_class is None:
+                raise PluginError(f"plugin {name!r} registers method {spec.name!r} without a method class; set "
+                                  "MethodSpec(..., method_class=YourPromptMethod) (or an import path 'module:Class').")
             if spec.name in self.methods:
                 owner = self.methods[spec.name].plugin
                 raise PluginError(
@@ -181,6 +185,18 @@ class PStarPluginManager(pluggy.PluginManager):
         return infos
 
 
+def _refuse_removed_hooks(plugin: Any, name: str) -> None:
+    """A plugin written against the routing hooks of earlier versions fails loudly, naming the
+    hook and what replaces it, instead of being silently ignored."""
+    for hook, instead in REMOVED_HOOKS.items():
+        if callable(getattr(plugin, hook, None)):
+            raise PluginError(f"plugin {name!r} implements {hook}, which no longer exists: the core asks the method "
+                              f"class directly. Instead, {instead} (docs/method_contract.md).")
+    if isinstance(plugin, MethodPlugin) and callable(getattr(type(plugin), "create", None)):
+        raise PluginError(f"plugin {name!r} overrides MethodPlugin.create(), which is no longer called: set "
+                          "method_class on its MethodSpec instead (docs/method_contract.md).")
+
+
 def _hook_like(obj: Any) -> list[str]:
     """Names on ``obj`` that look meant as hooks: ``pstar_*`` callables or marked implementations."""
     marker = hookspecs.PROJECT_NAME + "_impl"
@@ -255,7 +271,3 @@ def get_plugin_manager() -> PStarPluginManager:
         _MANAGER = create_plugin_manager()
     return _MANAGER
 
-
-def reset_plugin_manager() -> None:
-    global _MANAGER
-    _MANAGER = None

@@ -134,16 +134,6 @@ def build_parser(method_names, method: str | None = None, prog: str = "pstar tra
     return parser
 
 
-def script_flags() -> set[str]:
-    """Every flag of ``pstar train`` itself: a method config field may not reuse one."""
-    return set(build_parser([]).option_strings())
-
-
-def check_method_fields(spec, plugin: str) -> None:
-    """Refuse, at registration, a method whose config fields cannot all be set from ``pstar train``."""
-    arguments.check_method_fields(spec.config_class, spec.name, plugin, script_flags())
-
-
 def _pre_parse(argv: list[str] | None):
     """``--method`` and ``-p`` first: they decide which method flags exist."""
     pre = arguments.StrictParser(add_help=False)
@@ -162,10 +152,11 @@ def parse_args(argv: list[str] | None = None, prog: str = "pstar train"):
         pm.load_module(module)
     method = known.method if known.method in pm.methods else None
     parser = build_parser(pm.methods, method, prog)
+    for spec in pm.methods.values():  # every config field of every method must be settable from here
+        arguments.check_method_fields(spec.config_class, spec.name, spec.plugin, set(parser.option_strings()))
     option_names = []
     if method:
         spec = pm.method(method)
-        arguments.check_method_fields(spec.config_class, method, spec.plugin, set(parser.option_strings()))
         option_names = arguments.add_method_arguments(parser, spec.config_class, method, spec.preset.options)
     args = parser.parse_args(argv)
     args.method_options = {n: getattr(args, f"m_{n}") for n in option_names if hasattr(args, f"m_{n}")}
@@ -278,7 +269,7 @@ def _method_config(args, spec):
                               f"but --method is {args.method!r}; pass --method {meta['method']}.")
         if args.method_options:
             raise ConfigError(f"--init-from-adapter takes the method options from the adapter; drop {sorted(args.method_options)}.")
-        options = dict(meta["method_config"])
+        return spec.config_class.from_saved(meta["method_config"]), adapter  # validated before anything is loaded
     return spec.config_class.from_dict(options), adapter  # validated before anything is loaded or written
 
 
@@ -434,20 +425,20 @@ def _train(args, spec, config, adapter, lr, out_dir, run_id, resume, template, t
         config = config.for_classes(len(args.label_words))
     from pstar_plugins.core import distributed
 
-    distributed.GATHER_LOG.clear()
-    if adapter_meta is None:
-        model = build_model(base, args.method, config, tokenizer=tokenizer)
-    else:  # continue from a saved adapter (PEFT refuses this, peft#2256)
-        from pstar_plugins.core.adapter_io import check_geometry
+    with distributed.recording_gathers() as init_calls:
+        if adapter_meta is None:
+            model = build_model(base, args.method, config, tokenizer=tokenizer)
+        else:  # continue from a saved adapter (PEFT refuses this, peft#2256)
+            from pstar_plugins.core.adapter_io import check_geometry
 
-        model = build_model(base, args.method, config.for_loading(), tokenizer=tokenizer)
-        model.method.config = config
-        check_geometry(adapter_meta, model)
-        if adapter_meta["folded"]:
-            model.fold()
-        model.load_trainable_state(adapter_tensors)
-        logger.info("continuing from adapter %s", args.init_from_adapter)
-    init_gathers = len(distributed.GATHER_LOG)  # vocab/text initialisation reads rows, never whole matrices
+            model = build_model(base, args.method, config.for_loading(), tokenizer=tokenizer)
+            model.method.config = config
+            check_geometry(adapter_meta, model)
+            if adapter_meta["folded"]:
+                model.fold()
+            model.load_trainable_state(adapter_tensors)
+            logger.info("continuing from adapter %s", args.init_from_adapter)
+    init_gathers = len(init_calls)  # vocab/text initialisation reads rows, never whole matrices
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.packing = args.packing
@@ -617,13 +608,13 @@ def _train(args, spec, config, adapter, lr, out_dir, run_id, resume, template, t
     history["eval_step"].append(args.max_steps)
     history[metric].append(results[f"tuned_{metric}"])
     tracking.log(accelerator, {f"eval/{metric}": results[f"tuned_{metric}"]}, step=args.max_steps)
-    distributed.GATHER_LOG.clear()
     started = time.perf_counter()
-    state = core.trainable_state()  # collective under ZeRO-3: only the method's partitions
-    gathered_ids = {i for call in distributed.GATHER_LOG for i in call}
+    with distributed.recording_gathers() as save_calls:
+        state = core.trainable_state()  # collective under ZeRO-3: only the method's partitions
+    gathered_ids = {i for call in save_calls for i in call}
     frozen_ids = {id(p) for p in core.parameters() if not p.requires_grad}
     results["save"] = {
-        "gather_calls": len(distributed.GATHER_LOG),
+        "gather_calls": len(save_calls),
         "gathered_parameters": len(gathered_ids),
         "frozen_parameters_gathered": len(gathered_ids & frozen_ids),
         "bytes": sum(t.numel() * t.element_size() for t in state.values()),

@@ -160,6 +160,18 @@ def _misspelt_hook(tmp):
     create_plugin_manager(autoload=False).register_plugin(Typo(), name="typo-plugin")
 
 
+def _removed_hook(tmp):
+    from pstar_plugins import hookimpl
+    from pstar_plugins.plugins import create_plugin_manager
+
+    class OldStyle:
+        @hookimpl
+        def pstar_fold(self, model):
+            return True
+
+    create_plugin_manager(autoload=False).register_plugin(OldStyle(), name="old-plugin")
+
+
 def _raising_hook(tmp):
     from pstar_plugins import build_model, hookimpl
     from pstar_plugins.plugins import create_plugin_manager
@@ -306,6 +318,24 @@ def _locked_output_dir(tmp):
     _train("--method", "prompt-tuning")(tmp)
 
 
+def _plugin_module_for_train(tmp, name, source):
+    """Write ``source`` as module ``name`` on sys.path and pass it to ``pstar train -p name``."""
+    from pstar_plugins.plugins import get_plugin_manager
+    from pstar_plugins.train import parse_args
+
+    (tmp / f"{name}.py").write_text(source)
+    sys.path.insert(0, str(tmp))
+    try:
+        parse_args(["-p", name, "--method", "prompt-tuning", "--output-dir", str(tmp / "out")])
+    finally:
+        sys.path.remove(str(tmp))
+        sys.modules.pop(name, None)
+        pm = get_plugin_manager()
+        for plugin_name, _ in list(pm.list_name_plugin()):
+            if plugin_name.startswith(name + ":"):
+                pm.unregister_plugin(plugin_name)
+
+
 def _plugin_module(tmp, name, source):
     """Write ``source`` as module ``name`` on sys.path and load it with ``-p name``."""
     from pstar_plugins.plugins import create_plugin_manager
@@ -329,7 +359,8 @@ _SEED_FIELD_MODULE = (
     "from dataclasses import dataclass, field\n"
     "from pstar_plugins.methods.base import MethodConfig, MethodPlugin, MethodSpec\n\n"
     "@dataclass\nclass SeedConfig(MethodConfig):\n    seed: int = field(default=0, metadata={'help': 'init seed'})\n\n"
-    "class SeedPlugin(MethodPlugin):\n    spec = MethodSpec('seeded', SeedConfig, 'a method whose field shadows --seed')\n\n"
+    "class SeedPlugin(MethodPlugin):\n    spec = MethodSpec('seeded', SeedConfig, 'a method whose field shadows --seed',\n"
+    "                      method_class='pstar_plugins.methods.base:PromptMethod')\n\n"
     "plugin = SeedPlugin()\n")
 
 
@@ -412,10 +443,11 @@ CASES = [
     Case("-p module that raises on import", lambda tmp: _plugin_module(tmp, "pstar_raising_plugin", _RAISING_MODULE), "PluginError", "plugin module 'pstar_raising_plugin' raised JSONDecodeError on import: Expecting property name enclosed in double quotes"),
     Case("-p module whose plugin object has a misspelt hook", lambda tmp: _plugin_module(tmp, "pstar_typo_plugin", _MISSPELT_OBJECT_MODULE), "PluginError", "plugin 'pstar_typo_plugin:plugin' implements an unknown hook"),
     Case("-p module that implements no hook", lambda tmp: _plugin_module(tmp, "pstar_hookless_plugin", _NO_HOOK_MODULE), "PluginError", "-p pstar_hookless_plugin: the module implements no pstar hook"),
-    Case("method config field named like a pstar train flag", lambda tmp: _plugin_module(tmp, "pstar_seed_plugin", _SEED_FIELD_MODULE), "PluginError", "plugin 'pstar_seed_plugin:plugin': method 'seeded' has a config field 'seed', whose flag --seed is already a flag of pstar train"),
+    Case("method config field named like a pstar train flag", lambda tmp: _plugin_module_for_train(tmp, "pstar_seed_plugin", _SEED_FIELD_MODULE), "PluginError", "plugin 'pstar_seed_plugin:plugin': method 'seeded' has a config field 'seed', whose flag --seed is already a flag of pstar train"),
     Case("eval: --adapter on a model of another hidden size (checked from its config, before loading weights)", _eval_adapter_on_a_model_of_another_size, "exit 2 (AdapterError)", "--adapter was trained on a model with hidden size 32"),
     Case("export: --output into a non-empty folder", _export_into_non_empty_folder, "ConfigError", "is not empty (notes.txt); choose an empty or new folder, or pass --overwrite"),
     Case("misspelt hook implementation in a plugin", _misspelt_hook, "PluginError", "plugin 'typo-plugin' implements an unknown hook"),
+    Case("plugin implementing a hook of earlier versions", _removed_hook, "PluginError", "plugin 'old-plugin' implements pstar_fold, which no longer exists: the core asks the method class directly. Instead, override PromptMethod.fold()"),
     Case("exception inside a plugin's hook", _raising_hook, "PluginError", "plugin 'broken-plugin' raised ZeroDivisionError in pstar_param_groups"),
     Case("adapter_config.json edited by hand (the config inside the tensor file is the one used)", None, "UserWarning, embedded config used",
          "adapter_config.json differs in [...] from the config stored inside adapter.safetensors, which is the one used",

@@ -16,7 +16,7 @@ class TemperatureConfig(MethodConfig):
 class Temperature(PromptMethod):
     """Learns one scale of the frozen model's logits: the smallest possible 'method'."""
 
-    def __init__(self, config, base_model):
+    def __init__(self, config, base_model, tokenizer=None):
         super().__init__(config)
         self.log_scale = nn.Parameter(torch.tensor(float(config.initial)).log())
 
@@ -26,11 +26,5 @@ class Temperature(PromptMethod):
         return out
 
 
-class TemperaturePlugin(MethodPlugin):
-    spec = MethodSpec("temperature", TemperatureConfig, "learned logit temperature (test plugin)")
-
-    def create(self, base_model, config, tokenizer):
-        return Temperature(config, base_model)
-
-
-plugin = TemperaturePlugin()
+plugin = MethodPlugin(MethodSpec("temperature", TemperatureConfig, "learned logit temperature (test plugin)",
+                                 method_class=Temperature))

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from pstar_plugins import load_adapter
-from pstar_plugins.errors import AdapterError
+from pstar_plugins.errors import AdapterError, ConfigError
 from pstar_plugins.testing import tiny_model
 from tests.helpers import CASES, inputs_for, make
 
@@ -132,3 +132,28 @@ while True:
     assert len(values) == 1 and values.pop() >= 1
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert all(".adapter" in name for name in leftovers)  # at most a dead temp file, never a half-written adapter
+
+
+def test_a_p_tuning_adapter_saved_with_the_retired_label_words_field_still_loads(tmp_path):
+    """Earlier versions wrote ``label_words`` into a p-tuning adapter's method config; the field
+    is gone (the method never read it), and such files load unchanged."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = make("llama", "p-tuning")
+    model.save_adapter(tmp_path)
+    weights = tmp_path / "adapter.safetensors"
+    with safe_open(str(weights), framework="pt") as fh:
+        metadata = fh.metadata()
+    meta = json.loads(metadata["pstar_adapter_config"])
+    assert "label_words" not in meta["method_config"]
+    meta["method_config"]["label_words"] = ["bad", "good"]
+    save_file(load_file(weights), str(weights), metadata={**metadata, "pstar_adapter_config": json.dumps(meta)})
+    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
+    loaded = load_adapter(tiny_model("llama"), tmp_path)
+    assert not hasattr(loaded.method_config, "label_words")
+    batch = inputs_for("llama", "p-tuning")
+    with torch.no_grad():
+        assert torch.equal(model.eval()(**batch).logits, loaded.eval()(**batch).logits)
+    with pytest.raises(ConfigError, match="unknown option"):  # a new config given by hand still refuses it
+        type(model.method_config).from_dict({**model.method_config.to_dict(), "label_words": ["a"]})

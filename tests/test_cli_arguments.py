@@ -22,7 +22,8 @@ class OptionalFieldsConfig(MethodConfig):
 
 
 class OptionalFieldsPlugin(MethodPlugin):
-    spec = MethodSpec("optional-fields", OptionalFieldsConfig, "a method with optional and union fields (test)")
+    spec = MethodSpec("optional-fields", OptionalFieldsConfig, "a method with optional and union fields (test)",
+                      method_class="pstar_plugins.methods.base:PromptMethod")
 
 
 def _args(*argv):
@@ -52,17 +53,18 @@ def test_help_of_a_method_with_optional_fields_lists_them(capsys):
 
 
 @pytest.mark.parametrize("name", ["seed", "max_length", "output_dir"])
-def test_a_field_named_like_a_script_flag_is_refused_at_registration(name):
+def test_a_field_named_like_a_script_flag_is_refused_by_pstar_train(name):
+    """Whatever method is asked for: a plugin loaded for the run must not carry a field that a
+    flag of the script shadows (it would silently keep its default)."""
     config = dataclass(type("Clashing", (MethodConfig,), {"__annotations__": {name: int}, name: field(default=1)}))
 
     class Clashing(MethodPlugin):
-        spec = MethodSpec("clashing", config, "shadows a flag")
+        spec = MethodSpec("clashing", config, "shadows a flag", method_class="pstar_plugins.methods.base:PromptMethod")
 
-    pm = create_plugin_manager(autoload=False)
     flag = "--" + name.replace("_", "-")
-    with pytest.raises(PluginError, match=f"plugin 'clash-plugin': method 'clashing' has a config field '{name}', whose flag {flag}"):
-        pm.register_plugin(Clashing(), name="clash-plugin")
-    assert "clashing" not in pm.methods and pm.get_plugin("clash-plugin") is None
+    with registered_plugin(Clashing(), name="clash-plugin"):
+        with pytest.raises(PluginError, match=f"plugin 'clash-plugin': method 'clashing' has a config field '{name}', whose flag {flag}"):
+            parse_args(["--method", "prompt-tuning", "--output-dir", "unused"])
 
 
 def test_task_flags_fill_the_fields_they_share_on_purpose():

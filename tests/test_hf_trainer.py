@@ -9,7 +9,7 @@ import transformers as tf
 from datasets import Dataset
 from safetensors import safe_open
 
-from pstar_plugins import PStarModel, build_model, param_groups
+from pstar_plugins import PStarModel, build_model, load_adapter, param_groups
 from pstar_plugins.core.adapter_io import read_adapter
 from pstar_plugins.errors import AdapterError
 from pstar_plugins.hf_trainer import PStarDataCollator, PStarTrainer, encode_example
@@ -138,8 +138,8 @@ def test_checkpoints_and_save_model_write_the_adapter_only(tiny_dir, tokenizer, 
     # the optimizer has the method's parameter groups (e.g. p-tuning's soft tokens without weight decay)
     assert [len(g["params"]) for g in trainer.optimizer.param_groups] == [len(g["params"]) for g in param_groups(model, 1e-3)]
     assert_checkpoints_and_final_hold_the_adapter(trainer, tmp_path, model, method, trainable_copy(model))
-    # from_pretrained onto a fresh base model reproduces the trained model's outputs
-    reloaded = PStarModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "final")
+    # loading onto a fresh base model reproduces the trained model's outputs
+    reloaded = load_adapter(tf.AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "final", trainable=False).eval()
     assert not any(p.requires_grad for p in reloaded.parameters())
     batch = PStarDataCollator(tokenizer)([{k: v for k, v in f.items() if k != "sentence"} for f in features(method, tokenizer, n=4)])
     batch.pop("labels")

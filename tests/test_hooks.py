@@ -1,17 +1,19 @@
-"""One test per hook (each calls the hook through the plugin manager), and the meta-tests that
-every hook is documented with its exact signature and has its test here."""
+"""One test per hook (each calls the hook through the plugin manager), the meta-tests that
+every hook is documented with its exact signature and has its test here, and the refusal of
+hooks that earlier versions had (the method class answers those now)."""
 
 import inspect
 import re
 import sys
 from pathlib import Path
 
-import torch
+import pytest
 
-from pstar_plugins import build_model, hookspecs
-from pstar_plugins.methods.base import MethodSpec
-from pstar_plugins.plugins import get_plugin_manager
-from pstar_plugins.testing import random_batch, tiny_model
+from pstar_plugins import build_model, hookimpl, hookspecs, param_groups
+from pstar_plugins.errors import PluginError
+from pstar_plugins.methods.base import MethodConfig, MethodPlugin, MethodSpec
+from pstar_plugins.plugins import REMOVED_HOOKS, create_plugin_manager
+from pstar_plugins.testing import registered_plugin, tiny_model
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "plugin_hooks.md"
 HOOKS = sorted(name for name, _ in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("pstar_"))
@@ -24,10 +26,6 @@ def _model(method="prefix-tuning", **options):
 def test_hook_pstar_register_methods():
     """Registration runs the hook through the manager (traced, errors naming the plugin) for the
     plugin being registered only, and its methods become known by name."""
-    from pstar_plugins import hookimpl
-    from pstar_plugins.errors import PluginError
-    from pstar_plugins.plugins import create_plugin_manager
-
     pm = create_plugin_manager(autoload=False)
     assert set(pm.methods) == {"prompt-tuning", "prefix-tuning", "p-tuning", "p-tuning-v2"}
     assert all(isinstance(s, MethodSpec) and s.help and s.plugin == s.name for s in pm.methods.values())
@@ -37,8 +35,9 @@ def test_hook_pstar_register_methods():
     class TwoMethods:
         @hookimpl
         def pstar_register_methods(self, register):
-            register(MethodSpec("first-extra", pm.methods["prompt-tuning"].config_class, "one"))
-            register(MethodSpec("second-extra", pm.methods["prompt-tuning"].config_class, "two"))
+            builtin = pm.methods["prompt-tuning"]
+            register(MethodSpec("first-extra", builtin.config_class, "one", method_class=builtin.method_class))
+            register(MethodSpec("second-extra", builtin.config_class, "two", method_class=builtin.method_class))
 
     pm.register_plugin(TwoMethods(), name="two-methods")
     assert calls == [("pstar_register_methods", ["two-methods"])]
@@ -58,51 +57,67 @@ def test_hook_pstar_register_methods():
     assert pm.get_plugin("raising") is None
 
 
-def test_hook_pstar_build_method():
-    pm = get_plugin_manager()
-    base = tiny_model("llama")
-    config = pm.method("prefix-tuning").config_class()
-    module = pm.hook.pstar_build_method(base_model=base, method="prefix-tuning", config=config, tokenizer=None)
-    assert type(module).__name__ == "PrefixTuning" and module.injector.counts() == {"self": 2}
-    assert pm.hook.pstar_build_method(base_model=base, method="no-such-method", config=config, tokenizer=None) is None
+class _Norms:
+    """Another plugin's contribution: the final norm of any llama-style model trains too."""
+
+    @hookimpl
+    def pstar_trainable_parameters(self, model):
+        return [n for n, _ in model.named_parameters() if n.endswith("model.norm.weight")]
+
+    @hookimpl
+    def pstar_param_groups(self, model, learning_rate, weight_decay):
+        params = [p for n, p in model.named_parameters() if n.endswith("model.norm.weight")]
+        return [{"name": "norms", "params": params, "lr": learning_rate / 10, "weight_decay": 0.0}]
 
 
 def test_hook_pstar_trainable_parameters():
-    model = _model()
-    names = {n for result in model._pm.hook.pstar_trainable_parameters(model=model) for n in (result or [])}
-    assert names == {n for n, p in model.named_parameters() if p.requires_grad}
-    assert names and all(n.startswith("method.tables.self.") for n in names)
+    """The method's own parameters come from the method; the hook adds other plugins' names."""
+    with registered_plugin(_Norms(), name="norms"):
+        model = _model()
+        contributed = {n for result in model._pm.hook.pstar_trainable_parameters(model=model) for n in (result or [])}
+        assert contributed == {"base_model.model.norm.weight"}
+        own = {"method." + n for n in model.method.trainable_parameter_names()}
+        assert own and all(n.startswith("method.tables.self.") for n in own)
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == own | contributed
 
 
 def test_hook_pstar_param_groups():
-    model = _model()
-    groups = [g for r in model._pm.hook.pstar_param_groups(model=model, learning_rate=0.1, weight_decay=0.01) for g in (r or [])]
-    by_name = {g["name"]: g for g in groups}
-    assert set(by_name) == {"prefix", "prefix-projection"}
+    with registered_plugin(_Norms(), name="norms"):
+        model = _model()
+        groups = [g for r in model._pm.hook.pstar_param_groups(model=model, learning_rate=0.1, weight_decay=0.01) for g in (r or [])]
+        assert [g["name"] for g in groups] == ["norms"] and groups[0]["lr"] == 0.01
+        by_name = {g["name"]: g for g in param_groups(model, 0.1, 0.01)}  # the method's groups, then the plugins'
+    assert set(by_name) == {"prefix", "prefix-projection", "norms"}
     assert by_name["prefix"]["weight_decay"] == 0.0 and by_name["prefix-projection"]["weight_decay"] == 0.01
 
 
-def test_hook_pstar_trainable_state():
-    model = _model("prompt-tuning", num_virtual_tokens=3, init="random")
-    state = model._pm.hook.pstar_trainable_state(model=model)
-    assert set(state) == {"prompt"} and torch.equal(state["prompt"], model.method.prompt.detach())
+@pytest.mark.parametrize("hook", sorted(REMOVED_HOOKS))
+def test_a_plugin_implementing_a_removed_hook_is_refused_naming_the_replacement(hook):
+    plugin = type("OldStyle", (), {hook: hookimpl(lambda self, **kwargs: None)})()
+    pm = create_plugin_manager(autoload=False)
+    with pytest.raises(PluginError, match=f"plugin 'old-style' implements {hook}, which no longer exists.*Instead, "):
+        pm.register_plugin(plugin, name="old-style")
+    assert pm.get_plugin("old-style") is None and hook not in HOOKS
 
 
-def test_hook_pstar_load_trainable_state():
-    model = _model("prompt-tuning", num_virtual_tokens=3, init="random")
-    new = {"prompt": torch.randn(1, 3, 32)}
-    assert model._pm.hook.pstar_load_trainable_state(model=model, state=new) is True
-    assert torch.equal(model.method.prompt.detach(), new["prompt"])
+def test_a_method_plugin_overriding_create_is_refused():
+    class OldPlugin(MethodPlugin):
+        spec = MethodSpec("old", MethodConfig, "built by create()", method_class="pstar_plugins.methods.base:PromptMethod")
+
+        def create(self, base_model, config, tokenizer):
+            raise AssertionError("never called")
+
+    pm = create_plugin_manager(autoload=False)
+    with pytest.raises(PluginError, match="overrides MethodPlugin.create\\(\\), which is no longer called: set method_class"):
+        pm.register_plugin(OldPlugin(), name="old")
+    assert "old" not in pm.methods
 
 
-def test_hook_pstar_fold():
-    model = _model().eval()
-    ids = random_batch(1, 5)
-    with torch.no_grad():
-        before = model(input_ids=ids).logits
-        assert model._pm.hook.pstar_fold(model=model) is True
-        after = model(input_ids=ids).logits
-    assert model.method.folded and (before - after).abs().max() <= 1e-5
+def test_a_spec_without_a_method_class_is_refused_at_registration():
+    pm = create_plugin_manager(autoload=False)
+    with pytest.raises(PluginError, match="registers method 'classless' without a method class"):
+        pm.register_plugin(MethodPlugin(MethodSpec("classless", MethodConfig, "no class")), name="classless")
+    assert "classless" not in pm.methods and pm.get_plugin("classless") is None
 
 
 def _signature(name: str) -> str:

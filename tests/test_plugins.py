@@ -27,7 +27,7 @@ class ScaleConfig(MethodConfig):
 class OutputScale(PromptMethod):
     """A toy method: multiplies the base model's logits by a trainable scalar."""
 
-    def __init__(self, config, base_model):
+    def __init__(self, config, base_model, tokenizer=None):
         super().__init__(config)
         self.scale = nn.Parameter(torch.tensor(float(config.scale)))
         self.unused = nn.Parameter(torch.zeros(3))
@@ -38,14 +38,11 @@ class OutputScale(PromptMethod):
         return out
 
     def trainable_parameter_names(self):
-        return ["scale"]  # the hook decides: 'unused' stays frozen
+        return ["scale"]  # the method decides: 'unused' stays frozen
 
 
 class ScalePlugin(MethodPlugin):
-    spec = MethodSpec("output-scale", ScaleConfig, "toy method for tests")
-
-    def create(self, base_model, config, tokenizer):
-        return OutputScale(config, base_model)
+    spec = MethodSpec("output-scale", ScaleConfig, "toy method for tests", method_class=OutputScale)
 
 
 class UnfreezeNorms:
@@ -97,7 +94,7 @@ def test_misspelt_hook_fails_at_registration():
 
 def test_duplicate_method_name_is_refused():
     class Clash(ScalePlugin):
-        spec = MethodSpec("prompt-tuning", ScaleConfig, "clash")
+        spec = MethodSpec("prompt-tuning", ScaleConfig, "clash", method_class=OutputScale)
 
     with pytest.raises(PluginError, match="already registered by plugin 'prompt-tuning'"):
         get_plugin_manager().register_plugin(Clash(), name="clash")
@@ -151,7 +148,7 @@ def test_cli_lists_methods_and_plugin_hooks():
     out = subprocess.run([sys.executable, "-m", "pstar_plugins.cli", "methods"], capture_output=True, text=True, check=True).stdout
     assert "prefix-tuning" in out and "Li & Liang" in out
     out = subprocess.run([sys.executable, "-m", "pstar_plugins.cli", "plugins"], capture_output=True, text=True, check=True).stdout
-    assert "pstar_build_method" in out and "built-in" in out
+    assert "pstar_register_methods" in out and "built-in" in out
 
 
 def test_exception_inside_a_hook_names_the_plugin():
@@ -181,7 +178,7 @@ def test_author_kit_fixture_unregisters_after_each_test(pytester):
         from pstar_plugins.plugins import get_plugin_manager
 
         class Throwaway(MethodPlugin):
-            spec = MethodSpec("throwaway-method", MethodConfig, "for one test")
+            spec = MethodSpec("throwaway-method", MethodConfig, "for one test", method_class="torch.nn:Module")
 
         def test_registers(pstar_register):
             pstar_register(Throwaway())

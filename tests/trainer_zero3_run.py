@@ -30,17 +30,17 @@ def main(model_dir: str, ds_config: str, out: str, resume: str | None = None) ->
     data = Dataset.from_list([encode_example("Review: {sentence} Sentiment:{answer}", tokenizer, r, ["negative", "positive"][i % 2])
                               for i, r in enumerate(rows)])
     trainer = PStarTrainer(model=model, args=args, train_dataset=data, data_collator=PStarDataCollator(tokenizer))
-    distributed.GATHER_LOG.clear()
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(str(Path(out) / "final"))
-    gathered = {i for call in distributed.GATHER_LOG for i in call}
+    with distributed.recording_gathers() as calls:
+        trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model(str(Path(out) / "final"))
+    gathered = {i for call in calls for i in call}
     frozen = {id(p) for p in model.parameters() if not p.requires_grad}
     if trainer.args.process_index == 0:
         (Path(out) / "gathers.json").write_text(json.dumps({
             "world_size": trainer.args.world_size, "deepspeed": trainer.is_deepspeed_enabled,
             "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage,
             "partitioned_frozen": sum(distributed.is_partitioned(p) for p in model.parameters() if not p.requires_grad),
-            "gather_calls": len(distributed.GATHER_LOG), "gathered": len(gathered), "frozen_gathered": len(gathered & frozen),
+            "gather_calls": len(calls), "gathered": len(gathered), "frozen_gathered": len(gathered & frozen),
             "frozen_bytes": sum(getattr(p, "ds_numel", p.numel()) * 4 for p in model.parameters() if not p.requires_grad),
         }))
     distributed.shut_down()

@@ -1,4 +1,8 @@
-"""Adapter files: ``adapter_config.json`` + ``adapter.safetensors`` (no pickle), written atomically."""
+"""Adapter files: ``adapter_config.json`` + ``adapter.safetensors`` (no pickle), written atomically.
+
+Reading and writing only: nothing here builds a model (that is :mod:`pstar_plugins.core.loading`),
+so the wrapped model can save itself through this module.
+"""
 
 from __future__ import annotations
 
@@ -45,9 +49,7 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def _geometry(model) -> dict[str, Any]:
-    injector = getattr(model.method, "injector", None)
-    sites = injector.geometry() if injector is not None else {}
-    return model_geometry(model.base_model.config, sites).to_dict()
+    return model_geometry(model.base_model.config, model.method.adapter_geometry()).to_dict()
 
 
 TASK_KINDS = ("classification", "generation")
@@ -168,43 +170,3 @@ def check_geometry(meta: dict[str, Any], model, config=None) -> None:
                 f"the adapter was trained for a model with {key}={saved.get(key)!r}, but this model has "
                 f"{current.get(key)!r} (adapter base: {saved.get('name_or_path')!r}). Load it onto that model."
             )
-
-
-def load_adapter(base_model, directory, tokenizer=None, plugin_manager=None, trainable: bool = True,
-                 contents: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None):
-    """Build the adapter's method on ``base_model`` and load its tensors bit-exactly
-    (``contents``: what :func:`read_adapter` already returned for ``directory``)."""
-    from pstar_plugins.core.build import build_model
-
-    meta, tensors = contents if contents is not None else read_adapter(directory)
-    from pstar_plugins.core.build import make_config
-    from pstar_plugins.core.inputs import position_convention
-
-    if meta["format_version"] < 2 and position_convention(base_model) != (0, 0):
-        warnings.warn(
-            f"{directory}: this adapter was trained by a pstar-plugins that numbered this model's positions from 0; "
-            f"{type(base_model).__name__} numbers them from its padding index + 1, as the model does now, so its outputs "
-            "differ from those the adapter was trained with. Retrain it for exact results.", stacklevel=2)
-
-    config = make_config(meta["method"], meta["method_config"], plugin_manager=plugin_manager)
-    check_geometry(meta, None, base_model.config)  # what the config alone tells, before anything is injected
-    # the saved tensors replace any initialisation, so skip the data-dependent ones (no tokenizer needed)
-    model = build_model(base_model, meta["method"], config.for_loading(), tokenizer=tokenizer, plugin_manager=plugin_manager)
-    try:
-        model.method.config = config
-        check_geometry(meta, model)
-        if meta["folded"]:
-            model.fold()
-        model.load_trainable_state(tensors)
-    except BaseException:
-        model.unwrap()  # a refused adapter leaves the base model as it was
-        raise
-    # base-model weights saved with the adapter were trainable when it was trained (a plugin
-    # unfroze them); they stay so, also when that plugin is not loaded now
-    for name, param in model.named_parameters():
-        if name in tensors and not name.startswith("method."):
-            param.requires_grad_(True)
-    if not trainable:
-        for p in model.parameters():
-            p.requires_grad_(False)
-    return model

@@ -26,24 +26,18 @@ from __future__ import annotations
 import contextlib
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
+from pstar_plugins.core.geometry import CROSS, DECODER, ENCODER, SELF, AttentionGeometry  # noqa: F401 (kinds re-exported)
 from pstar_plugins.errors import IncompatibleModelError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from pstar_plugins.core.geometry import AttentionGeometry
 
 ATTN_IMPLEMENTATION = "pstar_prefix"
 _SUPPORTED_BASES = ("sdpa", "eager", None)
 
-SELF = "self"  # decoder-only or encoder-only self-attention
-ENCODER = "encoder"  # encoder self-attention of an encoder-decoder model
-DECODER = "decoder"  # decoder self-attention of an encoder-decoder model
-CROSS = "cross"  # decoder cross-attention over the encoder output
 
 
 @dataclass(frozen=True)
@@ -175,6 +169,7 @@ class PrefixInjector:
     """
 
     def __init__(self, model: nn.Module) -> None:
+        register_attention_function()
         base_impl = getattr(model.config, "_attn_implementation", None)
         if base_impl not in _SUPPORTED_BASES:
             raise IncompatibleModelError(
@@ -209,7 +204,6 @@ class PrefixInjector:
 
     def geometry(self) -> dict[str, "AttentionGeometry"]:
         """Each kind's key/value shape as its sites computed them in the probe call."""
-        from pstar_plugins.core.geometry import AttentionGeometry
 
         out = {}
         for kind in self.counts():
@@ -431,4 +425,9 @@ def prefix_attention_forward(module, query, key, value, attention_mask, **kwargs
     return function(module, query, key, value, attention_mask, **kwargs)
 
 
-AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_attention_forward)
+def register_attention_function() -> None:
+    """Register :func:`prefix_attention_forward` under :data:`ATTN_IMPLEMENTATION` with
+    transformers (once; on the first injector, not at import: importing the library changes
+    nothing in transformers)."""
+    if ATTN_IMPLEMENTATION not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_attention_forward)

@@ -33,12 +33,12 @@ def freeze(model: PStarModel) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     params = dict(model.named_parameters())
-    names: set[str] = set()
+    names = {"method." + name for name in model.method.trainable_parameter_names()}
     for contributed in model._pm.hook.pstar_trainable_parameters(model=model):
         names.update(contributed or ())
     unknown = sorted(names - set(params))
     if unknown:
-        raise PluginError(f"plugins asked to train parameters that do not exist: {unknown[:5]}.")
+        raise PluginError(f"the method or a plugin asked to train parameters that do not exist: {unknown[:5]}.")
     for name in names:
         params[name].requires_grad_(True)
 
@@ -67,16 +67,15 @@ def build_model(
             f"this {type(base_model).__name__} already carries method {carried!r}; a second method cannot be built on "
             "it. Call .unwrap() on the PStarModel that holds it to get the bare model back, or load a fresh base model."
         )
+    spec = pm.method(method)
     try:
-        module = pm.hook.pstar_build_method(base_model=base_model, method=method, config=method_config, tokenizer=tokenizer)
+        module = spec.create(base_model, method_config, tokenizer=tokenizer)
     except IncompatibleModelError as exc:  # every refusal names the method and the model type
         model_type = getattr(getattr(base_model, "config", None), "model_type", "?")
         raise IncompatibleModelError(f"{method} on model type {model_type!r}: {exc}") from exc
-    if module is None:
-        owner = pm.method(method).plugin
-        raise PluginError(f"method {method!r} is registered by plugin {owner!r}, but no plugin built it.")
     if not isinstance(module, PromptMethod):
-        raise PluginError(f"pstar_build_method for {method!r} returned {type(module).__name__}; expected a PromptMethod.")
+        raise PluginError(f"method {method!r} (plugin {spec.plugin!r}) built a {type(module).__name__}; its method_class "
+                          "must subclass pstar_plugins.methods.base.PromptMethod.")
     model = PStarModel(base_model, module, method, pm)
     base_model.__dict__[CARRIED_METHOD] = method
     try:
@@ -88,10 +87,13 @@ def build_model(
 
 
 def param_groups(model: PStarModel, learning_rate: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
-    """Optimizer groups contributed by the plugins; every trainable parameter lands in exactly one."""
+    """Optimizer groups: the method's own, then those the plugins contribute; every trainable
+    parameter lands in exactly one."""
     groups: list[dict[str, Any]] = []
     seen: dict[int, str] = {}
-    for contributed in model._pm.hook.pstar_param_groups(model=model, learning_rate=learning_rate, weight_decay=weight_decay):
+    contributions = [model.method.param_groups(learning_rate, weight_decay)]
+    contributions += model._pm.hook.pstar_param_groups(model=model, learning_rate=learning_rate, weight_decay=weight_decay)
+    for contributed in contributions:
         for group in contributed or ():
             group = dict(group)
             group["params"] = [p for p in group["params"] if p.requires_grad]

@@ -17,8 +17,20 @@ def is_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
-GATHER_LOG: list[list[int]] = []
-"""Ids of the parameters each :func:`gathered` call materialised (tests assert on it)."""
+_RECORDINGS: list[list[list[int]]] = []
+
+
+@contextlib.contextmanager
+def recording_gathers() -> Iterator[list[list[int]]]:
+    """While the block runs, record the ids of the parameters each :func:`gathered` call
+    materialises: one list per call, in the list this yields (the training summary and the
+    ZeRO-3 tests report what a step gathered; nothing is recorded outside such a block)."""
+    calls: list[list[int]] = []
+    _RECORDINGS.append(calls)
+    try:
+        yield calls
+    finally:
+        _RECORDINGS.remove(calls)
 
 
 @contextlib.contextmanager
@@ -34,7 +46,8 @@ def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None) -
         return
     import deepspeed
 
-    GATHER_LOG.append([id(p) for p in params])
+    for calls in _RECORDINGS:
+        calls.append([id(p) for p in params])
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
         yield

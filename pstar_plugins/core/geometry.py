@@ -9,8 +9,13 @@ from dataclasses import asdict, dataclass
 
 from transformers import PretrainedConfig
 
-from pstar_plugins.core.attention import CROSS, DECODER, ENCODER, SELF
 from pstar_plugins.errors import IncompatibleModelError
+
+# the kinds of attention site (``core.attention`` finds them; a prefix table per kind)
+SELF = "self"  # decoder-only or encoder-only self-attention
+ENCODER = "encoder"  # encoder self-attention of an encoder-decoder model
+DECODER = "decoder"  # decoder self-attention of an encoder-decoder model
+CROSS = "cross"  # decoder cross-attention over the encoder output
 
 
 @dataclass(frozen=True)

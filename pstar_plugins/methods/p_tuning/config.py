@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from pstar_plugins.errors import ConfigError
 from pstar_plugins.methods.spec import MethodConfig, one_of
@@ -20,7 +21,9 @@ class PTuningConfig(MethodConfig):
     encoder: str = field(default="lstm", metadata={"help": "prompt encoder: lstm (bi-LSTM + MLP, the paper's) | mlp | none"})
     encoder_hidden_size: int = field(default=0, metadata={"help": "prompt encoder width (0: the model's hidden size)"})
     init: str = field(default="vocab", metadata={"help": "soft token initialisation: random | vocab"})
-    label_words: list[str] = field(default_factory=list, metadata={"help": "verbalizer: one word per class (multi-token allowed)"})
+
+    #: the task's label words, which the method never read (the verbalizer takes them from the task)
+    retired_fields: ClassVar[tuple[str, ...]] = ("label_words",)
 
     def validate(self) -> None:
         super().validate()

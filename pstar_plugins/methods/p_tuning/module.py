@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from pstar_plugins.core.distributed import embedding_rows, embedding_shape, embedding_std
-from pstar_plugins.core.embedding_prompt import EmbeddingPromptMethod
+from pstar_plugins.methods.embedding_prompt import EmbeddingPromptMethod
 from pstar_plugins.core.inputs import IGNORE_INDEX, is_encoder_decoder
-from pstar_plugins.errors import ConfigError
+from pstar_plugins.errors import AdapterError, ConfigError
+from pstar_plugins.methods.base import PeftPrompt
 from pstar_plugins.methods.p_tuning.config import PTuningConfig
 from pstar_plugins.methods.p_tuning.encoder import PromptEncoder
 from pstar_plugins.tasks.template import Template
@@ -41,6 +42,18 @@ class PTuning(EmbeddingPromptMethod):
 
     def fold(self) -> None:
         self.encoder.fold()
+
+    def peft_export(self, base_model):
+        positions = [i for i, part in enumerate(self.template.parts) if type(part).__name__ == "Soft"]
+        if positions != [0]:
+            raise AdapterError(
+                f"PEFT's P-tuning puts every virtual token in front of the input; the template {self.config.template!r} places "
+                "soft tokens elsewhere, which PEFT cannot express. Use a template that starts with one {soft:N} block."
+            )
+        hidden = self.peft_embedding_config(base_model)["token_dim"]
+        return PeftPrompt("P_TUNING", self.encoder.embedding.detach(), {
+            **self.peft_embedding_config(base_model),
+            "encoder_reparameterization_type": "MLP", "encoder_hidden_size": hidden, "encoder_num_layers": 2, "encoder_dropout": 0.0})
 
     def fill_slots(self, embeds, inputs):
         index = inputs.pop("prompt_index", None)

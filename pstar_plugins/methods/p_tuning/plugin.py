@@ -1,17 +1,10 @@
 """The p-tuning plugin."""
 
-from pstar_plugins.methods.spec import MethodPlugin, MethodSpec, Preset
 from pstar_plugins.methods.p_tuning.config import PTuningConfig
+from pstar_plugins.methods.spec import MethodPlugin, MethodSpec, Preset
 
+spec = MethodSpec("p-tuning", PTuningConfig, "template-placed soft tokens from an LSTM/MLP prompt encoder (Liu et al. 2021)",
+                  preset=Preset({"template": "{soft:3} Review: {sentence} {soft:3} Sentiment:{answer}"}, 1e-3),
+                  method_class="pstar_plugins.methods.p_tuning.module:PTuning")
 
-class PTuningPlugin(MethodPlugin):
-    spec = MethodSpec("p-tuning", PTuningConfig, "template-placed soft tokens from an LSTM/MLP prompt encoder (Liu et al. 2021)",
-                      preset=Preset({"template": "{soft:3} Review: {sentence} {soft:3} Sentiment:{answer}"}, 1e-3))
-
-    def create(self, base_model, config, tokenizer):
-        from pstar_plugins.methods.p_tuning.module import PTuning  # torch: only when a method is built
-
-        return PTuning(config, base_model, tokenizer)
-
-
-plugin = PTuningPlugin()
+plugin = MethodPlugin(spec)

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from transformers.modeling_outputs import SequenceClassifierOutput, TokenClassifierOutput
 
 from pstar_plugins.core.inputs import IGNORE_INDEX, fill_position_ids, first_real_index, is_encoder_decoder
-from pstar_plugins.errors import ConfigError, IncompatibleModelError
+from pstar_plugins.errors import AdapterError, ConfigError, IncompatibleModelError
 from pstar_plugins.methods.p_tuning_v2.config import PTuningV2Config
 from pstar_plugins.core.geometry import hidden_size
 from pstar_plugins.methods.prefix_tuning.module import PrefixTuning
@@ -120,6 +120,11 @@ class PTuningV2(PrefixTuning):
         if self.config.head != "none":
             raise IncompatibleModelError("a p-tuning-v2 adapter with a classification head does not generate; use head='none'.")
         return super().generate(base_model, inputs, task_ids, **kwargs)
+
+    def peft_export(self, base_model):
+        if self.config.head != "none":
+            raise AdapterError("a p-tuning-v2 adapter with a classification head has no PEFT equivalent; export needs head='none'.")
+        return super().peft_export(base_model)
 
     def param_groups(self, learning_rate, weight_decay):
         groups = [g for g in super().param_groups(learning_rate, weight_decay)]

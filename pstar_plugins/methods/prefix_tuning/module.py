@@ -16,8 +16,9 @@ from torch import nn
 from pstar_plugins.core.attention import PrefixInjector
 from pstar_plugins.core.geometry import attention_geometry, hidden_size
 from pstar_plugins.core.inputs import fill_position_ids, is_encoder_decoder
-from pstar_plugins.errors import ConfigError, IncompatibleModelError
-from pstar_plugins.methods.base import PromptMethod
+from pstar_plugins.core.rotary import rotate_keys
+from pstar_plugins.errors import AdapterError, ConfigError, IncompatibleModelError
+from pstar_plugins.methods.base import PeftPrompt, PromptMethod
 from pstar_plugins.methods.prefix_tuning.config import PrefixTuningConfig
 from pstar_plugins.methods.prefix_tuning.table import PrefixTable
 
@@ -151,6 +152,38 @@ class PrefixTuning(PromptMethod):
         # called when a checkpointed layer runs forward: recomputation sees the same prefixes
         captured = self.injector.state()
         return contextlib.nullcontext(), self.injector.restored(captured)
+
+    def adapter_geometry(self):
+        return self.injector.geometry()
+
+    # -- PEFT's PREFIX_TUNING: (m, layer · 2 · n_kv · head_dim), keys at positions 0..m-1 ---------
+    def peft_export(self, base_model):
+        if self.config.num_tasks != 1 or getattr(self.config, "layers", None):  # p-tuning-v2 may prompt some layers only
+            raise AdapterError("PEFT prefix tuning has one prefix on every layer: export needs num_tasks=1 and all layers.")
+        table = self.tables["self"]
+        g = table.geometry
+        if g.value_width != g.head_dim:
+            raise AdapterError("keys and values of this model have different head sizes (latent attention); PEFT's "
+                               "prefix layout has one size for both, so this adapter has no PEFT equivalent.")
+        keys, values = table(None, nn.Identity())  # (1, L, n_kv, m, d)
+        keys = rotate_keys(base_model, keys.detach(), table.m)
+        flat = torch.stack([keys, values.detach().float()], dim=2)  # (1, L, 2, n_kv, m, d)
+        embeddings = flat.permute(0, 4, 1, 2, 3, 5).reshape(table.m, g.n_layers * 2 * g.n_kv_heads * g.head_dim)
+        return PeftPrompt("PREFIX_TUNING", embeddings, {
+            "token_dim": g.n_kv_heads * g.head_dim, "num_attention_heads": g.n_kv_heads, "num_layers": g.n_layers,
+            "encoder_hidden_size": g.n_kv_heads * g.head_dim, "prefix_projection": False})
+
+    @classmethod
+    def peft_options(cls, peft_config):
+        return {"num_virtual_tokens": int(peft_config["num_virtual_tokens"]), "projection": False}
+
+    def state_from_peft(self, base_model, embeddings):
+        table = self.tables["self"]
+        g, m = table.geometry, table.m
+        flat = embeddings.float().view(m, g.n_layers, 2, g.n_kv_heads, g.head_dim).permute(2, 1, 3, 0, 4)  # (2, L, H, m, d)
+        keys = rotate_keys(base_model, flat[0].unsqueeze(0), -m)[0]
+        ours = torch.stack([keys, flat[1]], dim=1).permute(3, 0, 1, 2, 4).reshape(1, m, -1)
+        return {"tables.self.prefix": ours}
 
     def param_groups(self, learning_rate, weight_decay):
         prefix, projection = [], []

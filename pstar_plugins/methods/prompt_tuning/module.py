@@ -21,9 +21,10 @@ from torch import nn
 from pstar_plugins.core import packing
 from pstar_plugins.core.attention import SELF, PrefixInjector
 from pstar_plugins.core.distributed import embedding_rows, embedding_shape, embedding_std, is_partitioned
-from pstar_plugins.core.embedding_prompt import EmbeddingPromptMethod
+from pstar_plugins.methods.embedding_prompt import EmbeddingPromptMethod
 from pstar_plugins.core.inputs import first_real_index, is_encoder_decoder, positions_from_mask
-from pstar_plugins.errors import ConfigError, IncompatibleModelError
+from pstar_plugins.errors import AdapterError, ConfigError, IncompatibleModelError
+from pstar_plugins.methods.base import PeftPrompt
 from pstar_plugins.methods.prompt_tuning.config import PromptTuningConfig
 
 _SERVING_INJECTOR = "_serving_injector"
@@ -80,7 +81,21 @@ class PromptTuning(EmbeddingPromptMethod):
         rows = [initial_prompt(config, embedding, tokenizer) for _ in range(config.num_tasks)]
         device = embedding.weight.device
         self.prompt = nn.Parameter(torch.stack(rows).to(device=device, dtype=torch.float32))  # (T, m, hidden)
-        self.bos_token_id = getattr(base_model.config, "bos_token_id", None)
+
+    # -- PEFT's PROMPT_TUNING (and a folded P_TUNING, which is the same tensor) -------------
+    def peft_export(self, base_model):
+        if self.config.num_tasks != 1 or self.config.position != "start":
+            raise AdapterError("PEFT prompt tuning has one prompt in front of the input: export needs num_tasks=1 and position='start'.")
+        return PeftPrompt("PROMPT_TUNING", self.prompt.detach()[0], {
+            **self.peft_embedding_config(base_model),
+            "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None, "tokenizer_name_or_path": None})
+
+    @classmethod
+    def peft_options(cls, peft_config):
+        return {"num_virtual_tokens": int(peft_config["num_virtual_tokens"]), "init": "random"}
+
+    def state_from_peft(self, base_model, embeddings):
+        return {"prompt": embeddings.reshape(1, embeddings.shape[0], -1)}
 
     def virtual_block(self, batch, task_ids):
         return self.prompt[:1] if task_ids is None else self.prompt[task_ids.to(self.prompt.device)]
@@ -139,8 +154,8 @@ class PromptTuning(EmbeddingPromptMethod):
         return None
 
     def _injector(self, base_model: nn.Module) -> PrefixInjector | None:
-        # a plain attribute (not a submodule, not saved), and not ``injector``: the adapter's
-        # recorded geometry names the attention sites of prefix methods only
+        # a plain attribute (not a submodule, not saved); serving from the cache changes no
+        # adapter geometry (adapter_geometry stays the default: no attention sites)
         if _SERVING_INJECTOR not in self.__dict__:
             try:
                 self.__dict__[_SERVING_INJECTOR] = PrefixInjector(base_model)

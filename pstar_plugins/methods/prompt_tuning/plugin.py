@@ -1,17 +1,12 @@
 """The prompt-tuning plugin: registered through the same path as third-party plugins."""
 
-from pstar_plugins.methods.spec import MethodPlugin, MethodSpec, Preset
 from pstar_plugins.methods.prompt_tuning.config import PromptTuningConfig
+from pstar_plugins.methods.spec import MethodPlugin, MethodSpec, Preset
 
+# a folded P-tuning adapter is virtual-token embeddings in front of the input: prompt tuning's layout
+spec = MethodSpec("prompt-tuning", PromptTuningConfig, "m trainable vectors before the input embeddings (Lester et al. 2021)",
+                  preset=Preset({"num_virtual_tokens": 10}, 3e-2),
+                  method_class="pstar_plugins.methods.prompt_tuning.module:PromptTuning",
+                  peft_types=("PROMPT_TUNING", "P_TUNING"))
 
-class PromptTuningPlugin(MethodPlugin):
-    spec = MethodSpec("prompt-tuning", PromptTuningConfig, "m trainable vectors before the input embeddings (Lester et al. 2021)",
-                      preset=Preset({"num_virtual_tokens": 10}, 3e-2))
-
-    def create(self, base_model, config, tokenizer):
-        from pstar_plugins.methods.prompt_tuning.module import PromptTuning  # torch: only when a method is built
-
-        return PromptTuning(config, base_model, tokenizer)
-
-
-plugin = PromptTuningPlugin()
+plugin = MethodPlugin(spec)

@@ -18,6 +18,7 @@ from pstar_plugins.core.inputs import (
     insert_block,
     is_encoder_decoder,
 )
+from pstar_plugins.core.geometry import hidden_size
 from pstar_plugins.errors import ConfigError
 from pstar_plugins.methods.base import PromptMethod
 
@@ -43,6 +44,14 @@ class EmbeddingPromptMethod(PromptMethod):
     def fill_slots(self, embeds: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
         """Overwrite template slots of ``embeds`` (``(B, L, hidden)``); default: unchanged."""
         return embeds
+
+    @staticmethod
+    def peft_embedding_config(base_model: nn.Module) -> dict[str, Any]:
+        """The ``adapter_config.json`` fields PEFT's virtual-token adapters share."""
+        config = base_model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return {"token_dim": hidden_size(config), "num_attention_heads": int(text.num_attention_heads),
+                "num_layers": int(text.num_hidden_layers)}
 
     # -----------------------------------------------------------------------------------
     def _embed(self, base_model: nn.Module, inputs: dict[str, Any], task_ids) -> dict[str, Any]:
