@@ -190,7 +190,7 @@ def test_unverified_method_classes_and_partitioned_weights_are_scored_per_class(
 
     model.method.__class__ = Reweighted
     try:
-        assert one_pass_unsupported_reason(model) == "method Reweighted is not verified for one-pass scoring"
+        assert one_pass_unsupported_reason(model) == "method Reweighted does not declare one_pass_continuations"
     finally:
         model.method.__class__ = original
     weight = next(model.base_model.parameters())

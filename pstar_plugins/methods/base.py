@@ -54,6 +54,11 @@ class PromptMethod(nn.Module):
     config: MethodConfig
     #: run the frozen model padding-free where possible (``core.packing``); set by ``PStarModel.packing``
     packing: bool = False
+    #: the class guarantees that everything it adds to an input lies in the frozen model's cache
+    #: (virtual tokens, template slots) or in prefixes active for the frozen model's whole call, so
+    #: label-word continuations may be scored from that cache in one pass (tasks.verbalizer). Read
+    #: from the class that declares it: a subclass must declare it again after checking.
+    one_pass_continuations: bool = False
 
     def __init__(self, config: MethodConfig) -> None:
         super().__init__()

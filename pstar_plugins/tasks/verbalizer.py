@@ -258,18 +258,12 @@ def _frozen_lm(model) -> tuple[nn.Module | None, Any, str | None]:
 
 
 def _method_reason(method) -> str | None:
-    from pstar_plugins.methods.p_tuning.module import PTuning
-    from pstar_plugins.methods.p_tuning_v2.module import PTuningV2
-    from pstar_plugins.methods.prefix_tuning.module import PrefixTuning
-    from pstar_plugins.methods.prompt_tuning.module import PromptTuning
-
-    # their contributions sit in the input's cache (virtual tokens, template slots) or in
-    # prefixes active for the frozen model's whole call; a subclass or another method could also
-    # change the continuation's own tokens, which the continuation pass would not see
-    if type(method) not in (PromptTuning, PrefixTuning, PTuning, PTuningV2):
-        return f"method {type(method).__name__} is not verified for one-pass scoring"
-    if isinstance(method, PTuningV2) and method.config.head != "none":
-        return "p-tuning-v2 with a classification head scores through its head"
+    # a subclass could change the continuation's own tokens, which the continuation pass would
+    # not see: only the class that declares the promise is trusted (PromptMethod.one_pass_continuations)
+    if not vars(type(method)).get("one_pass_continuations", False):
+        return f"method {type(method).__name__} does not declare one_pass_continuations"
+    if method.config.has_classifier_head():
+        return f"{type(method).__name__} with a classification head scores through its head"
     return None
 
 

@@ -20,6 +20,7 @@ from pstar_plugins.tasks.template import Template
 
 
 class PTuning(EmbeddingPromptMethod):
+    one_pass_continuations = True  # see PromptMethod
     def __init__(self, config: PTuningConfig, base_model: nn.Module, tokenizer=None) -> None:
         super().__init__(config)
         self.template = Template.parse(config.template)

@@ -26,6 +26,7 @@ def last_real_index(mask: torch.Tensor) -> torch.Tensor:
 
 
 class PTuningV2(PrefixTuning):
+    one_pass_continuations = True  # see PromptMethod
     def __init__(self, config: PTuningV2Config, base_model: nn.Module, tokenizer=None) -> None:
         if config.head != "none" and is_encoder_decoder(base_model):
             raise IncompatibleModelError(

@@ -35,6 +35,7 @@ class PrefixTuning(PromptMethod):
 
     ``layers`` (used by P-tuning v2) restricts prefixes to a subset of layer indices.
     """
+    one_pass_continuations = True  # see PromptMethod
 
     def __init__(self, config: PrefixTuningConfig, base_model: nn.Module, layers: list[int] | None = None,
                  tokenizer=None) -> None:

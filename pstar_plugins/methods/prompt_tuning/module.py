@@ -74,6 +74,7 @@ class PromptTuning(EmbeddingPromptMethod):
 
     Outputs line up with the user's tokens: logits are ``(B, L, vocab)`` for ``L`` input tokens.
     """
+    one_pass_continuations = True  # see PromptMethod
 
     def __init__(self, config: PromptTuningConfig, base_model: nn.Module, tokenizer=None) -> None:
         super().__init__(config)
