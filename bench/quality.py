@@ -260,9 +260,10 @@ def rte_prompting_steps(args, work: Path) -> list[Step]:
     base = ["--model", "smollm2", "--validation-file", rel(dev), "--demonstration-file", rel(train),
             "--template", cli_text(RTE_TEMPLATE), "--label-words", *RTE_LABEL_WORDS, "--seeds", str(args.seeds)]
     shots = ["--shots", "0", str(args.rte_shots)]
+    calibrated = ["--shots", *map(str, args.rte_calibrated_shots)]
     return [Step("RTE prompting", eval_command([*base, *shots, "--output", rel(work / "rte-prompting.json")]),
                  work / "rte-prompting.json"),
-            Step("RTE prompting calibrated", eval_command([*base, *shots, "--calibrate", "--output",
+            Step("RTE prompting calibrated", eval_command([*base, *calibrated, "--calibrate", "--output",
                                                            rel(work / "rte-prompting-calibrated.json")]),
                  work / "rte-prompting-calibrated.json")]
 
@@ -663,6 +664,8 @@ def parse_args(argv=None):
     p.add_argument("--rte-methods", nargs="+", choices=list(METHODS), default=list(METHODS),
                    help="RTE methods to (re)run; the others keep their recorded results")
     p.add_argument("--rte-shots", type=int, default=4, help="rte-prompting: demonstrations of the in-context rows")
+    p.add_argument("--rte-calibrated-shots", type=int, nargs="+", default=[0],
+                   help="rte-prompting: the rows with contextual calibration (0: zero-shot; add 4 for calibrated 4-shot)")
     p.add_argument("--e2e-steps", type=int, default=200)
     p.add_argument("--e2e-eval-rows", type=int, default=400, help="first N E2E dev rows (grouped by MR)")
     p.add_argument("--e2e-new-tokens", type=int, default=48, help="E2E greedy decoding length")

@@ -85,7 +85,7 @@ def test_prompting_commands_parse_as_pstar_eval_flags(tmp_path):
     (e2e,) = quality.e2e_prompting_steps(args, tmp_path)
     plain = evaluate.parse_args(_tail(rte_plain.argv, "pstar_plugins.evaluate"))
     calibrated = evaluate.parse_args(_tail(rte_calibrated.argv, "pstar_plugins.evaluate"))
-    assert plain.shots == calibrated.shots == [0, 4] and plain.seeds == 3
+    assert (plain.shots, calibrated.shots, plain.seeds) == ([0, 4], [0], 3)
     assert (plain.calibrate, calibrated.calibrate) == (False, True)
     assert plain.label_words == quality.RTE_LABEL_WORDS and plain.validation_file.endswith("rte/dev.jsonl")
     gen = evaluate.parse_args(_tail(e2e.argv, "pstar_plugins.evaluate"))
