@@ -329,7 +329,8 @@ def prompting_rows(steps: list[Step], work: Path) -> tuple[dict, float]:
         for key in ("model", "template", "label_words", "validation_data", "examples", "sources"):
             if key in record:
                 result[key] = record[key]
-        result["runs"] += [{**r, "command": step.command, "date": now(), "seconds": seconds} for r in record["runs"]]
+        # the seconds are the whole command's, which may measure several rows
+        result["runs"] += [{**r, "command": step.command, "date": now(), "command_seconds": seconds} for r in record["runs"]]
     result["seconds"] = total
     return result, total
 
