@@ -540,7 +540,7 @@ def targets(result: dict) -> dict:
 
 def _prompting_name(run: dict) -> str:
     k = run["shots"]
-    name = "zero-shot prompt" if k == 0 else f"{k}-shot in-context ({run['seeds']} draws)"
+    name = "zero-shot prompt" if k == 0 else f"{k}-shot in-context ({run['seeds']} draw{'s' if run['seeds'] > 1 else ''})"
     if "calibrated" in run["name"]:
         name += ", contextual calibration"
     return name
