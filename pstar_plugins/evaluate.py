@@ -165,7 +165,7 @@ def _main(argv, prog: str = "pstar eval"):
     from pstar_plugins.tasks import generation as gen
     from pstar_plugins.tasks.baselines import (
         SharedPrefixModel, accuracy_and_macro_f1, balanced_demonstrations, common_prefix, content_free_scores,
-        in_context_template)
+        in_context_template, in_original_order, length_order)
     from pstar_plugins.tasks.data import labels_of, load_split, parse_column_mapping
     from pstar_plugins.tasks.template import Template
     from pstar_plugins.tasks.verbalizer import Verbalizer
@@ -211,9 +211,11 @@ def _main(argv, prog: str = "pstar eval"):
             prefix = common_prefix([ids[m.bool()].tolist() for ids, m in zip(sample["input_ids"], sample["attention_mask"])])
             if len(prefix) > 8:
                 model = SharedPrefixModel(model, prefix)
+        order = length_order(verbalizer, rows, args.max_length)  # batches of like lengths pad little
         with tqdm(total=len(rows), desc=name, leave=False) as bar:
-            preds = score_rows(model, verbalizer, rows, labels, args.batch_size, args.max_length, calibration, bar)
-        return accuracy_and_macro_f1(preds, labels, C)
+            preds = score_rows(model, verbalizer, [rows[i] for i in order], [labels[i] for i in order], args.batch_size,
+                               args.max_length, calibration, bar)
+        return accuracy_and_macro_f1(in_original_order(preds, order), labels, C)
 
     def run_generation(name, model, template):
         with tqdm(total=len(groups), desc=name, leave=False) as bar:

@@ -98,3 +98,26 @@ def test_shared_prefix_cache_gives_the_scores_of_full_prompts(words):
     with torch.no_grad():
         for batch in (rows[:3], rows[3:], rows):
             torch.testing.assert_close(v.scores(cached, v.encode(batch)), v.scores(model, v.encode(batch)), rtol=1e-5, atol=1e-5)
+
+
+def test_rows_scored_in_length_order_get_their_own_predictions_back():
+    """``pstar eval`` scores rows shortest first (little padding) and maps each prediction back to
+    its row: the same predictions as scoring them one by one, in the file's order."""
+    from pstar_plugins.evaluate import score_rows
+    from pstar_plugins.tasks.baselines import in_original_order, length_order
+
+    tok = CharTokenizer()
+    model = tiny_model("llama").eval()
+    v = Verbalizer(tok, Template.parse("R: {sentence} S:{answer}"), ["x", "y"], masked_lm=False)
+    texts = ["abcdefghijkl", "a", "abcdef", "ab", "abcdefghi", "abc", "k", "lmnopqrstu"]
+    rows = [{"sentence": s} for s in texts]
+    order = length_order(v, rows, max_length=64)
+    assert [texts[i] for i in order] == sorted(texts, key=len) and order[:2] == [1, 6]  # ties keep file order
+    assert in_original_order(["b", "c", "a"], [1, 2, 0]) == ["a", "b", "c"]
+    labels = [0] * len(rows)
+    with torch.no_grad():  # scores, not argmaxes, so that a misplaced row cannot pass by chance
+        one_by_one = [v.scores(model, v.encode([r]))[0] for r in rows]
+        batched = torch.cat([v.scores(model, v.encode([rows[i] for i in order[j:j + 3]])) for j in range(0, len(rows), 3)])
+    torch.testing.assert_close(torch.stack(in_original_order(list(batched), order)), torch.stack(one_by_one), rtol=1e-5, atol=1e-5)
+    preds = score_rows(model, v, [rows[i] for i in order], [labels[i] for i in order], 3, 64)
+    assert in_original_order(preds, order) == [int(s.argmax()) for s in one_by_one]

@@ -77,6 +77,24 @@ def accuracy_and_macro_f1(pred: list[int], gold: list[int], num_classes: int) ->
     return correct / max(1, len(gold)), sum(f1s) / num_classes
 
 
+def length_order(verbalizer, rows: list[dict[str, Any]], max_length: int) -> list[int]:
+    """Indices of ``rows`` from the shortest encoded prompt to the longest (ties keep their order).
+
+    Rows are left-padded to the longest of their batch, and a pad token costs as much as a real
+    one; batches of like lengths compute little padding. On RTE (prompts of 30 to 300 tokens) a
+    batch of 16 in file order is about half padding."""
+    lengths = [len(verbalizer.encode([row], max_length=max_length).inputs["input_ids"][0]) for row in rows]
+    return sorted(range(len(rows)), key=lengths.__getitem__)
+
+
+def in_original_order(values: list, order: list[int]) -> list:
+    """Undo :func:`length_order`: ``values[j]`` belongs to row ``order[j]``."""
+    out: list = [None] * len(order)
+    for value, i in zip(values, order, strict=True):
+        out[i] = value
+    return out
+
+
 def common_prefix(sequences: list[list[int]], margin: int = 2) -> list[int]:
     """The tokens every sequence starts with, less ``margin`` tokens: where the shared text ends,
     a merge with the following text can change the last tokens, so those stay per row."""

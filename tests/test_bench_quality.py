@@ -1,0 +1,181 @@
+"""bench/quality.py's pure parts: the commands it runs (accepted by ``pstar train`` and ``pstar
+eval`` as they are printed), P-tuning's template built from a task's template, the noise figure,
+the targets and the README table; ``--dry-run`` prints and writes nothing."""
+
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import quality  # noqa: E402
+
+from pstar_plugins import evaluate, train  # noqa: E402
+from pstar_plugins.plugins import get_plugin_manager  # noqa: E402
+from pstar_plugins.tasks.template import Literal, Template  # noqa: E402
+
+
+def test_p_tuning_template_of_the_sst2_template_is_the_methods_preset():
+    preset = get_plugin_manager().method("p-tuning").preset.options["template"]
+    assert quality.p_tuning_template("Review: {sentence} Sentiment:{answer}") == preset
+
+
+def test_p_tuning_template_keeps_a_pair_tasks_columns_words_and_braces():
+    text = quality.p_tuning_template("{{note}} {sentence1}\nQuestion: {sentence2} True or False?\nAnswer:{answer}")
+    assert text == "{soft:3} {{note}} {sentence1}\nQuestion: {sentence2} {soft:3} True or False?\nAnswer:{answer}"
+    parsed = Template.parse(text)
+    assert parsed.fields == ["sentence1", "sentence2"] and parsed.num_soft_tokens == 6
+    assert "".join(p.text for p in parsed.parts if isinstance(p, Literal)).startswith(" {note} ")
+    placed = "{soft:2} {sentence} X:{answer}"
+    assert quality.p_tuning_template(placed) == placed
+
+
+def test_binomial_standard_error_of_one_sst2_run_is_about_one_point():
+    assert quality.binomial_standard_error(0.87, 872) == pytest.approx(0.011389, abs=1e-6)
+    assert quality.binomial_standard_error(0.5, 277) == pytest.approx(0.030042, abs=1e-6)
+    with pytest.raises(ValueError, match="accuracy 87"):
+        quality.binomial_standard_error(87, 872)
+
+
+def _args(*argv):
+    args = quality.parse_args(list(argv))
+    args.previous = {}
+    return args
+
+
+def _tail(argv, module):
+    return argv[argv.index(module) + 1:]
+
+
+def test_rte_method_commands_parse_as_pstar_train_flags(tmp_path):
+    steps = quality.rte_method_steps(_args("--selection-percentage", "0", "--rte-steps", "90"), tmp_path)
+    assert [s.output.name for s in steps] == [f"rte-{m}" for m in quality.METHODS]
+    for step in steps:
+        assert step.argv[:2] == ["accelerate", "launch"] and shlex.split(step.command) == step.argv
+        args = train.parse_args(_tail(step.argv, "-m")[1:])
+        assert (args.max_steps, args.warmup_steps, args.eval_steps, args.max_length) == (90, 9, 30, quality.RTE_MAX_LENGTH)
+        assert args.label_words == quality.RTE_LABEL_WORDS and args.validation_split_percentage is None
+        expected = quality.p_tuning_template(quality.RTE_TEMPLATE) if args.method == "p-tuning" else quality.RTE_TEMPLATE
+        assert args.template == expected  # "\n" typed as \n on the command line, read back as a newline
+
+
+@pytest.mark.skipif("--select-best" not in train.build_parser([]).option_strings(),
+                    reason="pstar train of this checkout has no --select-best")
+def test_selection_flags_parse_as_pstar_train_flags(tmp_path):
+    for step in quality.rte_method_steps(_args(), tmp_path) + quality.sst2_seed_steps(_args(), tmp_path):
+        args = train.parse_args(_tail(step.argv, "-m")[1:])
+        assert args.validation_split_percentage == 10 and args.select_best == "best"
+
+
+def test_sst2_seed_commands_differ_only_in_seed_and_folder(tmp_path):
+    steps = quality.sst2_seed_steps(_args("--seed-list", "4", "5", "--selection-percentage", "0"), tmp_path)
+    a, b = (train.parse_args(_tail(s.argv, "-m")[1:]) for s in steps)
+    assert (a.seed, b.seed) == (4, 5) and a.output_dir != b.output_dir
+    assert {k: v for k, v in vars(a).items() if k not in ("seed", "output_dir")} == \
+           {k: v for k, v in vars(b).items() if k not in ("seed", "output_dir")}
+    with_selection = quality.sst2_seed_steps(_args(), tmp_path)[0].argv
+    assert with_selection[with_selection.index("--validation-split-percentage"):][:4] == \
+           ["--validation-split-percentage", "10", "--select-best", "best"]
+
+
+def test_prompting_commands_parse_as_pstar_eval_flags(tmp_path):
+    args = _args()
+    rte_plain, rte_calibrated = quality.rte_prompting_steps(args, tmp_path)
+    (e2e,) = quality.e2e_prompting_steps(args, tmp_path)
+    plain = evaluate.parse_args(_tail(rte_plain.argv, "pstar_plugins.evaluate"))
+    calibrated = evaluate.parse_args(_tail(rte_calibrated.argv, "pstar_plugins.evaluate"))
+    assert (plain.shots, calibrated.shots, plain.seeds) == ([0, 4], [0], 3)
+    assert (plain.calibrate, calibrated.calibrate) == (False, True)
+    assert plain.label_words == quality.RTE_LABEL_WORDS and plain.validation_file.endswith("rte/dev.jsonl")
+    gen = evaluate.parse_args(_tail(e2e.argv, "pstar_plugins.evaluate"))
+    e2e_train = quality.e2e_method_steps(args, tmp_path)[0].argv
+    # the prompting rows decode the same dev rows, to the same length, as the trained rows' final evaluation
+    assert (gen.task, gen.shots, gen.max_eval_samples, gen.max_new_tokens) == ("generation", [0, 2], 400, 48)
+    assert e2e_train[e2e_train.index("--max-eval-samples") + 1] == "400"
+    assert e2e_train[e2e_train.index("--max-new-tokens") + 1] == "48"
+
+
+def test_dry_run_prints_every_command_and_writes_nothing(tmp_path, capsys):
+    results = quality.C.RESULTS / "quality.json"
+    before = results.read_bytes() if results.is_file() else None
+    readme = (quality.C.ROOT / "README.md").read_bytes()
+    work = tmp_path / "work"
+    assert quality.main(["--dry-run", "--only", "rte-prompting", "rte-methods", "--work-dir", str(work)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "# rte-prompting" and lines[3] == "# rte-methods" and len(lines) == 8
+    assert all("pstar_plugins.evaluate" in line for line in lines[1:3])
+    assert all("pstar_plugins.train" in line for line in lines[4:])
+    assert not work.exists() and readme == (quality.C.ROOT / "README.md").read_bytes()
+    assert (results.read_bytes() if results.is_file() else None) == before
+
+
+def _run(name, shots, accuracy, calibrated=False, std=0.0, seeds=None):
+    return {"name": f"{shots}-shot" + (" calibrated" if calibrated else ""), "shots": shots, "seeds": seeds or (3 if shots else 1),
+            "accuracy": accuracy, "accuracy_std": std}
+
+
+def _record(rte_best=0.62, prefix_bleu=50.0, seeds_mean=0.881):
+    return {
+        "date": "2026-12-01T10:00:00+00:00", "machine": {"cpus": 2}, "steps": 300, "batch_size": 16, "e2e_steps": 200,
+        "part_dates": {"icl": "2026-11-28T00:00:00+00:00", "sst2_methods": "2026-11-28T00:00:00+00:00",
+                       "sst2_seeds": "2026-12-02T00:00:00+00:00", "rte_prompting": "2026-12-01T14:00:00+00:00",
+                       "rte_methods": "2026-12-03T00:00:00+00:00", "e2e": "2026-11-28T00:00:00+00:00",
+                       "e2e_prompting": "2026-12-01T15:00:00+00:00"},
+        "icl": {"runs": [_run("0-shot", 0, 0.783)]},
+        # an old-format row: its command is the list of train flags
+        "sst2_methods": {"prompt-tuning": {"accuracy": 0.874, "command": ["--method", "prompt-tuning"]}},
+        "sst2_seeds": {"method": "prompt-tuning", "steps": 300, "batch_size": 16, "options": [], "selection_percentage": 10,
+                       "seeds": [1, 2, 3], "accuracy": seeds_mean, "accuracy_std": 0.004},
+        "rte_prompting": {"template": quality.RTE_TEMPLATE, "label_words": ["True", "False"],
+                          "runs": [_run("0-shot", 0, 0.52), _run("4-shot", 4, 0.55, std=0.02), _run("0-shot", 0, 0.57, calibrated=True)]},
+        "rte_methods": {"prompt-tuning": {"accuracy": rte_best, "steps": 90, "batch_size": 16, "selection_percentage": 10},
+                        "p-tuning-v2": {"accuracy": 0.5, "steps": 90, "batch_size": 16, "selection_percentage": 10}},
+        "e2e": {"prefix-tuning": {"bleu": prefix_bleu, "rouge_l": 60.0, "sources": 46},
+                "prompt-tuning": {"bleu": 40.0, "rouge_l": 55.0, "sources": 46}},
+        "e2e_prompting": {"sources": 46, "runs": [{"name": "0-shot", "shots": 0, "seeds": 1, "bleu": 10.0, "rouge_l": 30.0},
+                                                  {"name": "2-shot", "shots": 2, "seeds": 3, "bleu": 50.0, "bleu_std": 1.5,
+                                                   "rouge_l": 58.0, "rouge_l_std": 0.5}]},
+        "minilm": {"training_examples": 9600, "steps": 1800, "batch_size": 16, "epochs": 3.0, "gap_points": 2.5,
+                   "p-tuning-v2": {"accuracy": 0.844, "trainable_parameters": 74498},
+                   "full-finetuning": {"accuracy": 0.869, "trainable_parameters": 22566146}},
+    }
+
+
+def test_targets_compare_against_the_best_baseline_rows():
+    t = quality.targets(_record())
+    rte = t["rte_best_method_at_least_zero_shot_plus_5_and_best_icl"]
+    # the best zero-shot row is the calibrated one (57.0): 62.0 is exactly 5 points above it
+    assert rte["best_zero_shot"] == {"name": "0-shot calibrated", "accuracy": 0.57} and rte["best_icl"]["accuracy"] == 0.55
+    assert rte["method"] == "prompt-tuning" and rte["met"] is True
+    assert quality.targets(_record(rte_best=0.619))["rte_best_method_at_least_zero_shot_plus_5_and_best_icl"]["met"] is False
+    assert t["e2e_prefix_tuning_bleu_at_least_k_shot"] == {"prefix_tuning_bleu": 50.0, "prompting": "2-shot",
+                                                           "prompting_bleu": 50.0, "met": True}
+    assert quality.targets(_record(prefix_bleu=49.9))["e2e_prefix_tuning_bleu_at_least_k_shot"]["met"] is False
+    assert t["sst2_mean_of_seeds_at_least_0.88"]["met"] is True
+    assert quality.targets(_record(seeds_mean=0.8799))["sst2_mean_of_seeds_at_least_0.88"]["met"] is False
+    assert t["minilm_within_2_points"] == {"gap_points": 2.5, "met": False}
+
+
+def test_targets_wait_for_the_parts_they_need():
+    record = _record()
+    del record["rte_methods"], record["e2e_prompting"], record["sst2_seeds"], record["minilm"]
+    assert set(quality.targets(record).values()) == {None}
+
+
+def test_readme_table_dates_every_row_and_states_the_noise():
+    table = quality.readme_table(_record())
+    assert "| zero-shot prompt | 78.3 | 2026-11-28 |" in table
+    assert "| prompt-tuning (300 steps × 16, kept state chosen on 10% of train), seeds 1, 2, 3 | 88.1 ± 0.4 | 2026-12-02 |" in table
+    assert "| zero-shot prompt, contextual calibration | 57.0 | 2026-12-01 |" in table
+    assert "| 4-shot in-context (3 draws) | 55.0 ± 2.0 | 2026-12-01 |" in table
+    assert "| prompt-tuning (90 steps × 16; kept state chosen on 10% of train) | 62.0 | 2026-12-03 |" in table
+    assert "| 2-shot in-context (3 draws) | 50.0 ± 1.5 | 58.0 ± 0.5 | 2026-12-01 |" in table
+    assert "| prefix-tuning (200 steps × 8) | 50.0 | 60.0 | 2026-11-28 |" in table
+    assert "template `{sentence1}\\nQuestion: {sentence2} True or False?\\nAnswer:{answer}`" in table
+    # the best SST-2 row (88.1%) on 872 sentences: √(0.881·0.119/872) = 1.1 points; RTE's best (62%) on 277: 2.9
+    assert "√(p(1−p)/872) = 1.1 points at p = 88%, and the difference of two runs one of 1.6 points" in table
+    assert "√(p(1−p)/277) = 2.9 points at p = 62%" in table
+    for line in table.splitlines():
+        if line.startswith("| ") and not line.startswith("|---") and "measured" not in line:
+            assert line.rstrip(" |").rsplit("| ", 1)[1].startswith("2026-"), line
