@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -44,7 +45,9 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluation data (.csv, .tsv, .jsonl); without --train-file: the packaged SST-2 dev set; "
                              "with --train-file: required, unless --validation-split-percentage splits one off")
     parser.add_argument("--validation-split-percentage", type=int, default=None, metavar="P",
-                        help="evaluate on the last P%% of --train-file's rows (train on the rest) instead of a --validation-file")
+                        help="hold P%% of the training rows out (seeded by --seed; the rest trains) as the selection split: the "
+                             "periodic evaluations and --select-best use it, the final evaluation uses --validation-file "
+                             "(without one, the held-out rows are the evaluation set)")
     parser.add_argument("--dataset", default=None,
                         help="a Hugging Face datasets id or local dataset folder to use instead of --train-file/--validation-file")
     parser.add_argument("--dataset-config", default=None, help="the dataset's configuration (e.g. sst2 for glue)")
@@ -56,11 +59,13 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-eval-samples", type=int, default=None, metavar="N", help="use only the first N evaluation rows")
 
 
-def _add_task_arguments(parser: argparse.ArgumentParser, preset_template: str | None) -> None:
-    default_template = (preset_template or DEFAULT_TEMPLATE).replace("%", "%%")
+def _add_task_arguments(parser: argparse.ArgumentParser, built_from_columns: bool) -> None:
+    if built_from_columns:
+        default = "'{soft:3} {column} ... {soft:3}{answer}' built from the data's text columns"
+    else:
+        default = f"{DEFAULT_TEMPLATE!r}, its slot renamed to the data's one text column".replace("%", "%%")
     parser.add_argument("--template", default=None,
-                        help="template with {column} slots and one {answer} slot at the end; \\n is a newline "
-                             f"(default: {default_template!r})")
+                        help=f"template with {{column}} slots and one {{answer}} slot at the end; \\n is a newline (default: {default})")
     parser.add_argument("--task", default="classification", choices=["classification", "generation"],
                         help="classification (label words or a linear head) or generation (loss on the target tokens only)")
     parser.add_argument("--target-column", default="ref", help="generation: the column with the target text")
@@ -81,15 +86,26 @@ def _add_training_arguments(parser: argparse.ArgumentParser, preset_lr: float | 
                         help="clip the global gradient norm (0: no clipping); DeepSpeed gets the same value")
     parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="per-process training batch size")
     parser.add_argument("--eval-batch-size", type=int, default=32, metavar="N", help="per-process evaluation batch size")
-    parser.add_argument("--max-steps", type=int, default=100, metavar="N", help="optimizer steps")
+    parser.add_argument("--max-steps", type=int, default=None, metavar="N", help="optimizer steps (default: 100)")
+    parser.add_argument("--num-train-epochs", type=float, default=None, metavar="E",
+                        help="train for E passes over the training rows instead of --max-steps: "
+                             "ceil(rows / (batch size x processes)) x E steps, rounded up")
     parser.add_argument("--warmup-steps", type=int, default=None, metavar="N",
-                        help="linear warm-up steps, at most --max-steps (default: 10, or --max-steps when that is fewer)")
+                        help="linear warm-up steps, at most the run's steps (default: 10, or the steps when those are fewer)")
+    parser.add_argument("--warmup-ratio", type=float, default=None, metavar="R",
+                        help="warm up for this fraction (0-1) of the run's steps, rounded up, instead of --warmup-steps")
     parser.add_argument("--lr-scheduler-type", default="linear", choices=list(LR_SCHEDULES),
                         help="learning-rate schedule after the warm-up (transformers' schedules): " + "; ".join(f"{k}: {v}" for k, v in LR_SCHEDULES.items()))
     parser.add_argument("--max-length", type=int, default=128, metavar="N", help="truncate examples to this many tokens")
     parser.add_argument("--eval-steps", type=int, default=25, metavar="N", help="evaluate every N steps (0: only at the end)")
     parser.add_argument("--eval-subset-size", type=int, default=128, metavar="N",
-                        help="periodic evaluations use the first N evaluation rows (the final one uses all)")
+                        help="without a selection split, periodic evaluations use the first N evaluation rows (the final one uses all)")
+    parser.add_argument("--select-best", default="last", choices=["last", "best"],
+                        help="the adapter a run saves: the last step's (last), or the one that scored best on the selection "
+                             "split at the periodic evaluations (best; needs --validation-split-percentage)")
+    parser.add_argument("--early-stopping-patience", type=int, default=0, metavar="N",
+                        help="stop after N selection evaluations in a row without improvement (0: never; needs "
+                             "--validation-split-percentage)")
     parser.add_argument("--checkpointing-steps", type=int, default=0, metavar="N",
                         help="save the full training state every N steps (0: never)")
     parser.add_argument("--checkpoints-total-limit", type=int, default=0, metavar="N",
@@ -129,7 +145,8 @@ def build_parser(method_names, method: str | None = None, prog: str = "pstar tra
                         help="extra plugin module for this run (module or module:object)")
     _add_model_arguments(parser)
     _add_data_arguments(parser)
-    _add_task_arguments(parser, preset.options.get("template") if preset else None)
+    config_fields = {f.name for f in dataclasses.fields(get_plugin_manager().method(method).config_class)} if method else set()
+    _add_task_arguments(parser, "template" in config_fields)
     _add_training_arguments(parser, preset.learning_rate if preset else None)
     return parser
 
@@ -187,26 +204,73 @@ def check_args(args) -> None:
     a.non_negative_float("--max-grad-norm", args.max_grad_norm)
     for name in ("batch_size", "eval_batch_size", "max_length", "eval_subset_size", "max_new_tokens", "dist_timeout", "logging_steps"):
         a.positive_int(a.flag_of(name), getattr(args, name))
-    if args.max_steps < 1:
-        raise ConfigError(f"--max-steps {args.max_steps}: expected a positive integer (0 would save an untrained adapter); "
-                          "pass --max-steps 1 or more.")
-    if args.warmup_steps is None:
-        args.warmup_steps = min(10, args.max_steps)
-    for name in ("warmup_steps", "eval_steps", "checkpointing_steps", "checkpoints_total_limit", "stop_after_steps"):
+    _check_schedule_args(args)
+    for name in ("eval_steps", "checkpointing_steps", "checkpoints_total_limit", "stop_after_steps", "early_stopping_patience"):
         a.non_negative_int(a.flag_of(name), getattr(args, name))
     for name in ("max_train_samples", "max_eval_samples"):
         if getattr(args, name) is not None:
             a.positive_int(a.flag_of(name), getattr(args, name))
-    if args.warmup_steps > args.max_steps:
-        raise ConfigError(f"--warmup-steps {args.warmup_steps} is more than --max-steps {args.max_steps}, so the learning "
-                          f"rate would never reach its value; pass --warmup-steps {min(10, args.max_steps)} or fewer.")
+    _check_selection_args(args)
     if args.task == "classification":
         a.check_label_words(args.label_words)
     if args.task == "generation" and args.model_kind == "masked-lm":
         raise ConfigError("--task generation decodes text with a causal LM, which --model-kind masked-lm is not; "
                           "use --model-kind causal-lm with a decoder model, or --task classification.")
-    if args.validation_split_percentage is not None and not 0 < args.validation_split_percentage < 100:
-        raise ConfigError(f"--validation-split-percentage {args.validation_split_percentage}: expected 1 to 99.")
+
+
+def _check_schedule_args(args) -> None:
+    """--max-steps or --num-train-epochs, --warmup-steps or --warmup-ratio (the steps of an
+    epoch-counted run are known once the data is read: :func:`resolve_schedule`)."""
+    if args.max_steps is not None and args.num_train_epochs is not None:
+        raise ConfigError(f"--max-steps {args.max_steps} and --num-train-epochs {args.num_train_epochs:g} both set the "
+                          "length of the run; keep one of them.")
+    if args.warmup_steps is not None and args.warmup_ratio is not None:
+        raise ConfigError(f"--warmup-steps {args.warmup_steps} and --warmup-ratio {args.warmup_ratio:g} both set the "
+                          "warm-up; keep one of them.")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ConfigError(f"--max-steps {args.max_steps}: expected a positive integer (0 would save an untrained adapter); "
+                          "pass --max-steps 1 or more.")
+    if args.num_train_epochs is not None and not (math.isfinite(args.num_train_epochs) and args.num_train_epochs > 0):
+        raise ConfigError(f"--num-train-epochs {args.num_train_epochs:g}: expected a finite number above 0 (0.5 is half an epoch).")
+    if args.warmup_ratio is not None and not 0 <= args.warmup_ratio <= 1:
+        raise ConfigError(f"--warmup-ratio {args.warmup_ratio:g}: expected a fraction of the run's steps from 0 to 1.")
+    if args.warmup_steps is not None:
+        arguments.non_negative_int("--warmup-steps", args.warmup_steps)
+    if args.num_train_epochs is None:
+        resolve_schedule(args, None, 1)
+
+
+def resolve_schedule(args, train_rows: int | None, processes: int) -> None:
+    """Set ``args.max_steps`` and ``args.warmup_steps`` from the flags that give them (an epoch
+    is ``ceil(train_rows / (batch size x processes))`` steps) and refuse a warm-up past the end."""
+    if args.num_train_epochs is not None:
+        per_epoch = math.ceil(train_rows / (args.batch_size * processes))
+        args.max_steps = max(1, math.ceil(per_epoch * args.num_train_epochs))
+    elif args.max_steps is None:
+        args.max_steps = 100
+    if args.warmup_ratio is not None:
+        args.warmup_steps = math.ceil(args.warmup_ratio * args.max_steps)
+    elif args.warmup_steps is None:
+        args.warmup_steps = min(10, args.max_steps)
+    if args.warmup_steps > args.max_steps:
+        raise ConfigError(f"--warmup-steps {args.warmup_steps} is more than --max-steps {args.max_steps}, so the learning "
+                          f"rate would never reach its value; pass --warmup-steps {min(10, args.max_steps)} or fewer.")
+
+
+def _check_selection_args(args) -> None:
+    """--select-best best and --early-stopping-patience choose on a selection split, evaluated
+    every --eval-steps: refuse them without one, before anything is read."""
+    percentage = args.validation_split_percentage
+    if percentage is not None and not 0 < percentage < 100:
+        raise ConfigError(f"--validation-split-percentage {percentage}: expected 1 to 99.")
+    wanted = [f for f, on in (("--select-best best", args.select_best == "best"),
+                              (f"--early-stopping-patience {args.early_stopping_patience}", args.early_stopping_patience)) if on]
+    if wanted and percentage is None:
+        raise ConfigError(f"{' and '.join(wanted)} choose on a selection split carved out of the training rows; pass "
+                          "--validation-split-percentage 10 (the evaluation file stays for the final score).")
+    if wanted and not args.eval_steps:
+        raise ConfigError(f"{' and '.join(wanted)} with --eval-steps 0 would never evaluate on the selection split; "
+                          "pass --eval-steps 25 (or another positive number).")
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m pstar_plugins.train") -> int:
@@ -234,27 +298,43 @@ def _data(args):
         if validation_file is None and args.validation_split_percentage is None:
             raise ConfigError(f"--train-file {args.train_file} without --validation-file: pass --validation-file, or "
                               "--validation-split-percentage 10 to evaluate on 10% of the training rows (trained on the rest).")
-    if args.validation_split_percentage is not None and (validation_file is not None or args.dataset):
-        raise ConfigError("--validation-split-percentage splits --train-file; it cannot be combined with "
-                          "--validation-file or --dataset.")
+    percentage = args.validation_split_percentage
+    # --max-train-samples first: the selection split is P% of the rows the run reads
     train_rows, train_source = load_split(train_file, args.dataset, args.dataset_config, args.train_split,
-                                          None if args.validation_split_percentage else args.max_train_samples, columns)
-    if args.validation_split_percentage is not None:
-        order = list(range(len(train_rows)))
-        random.Random(args.seed).shuffle(order)
-        held = max(1, len(order) * args.validation_split_percentage // 100)
-        if held >= len(order):
-            raise ConfigError(f"--validation-split-percentage {args.validation_split_percentage} of {len(order)} rows leaves "
-                              "none to train on; pass more rows or a --validation-file.")
-        eval_rows = [train_rows[i] for i in sorted(order[:held])][: args.max_eval_samples]
-        train_rows = [train_rows[i] for i in sorted(order[held:])][: args.max_train_samples]
-        eval_source = f"{train_source} (held-out {args.validation_split_percentage}%, seed {args.seed})"
+                                          args.max_train_samples, columns)
+    select_rows = select_source = None
+    if percentage is not None:
+        train_rows, select_rows = _split_off(train_rows, train_source, args)
+        select_source = f"{train_source} (held-out {percentage}%, seed {args.seed})"
+    if percentage is not None and validation_file is None and not args.dataset:
+        # no evaluation file: the held-out rows are the evaluation set (and no selection split)
+        if args.select_best == "best" or args.early_stopping_patience:
+            raise ConfigError(f"--train-file {args.train_file} without --validation-file: the held-out rows are the "
+                              "evaluation set, so choosing the step on them would report a score tuned on its own rows; "
+                              "pass a --validation-file for the final evaluation.")
+        eval_rows, eval_source = select_rows[: args.max_eval_samples], select_source
+        select_rows = select_source = None
         logger.info("evaluating on %d rows held out of %s (--validation-split-percentage %d)", len(eval_rows), train_source,
-                    args.validation_split_percentage)
+                    percentage)
     else:
         eval_rows, eval_source = load_split(validation_file, args.dataset, args.dataset_config, args.validation_split,
                                             args.max_eval_samples, columns)
-    return train_rows, train_source, eval_rows, eval_source
+    if select_rows is not None:
+        logger.info("selection split: %d rows held out of %s (--validation-split-percentage %d), %d rows train",
+                    len(select_rows), train_source, percentage, len(train_rows))
+    return train_rows, train_source, eval_rows, eval_source, select_rows
+
+
+def _split_off(rows: list, source: str, args) -> tuple[list, list]:
+    """``(training rows, held-out rows)`` of ``--validation-split-percentage`` (below 100%, so
+    rows always remain to train on); refuses a split that holds out no row."""
+    from pstar_plugins.selection import split_off
+
+    percentage = args.validation_split_percentage
+    if len(rows) * percentage // 100 == 0:
+        raise ConfigError(f"--validation-split-percentage {percentage} of the {len(rows)} rows of {source} holds out no row; "
+                          f"pass a percentage of at least {math.ceil(100 / len(rows))} or more training rows.")
+    return split_off(rows, percentage, args.seed)
 
 
 def _method_config(args, spec):
@@ -282,15 +362,56 @@ def _method_config(args, spec):
     return spec.config_class.from_dict(options), adapter  # validated before anything is loaded or written
 
 
+def _template_text(args, config, train_rows: list[dict], train_source: str):
+    """``(template text, config)``. One template, converted from the command line once
+    (parse_args): a template method's config holds the same text as the task record, so
+    ``pstar eval`` scores the prompt training used. Without ``--template``, a template method's
+    comes from the data's text columns and the others' default follows the data's one text column
+    (:mod:`pstar_plugins.data_templates`)."""
+    from pstar_plugins.data_templates import soft_prompt_template, text_columns, worded_template
+
+    template_field = any(f.name == "template" for f in dataclasses.fields(config))
+    if args.template is not None or args.init_from_adapter or "template" in args.method_options:
+        return getattr(config, "template", None) or args.template or DEFAULT_TEMPLATE, config
+    columns = text_columns(train_rows, _ignored_columns(args))
+    if template_field:
+        if not columns:
+            raise ConfigError(f"{train_source} has no text column to build the template from (columns: "
+                              f"{sorted(train_rows[0])}); pass --template with {{column}} slots and {{soft:N}} tokens.")
+        built = soft_prompt_template(columns)
+        logger.info("template built from the data's text columns %s: %r (set --template to choose)", columns, built)
+        return built, config.replace(template=built)
+    adapted = _default_template_for(DEFAULT_TEMPLATE, train_rows[0], args)
+    if len(columns) > 1 and any(f not in train_rows[0] for f in _template_fields(adapted)):
+        raise ConfigError(f"{train_source} has {len(columns)} text columns {columns}, and the default template "
+                          f"{DEFAULT_TEMPLATE!r} is worded for one; pass a template that places each, e.g. "
+                          f"--template '{worded_template(columns)}' (with --label-words for its classes).")
+    if adapted != DEFAULT_TEMPLATE:
+        logger.info("default template %r adapted to the data's text column: %r (set --template to choose)",
+                    DEFAULT_TEMPLATE, adapted)
+    return adapted, config
+
+
+def _template_fields(text: str) -> list[str]:
+    from pstar_plugins.tasks.template import Template
+
+    return Template.parse(text).fields
+
+
+def _ignored_columns(args) -> set[str]:
+    """The columns a template does not place: the label (classification) or the target (generation)."""
+    return {args.label_column} if args.task == "classification" else {args.target_column}
+
+
 def _default_template_for(text: str, row: dict, args) -> str:
-    """A default template (the method's preset or :data:`DEFAULT_TEMPLATE`) whose one text slot
-    names no column of the data, pointed at the data's one text column when there is exactly one."""
+    """A default template whose one text slot names no column of the data, pointed at the
+    data's one text column when there is exactly one."""
+    from pstar_plugins.data_templates import text_columns
     from pstar_plugins.tasks.template import Template
 
     missing = [f for f in Template.parse(text).fields if f not in row]
-    ignored = {args.label_column} if args.task == "classification" else {args.target_column}
-    candidates = [c for c, v in row.items() if c not in ignored and isinstance(v, str)]
-    if len(missing) == 1 and len(candidates) == 1 and "{" not in candidates[0] and "}" not in candidates[0]:
+    candidates = text_columns([row], _ignored_columns(args))
+    if len(missing) == 1 and len(candidates) == 1:
         return text.replace("{" + missing[0] + "}", "{" + candidates[0] + "}")
     return text
 
@@ -331,7 +452,8 @@ def _main(argv, prog: str = "pstar train"):
     lr = args.learning_rate if args.learning_rate is not None else spec.preset.learning_rate
     out_dir = Path(args.output_dir)
     run_dir.check_writable(out_dir)
-    train_rows, train_source, eval_rows, eval_source = _data(args)
+    train_rows, train_source, eval_rows, eval_source, select_rows = _data(args)
+    resolve_schedule(args, len(train_rows), int(os.environ.get("WORLD_SIZE", "1")))
     generation = args.task == "generation"
     if generation:
         train_labels = [0] * len(train_rows)
@@ -339,17 +461,11 @@ def _main(argv, prog: str = "pstar train"):
     else:
         train_labels = labels_of(train_rows, args.label_column, train_source, args.label_words)
         eval_labels = labels_of(eval_rows, args.label_column, eval_source, args.label_words)
-    # one template, converted from the command line once (parse_args): the P-tuning config holds
-    # the same text as the task record, so `pstar eval` scores the prompt training used
-    template_text = getattr(config, "template", None) or args.template or DEFAULT_TEMPLATE
-    if args.template is None and not args.init_from_adapter and "template" not in args.method_options:
-        adapted = _default_template_for(template_text, train_rows[0], args)
-        if adapted != template_text:
-            logger.info("default template %r adapted to the data's text column: %r (set --template to choose)",
-                        template_text, adapted)
-            template_text = adapted
-            if getattr(config, "template", None) is not None:
-                config = config.replace(template=adapted)
+    if select_rows is not None:
+        select_labels = [0] * len(select_rows) if generation else labels_of(select_rows, args.label_column, train_source,
+                                                                           args.label_words)
+        select_rows = (select_rows, select_labels)
+    template_text, config = _template_text(args, config, train_rows, train_source)
     template = Template.parse(template_text)
     _check_template(template, args, train_rows, train_source)
     check_source(args.model, args.model_kind, args.gguf_file, args.task)
@@ -367,14 +483,14 @@ def _main(argv, prog: str = "pstar train"):
             if args.overwrite and resume is None:
                 run_dir.clear_previous_run(out_dir, args.plot)
         return _train(args, spec, config, adapter, lr, out_dir, run_id, resume, template, train_rows, train_labels,
-                      train_source, eval_rows, eval_labels)
+                      train_source, eval_rows, eval_labels, select_rows)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _train(args, spec, config, adapter, lr, out_dir, run_id, resume, template, train_rows, train_labels, train_source,
-           eval_rows, eval_labels):
+           eval_rows, eval_labels, select_rows=None):
     _quiet_third_party(sys.stderr.isatty())
     import torch
     from accelerate import Accelerator, InitProcessGroupKwargs
@@ -455,6 +571,7 @@ def _train(args, spec, config, adapter, lr, out_dir, run_id, resume, template, t
     if generation:
         verbalizer = zero_shot = None
         eval_groups = gen.group_references(eval_rows, template, args.target_column)
+        select_groups = gen.group_references(select_rows[0], template, args.target_column) if select_rows else None
     else:
         verbalizer = Verbalizer(tokenizer, template, args.label_words, masked_lm=masked)
         zero_shot = Verbalizer(tokenizer, zero_shot_template, args.label_words, masked_lm=masked)
@@ -496,8 +613,8 @@ def _train(args, spec, config, adapter, lr, out_dir, run_id, resume, template, t
         return F.cross_entropy(scores, gold)
 
     @torch.no_grad()
-    def evaluate_generation(m, tmpl, desc, limit=None):
-        groups = eval_groups[: limit or len(eval_groups)]
+    def evaluate_generation(m, tmpl, desc, limit=None, selection=False):
+        groups = select_groups if selection else eval_groups[: limit or len(eval_groups)]
         m.eval()
         scores, hyps = gen.generate_and_score(m, tmpl, tokenizer, groups, args.max_new_tokens, args.eval_batch_size)
         m.train()
@@ -505,25 +622,32 @@ def _train(args, spec, config, adapter, lr, out_dir, run_id, resume, template, t
         return scores["bleu"]
 
     @torch.no_grad()
-    def evaluate(m, scorer, desc, limit=None):
+    def evaluate(m, scorer, desc, limit=None, selection=False):
         if generation:
             tmpl = zero_shot_template if scorer == "zero-shot" else template
-            return evaluate_generation(m if scorer == "zero-shot" else core, tmpl, desc, limit)
+            return evaluate_generation(m if scorer == "zero-shot" else core, tmpl, desc, limit, selection)
+        rows, labels = select_rows if selection else (eval_rows, eval_labels)
         m.eval()
         correct = 0
-        n = min(limit or len(eval_rows), len(eval_rows))
+        n = min(limit or len(rows), len(rows))
         bar = tqdm(range(0, n, args.eval_batch_size), desc=desc, disable=not (accelerator.is_main_process and sys.stderr.isatty()),
                    leave=False)
         for i in bar:
             j = min(i + args.eval_batch_size, n)
-            scores, gold = classify(m, scorer, eval_rows[i:j], eval_labels[i:j])
+            scores, gold = classify(m, scorer, rows[i:j], labels[i:j])
             correct += int((scores.argmax(-1) == gold).sum())
         m.train()
         return correct / n
 
     history = {"step": [], "loss": [], "eval_step": [], metric: []}
     results = {"method": args.method, "model": args.model, "task": args.task, "metric": metric,
-               "trainable_parameters": trainable, "frozen_parameters": frozen, "init_gather_calls": init_gathers}
+               "trainable_parameters": trainable, "frozen_parameters": frozen, "init_gather_calls": init_gathers,
+               "train_rows": len(train_rows), "selection_rows": len(select_rows[0]) if select_rows else 0,
+               "evaluation_rows": len(eval_rows), "max_steps": args.max_steps,
+               "expected_examples": spec.preset.expected_examples}
+    from pstar_plugins.selection import BEST_ADAPTER, Selection
+
+    selection = Selection(keep_best=args.select_best == "best", patience=args.early_stopping_patience)
     # --report-to: the run's configuration (flags, resolved method options, learning rate)
     tracking.start(accelerator, {**vars(args), **{f"method.{k}": v for k, v in config.to_dict().items()},
                                  "learning_rate": lr, "trainable_parameters": trainable, "processes": accelerator.num_processes})
@@ -537,6 +661,11 @@ def _train(args, spec, config, adapter, lr, out_dir, run_id, resume, template, t
     logger.info("  trainable parameters = %d, frozen = %d (%.4f%%)", trainable, frozen, 100 * trainable / max(1, trainable + frozen))
     logger.info("  examples = %d, steps = %d, batch per process = %d, processes = %d, lr = %g",
                 len(train_rows), args.max_steps, args.batch_size, accelerator.num_processes, lr)
+    if args.num_train_epochs is not None:
+        logger.info("  --num-train-epochs %g: %d steps", args.num_train_epochs, args.max_steps)
+    if select_rows:
+        logger.info("  selection split = %d rows, evaluated every %d steps; the adapter saved: %s", len(select_rows[0]),
+                    args.eval_steps, "the best on it" if selection.keep_best else "the last step's")
 
     rng = random.Random(args.seed)
     order: list[int] = []
@@ -546,6 +675,8 @@ def _train(args, spec, config, adapter, lr, out_dir, run_id, resume, template, t
         state = json.loads((resume / "trainer_state.json").read_text())
         start_step, order, history = state["step"], state["order"], state["history"]
         rng.setstate((state["rng"][0], tuple(state["rng"][1]), state["rng"][2]))
+        if "selection" in state:
+            selection.restore(state["selection"], resume)
         logger.info("resumed from %s at step %d", resume, start_step)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -557,8 +688,12 @@ def _train(args, spec, config, adapter, lr, out_dir, run_id, resume, template, t
         trainable_state = core.trainable_state()  # collective under ZeRO-3: every rank gathers
         if accelerator.is_main_process:
             save_adapter(core, ckpt / "adapter", state=trainable_state, task=task_record)
+            if selection.state is not None:  # the best so far: a resumed run can still end with it
+                save_adapter(core, ckpt / BEST_ADAPTER, state=selection.state, task=task_record)
             rng_state = rng.getstate()
             payload = {"step": step_done, "order": order, "history": history, "rng": [rng_state[0], list(rng_state[1]), rng_state[2]]}
+            if select_rows:
+                payload["selection"] = selection.to_json()
             # written last and atomically: its presence marks the checkpoint complete
             tmp = ckpt / "trainer_state.json.tmp"
             tmp.write_text(json.dumps(payload))
@@ -597,12 +732,29 @@ def _train(args, spec, config, adapter, lr, out_dir, run_id, resume, template, t
         tracking.log(accelerator, {"train/loss": loss_value, "train/learning_rate": scheduler.get_last_lr()[0]}, step=step + 1)
         if not interactive and ((step + 1) % args.logging_steps == 0 or step + 1 == args.max_steps):
             logger.info("step %d/%d: loss %.4f, lr %.3g", step + 1, args.max_steps, loss_value, scheduler.get_last_lr()[0])
-        if args.eval_steps and (step + 1) % args.eval_steps == 0 and step + 1 < args.max_steps:
+        if select_rows and args.eval_steps and ((step + 1) % args.eval_steps == 0 or step + 1 == args.max_steps):
+            value = evaluate(model, verbalizer, "selection eval", selection=True)
+            if world > 1:  # one decision for every rank: keeping the best state is a collective under ZeRO-3
+                from accelerate.utils import broadcast_object_list
+
+                value = broadcast_object_list([value])[0]
+            improved = selection.record(step + 1, value, core.trainable_state)  # a collective under ZeRO-3: every rank
+            history["eval_step"].append(step + 1)
+            history[metric].append(value)
+            tracking.log(accelerator, {f"selection/{metric}": value}, step=step + 1)
+            logger.info("step %d: loss %.4f, selection %s %.4f%s", step + 1, loss_value, metric, value,
+                        " (best so far)" if improved else f" (best {selection.best_value:.4f} at step {selection.best_step})")
+        elif args.eval_steps and (step + 1) % args.eval_steps == 0 and step + 1 < args.max_steps:
             acc = evaluate(model, verbalizer, "eval", limit=args.eval_subset_size)
             history["eval_step"].append(step + 1)
             history[metric].append(acc)
             tracking.log(accelerator, {f"eval/{metric}": acc}, step=step + 1)
             logger.info("step %d: loss %.4f, dev %s %.4f (first %d)", step + 1, loss_value, metric, acc, args.eval_subset_size)
+        if selection.should_stop:
+            logger.info("early stop at step %d: %d selection evaluations without improvement (--early-stopping-patience)",
+                        step + 1, selection.without_improvement)
+            results["early_stopped_at"] = step + 1
+            break
         if args.checkpointing_steps and (step + 1) % args.checkpointing_steps == 0:
             checkpoint(step + 1)
         if args.stop_after_steps and step + 1 - start_step >= args.stop_after_steps and step + 1 < args.max_steps:
@@ -613,10 +765,19 @@ def _train(args, spec, config, adapter, lr, out_dir, run_id, resume, template, t
             distributed.shut_down()
             return 0
 
+    steps_done = history["step"][-1] if history["step"] else start_step
+    results["steps"] = steps_done
+    results["examples_seen"] = steps_done * args.batch_size * world
+    if select_rows:
+        results["selection"] = selection.report(metric, len(select_rows[0]))
+    if selection.state is not None:  # every rank: the load is collective under ZeRO-3
+        core.load_trainable_state(selection.state)
+        logger.info("final evaluation with the best state on the selection split: step %d (%s %.4f)",
+                    selection.best_step, metric, selection.best_value)
     results[f"tuned_{metric}"] = evaluate(model, verbalizer, "final eval")
-    history["eval_step"].append(args.max_steps)
+    history["eval_step"].append(steps_done)
     history[metric].append(results[f"tuned_{metric}"])
-    tracking.log(accelerator, {f"eval/{metric}": results[f"tuned_{metric}"]}, step=args.max_steps)
+    tracking.log(accelerator, {f"eval/{metric}": results[f"tuned_{metric}"]}, step=steps_done)
     distributed.GATHER_LOG.clear()
     started = time.perf_counter()
     state = core.trainable_state()  # collective under ZeRO-3: only the method's partitions
@@ -634,7 +795,7 @@ def _train(args, spec, config, adapter, lr, out_dir, run_id, resume, template, t
         results["history"] = history
         (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
         if args.plot:
-            _plot(history, out_dir / args.plot, args.method, metric, args.eval_subset_size)
+            _plot(history, out_dir / args.plot, args.method, metric, args.eval_subset_size, periodic_on_selection=bool(select_rows))
         written = [out_dir / "adapter", out_dir / "metrics.json"]
         if args.plot and (out_dir / args.plot).is_file():
             written.append(out_dir / args.plot)
@@ -676,10 +837,28 @@ def _summary(args, results: dict, metric: str, written: list[Path]) -> str:
         sample = scores.get("final eval", {}).get("example") or []
         if sample:
             lines.append(f"  sample output          : {sample[0]!r}")
+    lines += _run_size_lines(args, results, metric)
     lines.append("  files written:")
     lines += [f"    {p}{'/' if p.is_dir() else ''}" for p in written]
     lines.append("-" * 60)
     return "\n".join(lines)
+
+
+def _run_size_lines(args, results: dict, metric: str) -> list[str]:
+    """How much the run trained, and what the selection split chose."""
+    if "steps" not in results:
+        return []
+    lines = [f"  training               : {results['steps']} steps, {results['examples_seen']} examples seen "
+             f"({results['train_rows']} training rows)"
+             + (f"; the preset expects {results['expected_examples']}" if results.get("expected_examples") else "")]
+    if results.get("early_stopped_at"):
+        lines.append(f"  early stop             : at step {results['early_stopped_at']} (--early-stopping-patience)")
+    chosen = results.get("selection")
+    if chosen and chosen["best_step"] is not None:
+        lines.append(f"  selection split        : {chosen['rows']} rows; best {metric} {chosen[f'best_{metric}']:.4f} at step "
+                     f"{chosen['best_step']}, last {chosen[f'last_{metric}']:.4f} at step {chosen['last_step']}; "
+                     f"saved: the {'best' if chosen['select'] == 'best' else 'last'} step's adapter")
+    return lines
 
 
 def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
@@ -691,7 +870,7 @@ def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
     return out
 
 
-def _plot(history, path: Path, method: str, metric: str = "accuracy", subset: int = 0) -> None:
+def _plot(history, path: Path, method: str, metric: str = "accuracy", subset: int = 0, periodic_on_selection: bool = False) -> None:
     try:
         import matplotlib
 
@@ -709,7 +888,9 @@ def _plot(history, path: Path, method: str, metric: str = "accuracy", subset: in
     # the periodic evaluations score a subset, the last one the whole dev set: two series, not one line
     periodic = list(zip(history["eval_step"][:-1], history[metric][:-1]))
     if periodic:
-        ax2.plot(*zip(*periodic), "o-", color="tab:red", label=f"dev {metric}, first {subset} rows" if subset else f"dev {metric}")
+        label = (f"selection-split {metric}" if periodic_on_selection
+                 else f"dev {metric}, first {subset} rows" if subset else f"dev {metric}")
+        ax2.plot(*zip(*periodic), "o-", color="tab:red", label=label)
     if history["eval_step"]:
         ax2.plot(history["eval_step"][-1:], history[metric][-1:], "*", color="black", markersize=12, label=f"final dev {metric}, all rows")
     ax2.set_ylabel(f"dev {metric}", color="tab:red")

@@ -6,7 +6,7 @@ from pstar_plugins.methods.p_tuning.config import PTuningConfig
 
 class PTuningPlugin(MethodPlugin):
     spec = MethodSpec("p-tuning", PTuningConfig, "template-placed soft tokens from an LSTM/MLP prompt encoder (Liu et al. 2021)",
-                      preset=Preset({"template": "{soft:3} Review: {sentence} {soft:3} Sentiment:{answer}"}, 1e-3))
+                      preset=Preset({}, 1e-3))
 
     def create(self, base_model, config, tokenizer):
         from pstar_plugins.methods.p_tuning.module import PTuning  # torch: only when a method is built
