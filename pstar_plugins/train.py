@@ -5,8 +5,16 @@
 
 Defaults train on the packaged SST-2 sample and evaluate on SST-2 dev, offline. Method options
 are flags too (``--num-virtual-tokens 20``); ``pstar methods`` lists methods, ``--help`` after
-``--method NAME`` lists that method's options. Structure follows transformers'
-``*_no_trainer.py`` examples.
+``--method NAME`` lists that method's options.
+
+The run is a few named steps, in the shape of transformers' ``run_glue_no_trainer.py`` and
+nanoGPT's ``train.py``: :func:`_plan` (method, config and preset, data with the selection split,
+schedule, template; everything checked before torch is imported), :func:`_accelerator`,
+:func:`_build_or_continue` (a new method, or ``--init-from-adapter`` through ``load_adapter``),
+:func:`_optimizer_and_schedule` (``make_optimizer`` and transformers' ``get_scheduler``),
+:func:`_start` (zero-shot baseline, resume), :func:`_training_loop` and :func:`_finish` (final
+evaluation, adapter, metrics, plot, summary). What differs between classification and generation
+is the task's (:mod:`pstar_plugins.script_tasks`).
 """
 
 from __future__ import annotations
@@ -20,7 +28,9 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pstar_plugins import arguments, tracking
 from pstar_plugins.errors import ConfigError, PStarError, run_reporting_errors
@@ -438,372 +448,423 @@ def _check_room(template, tokenizer, max_length: int) -> None:
                           f"{used + 64} or more, or shorten the template.")
 
 
+@dataclass
+class Plan:
+    """What a run was asked for, resolved and checked before any model loads: the method and its
+    config (preset, flags, or a saved adapter's), the learning rate, the data splits and the
+    template, the output folder and the checkpoint to continue."""
+
+    args: argparse.Namespace
+    spec: Any
+    config: Any
+    adapter: tuple | None  # (metadata, tensors) of --init-from-adapter
+    lr: float
+    out_dir: Path
+    run_id: dict
+    resume: Path | None
+    template: Any
+    task: Any
+    train: Any  # script_tasks.Split
+    evaluation: Any
+    selection: Any  # the selection split, or None
+
+
 def _main(argv, prog: str = "pstar train"):
-    args = parse_args(argv, prog)
+    from pstar_plugins import run_dir
+
+    plan = _plan(parse_args(argv, prog))
+    main_process = os.environ.get("RANK", "0") == "0"
+    lock = run_dir.RunLock(plan.out_dir) if main_process else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        if main_process:  # under the lock: a run that finished meanwhile is seen
+            run_dir.check_previous_run(plan.out_dir, plan.run_id, plan.args.overwrite, plan.resume is not None, plan.args.plot)
+            if plan.args.overwrite and plan.resume is None:
+                run_dir.clear_previous_run(plan.out_dir, plan.args.plot)
+        return _train(plan)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _plan(args) -> Plan:
+    """Method and config, data, schedule, template and output folder, all checked (no torch)."""
     from pstar_plugins import run_dir
     from pstar_plugins.models import check_source
     from pstar_plugins.plugins import get_plugin_manager
-    from pstar_plugins.tasks.data import labels_of
+    from pstar_plugins.script_tasks import make_task
     from pstar_plugins.tasks.template import Template
 
-    pm = get_plugin_manager()
-    spec = pm.method(args.method)
+    spec = get_plugin_manager().method(args.method)
     config, adapter = _method_config(args, spec)
     lr = args.learning_rate if args.learning_rate is not None else spec.preset.learning_rate
     out_dir = Path(args.output_dir)
     run_dir.check_writable(out_dir)
     train_rows, train_source, eval_rows, eval_source, select_rows = _data(args)
     resolve_schedule(args, len(train_rows), int(os.environ.get("WORLD_SIZE", "1")))
-    generation = args.task == "generation"
-    if generation:
-        train_labels = [0] * len(train_rows)
-        eval_labels = []
-    else:
-        train_labels = labels_of(train_rows, args.label_column, train_source, args.label_words)
-        eval_labels = labels_of(eval_rows, args.label_column, eval_source, args.label_words)
-    if select_rows is not None:
-        select_labels = [0] * len(select_rows) if generation else labels_of(select_rows, args.label_column, train_source,
-                                                                           args.label_words)
-        select_rows = (select_rows, select_labels)
+    task = make_task(args)
+    train, evaluation = task.split(train_rows, train_source), task.split(eval_rows, eval_source)
+    selection = task.split(select_rows, train_source) if select_rows is not None else None
     template_text, config = _template_text(args, config, train_rows, train_source)
     template = Template.parse(template_text)
     _check_template(template, args, train_rows, train_source)
     check_source(args.model, args.model_kind, args.gguf_file, args.task)
+    config = task.configure(config)
+    if adapter is not None and spec.config_class.from_dict(adapter[0]["method_config"]) != config:
+        raise ConfigError(f"--init-from-adapter {args.init_from_adapter} was trained with another number of classes than "
+                          f"the {len(args.label_words)} --label-words; pass the label words it was trained with.")
     resume = run_dir.checkpoint_to_resume(args.resume_from_checkpoint, out_dir)
     if resume is not None:
         run_dir.check_resume(resume, args.method, args.max_steps)
     run_id = {"method": args.method, "model": args.model, "train_file": train_source}
-    main_process = os.environ.get("RANK", "0") == "0"
-    lock = run_dir.RunLock(out_dir) if main_process else None
-    if lock is not None:
-        lock.acquire()
-    try:
-        if main_process:  # under the lock: a run that finished meanwhile is seen
-            run_dir.check_previous_run(out_dir, run_id, args.overwrite, resume is not None, args.plot)
-            if args.overwrite and resume is None:
-                run_dir.clear_previous_run(out_dir, args.plot)
-        return _train(args, spec, config, adapter, lr, out_dir, run_id, resume, template, train_rows, train_labels,
-                      train_source, eval_rows, eval_labels, select_rows)
-    finally:
-        if lock is not None:
-            lock.release()
+    return Plan(args, spec, config, adapter, lr, out_dir, run_id, resume, template, task, train, evaluation, selection)
 
 
-def _train(args, spec, config, adapter, lr, out_dir, run_id, resume, template, train_rows, train_labels, train_source,
-           eval_rows, eval_labels, select_rows=None):
+@dataclass
+class Run:
+    """A run in progress: the plan, the prepared model and optimizer, and the loop's state
+    (data order, RNG, history, selection), which a checkpoint saves and a resume restores."""
+
+    plan: Plan
+    accelerator: Any
+    model: Any  # as Accelerate prepared it (DDP / DeepSpeed engine)
+    core: Any  # the PStarModel inside
+    optimizer: Any
+    scheduler: Any
+    results: dict
+    chooser: Any  # selection.Selection
+    history: dict
+    rng: random.Random
+    order: list = field(default_factory=list)
+    start_step: int = 0
+
+    @property
+    def args(self):
+        return self.plan.args
+
+
+def _train(plan: Plan) -> int:
+    """Set up, build or continue, train, finish: the steps of one run."""
+    accelerator = _accelerator(plan.args)
+    model, init_gathers = _build_or_continue(plan, accelerator)
+    optimizer, scheduler = _optimizer_and_schedule(model, plan, accelerator)
+    trainable, frozen = model.parameter_counts()
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    run = _start(plan, accelerator, model, optimizer, scheduler, trainable, frozen, init_gathers)
+    if _training_loop(run):
+        _finish(run)
+    accelerator.end_training()
+    from pstar_plugins.core import distributed
+
+    distributed.shut_down()
+    return 0
+
+
+def _accelerator(args):
+    """Accelerate, set up for this launch (one process, DDP or DeepSpeed, with or without GPUs)."""
     _quiet_third_party(sys.stderr.isatty())
+    import datetime
+
     import torch
     from accelerate import Accelerator, InitProcessGroupKwargs
     from accelerate.utils import set_seed
-    from torch.nn import functional as F
-    from tqdm.auto import tqdm
 
-    from pstar_plugins import build_model, param_groups, run_dir
-    from pstar_plugins.core.adapter_io import save_adapter
-    from pstar_plugins.models import load, load_tokenizer
-    from pstar_plugins.tasks.template import Soft, Template
-    from pstar_plugins.tasks.verbalizer import Verbalizer
-
-    adapter_meta, adapter_tensors = adapter if adapter is not None else (None, None)
-    generation = args.task == "generation"
-    if generation:
-        from pstar_plugins.tasks import generation as gen
     # without a GPU, multi-process runs need gloo (otherwise Accelerate sees one process while
     # DeepSpeed sees several); a single plain process must not ask for a process group at all
     # DDP without GPUs must be asked for as cpu=True: otherwise Accelerate silently runs every
     # process on its own (DistributedType.NO, no gradient sync)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
     no_gpu = not torch.cuda.is_available()
-    import datetime
-
     timeout = datetime.timedelta(seconds=args.dist_timeout)
-    handlers = [InitProcessGroupKwargs(backend="gloo" if no_gpu else None, timeout=timeout)] if distributed else []
+    handlers = [InitProcessGroupKwargs(backend="gloo" if no_gpu else None, timeout=timeout)] if several else []
     # our loop counts optimizer steps itself: the scheduler must advance once per step, not once
     # per process (Accelerate's default assumes a dataloader it sharded)
     accelerator = Accelerator(kwargs_handlers=handlers, step_scheduler_with_optimizer=False,
-                              cpu=distributed and no_gpu and not deepspeed, **tracking.accelerator_kwargs(args))
-    if distributed and accelerator.distributed_type.value == "NO":
+                              cpu=several and no_gpu and not deepspeed, **tracking.accelerator_kwargs(args))
+    if several and accelerator.distributed_type.value == "NO":
         raise PStarError(f"{os.environ.get('WORLD_SIZE')} processes were launched but Accelerate set up no "
                          "process group, so gradients would not be synchronised; check the launcher config.")
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if accelerator.is_main_process else logging.ERROR)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if accelerator.is_main_process else logging.ERROR)
     set_seed(args.seed)
+    return accelerator
 
-    # what the adapter is for, saved with it: `pstar eval --adapter` then scores it as training did
-    task_record = {"kind": args.task, "template": template.text, "max_length": args.max_length,
-                   "model": args.model, "model_kind": args.model_kind, "gguf_file": args.gguf_file}
-    if generation:
-        task_record.update(target_column=args.target_column, max_new_tokens=args.max_new_tokens)
-    else:
-        task_record.update(label_words=list(args.label_words), label_column=args.label_column)
 
+def _build_or_continue(plan: Plan, accelerator):
+    """The frozen model with the method on it: built from the config, or the saved adapter of
+    ``--init-from-adapter`` loaded through :func:`load_adapter` (PEFT refuses this, peft#2256).
+    Also returns how many gathers the method's initialisation made (rows, never whole matrices)."""
+    from pstar_plugins import build_model
+    from pstar_plugins.core import distributed
+    from pstar_plugins.core.adapter_io import load_adapter
+    from pstar_plugins.models import load, load_tokenizer
+    from pstar_plugins.tasks.template import Soft, Template
+
+    args, template = plan.args, plan.template
     tokenizer = load_tokenizer(args.model, args.gguf_file)
     _check_room(template, tokenizer, args.max_length)
     # every rank loads at the same time: under ZeRO-3 the model is built inside zero.Init, whose
     # parameter partitioning is a collective; main_process_first() here would deadlock
     base, tokenizer = load(args.model, kind=args.model_kind, gguf_file=args.gguf_file, tokenizer=tokenizer)
-    masked = args.model_kind == "masked-lm"
-    head_classifier = config.has_classifier_head()
-    if head_classifier and generation:
-        raise ConfigError("a classification head cannot generate; use --head none for --task generation.")
-    if head_classifier:
-        config = config.for_classes(len(args.label_words))
-    from pstar_plugins.core import distributed
-
     distributed.GATHER_LOG.clear()
-    if adapter_meta is None:
-        model = build_model(base, args.method, config, tokenizer=tokenizer)
-    else:  # continue from a saved adapter (PEFT refuses this, peft#2256)
-        from pstar_plugins.core.adapter_io import check_geometry
-
-        model = build_model(base, args.method, config.for_loading(), tokenizer=tokenizer)
-        model.method.config = config
-        check_geometry(adapter_meta, model)
-        if adapter_meta["folded"]:
-            model.fold()
-        model.load_trainable_state(adapter_tensors)
+    if plan.adapter is None:
+        model = build_model(base, args.method, plan.config, tokenizer=tokenizer)
+    else:
+        model = load_adapter(base, args.init_from_adapter, tokenizer=tokenizer, contents=plan.adapter)
         logger.info("continuing from adapter %s", args.init_from_adapter)
-    init_gathers = len(distributed.GATHER_LOG)  # vocab/text initialisation reads rows, never whole matrices
+    init_gathers = len(distributed.GATHER_LOG)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.packing = args.packing
     zero_shot_template = Template(template.text, [p for p in template.parts if not isinstance(p, Soft)])
-    if generation:
-        verbalizer = zero_shot = None
-        eval_groups = gen.group_references(eval_rows, template, args.target_column)
-        select_groups = gen.group_references(select_rows[0], template, args.target_column) if select_rows else None
-    else:
-        verbalizer = Verbalizer(tokenizer, template, args.label_words, masked_lm=masked)
-        zero_shot = Verbalizer(tokenizer, zero_shot_template, args.label_words, masked_lm=masked)
-    metric = "bleu" if generation else "accuracy"
-    from pstar_plugins.core.inputs import accepts, is_encoder_decoder
+    plan.task.bind(tokenizer, template, zero_shot_template, accelerator.device, base, plan.config.has_classifier_head())
+    for split in (plan.evaluation, plan.selection):
+        plan.task.prepare(split)
+    return model, init_gathers
 
-    # decoder-only models get logits only where a target token is predicted
-    target_logits_only = generation and not is_encoder_decoder(base) and accepts(base, "logits_to_keep")
 
-    groups = param_groups(model, lr, args.weight_decay)
-    for g in groups:
-        g.pop("name", None)
-    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=args.weight_decay)
-    from transformers import get_scheduler  # the same schedules the Trainer uses
+def _optimizer_and_schedule(model, plan: Plan, accelerator):
+    """AdamW over the plugins' parameter groups, and transformers' schedule (as the Trainer's)."""
+    from transformers import get_scheduler
 
+    from pstar_plugins.core.build import make_optimizer
+
+    args = plan.args
+    optimizer = make_optimizer(model, plan.lr, args.weight_decay)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=min(args.warmup_steps, args.max_steps),
                               num_training_steps=args.max_steps)
-    trainable, frozen = model.parameter_counts()
     ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if ds_plugin is not None:  # we feed batches ourselves, so tell DeepSpeed the micro-batch size
         ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.batch_size
         # DeepSpeed clips inside its step; "auto" would become 1.0 whatever --max-grad-norm says
         ds_plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    core = accelerator.unwrap_model(model)
+    return optimizer, scheduler
 
-    def classify(m, scorer, rows, labels):
-        batch = scorer.encode(rows, labels, max_length=args.max_length)
-        return scorer.class_scores(m, batch, head_classifier), batch.labels.to(accelerator.device)
 
-    def step_loss(m, rows, labels):
-        if generation:
-            batch = gen.training_batch(template, tokenizer, rows, args.target_column, args.max_length)
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            if target_logits_only:
-                return gen.target_token_loss(m, batch)
-            return m(**batch).loss
-        scores, gold = classify(m, verbalizer, rows, labels)
-        return F.cross_entropy(scores, gold)
+def _start(plan: Plan, accelerator, model, optimizer, scheduler, trainable: int, frozen: int, init_gathers: int) -> Run:
+    """The run's record, the tracker, the zero-shot baseline, and the loop's state (fresh or resumed)."""
+    from pstar_plugins.selection import Selection
 
-    @torch.no_grad()
-    def evaluate_generation(m, tmpl, desc, limit=None, selection=False):
-        groups = select_groups if selection else eval_groups[: limit or len(eval_groups)]
-        m.eval()
-        scores, hyps = gen.generate_and_score(m, tmpl, tokenizer, groups, args.max_new_tokens, args.eval_batch_size)
-        m.train()
-        results.setdefault("generation_scores", {})[desc] = {**scores, "sources": len(groups), "example": hyps[:3]}
-        return scores["bleu"]
-
-    @torch.no_grad()
-    def evaluate(m, scorer, desc, limit=None, selection=False):
-        if generation:
-            tmpl = zero_shot_template if scorer == "zero-shot" else template
-            return evaluate_generation(m if scorer == "zero-shot" else core, tmpl, desc, limit, selection)
-        rows, labels = select_rows if selection else (eval_rows, eval_labels)
-        m.eval()
-        correct = 0
-        n = min(limit or len(rows), len(rows))
-        bar = tqdm(range(0, n, args.eval_batch_size), desc=desc, disable=not (accelerator.is_main_process and sys.stderr.isatty()),
-                   leave=False)
-        for i in bar:
-            j = min(i + args.eval_batch_size, n)
-            scores, gold = classify(m, scorer, rows[i:j], labels[i:j])
-            correct += int((scores.argmax(-1) == gold).sum())
-        m.train()
-        return correct / n
-
-    history = {"step": [], "loss": [], "eval_step": [], metric: []}
+    args, task, core = plan.args, plan.task, accelerator.unwrap_model(model)
+    metric = task.metric_name
     results = {"method": args.method, "model": args.model, "task": args.task, "metric": metric,
                "trainable_parameters": trainable, "frozen_parameters": frozen, "init_gather_calls": init_gathers,
-               "train_rows": len(train_rows), "selection_rows": len(select_rows[0]) if select_rows else 0,
-               "evaluation_rows": len(eval_rows), "max_steps": args.max_steps,
-               "expected_examples": spec.preset.expected_examples}
-    from pstar_plugins.selection import BEST_ADAPTER, Selection
-
-    selection = Selection(keep_best=args.select_best == "best", patience=args.early_stopping_patience)
+               "train_rows": len(plan.train), "selection_rows": len(plan.selection) if plan.selection else 0,
+               "evaluation_rows": len(plan.evaluation), "max_steps": args.max_steps,
+               "expected_examples": plan.spec.preset.expected_examples, **task.results_fields()}
+    chooser = Selection(keep_best=args.select_best == "best", patience=args.early_stopping_patience)
+    run = Run(plan, accelerator, model, core, optimizer, scheduler, results, chooser,
+              {"step": [], "loss": [], "eval_step": [], metric: []}, random.Random(args.seed))
     # --report-to: the run's configuration (flags, resolved method options, learning rate)
-    tracking.start(accelerator, {**vars(args), **{f"method.{k}": v for k, v in config.to_dict().items()},
-                                 "learning_rate": lr, "trainable_parameters": trainable, "processes": accelerator.num_processes})
-    if not args.no_zero_shot and not head_classifier:
-        results[f"zero_shot_{metric}"] = evaluate(core.base_model, "zero-shot" if generation else zero_shot, "zero-shot eval")
-        tracking.log(accelerator, {f"eval/zero_shot_{metric}": results[f"zero_shot_{metric}"]}, step=0)
-        logger.info("zero-shot %s (template %r): %.4f", metric, zero_shot_template.text, results[f"zero_shot_{metric}"])
+    tracking.start(accelerator, {**vars(args), **{f"method.{k}": v for k, v in plan.config.to_dict().items()},
+                                 "learning_rate": plan.lr, "trainable_parameters": trainable,
+                                 "processes": accelerator.num_processes})
+    if not args.no_zero_shot and not plan.config.has_classifier_head():
+        value = task.evaluate(core.base_model, plan.evaluation, "zero-shot eval", zero_shot=True,
+                              show=accelerator.is_main_process)
+        results[f"zero_shot_{metric}"] = value
+        tracking.log(accelerator, {f"eval/zero_shot_{metric}": value}, step=0)
+        logger.info("zero-shot %s (template %r): %.4f", metric, task.zero_shot_template.text, value)
+    _log_run(run, trainable, frozen)
+    if plan.resume is not None:
+        _resume(run, plan.resume)
+    if accelerator.is_main_process:
+        plan.out_dir.mkdir(parents=True, exist_ok=True)
+        (plan.out_dir / "run.json").write_text(json.dumps(plan.run_id))
+    return run
 
+
+def _log_run(run: Run, trainable: int, frozen: int) -> None:
+    args, plan = run.args, run.plan
     logger.info("***** Running training *****")
     logger.info("  method = %s, model = %s", args.method, args.model)
     logger.info("  trainable parameters = %d, frozen = %d (%.4f%%)", trainable, frozen, 100 * trainable / max(1, trainable + frozen))
     logger.info("  examples = %d, steps = %d, batch per process = %d, processes = %d, lr = %g",
-                len(train_rows), args.max_steps, args.batch_size, accelerator.num_processes, lr)
+                len(plan.train), args.max_steps, args.batch_size, run.accelerator.num_processes, plan.lr)
     if args.num_train_epochs is not None:
         logger.info("  --num-train-epochs %g: %d steps", args.num_train_epochs, args.max_steps)
-    if select_rows:
-        logger.info("  selection split = %d rows, evaluated every %d steps; the adapter saved: %s", len(select_rows[0]),
-                    args.eval_steps, "the best on it" if selection.keep_best else "the last step's")
+    if plan.selection:
+        logger.info("  selection split = %d rows, evaluated every %d steps; the adapter saved: %s", len(plan.selection),
+                    args.eval_steps, "the best on it" if run.chooser.keep_best else "the last step's")
 
-    rng = random.Random(args.seed)
-    order: list[int] = []
-    start_step = 0
-    if resume is not None:
-        accelerator.load_state(str(resume))
-        state = json.loads((resume / "trainer_state.json").read_text())
-        start_step, order, history = state["step"], state["order"], state["history"]
-        rng.setstate((state["rng"][0], tuple(state["rng"][1]), state["rng"][2]))
-        if "selection" in state:
-            selection.restore(state["selection"], resume)
-        logger.info("resumed from %s at step %d", resume, start_step)
+
+def _resume(run: Run, checkpoint: Path) -> None:
+    run.accelerator.load_state(str(checkpoint))
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    run.start_step, run.order, run.history = state["step"], state["order"], state["history"]
+    run.rng.setstate((state["rng"][0], tuple(state["rng"][1]), state["rng"][2]))
+    if "selection" in state:
+        run.chooser.restore(state["selection"], checkpoint)
+    logger.info("resumed from %s at step %d", checkpoint, run.start_step)
+
+
+def _checkpoint(run: Run, step_done: int) -> None:
+    """The full training state of every rank, the adapter (and the best one so far), and, written
+    last and atomically, trainer_state.json: its presence marks the checkpoint complete."""
+    from pstar_plugins import run_dir
+    from pstar_plugins.core.adapter_io import save_adapter
+    from pstar_plugins.selection import BEST_ADAPTER
+
+    args, accelerator, out_dir = run.args, run.accelerator, run.plan.out_dir
+    ckpt = out_dir / f"checkpoint-{step_done}"
+    accelerator.save_state(str(ckpt))  # model, optimizer, scheduler, RNG of every rank
+    trainable_state = run.core.trainable_state()  # collective under ZeRO-3: every rank gathers
     if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "run.json").write_text(json.dumps(run_id))
+        record = run.plan.task.record()
+        save_adapter(run.core, ckpt / "adapter", state=trainable_state, task=record)
+        if run.chooser.state is not None:  # the best so far: a resumed run can still end with it
+            save_adapter(run.core, ckpt / BEST_ADAPTER, state=run.chooser.state, task=record)
+        rng_state = run.rng.getstate()
+        payload = {"step": step_done, "order": run.order, "history": run.history,
+                   "rng": [rng_state[0], list(rng_state[1]), rng_state[2]]}
+        if run.plan.selection:
+            payload["selection"] = run.chooser.to_json()
+        tmp = ckpt / "trainer_state.json.tmp"
+        tmp.write_text(json.dumps(payload))
+        os.replace(tmp, ckpt / "trainer_state.json")
+        for old in run_dir.prune_checkpoints(out_dir, args.checkpoints_total_limit):
+            logger.info("removed %s (--checkpoints-total-limit %d)", old.name, args.checkpoints_total_limit)
+    accelerator.wait_for_everyone()
 
-    def checkpoint(step_done: int) -> None:
-        ckpt = out_dir / f"checkpoint-{step_done}"
-        accelerator.save_state(str(ckpt))  # model, optimizer, scheduler, RNG of every rank
-        trainable_state = core.trainable_state()  # collective under ZeRO-3: every rank gathers
-        if accelerator.is_main_process:
-            save_adapter(core, ckpt / "adapter", state=trainable_state, task=task_record)
-            if selection.state is not None:  # the best so far: a resumed run can still end with it
-                save_adapter(core, ckpt / BEST_ADAPTER, state=selection.state, task=task_record)
-            rng_state = rng.getstate()
-            payload = {"step": step_done, "order": order, "history": history, "rng": [rng_state[0], list(rng_state[1]), rng_state[2]]}
-            if select_rows:
-                payload["selection"] = selection.to_json()
-            # written last and atomically: its presence marks the checkpoint complete
-            tmp = ckpt / "trainer_state.json.tmp"
-            tmp.write_text(json.dumps(payload))
-            os.replace(tmp, ckpt / "trainer_state.json")
-            for old in run_dir.prune_checkpoints(out_dir, args.checkpoints_total_limit):
-                logger.info("removed %s (--checkpoints-total-limit %d)", old.name, args.checkpoints_total_limit)
-        accelerator.wait_for_everyone()
 
+def _next_rows(run: Run) -> tuple[list, list]:
+    """This rank's share of the next global batch, drawn from a seeded shuffle, epoch after epoch."""
+    args, world, rank = run.args, run.accelerator.num_processes, run.accelerator.process_index
+    global_batch = args.batch_size * world
+    if len(run.order) < global_batch:
+        fresh = list(range(len(run.plan.train)))
+        run.rng.shuffle(fresh)
+        run.order += fresh
+    chosen, run.order = run.order[:global_batch], run.order[global_batch:]
+    return run.plan.train.take(chosen[rank * args.batch_size:(rank + 1) * args.batch_size])
+
+
+def _training_loop(run: Run) -> bool:
+    """Train to --max-steps (or an early stop); False when --stop-after-steps left early."""
+    import torch
+    from tqdm.auto import tqdm
+
+    args, accelerator, model = run.args, run.accelerator, run.model
+    clip = args.max_grad_norm and getattr(accelerator.state, "deepspeed_plugin", None) is None
     model.train()
     interactive = sys.stderr.isatty()
     # a terminal gets a progress bar; a log file one line per --logging-steps, not carriage returns
-    progress = tqdm(range(start_step, args.max_steps), desc="training",
-                    disable=not (accelerator.is_main_process and interactive))
-    world, rank = accelerator.num_processes, accelerator.process_index
+    progress = tqdm(range(run.start_step, args.max_steps), desc="training", disable=not (accelerator.is_main_process and interactive))
     for step in progress:
-        global_batch = args.batch_size * world
-        if len(order) < global_batch:
-            fresh = list(range(len(train_rows)))
-            rng.shuffle(fresh)
-            order += fresh
-        chosen, order = order[:global_batch], order[global_batch:]
-        mine = chosen[rank * args.batch_size:(rank + 1) * args.batch_size]
-        loss = step_loss(model, [train_rows[i] for i in mine], [train_labels[i] for i in mine])
+        loss = run.plan.task.loss(model, *_next_rows(run))
         if not torch.isfinite(loss):
             raise PStarError(f"loss became {loss.item()} at step {step + 1}; lower --learning-rate. Checkpoints so far are kept.")
         accelerator.backward(loss)
-        if args.max_grad_norm and ds_plugin is None:
+        if clip:
             accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad()
         loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
-        history["step"].append(step + 1)
-        history["loss"].append(loss_value)
+        run.history["step"].append(step + 1)
+        run.history["loss"].append(loss_value)
         progress.set_postfix(loss=f"{loss_value:.4f}")
-        tracking.log(accelerator, {"train/loss": loss_value, "train/learning_rate": scheduler.get_last_lr()[0]}, step=step + 1)
+        rate = run.scheduler.get_last_lr()[0]
+        tracking.log(accelerator, {"train/loss": loss_value, "train/learning_rate": rate}, step=step + 1)
         if not interactive and ((step + 1) % args.logging_steps == 0 or step + 1 == args.max_steps):
-            logger.info("step %d/%d: loss %.4f, lr %.3g", step + 1, args.max_steps, loss_value, scheduler.get_last_lr()[0])
-        if select_rows and args.eval_steps and ((step + 1) % args.eval_steps == 0 or step + 1 == args.max_steps):
-            value = evaluate(model, verbalizer, "selection eval", selection=True)
-            if world > 1:  # one decision for every rank: keeping the best state is a collective under ZeRO-3
-                from accelerate.utils import broadcast_object_list
-
-                value = broadcast_object_list([value])[0]
-            improved = selection.record(step + 1, value, core.trainable_state)  # a collective under ZeRO-3: every rank
-            history["eval_step"].append(step + 1)
-            history[metric].append(value)
-            tracking.log(accelerator, {f"selection/{metric}": value}, step=step + 1)
-            logger.info("step %d: loss %.4f, selection %s %.4f%s", step + 1, loss_value, metric, value,
-                        " (best so far)" if improved else f" (best {selection.best_value:.4f} at step {selection.best_step})")
-        elif args.eval_steps and (step + 1) % args.eval_steps == 0 and step + 1 < args.max_steps:
-            acc = evaluate(model, verbalizer, "eval", limit=args.eval_subset_size)
-            history["eval_step"].append(step + 1)
-            history[metric].append(acc)
-            tracking.log(accelerator, {f"eval/{metric}": acc}, step=step + 1)
-            logger.info("step %d: loss %.4f, dev %s %.4f (first %d)", step + 1, loss_value, metric, acc, args.eval_subset_size)
-        if selection.should_stop:
-            logger.info("early stop at step %d: %d selection evaluations without improvement (--early-stopping-patience)",
-                        step + 1, selection.without_improvement)
-            results["early_stopped_at"] = step + 1
+            logger.info("step %d/%d: loss %.4f, lr %.3g", step + 1, args.max_steps, loss_value, rate)
+        if _periodic_evaluation(run, step + 1, loss_value):
             break
         if args.checkpointing_steps and (step + 1) % args.checkpointing_steps == 0:
-            checkpoint(step + 1)
-        if args.stop_after_steps and step + 1 - start_step >= args.stop_after_steps and step + 1 < args.max_steps:
+            _checkpoint(run, step + 1)
+        if args.stop_after_steps and step + 1 - run.start_step >= args.stop_after_steps and step + 1 < args.max_steps:
             if not (args.checkpointing_steps and (step + 1) % args.checkpointing_steps == 0):
-                checkpoint(step + 1)
+                _checkpoint(run, step + 1)
             logger.info("stopping after %d steps in this run (--stop-after-steps); resume with --resume-from-checkpoint latest", args.stop_after_steps)
-            accelerator.end_training()
-            distributed.shut_down()
-            return 0
+            return False
+    return True
 
-    steps_done = history["step"][-1] if history["step"] else start_step
-    results["steps"] = steps_done
-    results["examples_seen"] = steps_done * args.batch_size * world
-    if select_rows:
-        results["selection"] = selection.report(metric, len(select_rows[0]))
-    if selection.state is not None:  # every rank: the load is collective under ZeRO-3
-        core.load_trainable_state(selection.state)
+
+def _periodic_evaluation(run: Run, step: int, loss_value: float) -> bool:
+    """Evaluate every --eval-steps: the selection split when there is one (also at the last
+    step), else the first --eval-subset-size evaluation rows. True: stop early."""
+    args, plan, accelerator, metric = run.args, run.plan, run.accelerator, run.plan.task.metric_name
+    if not args.eval_steps:
+        return False
+    scoring = plan.task.evaluation_model(run.model, run.core)
+    show = accelerator.is_main_process
+    if plan.selection and (step % args.eval_steps == 0 or step == args.max_steps):
+        value = plan.task.evaluate(scoring, plan.selection, "selection eval", show=show)
+        if accelerator.num_processes > 1:  # one decision for every rank: keeping the best state is a collective under ZeRO-3
+            from accelerate.utils import broadcast_object_list
+
+            value = broadcast_object_list([value])[0]
+        improved = run.chooser.record(step, value, run.core.trainable_state)  # a collective under ZeRO-3: every rank
+        run.history["eval_step"].append(step)
+        run.history[metric].append(value)
+        tracking.log(accelerator, {f"selection/{metric}": value}, step=step)
+        logger.info("step %d: loss %.4f, selection %s %.4f%s", step, loss_value, metric, value, " (best so far)" if improved
+                    else f" (best {run.chooser.best_value:.4f} at step {run.chooser.best_step})")
+    elif not plan.selection and step % args.eval_steps == 0 and step < args.max_steps:
+        value = plan.task.evaluate(scoring, plan.evaluation, "eval", limit=args.eval_subset_size, show=show)
+        run.history["eval_step"].append(step)
+        run.history[metric].append(value)
+        tracking.log(accelerator, {f"eval/{metric}": value}, step=step)
+        logger.info("step %d: loss %.4f, dev %s %.4f (first %d)", step, loss_value, metric, value, args.eval_subset_size)
+    if run.chooser.should_stop:
+        logger.info("early stop at step %d: %d selection evaluations without improvement (--early-stopping-patience)",
+                    step, run.chooser.without_improvement)
+        run.results["early_stopped_at"] = step
+        return True
+    return False
+
+
+def _finish(run: Run) -> None:
+    """The final evaluation (of the best state, with --select-best best), the adapter, metrics.json,
+    the plot and the summary."""
+    from pstar_plugins import run_dir
+    from pstar_plugins.core import distributed
+    from pstar_plugins.core.adapter_io import save_adapter
+
+    args, plan, accelerator, core, results, history = run.args, run.plan, run.accelerator, run.core, run.results, run.history
+    metric, out_dir = plan.task.metric_name, plan.out_dir
+    steps_done = history["step"][-1] if history["step"] else run.start_step
+    results.update(steps=steps_done, examples_seen=steps_done * args.batch_size * accelerator.num_processes)
+    if plan.selection:
+        results["selection"] = run.chooser.report(metric, len(plan.selection))
+    if run.chooser.state is not None:  # every rank: the load is collective under ZeRO-3
+        core.load_trainable_state(run.chooser.state)
         logger.info("final evaluation with the best state on the selection split: step %d (%s %.4f)",
-                    selection.best_step, metric, selection.best_value)
-    results[f"tuned_{metric}"] = evaluate(model, verbalizer, "final eval")
+                    run.chooser.best_step, metric, run.chooser.best_value)
+    scoring = plan.task.evaluation_model(run.model, core)
+    results[f"tuned_{metric}"] = plan.task.evaluate(scoring, plan.evaluation, "final eval", show=accelerator.is_main_process)
     history["eval_step"].append(steps_done)
     history[metric].append(results[f"tuned_{metric}"])
     tracking.log(accelerator, {f"eval/{metric}": results[f"tuned_{metric}"]}, step=steps_done)
     distributed.GATHER_LOG.clear()
     started = time.perf_counter()
     state = core.trainable_state()  # collective under ZeRO-3: only the method's partitions
-    gathered_ids = {i for call in distributed.GATHER_LOG for i in call}
-    frozen_ids = {id(p) for p in core.parameters() if not p.requires_grad}
-    results["save"] = {
-        "gather_calls": len(distributed.GATHER_LOG),
-        "gathered_parameters": len(gathered_ids),
-        "frozen_parameters_gathered": len(gathered_ids & frozen_ids),
-        "bytes": sum(t.numel() * t.element_size() for t in state.values()),
-    }
+    results["save"] = _save_record(core, state)
     if accelerator.is_main_process:
-        save_adapter(core, out_dir / "adapter", state=state, task=task_record)
+        save_adapter(core, out_dir / "adapter", state=state, task=plan.task.record())
         results["save"]["seconds"] = time.perf_counter() - started
         results["history"] = history
         (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
         if args.plot:
-            _plot(history, out_dir / args.plot, args.method, metric, args.eval_subset_size, periodic_on_selection=bool(select_rows))
+            _plot(history, out_dir / args.plot, args.method, metric, args.eval_subset_size, periodic_on_selection=bool(plan.selection))
         written = [out_dir / "adapter", out_dir / "metrics.json"]
         if args.plot and (out_dir / args.plot).is_file():
             written.append(out_dir / args.plot)
         written += run_dir.complete_checkpoints(out_dir)
         print(_summary(args, results, metric, written))
-    accelerator.end_training()
-    distributed.shut_down()
-    return 0
+
+
+def _save_record(core, state: dict) -> dict:
+    """What the final save gathered (under ZeRO-3: the method's partitions only, no frozen weight)."""
+    from pstar_plugins.core import distributed
+
+    gathered_ids = {i for call in distributed.GATHER_LOG for i in call}
+    frozen_ids = {id(p) for p in core.parameters() if not p.requires_grad}
+    return {"gather_calls": len(distributed.GATHER_LOG), "gathered_parameters": len(gathered_ids),
+            "frozen_parameters_gathered": len(gathered_ids & frozen_ids),
+            "bytes": sum(t.numel() * t.element_size() for t in state.values())}
 
 
 def _is_cpu_notice(record: logging.LogRecord) -> bool:
@@ -824,19 +885,9 @@ def _quiet_third_party(interactive: bool) -> None:
 
 def _summary(args, results: dict, metric: str, written: list[Path]) -> str:
     """The closing report: the scores (with their scales) and every file this run wrote."""
-    lines = ["", "-" * 60, f"method {args.method} on {args.model}"]
-    if metric == "accuracy":
-        if "zero_shot_accuracy" in results:
-            lines.append(f"  zero-shot dev accuracy : {results['zero_shot_accuracy']:.4f} (0-1)")
-        lines.append(f"  tuned dev accuracy     : {results['tuned_accuracy']:.4f} (0-1)")
-    else:
-        scores = results.get("generation_scores", {})
-        for label, key in (("zero-shot", "zero-shot eval"), ("tuned", "final eval")):
-            if key in scores:
-                lines.append(f"  {label + ' dev':<15}: BLEU {scores[key]['bleu']:.2f}, ROUGE-L {scores[key]['rouge_l']:.2f} (both 0-100)")
-        sample = scores.get("final eval", {}).get("example") or []
-        if sample:
-            lines.append(f"  sample output          : {sample[0]!r}")
+    from pstar_plugins.script_tasks import BY_METRIC
+
+    lines = ["", "-" * 60, f"method {args.method} on {args.model}", *BY_METRIC[metric].summary_lines(results)]
     lines += _run_size_lines(args, results, metric)
     lines.append("  files written:")
     lines += [f"    {p}{'/' if p.is_dir() else ''}" for p in written]
