@@ -311,6 +311,11 @@ def _train_on_pairs(*argv):
     return run
 
 
+def _continue_head_adapter_with_more_classes(tmp):
+    adapter = _saved_adapter(tmp, method="p-tuning-v2")  # a linear head for 2 classes
+    _train("--method", "p-tuning-v2", "--init-from-adapter", str(adapter), "--label-words", "bad", "fine", "good")(tmp)
+
+
 def _locked_output_dir(tmp):
     import os
     import socket
@@ -432,6 +437,7 @@ CASES = [
     Case("train: --warmup-ratio above 1", _train("--method", "prompt-tuning", "--warmup-ratio", "1.5"), "exit 2 (ConfigError)", "--warmup-ratio 1.5: expected a fraction of the run's steps from 0 to 1"),
     Case("train: --num-train-epochs whose steps are fewer than --warmup-steps", _train("--method", "prompt-tuning", "--num-train-epochs", "0.1", "--max-train-samples", "32", "--warmup-steps", "5"), "exit 2 (ConfigError)", "--warmup-steps 5 is more than --max-steps 1"),
     Case("train: two text columns and a method without a template of its own", _train_on_pairs("--method", "prompt-tuning"), "exit 2 (ConfigError)", "has 2 text columns ['sentence1', 'sentence2'], and the default template 'Review: {sentence} Sentiment:{answer}' is worded for one; pass a template that places each, e.g. --template 'sentence1: {sentence1}\\nsentence2: {sentence2}\\nAnswer:{answer}'"),
+    Case("train: --init-from-adapter whose head has other classes than --label-words", _continue_head_adapter_with_more_classes, "exit 2 (ConfigError)", "was trained with another number of classes than the 3 --label-words; pass the label words it was trained with"),
     Case("train: only --validation-file", _train("--method", "prompt-tuning", "--validation-file", _packaged("sst2_dev.tsv")), "exit 2 (ConfigError)", "without --train-file would train on the packaged SST-2 sample; pass --train-file too"),
     Case("train: rerun into a finished run's --output-dir", _finished_run, "exit 2 (ConfigError)", "holds a finished run (metrics.json); pass --overwrite to replace it"),
     Case("train: --output-dir in use by a running process", _locked_output_dir, "exit 2 (ConfigError)", "is in use by another run (PID"),
