@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 from pathlib import Path
 
 from pstar_plugins.arguments import RawDescriptionDefaultsHelpFormatter, StrictParser, check_label_words
 from pstar_plugins.errors import ConfigError, run_reporting_errors
+from pstar_plugins.eval_scoring import score_rows  # noqa: F401  (part of this module's interface)
 from pstar_plugins.tasks.template import DEFAULT_TEMPLATE as CLASSIFICATION_TEMPLATE
 
 # flag defaults when neither the command line nor the adapter's recorded task gives a value
@@ -67,30 +67,6 @@ def parse_args(argv=None, prog: str = "pstar eval"):
     p.add_argument("--max-length", type=int, default=None, help="truncate prompts to this many tokens, from the left (default: 1024)")
     p.add_argument("--output", default=None, help="write results JSON here")
     return p.parse_args(argv)
-
-
-def score_rows(model, verbalizer, rows, labels, batch_size, max_length, calibration=None, progress=None):
-    import torch
-
-    with torch.no_grad():
-        return _score_rows(model, verbalizer, rows, labels, batch_size, max_length, calibration, progress)
-
-
-def _score_rows(model, verbalizer, rows, labels, batch_size, max_length, calibration, progress):
-    from pstar_plugins.tasks.baselines import calibrate
-
-    preds = []
-    config = getattr(model, "method_config", None)
-    head = config is not None and config.has_classifier_head()
-    for i in range(0, len(rows), batch_size):
-        batch = verbalizer.encode(rows[i:i + batch_size], labels[i:i + batch_size], max_length=max_length)
-        scores = verbalizer.class_scores(model, batch, head)
-        if calibration is not None:
-            scores = calibrate(scores, calibration)
-        preds.extend(scores.argmax(-1).tolist())
-        if progress is not None:
-            progress.update(len(batch.answer_index))
-    return preds
 
 
 def main(argv=None, prog: str = "python -m pstar_plugins.evaluate") -> int:
@@ -156,124 +132,89 @@ def check_adapter_base(meta: dict, model: str, gguf_file: str | None) -> None:
 
 
 def _main(argv, prog: str = "pstar eval"):
+    """Read and check everything, load the model, score the adapter or the baselines, report."""
     args = parse_args(argv, prog)
-    from tqdm.auto import tqdm
-
     from pstar_plugins.core.adapter_io import read_adapter
-    from pstar_plugins.core.loading import load_adapter
-    from pstar_plugins.models import load, packaged_data
-    from pstar_plugins.tasks import generation as gen
-    from pstar_plugins.tasks.baselines import (
-        SharedPrefixModel, accuracy_and_macro_f1, balanced_demonstrations, common_prefix, content_free_scores,
-        in_context_template, in_original_order, length_order)
-    from pstar_plugins.tasks.data import labels_of, load_split, parse_column_mapping
-    from pstar_plugins.tasks.template import Template
-    from pstar_plugins.tasks.verbalizer import Verbalizer
+    from pstar_plugins.eval_scoring import make_scoring
+    from pstar_plugins.models import check_source, load
+    from pstar_plugins.tasks.data import load_split, parse_column_mapping
 
     adapter = read_adapter(args.adapter) if args.adapter else None  # a bad adapter fails before any load
-    recorded = dict(adapter[0].get("task") or {}) if adapter else None
-    if adapter and not (recorded or {}).get("model") and adapter[0]["base_model"].get("name_or_path"):
-        recorded = {**(recorded or {}), "model": adapter[0]["base_model"]["name_or_path"]}
-    resolve_task(args, recorded)
-    from pstar_plugins.models import check_source
-
+    resolve_task(args, _recorded_task(adapter))
     check_source(args.model, args.model_kind, args.gguf_file, args.task)
     if adapter:
         check_adapter_base(adapter[0], args.model, args.gguf_file)
-    generation = args.task == "generation"
+    scoring = make_scoring(args)
     columns = parse_column_mapping(args.column)
     rows, source = load_split(args.validation_file, args.dataset, args.dataset_config, args.validation_split,
                               args.max_eval_samples, columns)
-    if generation:
-        template = Template.parse(args.template)
-        template.check_answer_last()
-        groups = gen.group_references(rows, template, args.target_column)  # checks the target column before loading
-        labels, C = [], 0
-    else:
-        labels = labels_of(rows, args.label_column, source, args.label_words)
-        C = len(args.label_words)
+    scoring.read(rows, source)  # labels or references: checked before the model loads
     base, tokenizer = load(args.model, kind=args.model_kind, gguf_file=args.gguf_file)
     base.eval()
-    masked = args.model_kind == "masked-lm"
+    scoring.bind(tokenizer)
     results = {"model": args.model, "task": args.task, "template": args.template, "validation_data": source,
-               "examples": len(rows), "runs": []}
-    if generation:
-        results["sources"] = len(groups)
-    else:
-        results["label_words"] = args.label_words
-
-    def run(name, model, template, calibrate_with=None, shared_prefix=False):
-        verbalizer = Verbalizer(tokenizer, template, args.label_words, masked_lm=masked)
-        calibration = content_free_scores(verbalizer, model) if calibrate_with else None
-        if shared_prefix and not masked and len(rows) > 1:
-            # every prompt starts with the same demonstrations: run them once, reuse their cache
-            sample = verbalizer.encode(rows[:4], max_length=args.max_length).inputs
-            prefix = common_prefix([ids[m.bool()].tolist() for ids, m in zip(sample["input_ids"], sample["attention_mask"])])
-            if len(prefix) > 8:
-                model = SharedPrefixModel(model, prefix)
-        order = length_order(verbalizer, rows, args.max_length)  # batches of like lengths pad little
-        with tqdm(total=len(rows), desc=name, leave=False) as bar:
-            preds = score_rows(model, verbalizer, [rows[i] for i in order], [labels[i] for i in order], args.batch_size,
-                               args.max_length, calibration, bar)
-        return accuracy_and_macro_f1(in_original_order(preds, order), labels, C)
-
-    def run_generation(name, model, template):
-        with tqdm(total=len(groups), desc=name, leave=False) as bar:
-            return gen.generate_and_score(model, template, tokenizer, groups, args.max_new_tokens, args.batch_size, bar)
-
+               "examples": len(rows), "runs": [], **scoring.describe()}
     if args.adapter:
-        model = load_adapter(base, args.adapter, tokenizer=tokenizer, trainable=False, contents=adapter).eval()
-        model.packing = args.packing
-        # a P-tuning adapter's template places its soft tokens, so it always comes from the adapter:
-        # the task record's text (converted from the command line once, at training), which the
-        # method config holds too; adapters written before both held it keep their task record's
-        placed = getattr(model.method_config, "template", None)
-        if placed is not None and adapter[0].get("task", {}).get("template"):
-            placed = adapter[0]["task"]["template"]
-        template = Template.parse(placed or args.template)
-        name = f"adapter {model.method_name}"
-        if generation:
-            scores, hyps = run_generation(name, model, template)
-            results["runs"].append({"name": name, **scores, "example": hyps[:3]})
-        else:
-            acc, f1 = run(name, model, template)
-            results["runs"].append({"name": name, "accuracy": acc, "macro_f1": f1})
+        results["runs"].append(_adapter_run(args, adapter, base, tokenizer, scoring))
     else:
-        template = Template.parse(args.template)
-        if any(k > 0 for k in args.shots):
-            demo_file = args.demonstration_file or packaged_data("sst2_train_sample.tsv")
-            demo_rows, demo_source = load_split(demo_file, args.dataset, args.dataset_config,
-                                                args.demonstration_split, None, columns)
-            if generation:
-                demo_groups = gen.group_references(demo_rows, template, args.target_column)  # one demo per source
-                demo_rows, demo_targets = [g[0] for g in demo_groups], [g[1][0] for g in demo_groups]
-            else:
-                demo_labels = labels_of(demo_rows, args.label_column, demo_source, args.label_words)
-        for k in args.shots:
-            per_seed = []
-            for seed in range(args.seeds if k > 0 else 1):
-                if generation:
-                    picks = random.Random(seed).sample(range(len(demo_rows)), min(k, len(demo_rows))) if k else []
-                    demos = [(demo_rows[i], demo_targets[i]) for i in picks]
-                    scores, hyps = run_generation(f"{k}-shot seed {seed}", base, in_context_template(template, demos))
-                    per_seed.append({**scores, "example": hyps[:3]})
-                else:
-                    picks = balanced_demonstrations(demo_rows, demo_labels, k, C, seed) if k else []
-                    demos = [(demo_rows[i], args.label_words[demo_labels[i]]) for i in picks]
-                    acc, f1 = run(f"{k}-shot seed {seed}", base, in_context_template(template, demos), args.calibrate,
-                                  shared_prefix=k > 0 and not args.no_prefix_cache)
-                    per_seed.append({"accuracy": acc, "macro_f1": f1})
-            results["runs"].append(_summarise(f"{k}-shot" + (" calibrated" if args.calibrate else ""), k, per_seed))
-    metrics = ("bleu", "rouge_l") if generation else ("accuracy", "macro_f1")
-    titles = {"bleu": "BLEU", "rouge_l": "ROUGE-L", "accuracy": "accuracy", "macro_f1": "macro-F1"}
-    print(f"\n{'run':<28} {titles[metrics[0]]:>9}{'':<9} {titles[metrics[1]]:>9}")
-    for r in results["runs"]:
-        std = f" ± {r[metrics[0] + '_std']:.4f}" if r.get("seeds", 1) > 1 else ""
-        print(f"{r['name']:<28} {r[metrics[0]]:>9.4f}{std:<9} {r[metrics[1]]:>9.4f}")
+        results["runs"] += _baseline_runs(args, scoring, base, columns)
+    _print_table(results["runs"], scoring.metrics)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(results, indent=2))
     return 0
+
+
+def _recorded_task(adapter) -> dict | None:
+    """The adapter's task record, with the model it was trained on when the record lacks it."""
+    recorded = dict(adapter[0].get("task") or {}) if adapter else None
+    if adapter and not (recorded or {}).get("model") and adapter[0]["base_model"].get("name_or_path"):
+        recorded = {**(recorded or {}), "model": adapter[0]["base_model"]["name_or_path"]}
+    return recorded
+
+
+def _adapter_run(args, adapter, base, tokenizer, scoring) -> dict:
+    """Score a tuned adapter with the template it was trained with."""
+    from pstar_plugins.core.loading import load_adapter
+    from pstar_plugins.tasks.template import Template
+
+    model = load_adapter(base, args.adapter, tokenizer=tokenizer, trainable=False, contents=adapter).eval()
+    model.packing = args.packing
+    # a template method's adapter places its soft tokens, so its template always comes from the
+    # adapter: the task record's text (converted from the command line once, at training), which
+    # the method config holds too; adapters written before both held it keep their task record's
+    placed = getattr(model.method_config, "template", None)
+    if placed is not None and adapter[0].get("task", {}).get("template"):
+        placed = adapter[0]["task"]["template"]
+    name = f"adapter {model.method_name}"
+    return {"name": name, **scoring.score(name, model, Template.parse(placed or args.template))}
+
+
+def _baseline_runs(args, scoring, base, columns) -> list[dict]:
+    """The frozen model with the discrete template: zero-shot and k-shot, mean ± std over seeds."""
+    from pstar_plugins.models import packaged_data
+    from pstar_plugins.tasks.data import load_split
+    from pstar_plugins.tasks.template import Template
+
+    template = Template.parse(args.template)
+    if any(k > 0 for k in args.shots):
+        demo_file = args.demonstration_file or packaged_data("sst2_train_sample.tsv")
+        demo_rows, demo_source = load_split(demo_file, args.dataset, args.dataset_config, args.demonstration_split,
+                                            None, columns)
+        scoring.set_demonstrations(demo_rows, demo_source, template)
+    runs = []
+    for k in args.shots:
+        per_seed = [scoring.score_shots(base, template, k, seed) for seed in range(args.seeds if k > 0 else 1)]
+        runs.append(_summarise(f"{k}-shot" + (" calibrated" if args.calibrate else ""), k, per_seed))
+    return runs
+
+
+def _print_table(runs: list[dict], metrics: tuple[str, str]) -> None:
+    titles = {"bleu": "BLEU", "rouge_l": "ROUGE-L", "accuracy": "accuracy", "macro_f1": "macro-F1"}
+    print(f"\n{'run':<28} {titles[metrics[0]]:>9}{'':<9} {titles[metrics[1]]:>9}")
+    for r in runs:
+        std = f" ± {r[metrics[0] + '_std']:.4f}" if r.get("seeds", 1) > 1 else ""
+        print(f"{r['name']:<28} {r[metrics[0]]:>9.4f}{std:<9} {r[metrics[1]]:>9.4f}")
 
 
 def _summarise(name: str, shots: int, per_seed: list[dict]) -> dict:

@@ -5,8 +5,16 @@
 
 Defaults train on the packaged SST-2 sample and evaluate on SST-2 dev, offline. Method options
 are flags too (``--num-virtual-tokens 20``); ``pstar methods`` lists methods, ``--help`` after
-``--method NAME`` lists that method's options. Structure follows transformers'
-``*_no_trainer.py`` examples.
+``--method NAME`` lists that method's options.
+
+The run is a few named steps, in the shape of transformers' ``run_glue_no_trainer.py`` and
+nanoGPT's ``train.py``: :func:`_plan` (method, config and preset, data with the selection split,
+schedule, template; everything checked before torch is imported), :func:`_accelerator`,
+:func:`_build_or_continue` (a new method, or ``--init-from-adapter`` through ``load_adapter``),
+:func:`_optimizer_and_schedule` (``make_optimizer`` and transformers' ``get_scheduler``),
+:func:`_start` (zero-shot baseline, resume), :func:`_training_loop` and :func:`_finish` (final
+evaluation, adapter, metrics, plot, summary). What differs between classification and generation
+is the task's (:mod:`pstar_plugins.script_tasks`).
 """
 
 from __future__ import annotations
@@ -15,11 +23,14 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pstar_plugins import arguments, tracking
 from pstar_plugins.errors import ConfigError, PStarError, run_reporting_errors
@@ -44,7 +55,9 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluation data (.csv, .tsv, .jsonl); without --train-file: the packaged SST-2 dev set; "
                              "with --train-file: required, unless --validation-split-percentage splits one off")
     parser.add_argument("--validation-split-percentage", type=int, default=None, metavar="P",
-                        help="evaluate on the last P%% of --train-file's rows (train on the rest) instead of a --validation-file")
+                        help="hold P%% of the training rows out (seeded by --seed; the rest trains) as the selection split: the "
+                             "periodic evaluations and --select-best use it, the final evaluation uses --validation-file "
+                             "(without one, the held-out rows are the evaluation set)")
     parser.add_argument("--dataset", default=None,
                         help="a Hugging Face datasets id or local dataset folder to use instead of --train-file/--validation-file")
     parser.add_argument("--dataset-config", default=None, help="the dataset's configuration (e.g. sst2 for glue)")
@@ -56,11 +69,13 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-eval-samples", type=int, default=None, metavar="N", help="use only the first N evaluation rows")
 
 
-def _add_task_arguments(parser: argparse.ArgumentParser, preset_template: str | None) -> None:
-    default_template = (preset_template or DEFAULT_TEMPLATE).replace("%", "%%")
+def _add_task_arguments(parser: argparse.ArgumentParser, built_from_columns: bool) -> None:
+    if built_from_columns:
+        default = "'{soft:3} {column} ... {soft:3}{answer}' built from the data's text columns"
+    else:
+        default = f"{DEFAULT_TEMPLATE!r}, its slot renamed to the data's one text column".replace("%", "%%")
     parser.add_argument("--template", default=None,
-                        help="template with {column} slots and one {answer} slot at the end; \\n is a newline "
-                             f"(default: {default_template!r})")
+                        help=f"template with {{column}} slots and one {{answer}} slot at the end; \\n is a newline (default: {default})")
     parser.add_argument("--task", default="classification", choices=["classification", "generation"],
                         help="classification (label words or a linear head) or generation (loss on the target tokens only)")
     parser.add_argument("--target-column", default="ref", help="generation: the column with the target text")
@@ -81,15 +96,26 @@ def _add_training_arguments(parser: argparse.ArgumentParser, preset_lr: float | 
                         help="clip the global gradient norm (0: no clipping); DeepSpeed gets the same value")
     parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="per-process training batch size")
     parser.add_argument("--eval-batch-size", type=int, default=32, metavar="N", help="per-process evaluation batch size")
-    parser.add_argument("--max-steps", type=int, default=100, metavar="N", help="optimizer steps")
+    parser.add_argument("--max-steps", type=int, default=None, metavar="N", help="optimizer steps (default: 100)")
+    parser.add_argument("--num-train-epochs", type=float, default=None, metavar="E",
+                        help="train for E passes over the training rows instead of --max-steps: "
+                             "ceil(rows / (batch size x processes)) x E steps, rounded up")
     parser.add_argument("--warmup-steps", type=int, default=None, metavar="N",
-                        help="linear warm-up steps, at most --max-steps (default: 10, or --max-steps when that is fewer)")
+                        help="linear warm-up steps, at most the run's steps (default: 10, or the steps when those are fewer)")
+    parser.add_argument("--warmup-ratio", type=float, default=None, metavar="R",
+                        help="warm up for this fraction (0-1) of the run's steps, rounded up, instead of --warmup-steps")
     parser.add_argument("--lr-scheduler-type", default="linear", choices=list(LR_SCHEDULES),
                         help="learning-rate schedule after the warm-up (transformers' schedules): " + "; ".join(f"{k}: {v}" for k, v in LR_SCHEDULES.items()))
     parser.add_argument("--max-length", type=int, default=128, metavar="N", help="truncate examples to this many tokens")
     parser.add_argument("--eval-steps", type=int, default=25, metavar="N", help="evaluate every N steps (0: only at the end)")
     parser.add_argument("--eval-subset-size", type=int, default=128, metavar="N",
-                        help="periodic evaluations use the first N evaluation rows (the final one uses all)")
+                        help="without a selection split, periodic evaluations use the first N evaluation rows (the final one uses all)")
+    parser.add_argument("--select-best", default="last", choices=["last", "best"],
+                        help="the adapter a run saves: the last step's (last), or the one that scored best on the selection "
+                             "split at the periodic evaluations (best; needs --validation-split-percentage)")
+    parser.add_argument("--early-stopping-patience", type=int, default=0, metavar="N",
+                        help="stop after N selection evaluations in a row without improvement (0: never; needs "
+                             "--validation-split-percentage)")
     parser.add_argument("--checkpointing-steps", type=int, default=0, metavar="N",
                         help="save the full training state every N steps (0: never)")
     parser.add_argument("--checkpoints-total-limit", type=int, default=0, metavar="N",
@@ -129,7 +155,8 @@ def build_parser(method_names, method: str | None = None, prog: str = "pstar tra
                         help="extra plugin module for this run (module or module:object)")
     _add_model_arguments(parser)
     _add_data_arguments(parser)
-    _add_task_arguments(parser, preset.options.get("template") if preset else None)
+    config_fields = {f.name for f in dataclasses.fields(get_plugin_manager().method(method).config_class)} if method else set()
+    _add_task_arguments(parser, "template" in config_fields)
     _add_training_arguments(parser, preset.learning_rate if preset else None)
     return parser
 
@@ -178,26 +205,73 @@ def check_args(args) -> None:
     a.non_negative_float("--max-grad-norm", args.max_grad_norm)
     for name in ("batch_size", "eval_batch_size", "max_length", "eval_subset_size", "max_new_tokens", "dist_timeout", "logging_steps"):
         a.positive_int(a.flag_of(name), getattr(args, name))
-    if args.max_steps < 1:
-        raise ConfigError(f"--max-steps {args.max_steps}: expected a positive integer (0 would save an untrained adapter); "
-                          "pass --max-steps 1 or more.")
-    if args.warmup_steps is None:
-        args.warmup_steps = min(10, args.max_steps)
-    for name in ("warmup_steps", "eval_steps", "checkpointing_steps", "checkpoints_total_limit", "stop_after_steps"):
+    _check_schedule_args(args)
+    for name in ("eval_steps", "checkpointing_steps", "checkpoints_total_limit", "stop_after_steps", "early_stopping_patience"):
         a.non_negative_int(a.flag_of(name), getattr(args, name))
     for name in ("max_train_samples", "max_eval_samples"):
         if getattr(args, name) is not None:
             a.positive_int(a.flag_of(name), getattr(args, name))
-    if args.warmup_steps > args.max_steps:
-        raise ConfigError(f"--warmup-steps {args.warmup_steps} is more than --max-steps {args.max_steps}, so the learning "
-                          f"rate would never reach its value; pass --warmup-steps {min(10, args.max_steps)} or fewer.")
+    _check_selection_args(args)
     if args.task == "classification":
         a.check_label_words(args.label_words)
     if args.task == "generation" and args.model_kind == "masked-lm":
         raise ConfigError("--task generation decodes text with a causal LM, which --model-kind masked-lm is not; "
                           "use --model-kind causal-lm with a decoder model, or --task classification.")
-    if args.validation_split_percentage is not None and not 0 < args.validation_split_percentage < 100:
-        raise ConfigError(f"--validation-split-percentage {args.validation_split_percentage}: expected 1 to 99.")
+
+
+def _check_schedule_args(args) -> None:
+    """--max-steps or --num-train-epochs, --warmup-steps or --warmup-ratio (the steps of an
+    epoch-counted run are known once the data is read: :func:`resolve_schedule`)."""
+    if args.max_steps is not None and args.num_train_epochs is not None:
+        raise ConfigError(f"--max-steps {args.max_steps} and --num-train-epochs {args.num_train_epochs:g} both set the "
+                          "length of the run; keep one of them.")
+    if args.warmup_steps is not None and args.warmup_ratio is not None:
+        raise ConfigError(f"--warmup-steps {args.warmup_steps} and --warmup-ratio {args.warmup_ratio:g} both set the "
+                          "warm-up; keep one of them.")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ConfigError(f"--max-steps {args.max_steps}: expected a positive integer (0 would save an untrained adapter); "
+                          "pass --max-steps 1 or more.")
+    if args.num_train_epochs is not None and not (math.isfinite(args.num_train_epochs) and args.num_train_epochs > 0):
+        raise ConfigError(f"--num-train-epochs {args.num_train_epochs:g}: expected a finite number above 0 (0.5 is half an epoch).")
+    if args.warmup_ratio is not None and not 0 <= args.warmup_ratio <= 1:
+        raise ConfigError(f"--warmup-ratio {args.warmup_ratio:g}: expected a fraction of the run's steps from 0 to 1.")
+    if args.warmup_steps is not None:
+        arguments.non_negative_int("--warmup-steps", args.warmup_steps)
+    if args.num_train_epochs is None:
+        resolve_schedule(args, None, 1)
+
+
+def resolve_schedule(args, train_rows: int | None, processes: int) -> None:
+    """Set ``args.max_steps`` and ``args.warmup_steps`` from the flags that give them (an epoch
+    is ``ceil(train_rows / (batch size x processes))`` steps) and refuse a warm-up past the end."""
+    if args.num_train_epochs is not None:
+        per_epoch = math.ceil(train_rows / (args.batch_size * processes))
+        args.max_steps = max(1, math.ceil(per_epoch * args.num_train_epochs))
+    elif args.max_steps is None:
+        args.max_steps = 100
+    if args.warmup_ratio is not None:
+        args.warmup_steps = math.ceil(args.warmup_ratio * args.max_steps)
+    elif args.warmup_steps is None:
+        args.warmup_steps = min(10, args.max_steps)
+    if args.warmup_steps > args.max_steps:
+        raise ConfigError(f"--warmup-steps {args.warmup_steps} is more than --max-steps {args.max_steps}, so the learning "
+                          f"rate would never reach its value; pass --warmup-steps {min(10, args.max_steps)} or fewer.")
+
+
+def _check_selection_args(args) -> None:
+    """--select-best best and --early-stopping-patience choose on a selection split, evaluated
+    every --eval-steps: refuse them without one, before anything is read."""
+    percentage = args.validation_split_percentage
+    if percentage is not None and not 0 < percentage < 100:
+        raise ConfigError(f"--validation-split-percentage {percentage}: expected 1 to 99.")
+    wanted = [f for f, on in (("--select-best best", args.select_best == "best"),
+                              (f"--early-stopping-patience {args.early_stopping_patience}", args.early_stopping_patience)) if on]
+    if wanted and percentage is None:
+        raise ConfigError(f"{' and '.join(wanted)} choose on a selection split carved out of the training rows; pass "
+                          "--validation-split-percentage 10 (the evaluation file stays for the final score).")
+    if wanted and not args.eval_steps:
+        raise ConfigError(f"{' and '.join(wanted)} with --eval-steps 0 would never evaluate on the selection split; "
+                          "pass --eval-steps 25 (or another positive number).")
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m pstar_plugins.train") -> int:
@@ -225,27 +299,43 @@ def _data(args):
         if validation_file is None and args.validation_split_percentage is None:
             raise ConfigError(f"--train-file {args.train_file} without --validation-file: pass --validation-file, or "
                               "--validation-split-percentage 10 to evaluate on 10% of the training rows (trained on the rest).")
-    if args.validation_split_percentage is not None and (validation_file is not None or args.dataset):
-        raise ConfigError("--validation-split-percentage splits --train-file; it cannot be combined with "
-                          "--validation-file or --dataset.")
+    percentage = args.validation_split_percentage
+    # --max-train-samples first: the selection split is P% of the rows the run reads
     train_rows, train_source = load_split(train_file, args.dataset, args.dataset_config, args.train_split,
-                                          None if args.validation_split_percentage else args.max_train_samples, columns)
-    if args.validation_split_percentage is not None:
-        order = list(range(len(train_rows)))
-        random.Random(args.seed).shuffle(order)
-        held = max(1, len(order) * args.validation_split_percentage // 100)
-        if held >= len(order):
-            raise ConfigError(f"--validation-split-percentage {args.validation_split_percentage} of {len(order)} rows leaves "
-                              "none to train on; pass more rows or a --validation-file.")
-        eval_rows = [train_rows[i] for i in sorted(order[:held])][: args.max_eval_samples]
-        train_rows = [train_rows[i] for i in sorted(order[held:])][: args.max_train_samples]
-        eval_source = f"{train_source} (held-out {args.validation_split_percentage}%, seed {args.seed})"
+                                          args.max_train_samples, columns)
+    select_rows = select_source = None
+    if percentage is not None:
+        train_rows, select_rows = _split_off(train_rows, train_source, args)
+        select_source = f"{train_source} (held-out {percentage}%, seed {args.seed})"
+    if percentage is not None and validation_file is None and not args.dataset:
+        # no evaluation file: the held-out rows are the evaluation set (and no selection split)
+        if args.select_best == "best" or args.early_stopping_patience:
+            raise ConfigError(f"--train-file {args.train_file} without --validation-file: the held-out rows are the "
+                              "evaluation set, so choosing the step on them would report a score tuned on its own rows; "
+                              "pass a --validation-file for the final evaluation.")
+        eval_rows, eval_source = select_rows[: args.max_eval_samples], select_source
+        select_rows = select_source = None
         logger.info("evaluating on %d rows held out of %s (--validation-split-percentage %d)", len(eval_rows), train_source,
-                    args.validation_split_percentage)
+                    percentage)
     else:
         eval_rows, eval_source = load_split(validation_file, args.dataset, args.dataset_config, args.validation_split,
                                             args.max_eval_samples, columns)
-    return train_rows, train_source, eval_rows, eval_source
+    if select_rows is not None:
+        logger.info("selection split: %d rows held out of %s (--validation-split-percentage %d), %d rows train",
+                    len(select_rows), train_source, percentage, len(train_rows))
+    return train_rows, train_source, eval_rows, eval_source, select_rows
+
+
+def _split_off(rows: list, source: str, args) -> tuple[list, list]:
+    """``(training rows, held-out rows)`` of ``--validation-split-percentage`` (below 100%, so
+    rows always remain to train on); refuses a split that holds out no row."""
+    from pstar_plugins.selection import split_off
+
+    percentage = args.validation_split_percentage
+    if len(rows) * percentage // 100 == 0:
+        raise ConfigError(f"--validation-split-percentage {percentage} of the {len(rows)} rows of {source} holds out no row; "
+                          f"pass a percentage of at least {math.ceil(100 / len(rows))} or more training rows.")
+    return split_off(rows, percentage, args.seed)
 
 
 def _method_config(args, spec):
@@ -273,15 +363,56 @@ def _method_config(args, spec):
     return spec.config_class.from_dict(options), adapter  # validated before anything is loaded or written
 
 
+def _template_text(args, config, train_rows: list[dict], train_source: str):
+    """``(template text, config)``. One template, converted from the command line once
+    (parse_args): a template method's config holds the same text as the task record, so
+    ``pstar eval`` scores the prompt training used. Without ``--template``, a template method's
+    comes from the data's text columns and the others' default follows the data's one text column
+    (:mod:`pstar_plugins.data_templates`)."""
+    from pstar_plugins.data_templates import soft_prompt_template, text_columns, worded_template
+
+    template_field = any(f.name == "template" for f in dataclasses.fields(config))
+    if args.template is not None or args.init_from_adapter or "template" in args.method_options:
+        return getattr(config, "template", None) or args.template or DEFAULT_TEMPLATE, config
+    columns = text_columns(train_rows, _ignored_columns(args))
+    if template_field:
+        if not columns:
+            raise ConfigError(f"{train_source} has no text column to build the template from (columns: "
+                              f"{sorted(train_rows[0])}); pass --template with {{column}} slots and {{soft:N}} tokens.")
+        built = soft_prompt_template(columns)
+        logger.info("template built from the data's text columns %s: %r (set --template to choose)", columns, built)
+        return built, config.replace(template=built)
+    adapted = _default_template_for(DEFAULT_TEMPLATE, train_rows[0], args)
+    if len(columns) > 1 and any(f not in train_rows[0] for f in _template_fields(adapted)):
+        raise ConfigError(f"{train_source} has {len(columns)} text columns {columns}, and the default template "
+                          f"{DEFAULT_TEMPLATE!r} is worded for one; pass a template that places each, e.g. "
+                          f"--template '{worded_template(columns)}' (with --label-words for its classes).")
+    if adapted != DEFAULT_TEMPLATE:
+        logger.info("default template %r adapted to the data's text column: %r (set --template to choose)",
+                    DEFAULT_TEMPLATE, adapted)
+    return adapted, config
+
+
+def _template_fields(text: str) -> list[str]:
+    from pstar_plugins.tasks.template import Template
+
+    return Template.parse(text).fields
+
+
+def _ignored_columns(args) -> set[str]:
+    """The columns a template does not place: the label (classification) or the target (generation)."""
+    return {args.label_column} if args.task == "classification" else {args.target_column}
+
+
 def _default_template_for(text: str, row: dict, args) -> str:
-    """A default template (the method's preset or :data:`DEFAULT_TEMPLATE`) whose one text slot
-    names no column of the data, pointed at the data's one text column when there is exactly one."""
+    """A default template whose one text slot names no column of the data, pointed at the
+    data's one text column when there is exactly one."""
+    from pstar_plugins.data_templates import text_columns
     from pstar_plugins.tasks.template import Template
 
     missing = [f for f in Template.parse(text).fields if f not in row]
-    ignored = {args.label_column} if args.task == "classification" else {args.target_column}
-    candidates = [c for c, v in row.items() if c not in ignored and isinstance(v, str)]
-    if len(missing) == 1 and len(candidates) == 1 and "{" not in candidates[0] and "}" not in candidates[0]:
+    candidates = text_columns([row], _ignored_columns(args))
+    if len(missing) == 1 and len(candidates) == 1:
         return text.replace("{" + missing[0] + "}", "{" + candidates[0] + "}")
     return text
 
@@ -308,332 +439,422 @@ def _check_room(template, tokenizer, max_length: int) -> None:
                           f"{used + 64} or more, or shorten the template.")
 
 
-def _main(argv, prog: str = "pstar train"):
-    args = parse_args(argv, prog)
-    from pstar_plugins import run_dir
-    from pstar_plugins.models import check_source
-    from pstar_plugins.plugins import get_plugin_manager
-    from pstar_plugins.tasks.data import labels_of
-    from pstar_plugins.tasks.template import Template
+@dataclass
+class Plan:
+    """What a run was asked for, resolved and checked before any model loads: the method and its
+    config (preset, flags, or a saved adapter's), the learning rate, the data splits and the
+    template, the output folder and the checkpoint to continue."""
 
-    pm = get_plugin_manager()
-    spec = pm.method(args.method)
-    config, adapter = _method_config(args, spec)
-    lr = args.learning_rate if args.learning_rate is not None else spec.preset.learning_rate
-    out_dir = Path(args.output_dir)
-    run_dir.check_writable(out_dir)
-    train_rows, train_source, eval_rows, eval_source = _data(args)
-    generation = args.task == "generation"
-    if generation:
-        train_labels = [0] * len(train_rows)
-        eval_labels = []
-    else:
-        train_labels = labels_of(train_rows, args.label_column, train_source, args.label_words)
-        eval_labels = labels_of(eval_rows, args.label_column, eval_source, args.label_words)
-    # one template, converted from the command line once (parse_args): the P-tuning config holds
-    # the same text as the task record, so `pstar eval` scores the prompt training used
-    template_text = getattr(config, "template", None) or args.template or DEFAULT_TEMPLATE
-    if args.template is None and not args.init_from_adapter and "template" not in args.method_options:
-        adapted = _default_template_for(template_text, train_rows[0], args)
-        if adapted != template_text:
-            logger.info("default template %r adapted to the data's text column: %r (set --template to choose)",
-                        template_text, adapted)
-            template_text = adapted
-            if getattr(config, "template", None) is not None:
-                config = config.replace(template=adapted)
-    template = Template.parse(template_text)
-    _check_template(template, args, train_rows, train_source)
-    check_source(args.model, args.model_kind, args.gguf_file, args.task)
-    resume = run_dir.checkpoint_to_resume(args.resume_from_checkpoint, out_dir)
-    if resume is not None:
-        run_dir.check_resume(resume, args.method, args.max_steps)
-    run_id = {"method": args.method, "model": args.model, "train_file": train_source}
+    args: argparse.Namespace
+    spec: Any
+    config: Any
+    adapter: tuple | None  # (metadata, tensors) of --init-from-adapter
+    lr: float
+    out_dir: Path
+    run_id: dict
+    resume: Path | None
+    template: Any
+    task: Any
+    train: Any  # script_tasks.Split
+    evaluation: Any
+    selection: Any  # the selection split, or None
+
+
+def _main(argv, prog: str = "pstar train"):
+    from pstar_plugins import run_dir
+
+    plan = _plan(parse_args(argv, prog))
     main_process = os.environ.get("RANK", "0") == "0"
-    lock = run_dir.RunLock(out_dir) if main_process else None
+    lock = run_dir.RunLock(plan.out_dir) if main_process else None
     if lock is not None:
         lock.acquire()
     try:
         if main_process:  # under the lock: a run that finished meanwhile is seen
-            run_dir.check_previous_run(out_dir, run_id, args.overwrite, resume is not None, args.plot)
-            if args.overwrite and resume is None:
-                run_dir.clear_previous_run(out_dir, args.plot)
-        return _train(args, spec, config, adapter, lr, out_dir, run_id, resume, template, train_rows, train_labels,
-                      train_source, eval_rows, eval_labels)
+            run_dir.check_previous_run(plan.out_dir, plan.run_id, plan.args.overwrite, plan.resume is not None, plan.args.plot)
+            if plan.args.overwrite and plan.resume is None:
+                run_dir.clear_previous_run(plan.out_dir, plan.args.plot)
+        return _train(plan)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(args, spec, config, adapter, lr, out_dir, run_id, resume, template, train_rows, train_labels, train_source,
-           eval_rows, eval_labels):
+def _plan(args) -> Plan:
+    """Method and config, data, schedule, template and output folder, all checked (no torch)."""
+    from pstar_plugins import run_dir
+    from pstar_plugins.models import check_source
+    from pstar_plugins.plugins import get_plugin_manager
+    from pstar_plugins.script_tasks import make_task
+    from pstar_plugins.tasks.template import Template
+
+    spec = get_plugin_manager().method(args.method)
+    config, adapter = _method_config(args, spec)
+    lr = args.learning_rate if args.learning_rate is not None else spec.preset.learning_rate
+    out_dir = Path(args.output_dir)
+    run_dir.check_writable(out_dir)
+    train_rows, train_source, eval_rows, eval_source, select_rows = _data(args)
+    resolve_schedule(args, len(train_rows), int(os.environ.get("WORLD_SIZE", "1")))
+    task = make_task(args)
+    train, evaluation = task.split(train_rows, train_source), task.split(eval_rows, eval_source)
+    selection = task.split(select_rows, train_source) if select_rows is not None else None
+    template_text, config = _template_text(args, config, train_rows, train_source)
+    template = Template.parse(template_text)
+    _check_template(template, args, train_rows, train_source)
+    check_source(args.model, args.model_kind, args.gguf_file, args.task)
+    config = task.configure(config)
+    if adapter is not None and spec.config_class.from_dict(adapter[0]["method_config"]) != config:
+        raise ConfigError(f"--init-from-adapter {args.init_from_adapter} was trained with another number of classes than "
+                          f"the {len(args.label_words)} --label-words; pass the label words it was trained with.")
+    resume = run_dir.checkpoint_to_resume(args.resume_from_checkpoint, out_dir)
+    if resume is not None:
+        run_dir.check_resume(resume, args.method, args.max_steps)
+    run_id = {"method": args.method, "model": args.model, "train_file": train_source}
+    return Plan(args, spec, config, adapter, lr, out_dir, run_id, resume, template, task, train, evaluation, selection)
+
+
+@dataclass
+class Run:
+    """A run in progress: the plan, the prepared model and optimizer, and the loop's state
+    (data order, RNG, history, selection), which a checkpoint saves and a resume restores."""
+
+    plan: Plan
+    accelerator: Any
+    model: Any  # as Accelerate prepared it (DDP / DeepSpeed engine)
+    core: Any  # the PStarModel inside
+    optimizer: Any
+    scheduler: Any
+    results: dict
+    chooser: Any  # selection.Selection
+    history: dict
+    rng: random.Random
+    order: list = field(default_factory=list)
+    start_step: int = 0
+
+    @property
+    def args(self):
+        return self.plan.args
+
+
+def _train(plan: Plan) -> int:
+    """Set up, build or continue, train, finish: the steps of one run."""
+    accelerator = _accelerator(plan.args)
+    model, init_gathers = _build_or_continue(plan, accelerator)
+    optimizer, scheduler = _optimizer_and_schedule(model, plan, accelerator)
+    trainable, frozen = model.parameter_counts()
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    run = _start(plan, accelerator, model, optimizer, scheduler, trainable, frozen, init_gathers)
+    if _training_loop(run):
+        _finish(run)
+    accelerator.end_training()
+    from pstar_plugins.core import distributed
+
+    distributed.shut_down()
+    return 0
+
+
+def _accelerator(args):
+    """Accelerate, set up for this launch (one process, DDP or DeepSpeed, with or without GPUs)."""
     _quiet_third_party(sys.stderr.isatty())
+    import datetime
+
     import torch
     from accelerate import Accelerator, InitProcessGroupKwargs
     from accelerate.utils import set_seed
-    from torch.nn import functional as F
-    from tqdm.auto import tqdm
 
-    from pstar_plugins import build_model, param_groups, run_dir
-    from pstar_plugins.core.adapter_io import save_adapter
-    from pstar_plugins.models import load, load_tokenizer
-    from pstar_plugins.tasks.template import Soft, Template
-    from pstar_plugins.tasks.verbalizer import Verbalizer
-
-    adapter_meta, adapter_tensors = adapter if adapter is not None else (None, None)
-    generation = args.task == "generation"
-    if generation:
-        from pstar_plugins.tasks import generation as gen
     # without a GPU, multi-process runs need gloo (otherwise Accelerate sees one process while
     # DeepSpeed sees several); a single plain process must not ask for a process group at all
     # DDP without GPUs must be asked for as cpu=True: otherwise Accelerate silently runs every
     # process on its own (DistributedType.NO, no gradient sync)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
     no_gpu = not torch.cuda.is_available()
-    import datetime
-
     timeout = datetime.timedelta(seconds=args.dist_timeout)
-    handlers = [InitProcessGroupKwargs(backend="gloo" if no_gpu else None, timeout=timeout)] if distributed else []
+    handlers = [InitProcessGroupKwargs(backend="gloo" if no_gpu else None, timeout=timeout)] if several else []
     # our loop counts optimizer steps itself: the scheduler must advance once per step, not once
     # per process (Accelerate's default assumes a dataloader it sharded)
     accelerator = Accelerator(kwargs_handlers=handlers, step_scheduler_with_optimizer=False,
-                              cpu=distributed and no_gpu and not deepspeed, **tracking.accelerator_kwargs(args))
-    if distributed and accelerator.distributed_type.value == "NO":
+                              cpu=several and no_gpu and not deepspeed, **tracking.accelerator_kwargs(args))
+    if several and accelerator.distributed_type.value == "NO":
         raise PStarError(f"{os.environ.get('WORLD_SIZE')} processes were launched but Accelerate set up no "
                          "process group, so gradients would not be synchronised; check the launcher config.")
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if accelerator.is_main_process else logging.ERROR)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if accelerator.is_main_process else logging.ERROR)
     set_seed(args.seed)
+    return accelerator
 
-    # what the adapter is for, saved with it: `pstar eval --adapter` then scores it as training did
-    task_record = {"kind": args.task, "template": template.text, "max_length": args.max_length,
-                   "model": args.model, "model_kind": args.model_kind, "gguf_file": args.gguf_file}
-    if generation:
-        task_record.update(target_column=args.target_column, max_new_tokens=args.max_new_tokens)
-    else:
-        task_record.update(label_words=list(args.label_words), label_column=args.label_column)
 
+def _build_or_continue(plan: Plan, accelerator):
+    """The frozen model with the method on it: built from the config, or the saved adapter of
+    ``--init-from-adapter`` loaded through :func:`load_adapter` (PEFT refuses this, peft#2256).
+    Also returns how many gathers the method's initialisation made (rows, never whole matrices)."""
+    from pstar_plugins import build_model
+    from pstar_plugins.core import distributed
+    from pstar_plugins.core.loading import load_adapter
+    from pstar_plugins.models import load, load_tokenizer
+    from pstar_plugins.tasks.template import Soft, Template
+
+    args, template = plan.args, plan.template
     tokenizer = load_tokenizer(args.model, args.gguf_file)
     _check_room(template, tokenizer, args.max_length)
     # every rank loads at the same time: under ZeRO-3 the model is built inside zero.Init, whose
     # parameter partitioning is a collective; main_process_first() here would deadlock
     base, tokenizer = load(args.model, kind=args.model_kind, gguf_file=args.gguf_file, tokenizer=tokenizer)
-    masked = args.model_kind == "masked-lm"
-    head_classifier = config.has_classifier_head()
-    if head_classifier and generation:
-        raise ConfigError("a classification head cannot generate; use --head none for --task generation.")
-    if head_classifier:
-        config = config.for_classes(len(args.label_words))
-    from pstar_plugins.core import distributed
-
     with distributed.recording_gathers() as init_calls:
-        if adapter_meta is None:
-            model = build_model(base, args.method, config, tokenizer=tokenizer)
-        else:  # continue from a saved adapter (PEFT refuses this, peft#2256)
-            from pstar_plugins.core.adapter_io import check_geometry
-
-            model = build_model(base, args.method, config.for_loading(), tokenizer=tokenizer)
-            model.method.config = config
-            check_geometry(adapter_meta, model)
-            if adapter_meta["folded"]:
-                model.fold()
-            model.load_trainable_state(adapter_tensors)
+        if plan.adapter is None:
+            model = build_model(base, args.method, plan.config, tokenizer=tokenizer)
+        else:
+            model = load_adapter(base, args.init_from_adapter, tokenizer=tokenizer, contents=plan.adapter)
             logger.info("continuing from adapter %s", args.init_from_adapter)
-    init_gathers = len(init_calls)  # vocab/text initialisation reads rows, never whole matrices
+    init_gathers = len(init_calls)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.packing = args.packing
     zero_shot_template = Template(template.text, [p for p in template.parts if not isinstance(p, Soft)])
-    if generation:
-        verbalizer = zero_shot = None
-        eval_groups = gen.group_references(eval_rows, template, args.target_column)
-    else:
-        verbalizer = Verbalizer(tokenizer, template, args.label_words, masked_lm=masked)
-        zero_shot = Verbalizer(tokenizer, zero_shot_template, args.label_words, masked_lm=masked)
-    metric = "bleu" if generation else "accuracy"
-    from pstar_plugins.core.inputs import accepts, is_encoder_decoder
+    plan.task.bind(tokenizer, template, zero_shot_template, accelerator.device, base, plan.config.has_classifier_head())
+    for split in (plan.evaluation, plan.selection):
+        plan.task.prepare(split)
+    return model, init_gathers
 
-    # decoder-only models get logits only where a target token is predicted
-    target_logits_only = generation and not is_encoder_decoder(base) and accepts(base, "logits_to_keep")
 
-    groups = param_groups(model, lr, args.weight_decay)
-    for g in groups:
-        g.pop("name", None)
-    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=args.weight_decay)
-    from transformers import get_scheduler  # the same schedules the Trainer uses
+def _optimizer_and_schedule(model, plan: Plan, accelerator):
+    """AdamW over the plugins' parameter groups, and transformers' schedule (as the Trainer's)."""
+    from transformers import get_scheduler
 
+    from pstar_plugins.core.build import make_optimizer
+
+    args = plan.args
+    optimizer = make_optimizer(model, plan.lr, args.weight_decay)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=min(args.warmup_steps, args.max_steps),
                               num_training_steps=args.max_steps)
-    trainable, frozen = model.parameter_counts()
     ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if ds_plugin is not None:  # we feed batches ourselves, so tell DeepSpeed the micro-batch size
         ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.batch_size
         # DeepSpeed clips inside its step; "auto" would become 1.0 whatever --max-grad-norm says
         ds_plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    core = accelerator.unwrap_model(model)
+    return optimizer, scheduler
 
-    def classify(m, scorer, rows, labels):
-        batch = scorer.encode(rows, labels, max_length=args.max_length)
-        return scorer.class_scores(m, batch, head_classifier), batch.labels.to(accelerator.device)
 
-    def step_loss(m, rows, labels):
-        if generation:
-            batch = gen.training_batch(template, tokenizer, rows, args.target_column, args.max_length)
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            if target_logits_only:
-                return gen.target_token_loss(m, batch)
-            return m(**batch).loss
-        scores, gold = classify(m, verbalizer, rows, labels)
-        return F.cross_entropy(scores, gold)
+def _start(plan: Plan, accelerator, model, optimizer, scheduler, trainable: int, frozen: int, init_gathers: int) -> Run:
+    """The run's record, the tracker, the zero-shot baseline, and the loop's state (fresh or resumed)."""
+    from pstar_plugins.selection import Selection
 
-    @torch.no_grad()
-    def evaluate_generation(m, tmpl, desc, limit=None):
-        groups = eval_groups[: limit or len(eval_groups)]
-        m.eval()
-        scores, hyps = gen.generate_and_score(m, tmpl, tokenizer, groups, args.max_new_tokens, args.eval_batch_size)
-        m.train()
-        results.setdefault("generation_scores", {})[desc] = {**scores, "sources": len(groups), "example": hyps[:3]}
-        return scores["bleu"]
-
-    @torch.no_grad()
-    def evaluate(m, scorer, desc, limit=None):
-        if generation:
-            tmpl = zero_shot_template if scorer == "zero-shot" else template
-            return evaluate_generation(m if scorer == "zero-shot" else core, tmpl, desc, limit)
-        m.eval()
-        correct = 0
-        n = min(limit or len(eval_rows), len(eval_rows))
-        bar = tqdm(range(0, n, args.eval_batch_size), desc=desc, disable=not (accelerator.is_main_process and sys.stderr.isatty()),
-                   leave=False)
-        for i in bar:
-            j = min(i + args.eval_batch_size, n)
-            scores, gold = classify(m, scorer, eval_rows[i:j], eval_labels[i:j])
-            correct += int((scores.argmax(-1) == gold).sum())
-        m.train()
-        return correct / n
-
-    history = {"step": [], "loss": [], "eval_step": [], metric: []}
+    args, task, core = plan.args, plan.task, accelerator.unwrap_model(model)
+    metric = task.metric_name
     results = {"method": args.method, "model": args.model, "task": args.task, "metric": metric,
-               "trainable_parameters": trainable, "frozen_parameters": frozen, "init_gather_calls": init_gathers}
+               "trainable_parameters": trainable, "frozen_parameters": frozen, "init_gather_calls": init_gathers,
+               "train_rows": len(plan.train), "selection_rows": len(plan.selection) if plan.selection else 0,
+               "evaluation_rows": len(plan.evaluation), "max_steps": args.max_steps,
+               "expected_examples": plan.spec.preset.expected_examples, **task.results_fields()}
+    chooser = Selection(keep_best=args.select_best == "best", patience=args.early_stopping_patience)
+    run = Run(plan, accelerator, model, core, optimizer, scheduler, results, chooser,
+              {"step": [], "loss": [], "eval_step": [], metric: []}, random.Random(args.seed))
     # --report-to: the run's configuration (flags, resolved method options, learning rate)
-    tracking.start(accelerator, {**vars(args), **{f"method.{k}": v for k, v in config.to_dict().items()},
-                                 "learning_rate": lr, "trainable_parameters": trainable, "processes": accelerator.num_processes})
-    if not args.no_zero_shot and not head_classifier:
-        results[f"zero_shot_{metric}"] = evaluate(core.base_model, "zero-shot" if generation else zero_shot, "zero-shot eval")
-        tracking.log(accelerator, {f"eval/zero_shot_{metric}": results[f"zero_shot_{metric}"]}, step=0)
-        logger.info("zero-shot %s (template %r): %.4f", metric, zero_shot_template.text, results[f"zero_shot_{metric}"])
+    tracking.start(accelerator, {**vars(args), **{f"method.{k}": v for k, v in plan.config.to_dict().items()},
+                                 "learning_rate": plan.lr, "trainable_parameters": trainable,
+                                 "processes": accelerator.num_processes})
+    if not args.no_zero_shot and not plan.config.has_classifier_head():
+        value = task.evaluate(core.base_model, plan.evaluation, "zero-shot eval", zero_shot=True,
+                              show=accelerator.is_main_process)
+        results[f"zero_shot_{metric}"] = value
+        tracking.log(accelerator, {f"eval/zero_shot_{metric}": value}, step=0)
+        logger.info("zero-shot %s (template %r): %.4f", metric, task.zero_shot_template.text, value)
+    _log_run(run, trainable, frozen)
+    if plan.resume is not None:
+        _resume(run, plan.resume)
+    if accelerator.is_main_process:
+        plan.out_dir.mkdir(parents=True, exist_ok=True)
+        (plan.out_dir / "run.json").write_text(json.dumps(plan.run_id))
+    return run
 
+
+def _log_run(run: Run, trainable: int, frozen: int) -> None:
+    args, plan = run.args, run.plan
     logger.info("***** Running training *****")
     logger.info("  method = %s, model = %s", args.method, args.model)
     logger.info("  trainable parameters = %d, frozen = %d (%.4f%%)", trainable, frozen, 100 * trainable / max(1, trainable + frozen))
     logger.info("  examples = %d, steps = %d, batch per process = %d, processes = %d, lr = %g",
-                len(train_rows), args.max_steps, args.batch_size, accelerator.num_processes, lr)
+                len(plan.train), args.max_steps, args.batch_size, run.accelerator.num_processes, plan.lr)
+    if args.num_train_epochs is not None:
+        logger.info("  --num-train-epochs %g: %d steps", args.num_train_epochs, args.max_steps)
+    if plan.selection:
+        logger.info("  selection split = %d rows, evaluated every %d steps; the adapter saved: %s", len(plan.selection),
+                    args.eval_steps, "the best on it" if run.chooser.keep_best else "the last step's")
 
-    rng = random.Random(args.seed)
-    order: list[int] = []
-    start_step = 0
-    if resume is not None:
-        accelerator.load_state(str(resume))
-        state = json.loads((resume / "trainer_state.json").read_text())
-        start_step, order, history = state["step"], state["order"], state["history"]
-        rng.setstate((state["rng"][0], tuple(state["rng"][1]), state["rng"][2]))
-        logger.info("resumed from %s at step %d", resume, start_step)
+
+def _resume(run: Run, checkpoint: Path) -> None:
+    run.accelerator.load_state(str(checkpoint))
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    run.start_step, run.order, run.history = state["step"], state["order"], state["history"]
+    run.rng.setstate((state["rng"][0], tuple(state["rng"][1]), state["rng"][2]))
+    if "selection" in state:
+        run.chooser.restore(state["selection"], checkpoint)
+    logger.info("resumed from %s at step %d", checkpoint, run.start_step)
+
+
+def _checkpoint(run: Run, step_done: int) -> None:
+    """The full training state of every rank, the adapter (and the best one so far), and, written
+    last and atomically, trainer_state.json: its presence marks the checkpoint complete."""
+    from pstar_plugins import run_dir
+    from pstar_plugins.core.adapter_io import save_adapter
+    from pstar_plugins.selection import BEST_ADAPTER
+
+    args, accelerator, out_dir = run.args, run.accelerator, run.plan.out_dir
+    ckpt = out_dir / f"checkpoint-{step_done}"
+    accelerator.save_state(str(ckpt))  # model, optimizer, scheduler, RNG of every rank
+    trainable_state = run.core.trainable_state()  # collective under ZeRO-3: every rank gathers
     if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "run.json").write_text(json.dumps(run_id))
+        record = run.plan.task.record()
+        save_adapter(run.core, ckpt / "adapter", state=trainable_state, task=record)
+        if run.chooser.state is not None:  # the best so far: a resumed run can still end with it
+            save_adapter(run.core, ckpt / BEST_ADAPTER, state=run.chooser.state, task=record)
+        rng_state = run.rng.getstate()
+        payload = {"step": step_done, "order": run.order, "history": run.history,
+                   "rng": [rng_state[0], list(rng_state[1]), rng_state[2]]}
+        if run.plan.selection:
+            payload["selection"] = run.chooser.to_json()
+        tmp = ckpt / "trainer_state.json.tmp"
+        tmp.write_text(json.dumps(payload))
+        os.replace(tmp, ckpt / "trainer_state.json")
+        for old in run_dir.prune_checkpoints(out_dir, args.checkpoints_total_limit):
+            logger.info("removed %s (--checkpoints-total-limit %d)", old.name, args.checkpoints_total_limit)
+    accelerator.wait_for_everyone()
 
-    def checkpoint(step_done: int) -> None:
-        ckpt = out_dir / f"checkpoint-{step_done}"
-        accelerator.save_state(str(ckpt))  # model, optimizer, scheduler, RNG of every rank
-        trainable_state = core.trainable_state()  # collective under ZeRO-3: every rank gathers
-        if accelerator.is_main_process:
-            save_adapter(core, ckpt / "adapter", state=trainable_state, task=task_record)
-            rng_state = rng.getstate()
-            payload = {"step": step_done, "order": order, "history": history, "rng": [rng_state[0], list(rng_state[1]), rng_state[2]]}
-            # written last and atomically: its presence marks the checkpoint complete
-            tmp = ckpt / "trainer_state.json.tmp"
-            tmp.write_text(json.dumps(payload))
-            os.replace(tmp, ckpt / "trainer_state.json")
-            for old in run_dir.prune_checkpoints(out_dir, args.checkpoints_total_limit):
-                logger.info("removed %s (--checkpoints-total-limit %d)", old.name, args.checkpoints_total_limit)
-        accelerator.wait_for_everyone()
 
+def _next_rows(run: Run) -> tuple[list, list]:
+    """This rank's share of the next global batch, drawn from a seeded shuffle, epoch after epoch."""
+    args, world, rank = run.args, run.accelerator.num_processes, run.accelerator.process_index
+    global_batch = args.batch_size * world
+    if len(run.order) < global_batch:
+        fresh = list(range(len(run.plan.train)))
+        run.rng.shuffle(fresh)
+        run.order += fresh
+    chosen, run.order = run.order[:global_batch], run.order[global_batch:]
+    return run.plan.train.take(chosen[rank * args.batch_size:(rank + 1) * args.batch_size])
+
+
+def _training_loop(run: Run) -> bool:
+    """Train to --max-steps (or an early stop); False when --stop-after-steps left early."""
+    import torch
+    from tqdm.auto import tqdm
+
+    args, accelerator, model = run.args, run.accelerator, run.model
+    clip = args.max_grad_norm and getattr(accelerator.state, "deepspeed_plugin", None) is None
     model.train()
     interactive = sys.stderr.isatty()
     # a terminal gets a progress bar; a log file one line per --logging-steps, not carriage returns
-    progress = tqdm(range(start_step, args.max_steps), desc="training",
-                    disable=not (accelerator.is_main_process and interactive))
-    world, rank = accelerator.num_processes, accelerator.process_index
+    progress = tqdm(range(run.start_step, args.max_steps), desc="training", disable=not (accelerator.is_main_process and interactive))
     for step in progress:
-        global_batch = args.batch_size * world
-        if len(order) < global_batch:
-            fresh = list(range(len(train_rows)))
-            rng.shuffle(fresh)
-            order += fresh
-        chosen, order = order[:global_batch], order[global_batch:]
-        mine = chosen[rank * args.batch_size:(rank + 1) * args.batch_size]
-        loss = step_loss(model, [train_rows[i] for i in mine], [train_labels[i] for i in mine])
+        loss = run.plan.task.loss(model, *_next_rows(run))
         if not torch.isfinite(loss):
             raise PStarError(f"loss became {loss.item()} at step {step + 1}; lower --learning-rate. Checkpoints so far are kept.")
         accelerator.backward(loss)
-        if args.max_grad_norm and ds_plugin is None:
+        if clip:
             accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad()
         loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
-        history["step"].append(step + 1)
-        history["loss"].append(loss_value)
+        run.history["step"].append(step + 1)
+        run.history["loss"].append(loss_value)
         progress.set_postfix(loss=f"{loss_value:.4f}")
-        tracking.log(accelerator, {"train/loss": loss_value, "train/learning_rate": scheduler.get_last_lr()[0]}, step=step + 1)
+        rate = run.scheduler.get_last_lr()[0]
+        tracking.log(accelerator, {"train/loss": loss_value, "train/learning_rate": rate}, step=step + 1)
         if not interactive and ((step + 1) % args.logging_steps == 0 or step + 1 == args.max_steps):
-            logger.info("step %d/%d: loss %.4f, lr %.3g", step + 1, args.max_steps, loss_value, scheduler.get_last_lr()[0])
-        if args.eval_steps and (step + 1) % args.eval_steps == 0 and step + 1 < args.max_steps:
-            acc = evaluate(model, verbalizer, "eval", limit=args.eval_subset_size)
-            history["eval_step"].append(step + 1)
-            history[metric].append(acc)
-            tracking.log(accelerator, {f"eval/{metric}": acc}, step=step + 1)
-            logger.info("step %d: loss %.4f, dev %s %.4f (first %d)", step + 1, loss_value, metric, acc, args.eval_subset_size)
+            logger.info("step %d/%d: loss %.4f, lr %.3g", step + 1, args.max_steps, loss_value, rate)
+        if _periodic_evaluation(run, step + 1, loss_value):
+            break
         if args.checkpointing_steps and (step + 1) % args.checkpointing_steps == 0:
-            checkpoint(step + 1)
-        if args.stop_after_steps and step + 1 - start_step >= args.stop_after_steps and step + 1 < args.max_steps:
+            _checkpoint(run, step + 1)
+        if args.stop_after_steps and step + 1 - run.start_step >= args.stop_after_steps and step + 1 < args.max_steps:
             if not (args.checkpointing_steps and (step + 1) % args.checkpointing_steps == 0):
-                checkpoint(step + 1)
+                _checkpoint(run, step + 1)
             logger.info("stopping after %d steps in this run (--stop-after-steps); resume with --resume-from-checkpoint latest", args.stop_after_steps)
-            accelerator.end_training()
-            distributed.shut_down()
-            return 0
+            return False
+    return True
 
-    results[f"tuned_{metric}"] = evaluate(model, verbalizer, "final eval")
-    history["eval_step"].append(args.max_steps)
+
+def _periodic_evaluation(run: Run, step: int, loss_value: float) -> bool:
+    """Evaluate every --eval-steps: the selection split when there is one (also at the last
+    step), else the first --eval-subset-size evaluation rows. True: stop early."""
+    args, plan, accelerator, metric = run.args, run.plan, run.accelerator, run.plan.task.metric_name
+    if not args.eval_steps:
+        return False
+    scoring = plan.task.evaluation_model(run.model, run.core)
+    show = accelerator.is_main_process
+    if plan.selection and (step % args.eval_steps == 0 or step == args.max_steps):
+        value = plan.task.evaluate(scoring, plan.selection, "selection eval", show=show)
+        if accelerator.num_processes > 1:  # one decision for every rank: keeping the best state is a collective under ZeRO-3
+            from accelerate.utils import broadcast_object_list
+
+            value = broadcast_object_list([value])[0]
+        improved = run.chooser.record(step, value, run.core.trainable_state)  # a collective under ZeRO-3: every rank
+        run.history["eval_step"].append(step)
+        run.history[metric].append(value)
+        tracking.log(accelerator, {f"selection/{metric}": value}, step=step)
+        logger.info("step %d: loss %.4f, selection %s %.4f%s", step, loss_value, metric, value, " (best so far)" if improved
+                    else f" (best {run.chooser.best_value:.4f} at step {run.chooser.best_step})")
+    elif not plan.selection and step % args.eval_steps == 0 and step < args.max_steps:
+        value = plan.task.evaluate(scoring, plan.evaluation, "eval", limit=args.eval_subset_size, show=show)
+        run.history["eval_step"].append(step)
+        run.history[metric].append(value)
+        tracking.log(accelerator, {f"eval/{metric}": value}, step=step)
+        logger.info("step %d: loss %.4f, dev %s %.4f (first %d)", step, loss_value, metric, value, args.eval_subset_size)
+    if run.chooser.should_stop:
+        logger.info("early stop at step %d: %d selection evaluations without improvement (--early-stopping-patience)",
+                    step, run.chooser.without_improvement)
+        run.results["early_stopped_at"] = step
+        return True
+    return False
+
+
+def _finish(run: Run) -> None:
+    """The final evaluation (of the best state, with --select-best best), the adapter, metrics.json,
+    the plot and the summary."""
+    from pstar_plugins import run_dir
+    from pstar_plugins.core import distributed
+    from pstar_plugins.core.adapter_io import save_adapter
+
+    args, plan, accelerator, core, results, history = run.args, run.plan, run.accelerator, run.core, run.results, run.history
+    metric, out_dir = plan.task.metric_name, plan.out_dir
+    steps_done = history["step"][-1] if history["step"] else run.start_step
+    results.update(steps=steps_done, examples_seen=steps_done * args.batch_size * accelerator.num_processes)
+    if plan.selection:
+        results["selection"] = run.chooser.report(metric, len(plan.selection))
+    if run.chooser.state is not None:  # every rank: the load is collective under ZeRO-3
+        core.load_trainable_state(run.chooser.state)
+        logger.info("final evaluation with the best state on the selection split: step %d (%s %.4f)",
+                    run.chooser.best_step, metric, run.chooser.best_value)
+    scoring = plan.task.evaluation_model(run.model, core)
+    results[f"tuned_{metric}"] = plan.task.evaluate(scoring, plan.evaluation, "final eval", show=accelerator.is_main_process)
+    history["eval_step"].append(steps_done)
     history[metric].append(results[f"tuned_{metric}"])
-    tracking.log(accelerator, {f"eval/{metric}": results[f"tuned_{metric}"]}, step=args.max_steps)
+    tracking.log(accelerator, {f"eval/{metric}": results[f"tuned_{metric}"]}, step=steps_done)
     started = time.perf_counter()
     with distributed.recording_gathers() as save_calls:
         state = core.trainable_state()  # collective under ZeRO-3: only the method's partitions
-    gathered_ids = {i for call in save_calls for i in call}
-    frozen_ids = {id(p) for p in core.parameters() if not p.requires_grad}
-    results["save"] = {
-        "gather_calls": len(save_calls),
-        "gathered_parameters": len(gathered_ids),
-        "frozen_parameters_gathered": len(gathered_ids & frozen_ids),
-        "bytes": sum(t.numel() * t.element_size() for t in state.values()),
-    }
+    results["save"] = _save_record(core, state, save_calls)
     if accelerator.is_main_process:
-        save_adapter(core, out_dir / "adapter", state=state, task=task_record)
+        save_adapter(core, out_dir / "adapter", state=state, task=plan.task.record())
         results["save"]["seconds"] = time.perf_counter() - started
         results["history"] = history
         (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
         if args.plot:
-            _plot(history, out_dir / args.plot, args.method, metric, args.eval_subset_size)
+            _plot(history, out_dir / args.plot, args.method, metric, args.eval_subset_size, periodic_on_selection=bool(plan.selection))
         written = [out_dir / "adapter", out_dir / "metrics.json"]
         if args.plot and (out_dir / args.plot).is_file():
             written.append(out_dir / args.plot)
         written += run_dir.complete_checkpoints(out_dir)
         print(_summary(args, results, metric, written))
-    accelerator.end_training()
-    distributed.shut_down()
-    return 0
+
+
+def _save_record(core, state: dict, calls: list) -> dict:
+    """What the final save gathered (``calls``, recorded; under ZeRO-3: the method's partitions
+    only, no frozen weight)."""
+    gathered_ids = {i for call in calls for i in call}
+    frozen_ids = {id(p) for p in core.parameters() if not p.requires_grad}
+    return {"gather_calls": len(calls), "gathered_parameters": len(gathered_ids),
+            "frozen_parameters_gathered": len(gathered_ids & frozen_ids),
+            "bytes": sum(t.numel() * t.element_size() for t in state.values())}
 
 
 def _is_cpu_notice(record: logging.LogRecord) -> bool:
@@ -654,23 +875,31 @@ def _quiet_third_party(interactive: bool) -> None:
 
 def _summary(args, results: dict, metric: str, written: list[Path]) -> str:
     """The closing report: the scores (with their scales) and every file this run wrote."""
-    lines = ["", "-" * 60, f"method {args.method} on {args.model}"]
-    if metric == "accuracy":
-        if "zero_shot_accuracy" in results:
-            lines.append(f"  zero-shot dev accuracy : {results['zero_shot_accuracy']:.4f} (0-1)")
-        lines.append(f"  tuned dev accuracy     : {results['tuned_accuracy']:.4f} (0-1)")
-    else:
-        scores = results.get("generation_scores", {})
-        for label, key in (("zero-shot", "zero-shot eval"), ("tuned", "final eval")):
-            if key in scores:
-                lines.append(f"  {label + ' dev':<15}: BLEU {scores[key]['bleu']:.2f}, ROUGE-L {scores[key]['rouge_l']:.2f} (both 0-100)")
-        sample = scores.get("final eval", {}).get("example") or []
-        if sample:
-            lines.append(f"  sample output          : {sample[0]!r}")
+    from pstar_plugins.script_tasks import BY_METRIC
+
+    lines = ["", "-" * 60, f"method {args.method} on {args.model}", *BY_METRIC[metric].summary_lines(results)]
+    lines += _run_size_lines(args, results, metric)
     lines.append("  files written:")
     lines += [f"    {p}{'/' if p.is_dir() else ''}" for p in written]
     lines.append("-" * 60)
     return "\n".join(lines)
+
+
+def _run_size_lines(args, results: dict, metric: str) -> list[str]:
+    """How much the run trained, and what the selection split chose."""
+    if "steps" not in results:
+        return []
+    lines = [f"  training               : {results['steps']} steps, {results['examples_seen']} examples seen "
+             f"({results['train_rows']} training rows)"
+             + (f"; the preset expects {results['expected_examples']}" if results.get("expected_examples") else "")]
+    if results.get("early_stopped_at"):
+        lines.append(f"  early stop             : at step {results['early_stopped_at']} (--early-stopping-patience)")
+    chosen = results.get("selection")
+    if chosen and chosen["best_step"] is not None:
+        lines.append(f"  selection split        : {chosen['rows']} rows; best {metric} {chosen[f'best_{metric}']:.4f} at step "
+                     f"{chosen['best_step']}, last {chosen[f'last_{metric}']:.4f} at step {chosen['last_step']}; "
+                     f"saved: the {'best' if chosen['select'] == 'best' else 'last'} step's adapter")
+    return lines
 
 
 def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
@@ -682,7 +911,7 @@ def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
     return out
 
 
-def _plot(history, path: Path, method: str, metric: str = "accuracy", subset: int = 0) -> None:
+def _plot(history, path: Path, method: str, metric: str = "accuracy", subset: int = 0, periodic_on_selection: bool = False) -> None:
     try:
         import matplotlib
 
@@ -700,7 +929,9 @@ def _plot(history, path: Path, method: str, metric: str = "accuracy", subset: in
     # the periodic evaluations score a subset, the last one the whole dev set: two series, not one line
     periodic = list(zip(history["eval_step"][:-1], history[metric][:-1]))
     if periodic:
-        ax2.plot(*zip(*periodic), "o-", color="tab:red", label=f"dev {metric}, first {subset} rows" if subset else f"dev {metric}")
+        label = (f"selection-split {metric}" if periodic_on_selection
+                 else f"dev {metric}, first {subset} rows" if subset else f"dev {metric}")
+        ax2.plot(*zip(*periodic), "o-", color="tab:red", label=label)
     if history["eval_step"]:
         ax2.plot(history["eval_step"][-1:], history[metric][-1:], "*", color="black", markersize=12, label=f"final dev {metric}, all rows")
     ax2.set_ylabel(f"dev {metric}", color="tab:red")

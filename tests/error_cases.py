@@ -308,6 +308,26 @@ def _packaged(name):
     return packaged_data(name)
 
 
+def _pair_data(tmp):
+    """A small sentence-pair file shaped like GLUE RTE (two text columns, an int label, an idx)."""
+    rows = [{"sentence1": f"premise {i}", "sentence2": f"hypothesis {i}", "label": i % 2, "idx": i} for i in range(8)]
+    path = tmp / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _train_on_pairs(*argv):
+    def run(tmp):
+        data = _pair_data(tmp)
+        _train("--train-file", data, "--validation-file", data, *argv)(tmp)
+    return run
+
+
+def _continue_head_adapter_with_more_classes(tmp):
+    adapter = _saved_adapter(tmp, method="p-tuning-v2")  # a linear head for 2 classes
+    _train("--method", "p-tuning-v2", "--init-from-adapter", str(adapter), "--label-words", "bad", "fine", "good")(tmp)
+
+
 def _locked_output_dir(tmp):
     import os
     import socket
@@ -435,6 +455,20 @@ CASES = [
     Case("train: an encoder (BERT) as the causal LM of a generation task", _encoder_folder_as_causal_lm, "exit 2 (ConfigError)", "is an encoder-only bert model, which cannot generate text; use a decoder model"),
     Case("train: --output-dir that cannot be created", _output_dir_under_a_file, "exit 2 (ConfigError)", "is a file, so the folder cannot be created; choose another --output-dir"),
     Case("train: only --train-file (was: validation silently on SST-2 dev)", _train("--method", "prompt-tuning", "--train-file", _packaged("sst2_train_sample.tsv")), "exit 2 (ConfigError)", "without --validation-file: pass --validation-file, or --validation-split-percentage 10"),
+    Case("train: --select-best best without a selection split", _train("--method", "prompt-tuning", "--select-best", "best"), "exit 2 (ConfigError)", "--select-best best choose on a selection split carved out of the training rows; pass --validation-split-percentage 10"),
+    Case("train: --early-stopping-patience without a selection split", _train("--method", "prompt-tuning", "--early-stopping-patience", "3"), "exit 2 (ConfigError)", "--early-stopping-patience 3 choose on a selection split carved out of the training rows"),
+    Case("train: --select-best best with --eval-steps 0", _train("--method", "prompt-tuning", "--select-best", "best", "--validation-split-percentage", "10", "--eval-steps", "0"), "exit 2 (ConfigError)", "with --eval-steps 0 would never evaluate on the selection split; pass --eval-steps 25"),
+    Case("train: --validation-split-percentage 0", _train("--method", "prompt-tuning", "--validation-split-percentage", "0"), "exit 2 (ConfigError)", "--validation-split-percentage 0: expected 1 to 99"),
+    Case("train: --validation-split-percentage 100 (nothing left to train on)", _train("--method", "prompt-tuning", "--validation-split-percentage", "100"), "exit 2 (ConfigError)", "--validation-split-percentage 100: expected 1 to 99"),
+    Case("train: a selection split that holds out no row", _train("--method", "prompt-tuning", "--validation-split-percentage", "5", "--max-train-samples", "10"), "exit 2 (ConfigError)", "--validation-split-percentage 5 of the 10 rows of"),
+    Case("train: --select-best best on the evaluation rows themselves (only --train-file)", _train("--method", "prompt-tuning", "--train-file", _packaged("sst2_train_sample.tsv"), "--validation-split-percentage", "10", "--select-best", "best"), "exit 2 (ConfigError)", "the held-out rows are the evaluation set, so choosing the step on them would report a score tuned on its own rows"),
+    Case("train: --max-steps and --num-train-epochs", _train("--method", "prompt-tuning", "--max-steps", "10", "--num-train-epochs", "2"), "exit 2 (ConfigError)", "--max-steps 10 and --num-train-epochs 2 both set the length of the run; keep one of them"),
+    Case("train: --num-train-epochs 0", _train("--method", "prompt-tuning", "--num-train-epochs", "0"), "exit 2 (ConfigError)", "--num-train-epochs 0: expected a finite number above 0"),
+    Case("train: --warmup-steps and --warmup-ratio", _train("--method", "prompt-tuning", "--warmup-steps", "5", "--warmup-ratio", "0.1"), "exit 2 (ConfigError)", "--warmup-steps 5 and --warmup-ratio 0.1 both set the warm-up; keep one of them"),
+    Case("train: --warmup-ratio above 1", _train("--method", "prompt-tuning", "--warmup-ratio", "1.5"), "exit 2 (ConfigError)", "--warmup-ratio 1.5: expected a fraction of the run's steps from 0 to 1"),
+    Case("train: --num-train-epochs whose steps are fewer than --warmup-steps", _train("--method", "prompt-tuning", "--num-train-epochs", "0.1", "--max-train-samples", "32", "--warmup-steps", "5"), "exit 2 (ConfigError)", "--warmup-steps 5 is more than --max-steps 1"),
+    Case("train: two text columns and a method without a template of its own", _train_on_pairs("--method", "prompt-tuning"), "exit 2 (ConfigError)", "has 2 text columns ['sentence1', 'sentence2'], and the default template 'Review: {sentence} Sentiment:{answer}' is worded for one; pass a template that places each, e.g. --template 'sentence1: {sentence1}\\nsentence2: {sentence2}\\nAnswer:{answer}'"),
+    Case("train: --init-from-adapter whose head has other classes than --label-words", _continue_head_adapter_with_more_classes, "exit 2 (ConfigError)", "was trained with another number of classes than the 3 --label-words; pass the label words it was trained with"),
     Case("train: only --validation-file", _train("--method", "prompt-tuning", "--validation-file", _packaged("sst2_dev.tsv")), "exit 2 (ConfigError)", "without --train-file would train on the packaged SST-2 sample; pass --train-file too"),
     Case("train: rerun into a finished run's --output-dir", _finished_run, "exit 2 (ConfigError)", "holds a finished run (metrics.json); pass --overwrite to replace it"),
     Case("train: --output-dir in use by a running process", _locked_output_dir, "exit 2 (ConfigError)", "is in use by another run (PID"),

@@ -134,11 +134,10 @@ def test_generation_summary_gives_both_scores_with_their_scale_a_sample_and_the_
 def test_a_default_template_follows_the_datas_one_text_column():
     from argparse import Namespace
 
-    from pstar_plugins.plugins import get_plugin_manager
     from pstar_plugins.train import _default_template_for
 
     args = Namespace(label_column="label", target_column="ref", task="classification")
-    preset = get_plugin_manager().method("p-tuning").preset.options["template"]
+    preset = "{soft:3} Review: {sentence} {soft:3} Sentiment:{answer}"
     assert _default_template_for(preset, {"text": "fine", "label": "1"}, args) == "{soft:3} Review: {text} {soft:3} Sentiment:{answer}"
     assert _default_template_for(preset, {"sentence": "fine", "label": "1"}, args) == preset  # already fits
     # two candidate columns: no guess, the slot check then names --template and --column

@@ -142,3 +142,16 @@ def test_adapter_from_one_process_continues_under_zero3(tiny_dir, tmp_path):
     assert second["prompt"].shape == first["prompt"].shape == (1, 4, 32)
     # two more AdamW steps at lr 3e-2 move each entry by at most ~2 lr: it started from the adapter
     assert 0 < float((second["prompt"] - first["prompt"]).abs().max()) <= 0.07
+
+
+@pytest.mark.parametrize("config", ["ddp", "zero3"])
+def test_select_best_on_two_processes_keeps_the_step_and_state_of_one(tiny_dir, tmp_path, config):
+    # the best state is gathered on every rank (a collective under ZeRO-3) and written by rank 0
+    flags = ["--method", "prompt-tuning", "--validation-split-percentage", "25", "--select-best", "best",
+             "--eval-steps", "1", "--learning-rate", "0.3"]
+    launch("single_process", tiny_dir, tmp_path / "single", *flags, batch=8, steps=4)
+    launch(config, tiny_dir, tmp_path / config, *flags, batch=4, steps=4)  # 2 processes x 4 = 8
+    one, two = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("single", config))
+    assert one["selection"] == two["selection"] and one["selection"]["best_step"] is not None
+    assert one["tuned_accuracy"] == two["tuned_accuracy"]
+    assert max_diff(adapter(tmp_path / "single"), adapter(tmp_path / config)) <= TOLERANCE
