@@ -134,7 +134,7 @@ def now() -> str:
 def p_tuning_template(template: str, soft: int = 3) -> str:
     """P-tuning's ``[P1; X; P2; Y]`` (Liu et al. 2021) from a task's discrete template: ``soft``
     virtual tokens before the text and after its last column, the task's words kept as anchors.
-    ``Review: {sentence} Sentiment:{answer}`` gives the method's preset template; a template that
+    ``Review: {sentence} Sentiment:{answer}`` gives the template of the recorded SST-2 row; a template that
     already places soft tokens is returned as it is."""
     from pstar_plugins.tasks.template import Answer, Field, Literal, Soft, Template
 
@@ -220,8 +220,14 @@ def sst2_train_args(args, method: str, run_dir: Path, steps: int, seed: int, ext
             "--no-zero-shot", "--output-dir", rel(run_dir), "--overwrite", "--seed", str(seed), *extra]
 
 
+SST2_TEMPLATE = "Review: {sentence} Sentiment:{answer}"  # the discrete template of every SST-2 row
+
+
 def method_extra(args, method: str) -> list[str]:
-    return SST2_METHODS[method] + dict(args.method_args).get(method, [])
+    # P-tuning: the SST-2 words with soft tokens around the input, as in the recorded rows (the
+    # method's own default builds its template from the data's columns, without words)
+    template = ["--template", cli_text(p_tuning_template(SST2_TEMPLATE))] if method == "p-tuning" else []
+    return SST2_METHODS[method] + template + dict(args.method_args).get(method, [])
 
 
 def sst2_method_steps(args, work: Path) -> list[Step]:

@@ -12,13 +12,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import quality  # noqa: E402
 
 from pstar_plugins import evaluate, train  # noqa: E402
-from pstar_plugins.plugins import get_plugin_manager  # noqa: E402
 from pstar_plugins.tasks.template import Literal, Template  # noqa: E402
 
 
-def test_p_tuning_template_of_the_sst2_template_is_the_methods_preset():
-    preset = get_plugin_manager().method("p-tuning").preset.options["template"]
-    assert quality.p_tuning_template("Review: {sentence} Sentiment:{answer}") == preset
+def test_p_tuning_template_of_the_sst2_template_is_the_recorded_sst2_rows_template():
+    # the template of the SST-2 p-tuning row recorded before presets stopped naming SST-2 columns
+    recorded = "{soft:3} Review: {sentence} {soft:3} Sentiment:{answer}"
+    assert quality.p_tuning_template("Review: {sentence} Sentiment:{answer}") == recorded
 
 
 def test_p_tuning_template_keeps_a_pair_tasks_columns_words_and_braces():
