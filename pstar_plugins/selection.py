@@ -18,13 +18,24 @@ from typing import Any
 BEST_ADAPTER = "best-adapter"  # inside a checkpoint folder: the best state so far, as an adapter
 
 
-def split_off(rows: list, percentage: int, seed: int) -> tuple[list, list]:
+def split_off(rows: list, percentage: int, seed: int, key=None) -> tuple[list, list]:
     """``(training rows, selection rows)``: ``percentage``% of ``rows``, drawn with ``seed``,
-    become the selection split; both keep the file's order. Deterministic for a seed."""
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    held = len(order) * percentage // 100
-    return [rows[i] for i in sorted(order[held:])], [rows[i] for i in sorted(order[:held])]
+    become the selection split; both keep the file's order. Deterministic for a seed.
+
+    ``key(row)``: rows with the same key go to the same side, and ``percentage``% of the keys are
+    held out (generation: a source's references must not be trained on while it selects)."""
+    if key is None:
+        order = list(range(len(rows)))
+        random.Random(seed).shuffle(order)
+        held = set(order[: len(order) * percentage // 100])
+    else:
+        groups: dict = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(key(row), []).append(i)
+        keys = list(groups)
+        random.Random(seed).shuffle(keys)
+        held = {i for k in keys[: len(keys) * percentage // 100] for i in groups[k]}
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
 @dataclass

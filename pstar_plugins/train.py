@@ -272,6 +272,10 @@ def _check_selection_args(args) -> None:
     if wanted and not args.eval_steps:
         raise ConfigError(f"{' and '.join(wanted)} with --eval-steps 0 would never evaluate on the selection split; "
                           "pass --eval-steps 25 (or another positive number).")
+    if percentage is not None and not args.eval_steps and (args.validation_file or args.dataset):
+        raise ConfigError(f"--validation-split-percentage {percentage} with --eval-steps 0 would hold out training rows "
+                          "that are never evaluated; pass --eval-steps 25 to watch the run on them, or drop "
+                          "--validation-split-percentage.")
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m pstar_plugins.train") -> int:
@@ -332,10 +336,15 @@ def _split_off(rows: list, source: str, args) -> tuple[list, list]:
     from pstar_plugins.selection import split_off
 
     percentage = args.validation_split_percentage
-    if len(rows) * percentage // 100 == 0:
+    key = None
+    if args.task == "generation":  # rows of one source (its fields but the target) stay on one side
+        target = args.target_column
+        key = lambda row: tuple(sorted((k, str(v)) for k, v in row.items() if k != target))  # noqa: E731
+    train, held = split_off(rows, percentage, args.seed, key=key)
+    if not held:
         raise ConfigError(f"--validation-split-percentage {percentage} of the {len(rows)} rows of {source} holds out no row; "
                           f"pass a percentage of at least {math.ceil(100 / len(rows))} or more training rows.")
-    return split_off(rows, percentage, args.seed)
+    return train, held
 
 
 def _method_config(args, spec):
@@ -502,12 +511,13 @@ def _plan(args) -> Plan:
     _check_template(template, args, train_rows, train_source)
     check_source(args.model, args.model_kind, args.gguf_file, args.task)
     config = task.configure(config)
-    if adapter is not None and spec.config_class.from_dict(adapter[0]["method_config"]) != config:
+    if adapter is not None and spec.config_class.from_saved(adapter[0]["method_config"]) != config:
         raise ConfigError(f"--init-from-adapter {args.init_from_adapter} was trained with another number of classes than "
                           f"the {len(args.label_words)} --label-words; pass the label words it was trained with.")
     resume = run_dir.checkpoint_to_resume(args.resume_from_checkpoint, out_dir)
     if resume is not None:
         run_dir.check_resume(resume, args.method, args.max_steps)
+        _check_same_data_plan(resume, args)
     run_id = {"method": args.method, "model": args.model, "train_file": train_source}
     return Plan(args, spec, config, adapter, lr, out_dir, run_id, resume, template, task, train, evaluation, selection)
 
@@ -681,6 +691,27 @@ def _log_run(run: Run, trainable: int, frozen: int) -> None:
                     args.eval_steps, "the best on it" if run.chooser.keep_best else "the last step's")
 
 
+DATA_PLAN_FLAGS = ("seed", "max_train_samples", "validation_split_percentage", "select_best")
+
+
+def _data_plan(args) -> dict:
+    """The flags that decide which rows train, which select and whether a best state is kept: a
+    checkpoint's row order and best value only mean something under the same ones."""
+    return {name: getattr(args, name) for name in DATA_PLAN_FLAGS}
+
+
+def _check_same_data_plan(checkpoint: Path, args) -> None:
+    """Refuse, before the model loads, to resume a checkpoint written under other data flags."""
+    saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("data_plan")
+    if saved is None:
+        return  # written before checkpoints recorded it
+    changed = [name for name in DATA_PLAN_FLAGS if saved.get(name) != getattr(args, name)]
+    if changed:
+        flags = ", ".join(f"--{n.replace('_', '-')} {saved.get(n)} (now {getattr(args, n)})" for n in changed)
+        raise ConfigError(f"--resume-from-checkpoint {checkpoint} was written with {flags}: its row order and selection "
+                          "record belong to those rows; pass the same flags, or start a new run with --overwrite.")
+
+
 def _resume(run: Run, checkpoint: Path) -> None:
     run.accelerator.load_state(str(checkpoint))
     state = json.loads((checkpoint / "trainer_state.json").read_text())
@@ -709,7 +740,7 @@ def _checkpoint(run: Run, step_done: int) -> None:
             save_adapter(run.core, ckpt / BEST_ADAPTER, state=run.chooser.state, task=record)
         rng_state = run.rng.getstate()
         payload = {"step": step_done, "order": run.order, "history": run.history,
-                   "rng": [rng_state[0], list(rng_state[1]), rng_state[2]]}
+                   "rng": [rng_state[0], list(rng_state[1]), rng_state[2]], "data_plan": _data_plan(args)}
         if run.plan.selection:
             payload["selection"] = run.chooser.to_json()
         tmp = ckpt / "trainer_state.json.tmp"

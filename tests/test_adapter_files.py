@@ -157,3 +157,32 @@ def test_a_p_tuning_adapter_saved_with_the_retired_label_words_field_still_loads
         assert torch.equal(model.eval()(**batch).logits, loaded.eval()(**batch).logits)
     with pytest.raises(ConfigError, match="unknown option"):  # a new config given by hand still refuses it
         type(model.method_config).from_dict({**model.method_config.to_dict(), "label_words": ["a"]})
+
+
+def test_pstar_train_continues_an_adapter_with_the_retired_label_words_field(tmp_path):
+    """``--init-from-adapter`` reads the saved config the way loading does (retired fields dropped)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from pstar_plugins.testing import save_tiny_pretrained
+    from pstar_plugins.train import _plan, parse_args
+
+    model_dir = tmp_path / "model"
+    save_tiny_pretrained(model_dir)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pstar_plugins import build_model
+
+    adapter = tmp_path / "adapter"
+    build_model(AutoModelForCausalLM.from_pretrained(model_dir), "p-tuning",
+                tokenizer=AutoTokenizer.from_pretrained(model_dir)).save_adapter(adapter)
+    weights = adapter / "adapter.safetensors"
+    with safe_open(str(weights), framework="pt") as fh:
+        metadata = fh.metadata()
+    meta = json.loads(metadata["pstar_adapter_config"])
+    meta["method_config"]["label_words"] = ["negative", "positive"]
+    save_file(load_file(weights), str(weights), metadata={**metadata, "pstar_adapter_config": json.dumps(meta)})
+    (adapter / "adapter_config.json").write_text(json.dumps(meta))
+    plan = _plan(parse_args(["--method", "p-tuning", "--model", str(model_dir), "--output-dir", str(tmp_path / "out"),
+                             "--init-from-adapter", str(adapter)]))
+    assert not hasattr(plan.config, "label_words")

@@ -122,11 +122,18 @@ def test_flash_attention_model_is_refused_for_prefix_methods():
         build_model(base, "prefix-tuning")
 
 
+class WordTokenizer(CharTokenizer):
+    """CharTokenizer without the leading space's token, so words' first tokens differ."""
+
+    def __call__(self, text, add_special_tokens=True):
+        return super().__call__(text.lstrip(" "), add_special_tokens)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_head_from_label_words_starts_with_the_verbalizers_class_scores(arch):
     """The p-tuning-v2 head initialised from the label words' output rows gives the same class
     distribution as scoring the label words with the LM head, for the same deep prompts."""
-    tok = CharTokenizer()
+    tok = WordTokenizer()
     words = ["ab", "c", "d"]
     with_head = build_model(tiny_model(arch), "p-tuning-v2", tokenizer=tok, num_virtual_tokens=3, num_labels=3,
                             label_words=words, head_init="label-words", classifier_dropout=0.0)
@@ -145,7 +152,7 @@ def test_head_from_label_words_starts_with_the_verbalizers_class_scores(arch):
 
 
 def test_head_init_auto_is_random_where_the_pooled_position_is_not_the_answer_position():
-    tok = CharTokenizer()
+    tok = WordTokenizer()
     torch.manual_seed(0)
     mean_pooled = build_model(tiny_model("llama"), "p-tuning-v2", tokenizer=tok, num_virtual_tokens=3, num_labels=2,
                               label_words=["ab", "c"], pooling="mean")
@@ -157,3 +164,9 @@ def test_head_init_auto_is_random_where_the_pooled_position_is_not_the_answer_po
     with pytest.raises(ConfigError, match="needs one label word per class: got 1 words for num_labels=2"):
         build_model(tiny_model("llama"), "p-tuning-v2", tokenizer=tok, num_virtual_tokens=3, num_labels=2,
                     label_words=["ab"], head_init="label-words")
+    with pytest.raises(ConfigError, match="share first tokens"):
+        build_model(tiny_model("llama"), "p-tuning-v2", tokenizer=tok, num_virtual_tokens=3, num_labels=2,
+                    label_words=["ab", "ac"], head_init="label-words")
+    shared = build_model(tiny_model("llama"), "p-tuning-v2", tokenizer=tok, num_virtual_tokens=3, num_labels=2,
+                         label_words=["ab", "ac"])  # auto: rows that would start equal are not used
+    assert not torch.equal(shared.method.head.weight[0], shared.method.head.weight[1])

@@ -167,3 +167,38 @@ def test_early_stopping_ends_the_run_after_patience_evaluations_without_improvem
     assert len(values) == stopped and values[-1] <= max(values[:-1])
     assert all(values[i] > max(values[:i]) for i in range(1, stopped - 1))  # every earlier one improved
     assert f"early stop at step {stopped}" in result.stderr
+
+
+def test_a_generation_split_keeps_every_source_on_one_side():
+    from pstar_plugins.train import _split_off
+
+    rows = [{"mr": f"name[{i % 7}]", "ref": f"text {i}"} for i in range(70)]  # 7 sources, 10 references each
+    args = Namespace(validation_split_percentage=30, seed=42, task="generation", target_column="ref")
+    train, held = _split_off(rows, "e2e", args)
+    assert {r["mr"] for r in train}.isdisjoint({r["mr"] for r in held})
+    assert len({r["mr"] for r in held}) == 2 and len(held) == 20  # 30% of the 7 sources, all their rows
+    # classification keeps the row split
+    assert _split_off(rows, "x", Namespace(validation_split_percentage=30, seed=42, task="classification",
+                                           target_column="ref")) == split_off(rows, 30, 42)
+
+
+def test_a_resume_under_other_data_flags_is_refused_before_the_model_loads(tmp_path):
+    from pstar_plugins.errors import ConfigError
+    from pstar_plugins.train import _check_same_data_plan, _data_plan
+
+    args = Namespace(seed=42, max_train_samples=None, validation_split_percentage=10, select_best="last")
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 4, "data_plan": _data_plan(args)}))
+    _check_same_data_plan(checkpoint, args)  # the same flags: accepted
+    changed = Namespace(**{**vars(args), "seed": 7, "select_best": "best"})
+    with pytest.raises(ConfigError, match=r"written with --seed 42 \(now 7\), --select-best last \(now best\)"):
+        _check_same_data_plan(checkpoint, changed)
+
+
+def test_a_selection_split_that_is_never_evaluated_is_refused():
+    from pstar_plugins.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--validation-split-percentage 10 with --eval-steps 0 would hold out"):
+        parse_args(["--method", "prompt-tuning", "--train-file", "t.tsv", "--validation-file", "v.tsv",
+                    "--validation-split-percentage", "10", "--eval-steps", "0", "--output-dir", "o"])

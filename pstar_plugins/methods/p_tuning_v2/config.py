@@ -50,8 +50,8 @@ class PTuningV2Config(PrefixTuningConfig):
         if not all(isinstance(i, int) for i in self.layers):
             raise ConfigError(f"layers={self.layers!r}: expected a list of layer indices.")
         one_of(self, "head_init", HEAD_INITS)
-        if self.head_init == "label-words" and self.head == "sequence-classification" and len(self.label_words) != self.num_labels:
-            raise ConfigError(f"head_init='label-words' needs one label word per class: got {len(self.label_words)} words "
-                              f"for num_labels={self.num_labels}; pass --label-words with {self.num_labels} words or --head-init random.")
+        if self.head_init == "label-words" and self.head != "sequence-classification":
+            raise ConfigError(f"head_init='label-words' is for head='sequence-classification' (a head over classes), not "
+                              f"{self.head!r}; pass --head-init random.")
         if not 0.0 <= float(self.classifier_dropout) < 1.0:
             raise ConfigError(f"classifier_dropout={self.classifier_dropout!r}: expected a probability in [0, 1).")

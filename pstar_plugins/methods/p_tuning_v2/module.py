@@ -49,30 +49,47 @@ class PTuningV2(PrefixTuning):
 
         A decoder's last position is the one its LM head predicts the answer word from, so a
         linear head whose rows are the label words' output embeddings starts with the label-word
-        verbalizer's class scores (their softmax over the classes is the same) instead of chance;
-        WARP (Hambardzumyan et al. 2021) initialises its class embeddings from the label words in
-        the same way. An encoder's pooled first token or a mean has no such correspondence.
+        verbalizer's class scores instead of chance: their softmax over the classes is the same for
+        single-token words on families whose LM head neither scales nor caps logits, and
+        multi-token words start from their first token. WARP (Hambardzumyan et al. 2021)
+        initialises its class embeddings from the label words in the same way. An encoder's pooled
+        first token or a mean has no such correspondence.
         """
         config = self.config
         if config.head != "sequence-classification" or config.head_init == "random":
             return False
         reads_answer_position = self.decoder_only and config.pooling in ("auto", "last")
         usable = reads_answer_position and tokenizer is not None and base_model.get_output_embeddings() is not None
-        if config.head_init == "label-words" and not usable:
+        explicit = config.head_init == "label-words"
+        if explicit and not usable:
             raise ConfigError(
                 "head_init='label-words' needs a decoder-only model with its LM head, last-token pooling and a tokenizer "
                 f"(model_type {base_model.config.model_type!r}, pooling {config.pooling!r}); pass --head-init random.")
-        return usable and len(config.label_words) == config.num_labels
+        if len(config.label_words) != config.num_labels:
+            if explicit:
+                raise ConfigError(f"head_init='label-words' needs one label word per class: got {len(config.label_words)} "
+                                  f"words for num_labels={config.num_labels}; pass --label-words with {config.num_labels} "
+                                  "words or --head-init random.")
+            return False
+        firsts = [self._first_token(tokenizer, w) for w in config.label_words] if usable else []
+        if len(set(firsts)) != len(firsts):  # two classes would start from the same row
+            if explicit:
+                raise ConfigError(f"label words {config.label_words} share first tokens, so their head rows would start "
+                                  "equal; choose words that start differently, or pass --head-init random.")
+            return False
+        return usable
+
+    @staticmethod
+    def _first_token(tokenizer, word: str) -> int:
+        tokens = tokenizer(" " + word.strip(), add_special_tokens=False)["input_ids"]  # as the verbalizer tokenises
+        if not tokens:
+            raise ConfigError(f"label word {word!r} tokenises to nothing; choose real words with --label-words.")
+        return tokens[0]
 
     def _init_head_from_label_words(self, base_model, tokenizer) -> None:
         from pstar_plugins.core.distributed import embedding_rows, gathered
 
-        ids = []
-        for word in self.config.label_words:  # tokenised as the verbalizer does: after a space
-            tokens = tokenizer(" " + word.strip(), add_special_tokens=False)["input_ids"]
-            if not tokens:
-                raise ConfigError(f"label word {word!r} tokenises to nothing; choose real words with --label-words.")
-            ids.append(tokens[0])
+        ids = [self._first_token(tokenizer, word) for word in self.config.label_words]
         output = base_model.get_output_embeddings()
         with torch.no_grad():
             self.head.weight.copy_(embedding_rows(output, torch.tensor(ids)).to(self.head.weight.device))
