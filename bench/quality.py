@@ -579,7 +579,7 @@ def readme_table(result: dict) -> str:
     for method, r in result.get("sst2_methods", {}).items():
         options = "; " + " ".join(r["options"]) if r.get("options") else ""
         lines.append(f"| {method} ({r.get('steps', result['steps'])} steps × {r.get('batch_size', result['batch_size'])}{options}) "
-                     f"| {100 * r['accuracy']:.1f} | {when('sst2_methods')} |")
+                     f"| {100 * r['accuracy']:.1f} | {r['date'][:10] if r.get('date') else when('sst2_methods')} |")
         sst2.append(r["accuracy"])
     s = result.get("sst2_seeds")
     if s:

@@ -179,3 +179,13 @@ def test_readme_table_dates_every_row_and_states_the_noise():
     for line in table.splitlines():
         if line.startswith("| ") and not line.startswith("|---") and "measured" not in line:
             assert line.rstrip(" |").rsplit("| ", 1)[1].startswith("2026-"), line
+
+
+def test_an_sst2_method_row_keeps_its_own_date_when_another_is_rerun():
+    record = _record()
+    record["sst2_methods"] = {"prompt-tuning": {"accuracy": 0.874, "date": "2026-11-28T04:49:07+00:00"},
+                              "p-tuning-v2": {"accuracy": 0.870, "date": "2026-12-01T16:04:43+00:00"}}
+    record.setdefault("part_dates", {})["sst2_methods"] = "2026-12-01T16:04:43+00:00"
+    table = quality.readme_table(record)
+    assert "| prompt-tuning (300 steps × 16) | 87.4 | 2026-11-28 |" in table
+    assert "| p-tuning-v2 (300 steps × 16) | 87.0 | 2026-12-01 |" in table
