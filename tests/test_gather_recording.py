@@ -35,4 +35,4 @@ def test_gathers_are_recorded_inside_a_recording_block_only(monkeypatch):
     with distributed.gathered([b]):
         pass
     assert outer == [[id(a)], [id(b)]]
-    assert distributed._RECORDINGS == []
+    assert not distributed._GATHERS

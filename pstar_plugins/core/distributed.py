@@ -12,12 +12,14 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from pstar_plugins.core.recording import Recorder
+
 
 def is_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
-_RECORDINGS: list[list[list[int]]] = []
+_GATHERS = Recorder()
 
 
 @contextlib.contextmanager
@@ -25,12 +27,8 @@ def recording_gathers() -> Iterator[list[list[int]]]:
     """While the block runs, record the ids of the parameters each :func:`gathered` call
     materialises: one list per call, in the list this yields (the training summary and the
     ZeRO-3 tests report what a step gathered; nothing is recorded outside such a block)."""
-    calls: list[list[int]] = []
-    _RECORDINGS.append(calls)
-    try:
+    with _GATHERS.recording() as calls:
         yield calls
-    finally:
-        _RECORDINGS.remove(calls)
 
 
 @contextlib.contextmanager
@@ -46,8 +44,7 @@ def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None) -
         return
     import deepspeed
 
-    for calls in _RECORDINGS:
-        calls.append([id(p) for p in params])
+    _GATHERS.add([id(p) for p in params])
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
         yield

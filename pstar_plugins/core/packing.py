@@ -35,6 +35,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from pstar_plugins.core.distributed import is_partitioned
 from pstar_plugins.core.inputs import accepts, is_encoder_decoder, positions_from_mask
+from pstar_plugins.core.recording import Recorder
 
 _MASK_KERNELS = ("sdpa", "eager")
 
@@ -303,24 +304,17 @@ def backbone_forward(p: PackPlan, backbone: nn.Module, inputs: dict[str, Any]) -
     return BaseModelOutputWithPast(last_hidden_state=unpack(p, hidden))
 
 
-_recorders: list[list[str]] = []
+_PATHS = Recorder()
 
 
-@contextlib.contextmanager
-def recording():
+def recording() -> ContextManager[list[str]]:
     """Collect, for every model call and ``generate()`` meanwhile, ``"packed"`` or the reason it
     ran padded (what the conformance suite reports as the fast path a cell took)."""
-    records: list[str] = []
-    _recorders.append(records)
-    try:
-        yield records
-    finally:
-        _recorders.remove(records)
+    return _PATHS.recording()
 
 
 def _record(what: str, reason: str | None) -> None:
-    for records in _recorders:
-        records.append(f"{what}: packed" if reason is None else f"{what}: padded ({reason})")
+    _PATHS.add(f"{what}: packed" if reason is None else f"{what}: padded ({reason})")
 
 
 def call(model: nn.Module, inputs: dict[str, Any], packing: bool, causal_lm: bool = True,
@@ -335,7 +329,7 @@ def call(model: nn.Module, inputs: dict[str, Any], packing: bool, causal_lm: boo
     """
     inputs = {k: v for k, v in inputs.items() if v is not None}
     reason = unsupported_reason(model, inputs, causal_lm) if packing else padded_because
-    if _recorders:
+    if _PATHS:
         _record("call", reason)
     if reason is None:
         p = plan(inputs["attention_mask"], pair_cost(model.config))
@@ -417,7 +411,7 @@ def generate(model: nn.Module, inputs: dict[str, Any], packing: bool,
     from :func:`prefill` when ``packing`` is on and the call allows it."""
     inputs = {k: v for k, v in inputs.items() if v is not None}
     reason = prefill_unsupported_reason(model, inputs, kwargs) if packing else "packing is off"
-    if _recorders:
+    if _PATHS:
         _record("prefill", reason)
     if reason is None:
         kwargs[_cache_argument(model)] = prefill(model, inputs, while_packed)

@@ -10,15 +10,15 @@ tokens at the first masks (the PET convention for multi-token verbalizers).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pstar_plugins.core.recording import Recorder
 from pstar_plugins.errors import ConfigError, IncompatibleModelError
 from pstar_plugins.tasks.template import Template
 
@@ -212,25 +212,18 @@ class Verbalizer:
 #: per-class loop; every other family is scored per class (their cache or positions may differ)
 ONE_PASS_FAMILIES = frozenset({"llama", "gpt2", "qwen2", "qwen3", "gemma", "gpt_neox", "opt", "phi"})
 
-_recorders: list[list[str]] = []
+_PATHS = Recorder()
 _logged: set[str] = set()
 
 
-@contextlib.contextmanager
-def recording():
+def recording() -> ContextManager[list[str]]:
     """Collect, for every multi-token causal-LM scoring meanwhile, ``"one pass"`` or
     ``"per class (<reason>)"``."""
-    records: list[str] = []
-    _recorders.append(records)
-    try:
-        yield records
-    finally:
-        _recorders.remove(records)
+    return _PATHS.recording()
 
 
 def _record(reason: str | None) -> None:
-    for records in _recorders:
-        records.append("one pass" if reason is None else f"per class ({reason})")
+    _PATHS.add("one pass" if reason is None else f"per class ({reason})")
     if reason is not None and reason not in _logged:
         _logged.add(reason)
         logger.warning("multi-token label words are scored with one model call per class: %s", reason)
