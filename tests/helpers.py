@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pstar_plugins import build_model
+from pstar_plugins import build_model, hookimpl
 from pstar_plugins.testing import DECODER_ONLY, ENCODER_DECODER, ENCODER_ONLY, random_batch, tiny_model
 
 # p-tuning inputs use this layout: [S S x x x S x x x] with S = soft token (template slots)
@@ -16,6 +16,20 @@ METHOD_OPTIONS = {
     "p-tuning": {"template": "{soft:2} {text} {soft} {text2}", "encoder": "lstm", "encoder_hidden_size": 16, "init": "random"},
     "p-tuning-v2": {"num_virtual_tokens": 3, "num_labels": 3, "classifier_dropout": 0.0},
 }
+
+
+class UnfreezeNorms:
+    """A second plugin that contributes to freezing and parameter groups of any method."""
+
+    @hookimpl
+    def pstar_trainable_parameters(self, model):
+        return [n for n, _ in model.named_parameters() if n.endswith("model.norm.weight")]
+
+    @hookimpl
+    def pstar_param_groups(self, model, learning_rate, weight_decay):
+        params = [p for n, p in model.named_parameters() if n.endswith("model.norm.weight")]
+        return [{"name": "norms", "params": params, "lr": learning_rate / 10, "weight_decay": 0.0}]
+
 
 CASES = (
     [(a, m) for a in DECODER_ONLY + ENCODER_ONLY + ENCODER_DECODER for m in ("prompt-tuning", "prefix-tuning")]

@@ -14,6 +14,7 @@ from pstar_plugins.errors import PluginError
 from pstar_plugins.methods.base import MethodConfig, MethodPlugin, MethodSpec
 from pstar_plugins.plugins import REMOVED_HOOKS, create_plugin_manager
 from pstar_plugins.testing import registered_plugin, tiny_model
+from tests.helpers import UnfreezeNorms
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "plugin_hooks.md"
 HOOKS = sorted(name for name, _ in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("pstar_"))
@@ -57,22 +58,9 @@ def test_hook_pstar_register_methods():
     assert pm.get_plugin("raising") is None
 
 
-class _Norms:
-    """Another plugin's contribution: the final norm of any llama-style model trains too."""
-
-    @hookimpl
-    def pstar_trainable_parameters(self, model):
-        return [n for n, _ in model.named_parameters() if n.endswith("model.norm.weight")]
-
-    @hookimpl
-    def pstar_param_groups(self, model, learning_rate, weight_decay):
-        params = [p for n, p in model.named_parameters() if n.endswith("model.norm.weight")]
-        return [{"name": "norms", "params": params, "lr": learning_rate / 10, "weight_decay": 0.0}]
-
-
 def test_hook_pstar_trainable_parameters():
     """The method's own parameters come from the method; the hook adds other plugins' names."""
-    with registered_plugin(_Norms(), name="norms"):
+    with registered_plugin(UnfreezeNorms(), name="norms"):
         model = _model()
         contributed = {n for result in model._pm.hook.pstar_trainable_parameters(model=model) for n in (result or [])}
         assert contributed == {"base_model.model.norm.weight"}
@@ -82,7 +70,7 @@ def test_hook_pstar_trainable_parameters():
 
 
 def test_hook_pstar_param_groups():
-    with registered_plugin(_Norms(), name="norms"):
+    with registered_plugin(UnfreezeNorms(), name="norms"):
         model = _model()
         groups = [g for r in model._pm.hook.pstar_param_groups(model=model, learning_rate=0.1, weight_decay=0.01) for g in (r or [])]
         assert [g["name"] for g in groups] == ["norms"] and groups[0]["lr"] == 0.01

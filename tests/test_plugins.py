@@ -15,6 +15,7 @@ from pstar_plugins.errors import PluginError, UnknownMethodError
 from pstar_plugins.methods.base import MethodConfig, MethodPlugin, MethodSpec, PromptMethod
 from pstar_plugins.plugins import create_plugin_manager
 from pstar_plugins.testing import random_batch, registered_plugin, tiny_model
+from tests.helpers import UnfreezeNorms
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,19 +44,6 @@ class OutputScale(PromptMethod):
 
 class ScalePlugin(MethodPlugin):
     spec = MethodSpec("output-scale", ScaleConfig, "toy method for tests", method_class=OutputScale)
-
-
-class UnfreezeNorms:
-    """A second plugin that contributes to freezing and parameter groups of any method."""
-
-    @hookimpl
-    def pstar_trainable_parameters(self, model):
-        return [n for n, _ in model.named_parameters() if n.endswith("model.norm.weight")]
-
-    @hookimpl
-    def pstar_param_groups(self, model, learning_rate, weight_decay):
-        params = [p for n, p in model.named_parameters() if n.endswith("model.norm.weight")]
-        return [{"name": "norms", "params": params, "lr": learning_rate * 0.1, "weight_decay": 0.0}]
 
 
 def test_throwaway_plugin_shapes_construction_freezing_and_groups():
