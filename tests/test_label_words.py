@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pstar_plugins.core import packing
 from pstar_plugins.core.build import build_model
 from pstar_plugins.errors import IncompatibleModelError
 from pstar_plugins.tasks.template import Template
@@ -66,11 +67,15 @@ def trainable(model) -> list[torch.Tensor]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def assert_same_scores_and_gradients(model, verbalizer, rows=ROWS, expect="one pass", gradients=True):
+def assert_same_scores_and_gradients(model, verbalizer, rows=ROWS, expect="one pass", gradients=True, input_call=None):
+    """``input_call``: what ``core.packing`` must record for the input's call ("packed", or the
+    reason it ran padded); ``None``: not checked."""
     batch = verbalizer.encode(rows)
-    with recording() as paths:
+    with recording() as paths, packing.recording() as calls:
         fast = verbalizer.scores(model, batch)
     assert paths == [expect]
+    if input_call is not None:
+        assert calls[:1] == [f"call: {input_call}"], calls
     reference = verbalizer.scores_per_class(model, batch)
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
     if not gradients:
@@ -91,7 +96,8 @@ def assert_same_scores_and_gradients(model, verbalizer, rows=ROWS, expect="one p
 def test_one_pass_equals_the_per_class_loop(arch, method, packing):
     model, verbalizer = prompted(arch, method, packing)
     model.train()  # training mode, as in a step (the tiny configs and these methods have no dropout)
-    assert_same_scores_and_gradients(model, verbalizer)
+    # with packing on, the input's call runs packed and returns its cache in the padded layout
+    assert_same_scores_and_gradients(model, verbalizer, input_call="packed" if packing else "padded (packing is off)")
 
 
 @pytest.mark.parametrize("method", list(METHODS))

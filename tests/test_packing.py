@@ -175,7 +175,8 @@ def test_calls_that_cannot_be_packed_run_padded_and_say_why():
     assert packing.unsupported_reason(base, {**ok, "attention_mask": torch.ones_like(mask)}, True) is None
     assert "labels" in packing.unsupported_reason(base, {**ok, "labels": ids}, True)
     assert "logits_to_keep" in packing.unsupported_reason(base, {**ok, "logits_to_keep": 0}, True)
-    assert "cache" in packing.unsupported_reason(base, {**ok, "use_cache": True}, True)
+    assert "cache is passed in" in packing.unsupported_reason(base, {**ok, "past_key_values": object()}, True)
+    assert packing.unsupported_reason(base, {**ok, "use_cache": True}, True) is None  # it returns its cache
     model.packing = True
     with_labels = model(input_ids=ids, attention_mask=mask, labels=ids)
     model.packing = False
@@ -364,3 +365,50 @@ def test_adapter_saved_after_serving_from_the_prompts_cache_loads_onto_a_fresh_m
     loaded = load_adapter(tiny_model("llama"), tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**prompts, logits_to_keep=1).logits, before, rtol=1e-4, atol=1e-5)
+
+
+def _causal_families() -> list[str]:
+    from pstar_plugins.testing.architectures import ARCHITECTURES, KIND
+
+    return [a for a in ARCHITECTURES if KIND[a] == "causal-lm"]
+
+
+@pytest.mark.parametrize("arch", _causal_families())
+def test_a_packed_call_that_keeps_its_cache_equals_the_padded_call(arch):
+    """``use_cache=True``: the packed call's logits and its cache (in the padded layout) equal the
+    padded call's at every real position, and one more token run from either cache gives the same
+    logits, on every family that packs; the others run padded and say why."""
+    from pstar_plugins.core.inputs import positions_from_mask
+    from pstar_plugins.testing.architectures import tiny_model as family_model
+
+    base = family_model(arch)
+    with torch.no_grad():  # weights large enough that attention is far from uniform
+        for p in base.parameters():
+            p.mul_(2)
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[0, 0, 0, 1, 1], [1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    ids = torch.randint(3, base.config.vocab_size, mask.shape, generator=g) * mask
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions_from_mask(mask),
+              "use_cache": True, "logits_to_keep": 1}
+    expected = packing.unsupported_reason(base, inputs, causal_lm=True)
+    with torch.no_grad():
+        with packing.recording() as calls:
+            mine = packing.call(base, dict(inputs), packing=True)
+        theirs = base(**inputs)
+    if packing.family_reason(base) is not None or packing._sliding(base.config):
+        assert expected is not None and calls == [f"call: padded ({expected})"]
+        return
+    assert expected is None and calls == ["call: packed"]
+    torch.testing.assert_close(mine.logits, theirs.logits, rtol=1e-4, atol=1e-5)
+    real = mask.bool()
+    for a, b in zip(mine.cache.layers, theirs.cache.layers):
+        for x, y in ((a.keys, b.keys), (a.values, b.values)):
+            assert x.shape == y.shape
+            torch.testing.assert_close(x.transpose(1, 2)[real], y.transpose(1, 2)[real], rtol=1e-4, atol=1e-5)
+    step = torch.randint(3, base.config.vocab_size, (3, 1), generator=g)
+    follow = {"input_ids": step, "attention_mask": torch.cat([mask, torch.ones_like(step)], 1),
+              "position_ids": inputs["position_ids"][:, -1:] + 1, "use_cache": True}
+    with torch.no_grad():
+        after_mine = base(**follow, past_key_values=mine.cache).logits
+        after_theirs = base(**follow, past_key_values=theirs.cache).logits
+    torch.testing.assert_close(after_mine, after_theirs, rtol=1e-4, atol=1e-5)

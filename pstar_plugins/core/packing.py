@@ -233,8 +233,10 @@ def unsupported_reason(model: nn.Module, inputs: dict[str, Any], causal_lm: bool
         return "the model takes no position_ids"
     if _attention_kernel(model) not in _MASK_KERNELS:
         return f"attention kernel {_attention_kernel(model)!r} (needs sdpa or eager)"
-    if uses_cache(inputs):
-        return "a KV cache is in use"
+    if any(inputs.get(name) is not None for name in _CACHE_ARGUMENTS):
+        return "a KV cache is passed in"
+    if inputs.get("use_cache") and _sliding(model.config):
+        return "a KV cache is asked for from sliding-window layers (their cache keeps only the window)"
     if inputs.get("output_hidden_states") or inputs.get("output_attentions"):
         return "per-layer outputs are asked for (they would come back in the packed layout)"
     if inputs.get("return_dict") is False:
@@ -270,6 +272,33 @@ def _cache_argument(model: nn.Module) -> str:
     return next((name for name in _CACHE_ARGUMENTS if accepts(model, name)), "past_key_values")
 
 
+def _sliding(config) -> bool:
+    return bool(getattr(config, "sliding_window", None)) or any(
+        t != "full_attention" for t in getattr(config, "layer_types", None) or ())
+
+
+def _new_cache(model: nn.Module, inputs: dict[str, Any]):
+    """An empty cache for the packed call when ``inputs`` ask for one (``use_cache=True``)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config) if inputs.get("use_cache") else None
+
+
+def _unpacked_cache(p: PackPlan, packed, config):
+    """A packed call's cache in the padded layout ``(B, n_kv, L, d)``: each key and value at its
+    row and column of the padded batch, zeros at padding (which the attention mask hides)."""
+    from transformers import DynamicCache
+
+    if packed is None:
+        return None
+    padded = DynamicCache(config=config)
+    for index, layer in enumerate(packed.layers):
+        keys = unpack(p, layer.keys.transpose(1, 2)).transpose(1, 2)
+        values = unpack(p, layer.values.transpose(1, 2)).transpose(1, 2)
+        padded.update(keys.contiguous(), values.contiguous(), index)
+    return padded
+
+
 def causal_lm_forward(p: PackPlan, model: nn.Module, inputs: dict[str, Any]) -> CausalLMOutputWithPast:
     """``model(**inputs)`` for a causal LM with ``logits_to_keep = k``, packed: logits ``(B, k, V)``
     at the real positions among each row's last ``k`` columns, zeros at padding."""
@@ -281,8 +310,9 @@ def causal_lm_forward(p: PackPlan, model: nn.Module, inputs: dict[str, Any]) -> 
     wanted = lookup[:, L - keep:]  # (B, k): token number or -1
     rows, cols = (wanted >= 0).nonzero(as_tuple=True)
     token = wanted[rows, cols]
+    cache = _new_cache(model, inputs)
     if PADDING_FREE_FAMILIES[model.config.model_type].logits == "head":
-        hidden = _packed_backbone_call(p, model.base_model, inputs, model.get_input_embeddings())
+        hidden = _packed_backbone_call(p, model.base_model, inputs, model.get_input_embeddings(), cache)
         logits = model.get_output_embeddings()(hidden[p.bin[token], p.offset[token]])  # (n, V)
     else:  # the model's own forward computes the logits (its scaling, capping) at the wanted columns
         columns, where = torch.unique(p.offset[token], return_inverse=True)
@@ -291,17 +321,21 @@ def causal_lm_forward(p: PackPlan, model: nn.Module, inputs: dict[str, Any]) -> 
             embeds = model.get_input_embeddings()(inputs["input_ids"])
         call = {k: v for k, v in inputs.items() if k not in ("input_ids", "inputs_embeds", "attention_mask", "position_ids",
                                                               "logits_to_keep", "labels", "use_cache", *_CACHE_ARGUMENTS)}
+        if cache is not None:
+            call[_cache_argument(model)] = cache
         packed = model(inputs_embeds=pack(p, embeds), position_ids=pack(p, inputs["position_ids"]),
-                       attention_mask=masks(p, model, embeds.dtype), use_cache=False, logits_to_keep=columns, **call).logits
+                       attention_mask=masks(p, model, embeds.dtype), use_cache=cache is not None, logits_to_keep=columns,
+                       **call).logits
         logits = packed[p.bin[token], where]  # (n, V)
     out = logits.new_zeros((B, keep, logits.shape[-1]))
-    return CausalLMOutputWithPast(logits=out.index_put((rows, cols), logits))
+    return CausalLMOutputWithPast(logits=out.index_put((rows, cols), logits), cache=_unpacked_cache(p, cache, model.config))
 
 
 def backbone_forward(p: PackPlan, backbone: nn.Module, inputs: dict[str, Any]) -> BaseModelOutputWithPast:
     """``backbone(**inputs)`` packed: ``last_hidden_state`` ``(B, L, H)``, zeros at padding."""
-    hidden = _packed_backbone_call(p, backbone, inputs, backbone.get_input_embeddings())
-    return BaseModelOutputWithPast(last_hidden_state=unpack(p, hidden))
+    cache = _new_cache(backbone, inputs)
+    hidden = _packed_backbone_call(p, backbone, inputs, backbone.get_input_embeddings(), cache)
+    return BaseModelOutputWithPast(last_hidden_state=unpack(p, hidden), cache=_unpacked_cache(p, cache, backbone.config))
 
 
 _PATHS = Recorder()
@@ -333,9 +367,48 @@ def call(model: nn.Module, inputs: dict[str, Any], packing: bool, causal_lm: boo
         _record("call", reason)
     if reason is None:
         p = plan(inputs["attention_mask"], pair_cost(model.config))
-        with while_packed(p) if while_packed is not None else contextlib.nullcontext():
-            return causal_lm_forward(p, model, inputs) if causal_lm else backbone_forward(p, model, inputs)
+        _RUNNING.append(model)
+        try:
+            with while_packed(p) if while_packed is not None else contextlib.nullcontext():
+                out = causal_lm_forward(p, model, inputs) if causal_lm else backbone_forward(p, model, inputs)
+        finally:
+            _RUNNING.pop()
+        if out.cache is not None:
+            for observer in list(_CACHE_OBSERVERS):
+                observer(model, (), inputs, out)
+        return out
     return model(**inputs)
+
+
+# ----------------------------------------------------------------------------- packed calls that keep their cache
+#
+# A call with ``use_cache=True`` (and no cache passed in) is packed like any other and returns its
+# cache in the padded layout (:func:`_unpacked_cache`), so a caller can continue every row from it.
+# A forward hook on ``model`` does not see such a call as the padded one (the head families never
+# call ``model`` itself; the others call it on the packed layout): :func:`observing_cached_calls`
+# is the hook's counterpart, and :func:`packed_call_running` tells a hook to leave the call to it.
+
+_CACHE_OBSERVERS: list[Callable] = []
+_RUNNING: list[nn.Module] = []  # the models inside a packed call now
+
+
+@contextlib.contextmanager
+def observing_cached_calls(observer: Callable):
+    """Within: after every packed call that returns its cache, ``observer(model, (), inputs, output)``
+    with the padded call's ``inputs`` (2D mask, position ids) and its output, whose cache is in the
+    padded layout: what a ``with_kwargs`` forward hook on ``model`` would get had the call run padded.
+    It runs after any ``while_packed`` context has exited and while the caller's call is still on."""
+    _CACHE_OBSERVERS.append(observer)
+    try:
+        yield
+    finally:
+        _CACHE_OBSERVERS.remove(observer)
+
+
+def packed_call_running(model: nn.Module) -> bool:
+    """Whether ``model`` is inside one of this module's packed calls (whose calls of ``model``
+    itself, if any, are on the packed layout)."""
+    return any(m is model for m in _RUNNING)
 
 
 # ----------------------------------------------------------------------------- generation
@@ -363,8 +436,7 @@ def prefill_unsupported_reason(model: nn.Module, inputs: dict[str, Any], generat
         return "use_cache=False"
     if getattr(config, "cache_implementation", None) not in (None, "dynamic"):
         return f"cache_implementation={config.cache_implementation!r}"
-    if getattr(model.config, "sliding_window", None) or getattr(model.config, "layer_types", None) and any(
-            t != "full_attention" for t in model.config.layer_types):
+    if _sliding(model.config):
         return "sliding-window attention layers"
     if any(is_partitioned(p) for p in model.parameters()):
         # the choice below depends on the batch's padding, and ZeRO-3 ranks must agree on the
@@ -397,12 +469,7 @@ def prefill(model: nn.Module, inputs: dict[str, Any], while_packed: Callable[[Pa
     packed = DynamicCache(config=model.config)
     with while_packed(p) if while_packed is not None else contextlib.nullcontext():
         _packed_backbone_call(p, model.base_model, head, model.get_input_embeddings(), cache=packed)
-    padded = DynamicCache(config=model.config)
-    for index, layer in enumerate(packed.layers):
-        keys = unpack(p, layer.keys.transpose(1, 2)).transpose(1, 2)  # (B, n_kv, L - 1, d)
-        values = unpack(p, layer.values.transpose(1, 2)).transpose(1, 2)
-        padded.update(keys.contiguous(), values.contiguous(), index)
-    return padded
+    return _unpacked_cache(p, packed, model.config)
 
 
 def generate(model: nn.Module, inputs: dict[str, Any], packing: bool,

@@ -169,12 +169,17 @@ class Verbalizer:
     def _one_pass(self, model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, str | None]:
         """Scores from the input's pass and one continuation pass, or ``(None, reason)`` when the
         frozen model's call turned out not to allow it (then nothing is left to undo)."""
+        from pstar_plugins.core import packing
+
         lm = _frozen_lm(model)[0]
         B = inputs["input_ids"].shape[0]
-        continuation = _Continuation(self.words, self.pad_id, B, inputs["input_ids"].device)
+        continuation = _Continuation(lm, self.words, self.pad_id, B, inputs["input_ids"].device)
         handle = lm.register_forward_hook(continuation, with_kwargs=True)
         try:
-            first = model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]  # (B, V): each word's first token
+            # the input's call is packed when the method packs its calls (core.packing returns its
+            # cache in the padded layout and hands the call to the observer, not to the hook)
+            with packing.observing_cached_calls(continuation):
+                first = model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]  # (B, V): each word's first token
         finally:
             handle.remove()
         if continuation.failure is None and continuation.logits is None:
@@ -207,6 +212,11 @@ class Verbalizer:
 # own earlier tokens, never another class's. That is exactly the attention each word's tokens get
 # in ``[input; word]``, so the log-probabilities and their gradients (through the cache to the
 # prompt) equal the per-class loop's up to float rounding (tests/test_label_words.py).
+#
+# With packing on, the input's call runs padding-free like any training call: core.packing packs
+# it, returns its cache in the padded layout and hands the call to core.packing.observing_cached_calls
+# (the hook would not see it as the padded call), which runs the same continuation, still inside
+# the method's call.
 
 #: families whose one-pass scores and gradients tests/test_label_words.py checks against the
 #: per-class loop; every other family is scored per class (their cache or positions may differ)
@@ -295,7 +305,8 @@ class _Continuation:
     """Forward hook of the frozen model for one :meth:`Verbalizer._one_pass`: after the model's
     call on the input (with its cache), runs every multi-token class's continuation from it."""
 
-    def __init__(self, words: list[list[int]], pad_id: int, batch: int, device: torch.device) -> None:
+    def __init__(self, lm: nn.Module, words: list[list[int]], pad_id: int, batch: int, device: torch.device) -> None:
+        self.lm = lm
         self.classes = [c for c, w in enumerate(words) if len(w) > 1]
         T = max(len(w) for w in words) - 1  # the tokens fed; each predicts the next one of its word
         ids = torch.full((len(self.classes), T), pad_id, dtype=torch.long, device=device)
@@ -311,8 +322,10 @@ class _Continuation:
         self.running = False
 
     def __call__(self, module, args, kwargs, output):
-        if self.running:
-            return None
+        from pstar_plugins.core import packing
+
+        if module is not self.lm or self.running or packing.packed_call_running(module):
+            return None  # another model's call, the continuation's own, or a packed call's inner one
         self.calls += 1
         if self.calls > 1:
             self.logits, self.failure = None, "the method called the frozen model more than once"
