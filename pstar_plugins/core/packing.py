@@ -20,7 +20,9 @@ device, and per-layer prefixes (the prefix columns that ``core.attention`` prepe
 from every bin).
 
 Applicability is checked, not assumed (:func:`unsupported_reason`); a call that cannot be
-packed runs padded.
+packed runs padded. A call that asks for its KV cache (``use_cache=True``, none passed in) is
+packed too and returns the cache in the padded layout, so that a caller can continue every row
+from it (one-pass label-word scoring does); a call that passes a cache in runs padded.
 """
 
 from __future__ import annotations
