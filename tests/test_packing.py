@@ -395,7 +395,7 @@ def test_a_packed_call_that_keeps_its_cache_equals_the_padded_call(arch):
         with packing.recording() as calls:
             mine = packing.call(base, dict(inputs), packing=True)
         theirs = base(**inputs)
-    if packing.family_reason(base) is not None or packing._sliding(base.config):
+    if packing.family_reason(base) is not None or packing.has_sliding_layers(base.config):
         assert expected is not None and calls == [f"call: padded ({expected})"]
         return
     assert expected is None and calls == ["call: packed"]

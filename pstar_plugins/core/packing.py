@@ -237,7 +237,7 @@ def unsupported_reason(model: nn.Module, inputs: dict[str, Any], causal_lm: bool
         return f"attention kernel {_attention_kernel(model)!r} (needs sdpa or eager)"
     if any(inputs.get(name) is not None for name in _CACHE_ARGUMENTS):
         return "a KV cache is passed in"
-    if inputs.get("use_cache") and _sliding(model.config):
+    if inputs.get("use_cache") and has_sliding_layers(model.config):
         return "a KV cache is asked for from sliding-window layers (their cache keeps only the window)"
     if inputs.get("output_hidden_states") or inputs.get("output_attentions"):
         return "per-layer outputs are asked for (they would come back in the packed layout)"
@@ -274,7 +274,8 @@ def _cache_argument(model: nn.Module) -> str:
     return next((name for name in _CACHE_ARGUMENTS if accepts(model, name)), "past_key_values")
 
 
-def _sliding(config) -> bool:
+def has_sliding_layers(config) -> bool:
+    """Whether some attention layer of ``config`` keeps only a window (its cache too)."""
     return bool(getattr(config, "sliding_window", None)) or any(
         t != "full_attention" for t in getattr(config, "layer_types", None) or ())
 
@@ -438,7 +439,7 @@ def prefill_unsupported_reason(model: nn.Module, inputs: dict[str, Any], generat
         return "use_cache=False"
     if getattr(config, "cache_implementation", None) not in (None, "dynamic"):
         return f"cache_implementation={config.cache_implementation!r}"
-    if _sliding(model.config):
+    if has_sliding_layers(model.config):
         return "sliding-window attention layers"
     if any(is_partitioned(p) for p in model.parameters()):
         # the choice below depends on the batch's padding, and ZeRO-3 ranks must agree on the

@@ -280,13 +280,14 @@ def one_pass_unsupported_reason(model) -> str | None:
         return reason
     from pstar_plugins.core.distributed import is_partitioned
     from pstar_plugins.core.inputs import is_encoder_decoder
+    from pstar_plugins.core.packing import has_sliding_layers
 
     config = lm.config
     if is_encoder_decoder(lm) or not lm.can_generate():
         return "not a decoder-only causal LM"
     if config.model_type not in ONE_PASS_FAMILIES:
         return f"model type {config.model_type!r} is not verified for one-pass scoring"
-    if getattr(config, "sliding_window", None) or any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
+    if has_sliding_layers(config):
         return "sliding-window attention layers (their cache keeps only the window)"
     if method is not None:
         reason = _method_reason(method)
