@@ -189,3 +189,76 @@ def test_an_sst2_method_row_keeps_its_own_date_when_another_is_rerun():
     table = quality.readme_table(record)
     assert "| prompt-tuning (300 steps × 16) | 87.4 | 2026-11-28 |" in table
     assert "| p-tuning-v2 (300 steps × 16) | 87.0 | 2026-12-01 |" in table
+
+
+def test_treebank_sentences_are_the_rows_no_other_row_contains():
+    rows = [("a fine film . ", "1"), ("a fine film", "1"), ("fine", "1"), ("film . ", "0"), ("dull", "0"),
+            ("a dull , dull day", "0"), ("dull day", "0"), ("finely", "1")]
+    # "dull" is inside "a dull , dull day"; "finely" is not a run of words of "a fine film ."
+    assert quality.treebank_sentences(rows) == [("a fine film . ", "1"), ("a dull , dull day", "0"), ("finely", "1")]
+
+
+def test_sst2_sentence_rows_train_on_the_written_file(tmp_path):
+    steps = quality.sst2_seed_steps(_args("--sst2-rows", "sentences"), tmp_path)
+    for step in steps:
+        args = train.parse_args(_tail(step.argv, "-m")[1:])
+        assert args.train_file == quality.rel(tmp_path / "sst2-train-sentences.tsv")
+        assert step.output.name.startswith("sst2-seeds-sentences-")
+    phrases = train.parse_args(_tail(quality.sst2_seed_steps(_args(), tmp_path)[0].argv, "-m")[1:])
+    assert phrases.train_file == quality.rel(quality.sst2_files()[0])
+
+
+def test_rte_longer_commands_train_for_epochs_and_keep_the_selected_state(tmp_path):
+    (step,) = quality.rte_longer_steps(_args("--rte-epochs", "3"), tmp_path)
+    args = train.parse_args(_tail(step.argv, "-m")[1:])
+    assert (args.method, args.num_train_epochs, args.warmup_ratio, args.eval_steps) == ("p-tuning-v2", 3.0, 0.1, 70)
+    assert args.max_steps is None or "--max-steps" not in step.argv
+    assert step.output.name == "rte-p-tuning-v2-3-epochs" and args.template == quality.RTE_TEMPLATE
+    (rte_row,) = [s for s in quality.rte_method_steps(_args(), tmp_path) if s.output.name == "rte-p-tuning-v2"]
+    # the same run as the one-epoch row but for its length and evaluation interval
+    short = train.parse_args(_tail(rte_row.argv, "-m")[1:])
+    same = ("model", "train_file", "validation_file", "template", "label_words", "max_length", "batch_size", "select_best",
+            "validation_split_percentage", "seed")
+    assert {k: getattr(args, k) for k in same} == {k: getattr(short, k) for k in same}
+
+
+def test_a_longer_rte_run_counts_for_the_target_and_has_its_own_row():
+    record = _record(rte_best=0.60)
+    record["rte_longer"] = {"p-tuning-v2": {"accuracy": 0.621, "epochs": 4.0, "steps": 564, "batch_size": 16,
+                                            "selection_percentage": 10, "date": "2026-12-04T00:00:00+00:00"}}
+    rte = quality.targets(record)["rte_best_method_at_least_zero_shot_plus_5_and_best_icl"]
+    assert (rte["method"], rte["accuracy"], rte["met"]) == ("p-tuning-v2, 4 epochs", 0.621, True)
+    table = quality.readme_table(record)
+    assert "| p-tuning-v2 (564 steps × 16, 4 epochs; kept state chosen on 10% of train) | 62.1 | 2026-12-04 |" in table
+    assert "| p-tuning-v2 (90 steps × 16; kept state chosen on 10% of train) | 50.0 | 2026-12-03 |" in table
+
+
+def test_sst2_seed_rows_by_training_rows_keep_the_phrases_record_and_the_best_counts():
+    record = _record(seeds_mean=0.867)
+    old = record["sst2_seeds"]
+    assert quality.seed_variants(old) == {"phrases": old}
+    record["sst2_seeds"] = {"phrases": old, "sentences": dict(old, accuracy=0.883, train_rows="sentences",
+                                                               runs=[{"date": "2026-12-05T00:00:00+00:00"}])}
+    target = quality.targets(record)["sst2_mean_of_seeds_at_least_0.88"]
+    assert (target["train_rows"], target["accuracy"], target["met"]) == ("sentences", 0.883, True)
+    table = quality.readme_table(record)
+    assert "| prompt-tuning (300 steps × 16, kept state chosen on 10% of train), seeds 1, 2, 3 | 86.7 ± 0.4 | 2026-12-02 |" in table
+    assert ("| prompt-tuning (300 steps × 16, kept state chosen on 10% of train; trained on the treebank's 6,885 sentences), "
+            "seeds 1, 2, 3 | 88.3 ± 0.4 | 2026-12-05 |") in table
+
+
+def test_an_rte_part_replaces_only_the_rows_it_reruns(tmp_path, monkeypatch):
+    def fake_run(step, log):  # what pstar train writes, without training
+        step.output.mkdir(parents=True)
+        (step.output / "metrics.json").write_text(
+            '{"tuned_accuracy": 0.6, "trainable_parameters": 5, "max_steps": 564, "steps": 300, "history": {}}')
+        return 1.0
+
+    monkeypatch.setattr(quality, "run_step", fake_run)
+    args = _args("--selection-percentage", "0", "--rte-epochs", "4")
+    args.previous = {"rte_longer": {"prefix-tuning": {"accuracy": 0.5}}, "rte_methods": {"p-tuning-v2": {"accuracy": 0.58}}}
+    rows = quality.run_rte_longer(args, tmp_path)
+    assert rows["prefix-tuning"] == {"accuracy": 0.5}
+    # an early stop ends at step 300; the row states the planned 564 and its epochs
+    assert (rows["p-tuning-v2"]["accuracy"], rows["p-tuning-v2"]["steps"], rows["p-tuning-v2"]["epochs"]) == (0.6, 564, 4.0)
+    assert args.previous["rte_methods"] == {"p-tuning-v2": {"accuracy": 0.58}}
