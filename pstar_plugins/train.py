@@ -752,10 +752,13 @@ def _checkpoint(run: Run, step_done: int) -> None:
 
 
 def _next_rows(run: Run) -> tuple[list, list]:
-    """This rank's share of the next global batch, drawn from a seeded shuffle, epoch after epoch."""
+    """This rank's share of the next global batch, drawn from a seeded shuffle, epoch after epoch.
+
+    Every rank gets a full batch: with fewer training rows than a global batch, the batch spans
+    as many epochs as it needs (a row then appears more than once in it)."""
     args, world, rank = run.args, run.accelerator.num_processes, run.accelerator.process_index
     global_batch = args.batch_size * world
-    if len(run.order) < global_batch:
+    while len(run.order) < global_batch:
         fresh = list(range(len(run.plan.train)))
         run.rng.shuffle(fresh)
         run.order += fresh
