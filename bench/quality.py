@@ -427,8 +427,6 @@ def trained_row(step: Step, seconds: float, **extra) -> dict:
 
 
 def run_sst2_methods(args, work: Path) -> dict:
-    if args.sst2_rows == "sentences":
-        write_sst2_sentences(work)
     results = dict(args.previous.get("sst2_methods", {}))  # methods not rerun keep their results
     for method, step in zip(args.methods, sst2_method_steps(args, work)):
         seconds = run_step(step, work / f"sst2-{method}.log")
@@ -452,7 +450,7 @@ def run_sst2_seeds(args, work: Path) -> dict:
     results[args.sst2_rows] = {
         "method": args.seeds_method, "steps": args.seeds_steps, "batch_size": args.batch_size, "train_rows": args.sst2_rows,
         "options": method_extra(args, args.seeds_method), "selection_percentage": args.selection_percentage,
-        "seeds": list(args.seed_list), "accuracy": mean, "accuracy_std": std, "runs": runs}
+        "seeds": list(args.seed_list), "accuracy": mean, "accuracy_std": std, "date": now(), "runs": runs}
     return results
 
 
@@ -469,20 +467,31 @@ def run_rte_methods(args, work: Path) -> dict:
 
 
 def run_rte_longer(args, work: Path) -> dict:
-    return _rte_rows(args, "rte_longer", args.rte_longer_methods, rte_longer_steps(args, work), work, epochs=args.rte_epochs)
+    names = [longer_name(method, args.rte_epochs) for method in args.rte_longer_methods]
+    return _rte_rows(args, "rte_longer", names, rte_longer_steps(args, work), work, epochs=args.rte_epochs)
 
 
-def _rte_rows(args, key: str, methods: list[str], steps: list[Step], work: Path, **extra) -> dict:
-    """Run the RTE trainings ``steps``; the recorded rows of ``key`` with theirs (by method) replaced."""
+def longer_name(method: str, epochs: float) -> str:
+    """The key and README name of an ``rte-longer`` row: one row per method and length."""
+    return f"{method}, {epochs:g} epochs"
+
+
+def _rte_rows(args, key: str, names: list[str], steps: list[Step], work: Path, **extra) -> dict:
+    """Run the RTE trainings ``steps``; the recorded rows of ``key`` with theirs (by name) replaced."""
     if args.selection_percentage:
         check_train_supports("--select-best")
-    results = dict(args.previous.get(key, {}))
-    for method, step in zip(methods, steps):
+    results = rte_longer_rows(args.previous.get(key)) if key == "rte_longer" else dict(args.previous.get(key, {}))
+    for name, step in zip(names, steps):
         seconds = run_step(step, work / f"{step.output.name}.log")
         row = trained_row(step, seconds, batch_size=args.batch_size, selection_percentage=args.selection_percentage, **extra)
-        results[method] = {**row, "steps": row["metrics"]["max_steps"]}  # the planned length (an early stop ends sooner)
-        print(f"  {method}: {results[method]['accuracy']:.4f}", flush=True)
+        results[name] = {**row, "steps": row["metrics"]["max_steps"]}  # the planned length (an early stop ends sooner)
+        print(f"  {name}: {results[name]['accuracy']:.4f}", flush=True)
     return results
+
+
+def rte_longer_rows(recorded: dict | None) -> dict:
+    """``rte_longer`` by :func:`longer_name`; a row recorded under its method alone gets its name."""
+    return {name if name.endswith(" epochs") else longer_name(name, row["epochs"]): row for name, row in (recorded or {}).items()}
 
 
 def full_finetune_minilm(train_rows, train_labels, dev_rows, dev_labels, steps, batch_size, lr, seed, template, pooling) -> dict:
@@ -602,9 +611,7 @@ def _zero_and_icl(runs: list[dict]) -> tuple[dict | None, dict | None]:
 
 def rte_method_rows(result: dict) -> dict:
     """The trained RTE rows by name: ``rte-methods`` by method, ``rte-longer`` by method and epochs."""
-    rows = dict(result.get("rte_methods") or {})
-    rows.update({f"{method}, {r['epochs']:g} epochs": r for method, r in (result.get("rte_longer") or {}).items()})
-    return rows
+    return {**(result.get("rte_methods") or {}), **rte_longer_rows(result.get("rte_longer"))}
 
 
 def targets(result: dict) -> dict:
@@ -681,8 +688,10 @@ def readme_table(result: dict) -> str:
         options = "; " + " ".join(s["options"]) if s.get("options") else ""
         chosen = (f", kept state chosen on {s['selection_percentage']}% of train" if s.get("selection_percentage")
                   else ", last state")
-        trained_on = "; trained on the treebank's 6,885 sentences" if rows == "sentences" else ""
-        date = s["runs"][-1]["date"][:10] if s.get("runs") and s["runs"][-1].get("date") else when("sst2_seeds")
+        train_rows = {r["metrics"]["train_rows"] for r in s.get("runs", []) if "train_rows" in r.get("metrics", {})}
+        trained_on = ("; trained on whole sentences only" + (f" ({train_rows.pop():,} rows)" if len(train_rows) == 1 else "")
+                      if rows == "sentences" else "")
+        date = (s.get("date") or (s["runs"][-1].get("date") if s.get("runs") else None) or when("sst2_seeds"))[:10]
         lines.append(f"| {s['method']} ({s['steps']} steps × {s['batch_size']}{options}{chosen}{trained_on}), seeds "
                      f"{', '.join(map(str, s['seeds']))} | {100 * s['accuracy']:.1f} ± {100 * s['accuracy_std']:.1f} | {date} |")
         sst2.append(s["accuracy"])
@@ -762,7 +771,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds-method", choices=list(SST2_METHODS), default="prompt-tuning",
                    help="sst2-seeds: the method run over --seed-list (the best recorded sst2-methods row)")
     p.add_argument("--sst2-rows", choices=["phrases", "sentences"], default="phrases",
-                   help="sst2-methods, sst2-seeds: train on GLUE's SST-2 file as it is (the treebank's phrases) or on "
+                   help="sst2-seeds: train on GLUE's SST-2 file as it is (the treebank's phrases) or on "
                         "its whole sentences only, the shape of SST-2 dev (written to WORK/sst2-train-sentences.tsv)")
     p.add_argument("--seed-list", type=int, nargs="+", default=[1, 2, 3], help="sst2-seeds: training seeds")
     p.add_argument("--seeds-steps", type=int, default=300, help="sst2-seeds: optimizer steps per seed")
@@ -799,6 +808,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     work = Path(args.work_dir).resolve()
     selected = [part for part in PARTS if part in args.only]
+    if args.sst2_rows != "phrases" and "sst2-methods" in selected:
+        raise SystemExit(f"--sst2-rows {args.sst2_rows} is for the sst2-seeds part, whose rows are kept by training rows; "
+                         "sst2-methods rows are the training file as it is. Run --only sst2-seeds with it.")
     if args.dry_run:
         for part in selected:
             print(f"# {part}")

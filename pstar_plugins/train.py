@@ -258,6 +258,19 @@ def resolve_schedule(args, train_rows: int | None, processes: int) -> None:
                           f"rate would never reach its value; pass --warmup-steps {min(10, args.max_steps)} or fewer.")
 
 
+def check_batch_fits(train_rows: int, batch_size: int, processes: int) -> None:
+    """Refuse a training split smaller than one step's rows (``batch_size`` on each of
+    ``processes`` ranks): a rank would get a short or empty batch, and the examples a run
+    reports (steps x batch size x processes) would count rows it never saw."""
+    if train_rows >= batch_size * processes:
+        return
+    each = f"--batch-size {batch_size} on each of {processes} processes" if processes > 1 else f"--batch-size {batch_size}"
+    fix = (f"pass --batch-size {train_rows // processes} or fewer" if train_rows >= processes
+           else f"launch at most {train_rows} processes")
+    raise ConfigError(f"the training split has {train_rows} rows, fewer than the {batch_size * processes} one step takes "
+                      f"({each}); {fix}, or train on more rows.")
+
+
 def _check_selection_args(args) -> None:
     """--select-best best and --early-stopping-patience choose on a selection split, evaluated
     every --eval-steps: refuse them without one, before anything is read."""
@@ -502,11 +515,13 @@ def _plan(args) -> Plan:
     out_dir = Path(args.output_dir)
     run_dir.check_writable(out_dir)
     train_rows, train_source, eval_rows, eval_source, select_rows = _data(args)
-    resolve_schedule(args, len(train_rows), int(os.environ.get("WORLD_SIZE", "1")))
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    resolve_schedule(args, len(train_rows), processes)
     task = make_task(args)
     train, evaluation = task.split(train_rows, train_source), task.split(eval_rows, eval_source)
     selection = task.split(select_rows, train_source) if select_rows is not None else None
     template_text, config = _template_text(args, config, train_rows, train_source)
+    check_batch_fits(len(train_rows), args.batch_size, processes)
     template = Template.parse(template_text)
     _check_template(template, args, train_rows, train_source)
     check_source(args.model, args.model_kind, args.gguf_file, args.task)
@@ -752,13 +767,11 @@ def _checkpoint(run: Run, step_done: int) -> None:
 
 
 def _next_rows(run: Run) -> tuple[list, list]:
-    """This rank's share of the next global batch, drawn from a seeded shuffle, epoch after epoch.
-
-    Every rank gets a full batch: with fewer training rows than a global batch, the batch spans
-    as many epochs as it needs (a row then appears more than once in it)."""
+    """This rank's share of the next global batch, drawn from a seeded shuffle, epoch after epoch
+    (a batch may span two epochs; :func:`check_batch_fits` makes one epoch at least one batch)."""
     args, world, rank = run.args, run.accelerator.num_processes, run.accelerator.process_index
     global_batch = args.batch_size * world
-    while len(run.order) < global_batch:
+    if len(run.order) < global_batch:
         fresh = list(range(len(run.plan.train)))
         run.rng.shuffle(fresh)
         run.order += fresh

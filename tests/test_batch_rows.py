@@ -1,11 +1,13 @@
-"""Each rank's rows of a training step (``train._next_rows``): a full batch on every rank, the
-global batch split between ranks without overlap, epochs drawn from one seeded shuffle."""
+"""Each rank's rows of a training step (``train._next_rows``) and the refusal of a training split
+smaller than one step (``train.check_batch_fits``)."""
 
 import random
-from collections import Counter
 from types import SimpleNamespace
 
+import pytest
+
 from pstar_plugins import train
+from pstar_plugins.errors import ConfigError
 from pstar_plugins.script_tasks import Split
 
 
@@ -17,22 +19,21 @@ def _runs(rows: int, batch_size: int, world: int, seed: int = 0):
             for rank in range(world)]
 
 
-def _step(runs):
-    return [train._next_rows(run)[1] for run in runs]
-
-
-def test_fewer_rows_than_a_global_batch_still_fill_every_ranks_batch():
-    runs = _runs(rows=3, batch_size=4, world=2)
-    for _ in range(3):
-        shares = _step(runs)
-        assert [len(share) for share in shares] == [4, 4]
-        # 8 rows from epochs of 3: every row appears two or three times
-        assert set(Counter(shares[0] + shares[1]).values()) <= {2, 3}
-
-
 def test_ranks_split_each_epoch_without_overlap():
     runs = _runs(rows=12, batch_size=3, world=2, seed=5)
-    first, second = _step(runs), _step(runs)
+    first, second = ([train._next_rows(run)[1] for run in runs] for _ in range(2))
     epoch = first[0] + first[1] + second[0] + second[1]
     assert sorted(epoch) == list(range(12))  # one epoch: every row once, on one rank
     assert [len(share) for share in first + second] == [3, 3, 3, 3]
+
+
+def test_a_training_split_smaller_than_one_step_is_refused_with_the_batch_that_fits():
+    train.check_batch_fits(32, 16, 2)  # exactly one step
+    with pytest.raises(ConfigError, match=r"has 31 rows, fewer than the 32 one step takes \(--batch-size 16 on each of 2 "
+                                          r"processes\); pass --batch-size 15 or fewer"):
+        train.check_batch_fits(31, 16, 2)
+    with pytest.raises(ConfigError, match=r"has 10 rows, fewer than the 16 one step takes \(--batch-size 16\); pass "
+                                          r"--batch-size 10 or fewer"):
+        train.check_batch_fits(10, 16, 1)
+    with pytest.raises(ConfigError, match="launch at most 3 processes"):
+        train.check_batch_fits(3, 1, 4)

@@ -224,26 +224,30 @@ def test_rte_longer_commands_train_for_epochs_and_keep_the_selected_state(tmp_pa
 
 def test_a_longer_rte_run_counts_for_the_target_and_has_its_own_row():
     record = _record(rte_best=0.60)
+    # a row recorded under its method alone, and one under its name
     record["rte_longer"] = {"p-tuning-v2": {"accuracy": 0.621, "epochs": 4.0, "steps": 564, "batch_size": 16,
-                                            "selection_percentage": 10, "date": "2026-12-04T00:00:00+00:00"}}
+                                            "selection_percentage": 10, "date": "2026-12-04T00:00:00+00:00"},
+                            "p-tuning-v2, 2 epochs": {"accuracy": 0.59, "epochs": 2.0, "steps": 282, "batch_size": 16,
+                                                      "date": "2026-12-04T00:00:00+00:00"}}
     rte = quality.targets(record)["rte_best_method_at_least_zero_shot_plus_5_and_best_icl"]
     assert (rte["method"], rte["accuracy"], rte["met"]) == ("p-tuning-v2, 4 epochs", 0.621, True)
     table = quality.readme_table(record)
     assert "| p-tuning-v2 (564 steps × 16, 4 epochs; kept state chosen on 10% of train) | 62.1 | 2026-12-04 |" in table
     assert "| p-tuning-v2 (90 steps × 16; kept state chosen on 10% of train) | 50.0 | 2026-12-03 |" in table
+    assert "| p-tuning-v2 (282 steps × 16, 2 epochs) | 59.0 | 2026-12-04 |" in table
 
 
 def test_sst2_seed_rows_by_training_rows_keep_the_phrases_record_and_the_best_counts():
     record = _record(seeds_mean=0.867)
     old = record["sst2_seeds"]
     assert quality.seed_variants(old) == {"phrases": old}
-    record["sst2_seeds"] = {"phrases": old, "sentences": dict(old, accuracy=0.883, train_rows="sentences",
-                                                               runs=[{"date": "2026-12-05T00:00:00+00:00"}])}
+    record["sst2_seeds"] = {"phrases": old, "sentences": dict(old, accuracy=0.883, train_rows="sentences", date="2026-12-05T00:00:00+00:00",
+                                                               runs=[{"metrics": {"train_rows": 6197}}] * 3)}
     target = quality.targets(record)["sst2_mean_of_seeds_at_least_0.88"]
     assert (target["train_rows"], target["accuracy"], target["met"]) == ("sentences", 0.883, True)
     table = quality.readme_table(record)
     assert "| prompt-tuning (300 steps × 16, kept state chosen on 10% of train), seeds 1, 2, 3 | 86.7 ± 0.4 | 2026-12-02 |" in table
-    assert ("| prompt-tuning (300 steps × 16, kept state chosen on 10% of train; trained on the treebank's 6,885 sentences), "
+    assert ("| prompt-tuning (300 steps × 16, kept state chosen on 10% of train; trained on whole sentences only (6,197 rows)), "
             "seeds 1, 2, 3 | 88.3 ± 0.4 | 2026-12-05 |") in table
 
 
@@ -256,9 +260,16 @@ def test_an_rte_part_replaces_only_the_rows_it_reruns(tmp_path, monkeypatch):
 
     monkeypatch.setattr(quality, "run_step", fake_run)
     args = _args("--selection-percentage", "0", "--rte-epochs", "4")
-    args.previous = {"rte_longer": {"prefix-tuning": {"accuracy": 0.5}}, "rte_methods": {"p-tuning-v2": {"accuracy": 0.58}}}
+    args.previous = {"rte_longer": {"p-tuning-v2": {"accuracy": 0.5, "epochs": 2.0}},
+                     "rte_methods": {"p-tuning-v2": {"accuracy": 0.58}}}
     rows = quality.run_rte_longer(args, tmp_path)
-    assert rows["prefix-tuning"] == {"accuracy": 0.5}
+    assert rows["p-tuning-v2, 2 epochs"] == {"accuracy": 0.5, "epochs": 2.0}  # another length keeps its row
     # an early stop ends at step 300; the row states the planned 564 and its epochs
-    assert (rows["p-tuning-v2"]["accuracy"], rows["p-tuning-v2"]["steps"], rows["p-tuning-v2"]["epochs"]) == (0.6, 564, 4.0)
+    new = rows["p-tuning-v2, 4 epochs"]
+    assert (new["accuracy"], new["steps"], new["epochs"]) == (0.6, 564, 4.0)
     assert args.previous["rte_methods"] == {"p-tuning-v2": {"accuracy": 0.58}}
+
+
+def test_sentence_rows_are_only_for_the_seeds_part(tmp_path):
+    with pytest.raises(SystemExit, match="--sst2-rows sentences is for the sst2-seeds part"):
+        quality.main(["--only", "sst2-methods", "--sst2-rows", "sentences", "--work-dir", str(tmp_path)])
