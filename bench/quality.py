@@ -419,11 +419,21 @@ def run_e2e_prompting(args, work: Path) -> dict:
 
 def trained_row(step: Step, seconds: float, **extra) -> dict:
     metrics = json.loads((step.output / "metrics.json").read_text())
-    history = metrics.get("history", {})
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) and k != "tuned_accuracy"}
     return {"accuracy": metrics["tuned_accuracy"], "trainable_parameters": metrics["trainable_parameters"],
-            "curve": dict(zip(history.get("eval_step", []), history.get("accuracy", []))), "metrics": scalars,
-            "command": step.command, "date": now(), "seconds": seconds, **extra}
+            **curves(metrics), "metrics": scalars, "command": step.command, "date": now(), "seconds": seconds, **extra}
+
+
+def curves(metrics: dict) -> dict:
+    """A run's evaluations by step from its ``metrics.json``: ``curve``, the periodic ones (on the
+    selection split when the run has one, else on the first evaluation rows), and ``final``, the
+    last entry of its history, which scores the whole evaluation file. A run with a selection split
+    evaluates it at the last step too, so that step appears in both, with different rows."""
+    history = metrics.get("history", {})
+    steps, values = history.get("eval_step", []), history.get("accuracy", [])
+    if not steps:
+        return {"curve": {}}
+    return {"curve": dict(zip(steps[:-1], values[:-1])), "final": {"step": steps[-1], "accuracy": values[-1]}}
 
 
 def run_sst2_methods(args, work: Path) -> dict:

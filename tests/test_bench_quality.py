@@ -273,3 +273,10 @@ def test_an_rte_part_replaces_only_the_rows_it_reruns(tmp_path, monkeypatch):
 def test_sentence_rows_are_only_for_the_seeds_part(tmp_path):
     with pytest.raises(SystemExit, match="--sst2-rows sentences is for the sst2-seeds part"):
         quality.main(["--only", "sst2-methods", "--sst2-rows", "sentences", "--work-dir", str(tmp_path)])
+
+
+def test_a_selection_runs_curve_keeps_its_last_step_apart_from_the_final_evaluation():
+    # pstar train's history: selection evaluations at 50 and 100 (the last step), then the final one on dev
+    metrics = {"history": {"eval_step": [50, 100, 100], "accuracy": [0.55, 0.61, 0.58]}}
+    assert quality.curves(metrics) == {"curve": {50: 0.55, 100: 0.61}, "final": {"step": 100, "accuracy": 0.58}}
+    assert quality.curves({"history": {}}) == {"curve": {}}
