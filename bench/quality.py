@@ -227,13 +227,12 @@ def sst2_train_file(args, work: Path) -> str:
 
 def write_sst2_sentences(work: Path) -> Path:
     """Write the sentences of GLUE's SST-2 train file (:func:`treebank_sentences`) under ``work``."""
-    import csv
+    from pstar_plugins.tasks.data import read_examples
 
     source = C.SHARED_DATA / "sst2" / "train.tsv"
     if not source.is_file():
         raise SystemExit(f"--sst2-rows sentences: {source} not found; it needs GLUE's SST-2 train file")
-    with open(source, newline="") as fh:
-        rows = [(r["sentence"], r["label"]) for r in csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    rows = [(r["sentence"], r["label"]) for r in read_examples(source)]  # as pstar train reads it
     out = work / "sst2-train-sentences.tsv"
     with open(out, "w", newline="") as fh:
         fh.write("sentence\tlabel\n")
@@ -473,12 +472,14 @@ def seed_variants(recorded: dict | None) -> dict:
 
 
 def run_rte_methods(args, work: Path) -> dict:
-    return _rte_rows(args, "rte_methods", args.rte_methods, rte_method_steps(args, work), work)
+    recorded = dict(args.previous.get("rte_methods", {}))
+    return _rte_rows(args, recorded, args.rte_methods, rte_method_steps(args, work), work)
 
 
 def run_rte_longer(args, work: Path) -> dict:
     names = [longer_name(method, args.rte_epochs) for method in args.rte_longer_methods]
-    return _rte_rows(args, "rte_longer", names, rte_longer_steps(args, work), work, epochs=args.rte_epochs)
+    recorded = rte_longer_rows(args.previous.get("rte_longer"))
+    return _rte_rows(args, recorded, names, rte_longer_steps(args, work), work, epochs=args.rte_epochs)
 
 
 def longer_name(method: str, epochs: float) -> str:
@@ -486,11 +487,11 @@ def longer_name(method: str, epochs: float) -> str:
     return f"{method}, {epochs:g} epochs"
 
 
-def _rte_rows(args, key: str, names: list[str], steps: list[Step], work: Path, **extra) -> dict:
-    """Run the RTE trainings ``steps``; the recorded rows of ``key`` with theirs (by name) replaced."""
+def _rte_rows(args, recorded: dict, names: list[str], steps: list[Step], work: Path, **extra) -> dict:
+    """Run the RTE trainings ``steps``; the ``recorded`` rows with theirs (by name) replaced."""
     if args.selection_percentage:
         check_train_supports("--select-best")
-    results = rte_longer_rows(args.previous.get(key)) if key == "rte_longer" else dict(args.previous.get(key, {}))
+    results = recorded
     for name, step in zip(names, steps):
         seconds = run_step(step, work / f"{step.output.name}.log")
         row = trained_row(step, seconds, batch_size=args.batch_size, selection_percentage=args.selection_percentage, **extra)
