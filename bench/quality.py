@@ -426,13 +426,16 @@ def trained_row(step: Step, seconds: float, **extra) -> dict:
 def curves(metrics: dict) -> dict:
     """A run's evaluations by step from its ``metrics.json``: ``curve``, the periodic ones (on the
     selection split when the run has one, else on the first evaluation rows), and ``final``, the
-    last entry of its history, which scores the whole evaluation file. A run with a selection split
-    evaluates it at the last step too, so that step appears in both, with different rows."""
+    last entry of its history, which scores the whole evaluation file with the state the run kept:
+    ``kept_step`` is the selection split's best step, or the last step without one. A run with a
+    selection split evaluates it at the last step too, so that step is in both, with other rows."""
+    metric = metrics.get("metric", "accuracy")
     history = metrics.get("history", {})
-    steps, values = history.get("eval_step", []), history.get("accuracy", [])
+    steps, values = history.get("eval_step", []), history.get(metric, [])
     if not steps:
         return {"curve": {}}
-    return {"curve": dict(zip(steps[:-1], values[:-1])), "final": {"step": steps[-1], "accuracy": values[-1]}}
+    kept = (metrics.get("selection") or {}).get("best_step", steps[-1])
+    return {"curve": dict(zip(steps[:-1], values[:-1])), "final": {metric: values[-1], "kept_step": kept}}
 
 
 def run_sst2_methods(args, work: Path) -> dict:
@@ -478,7 +481,7 @@ def run_rte_methods(args, work: Path) -> dict:
 
 def run_rte_longer(args, work: Path) -> dict:
     names = [longer_name(method, args.rte_epochs) for method in args.rte_longer_methods]
-    recorded = rte_longer_rows(args.previous.get("rte_longer"))
+    recorded = dict(args.previous.get("rte_longer", {}))
     return _rte_rows(args, recorded, names, rte_longer_steps(args, work), work, epochs=args.rte_epochs)
 
 
@@ -500,9 +503,6 @@ def _rte_rows(args, recorded: dict, names: list[str], steps: list[Step], work: P
     return results
 
 
-def rte_longer_rows(recorded: dict | None) -> dict:
-    """``rte_longer`` by :func:`longer_name`; a row recorded under its method alone gets its name."""
-    return {name if name.endswith(" epochs") else longer_name(name, row["epochs"]): row for name, row in (recorded or {}).items()}
 
 
 def full_finetune_minilm(train_rows, train_labels, dev_rows, dev_labels, steps, batch_size, lr, seed, template, pooling) -> dict:
@@ -622,7 +622,7 @@ def _zero_and_icl(runs: list[dict]) -> tuple[dict | None, dict | None]:
 
 def rte_method_rows(result: dict) -> dict:
     """The trained RTE rows by name: ``rte-methods`` by method, ``rte-longer`` by method and epochs."""
-    return {**(result.get("rte_methods") or {}), **rte_longer_rows(result.get("rte_longer"))}
+    return {**(result.get("rte_methods") or {}), **(result.get("rte_longer") or {})}
 
 
 def targets(result: dict) -> dict:

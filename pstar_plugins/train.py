@@ -266,7 +266,7 @@ def check_batch_fits(train_rows: int, batch_size: int, processes: int) -> None:
         return
     each = f"--batch-size {batch_size} on each of {processes} processes" if processes > 1 else f"--batch-size {batch_size}"
     fix = (f"pass --batch-size {train_rows // processes} or fewer" if train_rows >= processes
-           else f"launch at most {train_rows} processes")
+           else f"launch at most {train_rows} processes with --batch-size 1")
     raise ConfigError(f"the training split has {train_rows} rows, fewer than the {batch_size * processes} one step takes "
                       f"({each}); {fix}, or train on more rows.")
 

@@ -35,5 +35,7 @@ def test_a_training_split_smaller_than_one_step_is_refused_with_the_batch_that_f
     with pytest.raises(ConfigError, match=r"has 10 rows, fewer than the 16 one step takes \(--batch-size 16\); pass "
                                           r"--batch-size 10 or fewer"):
         train.check_batch_fits(10, 16, 1)
-    with pytest.raises(ConfigError, match="launch at most 3 processes"):
-        train.check_batch_fits(3, 1, 4)
+    for batch_size in (1, 4):  # fewer rows than processes: the fix needs both flags
+        with pytest.raises(ConfigError, match="launch at most 3 processes with --batch-size 1"):
+            train.check_batch_fits(3, batch_size, 4)
+    train.check_batch_fits(3, 1, 3)

@@ -224,8 +224,7 @@ def test_rte_longer_commands_train_for_epochs_and_keep_the_selected_state(tmp_pa
 
 def test_a_longer_rte_run_counts_for_the_target_and_has_its_own_row():
     record = _record(rte_best=0.60)
-    # a row recorded under its method alone, and one under its name
-    record["rte_longer"] = {"p-tuning-v2": {"accuracy": 0.621, "epochs": 4.0, "steps": 564, "batch_size": 16,
+    record["rte_longer"] = {"p-tuning-v2, 4 epochs": {"accuracy": 0.621, "epochs": 4.0, "steps": 564, "batch_size": 16,
                                             "selection_percentage": 10, "date": "2026-12-04T00:00:00+00:00"},
                             "p-tuning-v2, 2 epochs": {"accuracy": 0.59, "epochs": 2.0, "steps": 282, "batch_size": 16,
                                                       "date": "2026-12-04T00:00:00+00:00"}}
@@ -260,7 +259,7 @@ def test_an_rte_part_replaces_only_the_rows_it_reruns(tmp_path, monkeypatch):
 
     monkeypatch.setattr(quality, "run_step", fake_run)
     args = _args("--selection-percentage", "0", "--rte-epochs", "4")
-    args.previous = {"rte_longer": {"p-tuning-v2": {"accuracy": 0.5, "epochs": 2.0}},
+    args.previous = {"rte_longer": {"p-tuning-v2, 2 epochs": {"accuracy": 0.5, "epochs": 2.0}},
                      "rte_methods": {"p-tuning-v2": {"accuracy": 0.58}}}
     rows = quality.run_rte_longer(args, tmp_path)
     assert rows["p-tuning-v2, 2 epochs"] == {"accuracy": 0.5, "epochs": 2.0}  # another length keeps its row
@@ -277,6 +276,14 @@ def test_sentence_rows_are_only_for_the_seeds_part(tmp_path):
 
 def test_a_selection_runs_curve_keeps_its_last_step_apart_from_the_final_evaluation():
     # pstar train's history: selection evaluations at 50 and 100 (the last step), then the final one on dev
-    metrics = {"history": {"eval_step": [50, 100, 100], "accuracy": [0.55, 0.61, 0.58]}}
-    assert quality.curves(metrics) == {"curve": {50: 0.55, 100: 0.61}, "final": {"step": 100, "accuracy": 0.58}}
+    metrics = {"metric": "accuracy", "history": {"eval_step": [50, 100, 100], "accuracy": [0.55, 0.61, 0.58]},
+               "selection": {"best_step": 100}}
+    assert quality.curves(metrics) == {"curve": {50: 0.55, 100: 0.61}, "final": {"accuracy": 0.58, "kept_step": 100}}
+    # the state kept at step 50 is the one the final evaluation scored
+    metrics = {"metric": "accuracy", "history": {"eval_step": [50, 100, 100], "accuracy": [0.61, 0.55, 0.58]},
+               "selection": {"best_step": 50}}
+    assert quality.curves(metrics)["final"] == {"accuracy": 0.58, "kept_step": 50}
+    # without a selection split the last step's state is scored; a generation run's metric is BLEU
+    bleu = {"metric": "bleu", "history": {"eval_step": [100, 200], "bleu": [40.0, 50.0]}}
+    assert quality.curves(bleu) == {"curve": {100: 40.0}, "final": {"bleu": 50.0, "kept_step": 200}}
     assert quality.curves({"history": {}}) == {"curve": {}}
