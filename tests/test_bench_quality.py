@@ -154,7 +154,7 @@ def test_targets_compare_against_the_best_baseline_rows():
     assert quality.targets(_record(prefix_bleu=49.9))["e2e_prefix_tuning_bleu_at_least_k_shot"]["met"] is False
     assert t["sst2_mean_of_seeds_at_least_0.88"]["met"] is True
     assert quality.targets(_record(seeds_mean=0.8799))["sst2_mean_of_seeds_at_least_0.88"]["met"] is False
-    assert t["minilm_within_2_points"] == {"gap_points": 2.5, "met": False}
+    assert t["minilm_within_2_points"] == {"gap_points": 2.5, "train_rows": "phrases", "met": False}
 
 
 def test_targets_wait_for_the_parts_they_need():
@@ -270,7 +270,7 @@ def test_an_rte_part_replaces_only_the_rows_it_reruns(tmp_path, monkeypatch):
 
 
 def test_sentence_rows_are_only_for_the_seeds_part(tmp_path):
-    with pytest.raises(SystemExit, match="--sst2-rows sentences is for the sst2-seeds part"):
+    with pytest.raises(SystemExit, match="--sst2-rows sentences is for the sst2-seeds and minilm parts"):
         quality.main(["--only", "sst2-methods", "--sst2-rows", "sentences", "--work-dir", str(tmp_path)])
 
 
@@ -287,3 +287,42 @@ def test_a_selection_runs_curve_keeps_its_last_step_apart_from_the_final_evaluat
     bleu = {"metric": "bleu", "history": {"eval_step": [100, 200], "bleu": [40.0, 50.0]}}
     assert quality.curves(bleu) == {"curve": {100: 40.0}, "final": {"bleu": 50.0, "kept_step": 200}}
     assert quality.curves({"history": {}}) == {"curve": {}}
+
+
+def test_minilm_rows_by_training_rows_keep_the_phrases_record_and_the_smallest_gap_counts(tmp_path, monkeypatch):
+    def fake_sentences(work):  # two sentences, as write_sst2_sentences writes them
+        out = work / "sst2-train-sentences.tsv"
+        out.write_text("sentence\tlabel\na fine film .\t1\na dull day .\t0\n")
+        return out
+
+    def fake_run(step, log):  # what pstar train writes, without training
+        assert step.output.name == "minilm-p-tuning-v2-sentences"
+        step.output.mkdir(parents=True)
+        (step.output / "metrics.json").write_text('{"tuned_accuracy": 0.86, "trainable_parameters": 5}')
+        return 1.0
+
+    trained_on = []
+
+    def fake_full(train_rows, *rest, **kw):
+        trained_on.append([r["sentence"] for r in train_rows])
+        return {"accuracy": 0.875, "trainable_parameters": 9, "learning_rate": 5e-5}
+
+    monkeypatch.setattr(quality, "write_sst2_sentences", fake_sentences)
+    monkeypatch.setattr(quality, "run_step", fake_run)
+    monkeypatch.setattr(quality, "full_finetune_minilm", fake_full)
+    args = _args("--sst2-rows", "sentences")
+    old = _record()["minilm"]
+    args.previous = {"minilm": old}
+    rows = quality.run_minilm(args, tmp_path)
+    assert trained_on == [["a fine film .", "a dull day ."]]  # full fine-tuning reads the same file as P-tuning v2
+    assert rows["phrases"] == old
+    new = rows["sentences"]
+    assert (new["training_examples"], new["epochs"], new["train_rows"]) == (2, 1800 * 16 / 2, "sentences")
+    assert new["gap_points"] == pytest.approx(1.5)
+    record = dict(_record(), minilm=rows)
+    assert quality.targets(record)["minilm_within_2_points"] == {"gap_points": pytest.approx(1.5), "train_rows": "sentences",
+                                                                 "met": True}
+    table = quality.readme_table(record)
+    assert "| SST-2 dev, all-MiniLM-L6-v2, SST-2 train as it is: 9,600 labelled examples, 1800 steps × 16 (3.0 epochs) each" in table
+    assert "| SST-2 dev, all-MiniLM-L6-v2, whole sentences of SST-2 train: 2 labelled examples, 1800 steps × 16 (14400.0 epochs) each" in table
+    assert "| P-tuning v2 + linear head (frozen encoder) | 86.0 | 5 |" in table
