@@ -39,3 +39,17 @@ def test_a_training_split_smaller_than_one_step_is_refused_with_the_batch_that_f
         with pytest.raises(ConfigError, match="launch at most 3 processes with --batch-size 1"):
             train.check_batch_fits(3, batch_size, 4)
     train.check_batch_fits(3, 1, 3)
+
+
+def test_the_refusal_names_the_flags_that_left_the_split_short():
+    args = SimpleNamespace(max_train_samples=20, validation_split_percentage=50)
+    limits = train.data_limits(args, rows_read=20)
+    assert limits == ("--max-train-samples 20", "--validation-split-percentage 50")
+    with pytest.raises(ConfigError, match=r"has 10 rows \(what --max-train-samples 20 and --validation-split-percentage 50 "
+                                          r"left\), fewer than the 16 .*or train on more rows \(a larger --max-train-samples "
+                                          r"or a smaller --validation-split-percentage\)\."):
+        train.check_batch_fits(10, 16, 1, limits)
+    # a file shorter than --max-train-samples: that flag cut nothing and is not named
+    assert train.data_limits(SimpleNamespace(max_train_samples=100, validation_split_percentage=None), rows_read=12) == ()
+    with pytest.raises(ConfigError, match=r"has 12 rows, fewer than the 16 .*or train on more rows\.$"):
+        train.check_batch_fits(12, 16, 1, ())
