@@ -20,6 +20,9 @@ that is not rerun keeps its recorded rows and date):
 - ``rte-longer``: methods of ``rte-methods`` (``--rte-longer-methods``) trained for several epochs
   (``--rte-epochs``, ``--num-train-epochs`` and ``--warmup-ratio`` as docs/recipes.md advises
   while the selection split still peaks at the last step), the state kept on the selection split.
+- ``rte-reference``: full fine-tuning of SmolLM2 on RTE (every weight, through the same command
+  with ``-p bench.whole_model``) at the budget of ``rte-methods``: how much of RTE this model
+  learns at that budget at all. A reference, not a method: the RTE target does not count it.
 - ``e2e``: E2E data-to-text (dev subset, greedy decoding), BLEU and ROUGE-L of prefix tuning and
   prompt tuning on SmolLM2.
 - ``e2e-prompting``: zero-shot and 2-shot prompting on the same E2E rows and decoding.
@@ -52,7 +55,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-PARTS = ("icl", "sst2-methods", "sst2-seeds", "minilm", "rte-prompting", "rte-methods", "rte-longer", "e2e", "e2e-prompting")
+PARTS = ("icl", "sst2-methods", "sst2-seeds", "minilm", "rte-prompting", "rte-methods", "rte-longer", "rte-reference", "e2e",
+         "e2e-prompting")
 METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "p-tuning-v2")
 # per-method settings for SmolLM2 on SST-2 (docs/recipes.md explains the choices)
 SST2_METHODS = {method: [] for method in METHODS}
@@ -347,6 +351,16 @@ def rte_method_steps(args, work: Path) -> list[Step]:
             for method in args.rte_methods]
 
 
+def rte_reference_steps(args, work: Path) -> list[Step]:
+    """Full fine-tuning with ``rte-methods``' budget, template, label words and selection split."""
+    steps = args.rte_steps
+    budget = ["--max-steps", str(steps), "--warmup-steps", str(steps // 10)]
+    run_dir = work / "rte-full-fine-tuning"
+    cmd = ["-p", "bench.whole_model", *rte_train_args(args, "whole-model", run_dir, budget, max(1, steps // 3)),
+           "--learning-rate", f"{args.rte_reference_lr:g}"]
+    return [Step("RTE full fine-tuning (reference)", train_command(cmd), run_dir)]
+
+
 def rte_longer_steps(args, work: Path) -> list[Step]:
     budget = ["--num-train-epochs", f"{args.rte_epochs:g}", "--warmup-ratio", "0.1"]
     return [Step(f"RTE {method}, {args.rte_epochs:g} epochs",
@@ -382,9 +396,10 @@ def e2e_prompting_steps(args, work: Path) -> list[Step]:
 
 STEPS = {"icl": icl_steps, "sst2-methods": sst2_method_steps, "sst2-seeds": sst2_seed_steps, "minilm": minilm_steps,
          "rte-prompting": rte_prompting_steps, "rte-methods": rte_method_steps, "rte-longer": rte_longer_steps,
+         "rte-reference": rte_reference_steps,
          "e2e": e2e_method_steps,
          "e2e-prompting": e2e_prompting_steps}
-NEEDS = {"rte-prompting": rte_files, "rte-methods": rte_files, "rte-longer": rte_files, "e2e": e2e_files, "e2e-prompting": e2e_files}
+NEEDS = {"rte-prompting": rte_files, "rte-methods": rte_files, "rte-longer": rte_files, "rte-reference": rte_files, "e2e": e2e_files, "e2e-prompting": e2e_files}
 
 
 # ------------------------------------------------------------------------------ running the parts
@@ -496,6 +511,13 @@ def run_rte_longer(args, work: Path) -> dict:
     names = [longer_name(method, args.rte_epochs) for method in args.rte_longer_methods]
     recorded = dict(args.previous.get("rte_longer", {}))
     return _rte_rows(args, recorded, names, rte_longer_steps(args, work), work, epochs=args.rte_epochs)
+
+
+def run_rte_reference(args, work: Path) -> dict:
+    return _rte_rows(args, {}, [REFERENCE_ROW], rte_reference_steps(args, work), work, learning_rate=args.rte_reference_lr)
+
+
+REFERENCE_ROW = "full fine-tuning"
 
 
 def longer_name(method: str, epochs: float) -> str:
@@ -625,7 +647,8 @@ def run_e2e(args, work: Path) -> dict:
 
 
 RUNNERS = {"icl": run_icl, "sst2-methods": run_sst2_methods, "sst2-seeds": run_sst2_seeds, "minilm": run_minilm,
-           "rte-prompting": run_rte_prompting, "rte-methods": run_rte_methods, "rte-longer": run_rte_longer, "e2e": run_e2e,
+           "rte-prompting": run_rte_prompting, "rte-methods": run_rte_methods, "rte-longer": run_rte_longer,
+           "rte-reference": run_rte_reference, "e2e": run_e2e,
            "e2e-prompting": run_e2e_prompting}
 
 
@@ -752,6 +775,10 @@ def readme_table(result: dict) -> str:
             method, epochs = (name.split(", ")[0], f", {r['epochs']:g} epochs") if "epochs" in r else (name, "")
             lines.append(f"| {method} ({r['steps']} steps × {r['batch_size']}{epochs}{chosen}) | {100 * r['accuracy']:.1f} | "
                          f"{r['date'][:10] if r.get('date') else when('rte_methods')} |")
+        for name, r in (result.get("rte_reference") or {}).items():
+            chosen = f"; kept state chosen on {r['selection_percentage']}% of train" if r.get("selection_percentage") else ""
+            lines.append(f"| {name}, every weight: a reference, not a prompt method ({r['steps']} steps × {r['batch_size']}, "
+                         f"learning rate {r['learning_rate']:g}{chosen}) | {100 * r['accuracy']:.1f} | {r['date'][:10]} |")
         accuracies = [r["accuracy"] for r in rte.get("runs", [])] + [r["accuracy"] for r in rte_methods.values()]
         lines += ["", _noise("rte", max(accuracies))]
     e = {k: v for k, v in (result.get("e2e") or {}).items() if isinstance(v, dict)}
@@ -812,9 +839,11 @@ def parse_args(argv=None):
     p.add_argument("--selection-percentage", type=_percentage, default=10, metavar="P",
                    help="sst2-seeds, rte-methods: keep the best state as judged on P%% of the training file "
                         "(pstar train --validation-split-percentage P --select-best best); 0: the last state")
-    p.add_argument("--rte-steps", type=int, default=60,
-                   help="rte-methods: optimizer steps of every method (one step of 16 RTE pairs took about 31 s "
-                        "for prompt tuning on 2 busy cores, 2026-12-01)")
+    p.add_argument("--rte-reference-lr", type=float, default=2e-5,
+                   help="rte-reference: learning rate of full fine-tuning (the low end of Devlin et al. 2019's GLUE search)")
+    p.add_argument("--rte-steps", type=int, default=150,
+                   help="rte-methods, rte-reference: optimizer steps of every run (150 × 16 is about one epoch of the "
+                        "2,241 pairs left to train on beside the 10%% selection split)")
     p.add_argument("--rte-methods", nargs="+", choices=list(METHODS), default=list(METHODS),
                    help="RTE methods to (re)run; the others keep their recorded results")
     p.add_argument("--rte-longer-methods", nargs="+", choices=list(METHODS), default=["p-tuning-v2"],

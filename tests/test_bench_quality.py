@@ -326,3 +326,22 @@ def test_minilm_rows_by_training_rows_keep_the_phrases_record_and_the_smallest_g
     assert "| SST-2 dev, all-MiniLM-L6-v2, SST-2 train as it is: 9,600 labelled examples, 1800 steps × 16 (3.0 epochs) each" in table
     assert "| SST-2 dev, all-MiniLM-L6-v2, whole sentences of SST-2 train: 2 labelled examples, 1800 steps × 16 (14400.0 epochs) each" in table
     assert "| P-tuning v2 + linear head (frozen encoder) | 86.0 | 5 |" in table
+
+
+def test_the_rte_reference_is_full_fine_tuning_at_the_methods_budget_and_no_method_of_the_target(tmp_path):
+    (step,) = quality.rte_reference_steps(_args(), tmp_path)
+    argv = _tail(step.argv, "-m")[1:]
+    assert argv[:2] == ["-p", "bench.whole_model"]
+    args = train.parse_args(argv)
+    method_run = train.parse_args(_tail(quality.rte_method_steps(_args(), tmp_path)[0].argv, "-m")[1:])
+    assert args.method == "whole-model" and args.learning_rate == 2e-5
+    for flag in ("max_steps", "warmup_steps", "batch_size", "template", "label_words", "train_file", "validation_split_percentage",
+                 "select_best", "eval_steps", "seed"):
+        assert getattr(args, flag) == getattr(method_run, flag), flag
+    record = _record(rte_best=0.58)
+    record["rte_reference"] = {"full fine-tuning": {"accuracy": 0.70, "steps": 150, "batch_size": 16, "learning_rate": 2e-5,
+                                                    "selection_percentage": 10, "date": "2026-12-06T00:00:00+00:00"}}
+    target = quality.targets(record)["rte_best_method_at_least_zero_shot_plus_5_and_best_icl"]
+    assert (target["method"], target["accuracy"], target["met"]) == ("prompt-tuning", 0.58, False)
+    assert ("| full fine-tuning, every weight: a reference, not a prompt method (150 steps × 16, learning rate 2e-05; kept state "
+            "chosen on 10% of train) | 70.0 | 2026-12-06 |") in quality.readme_table(record)
