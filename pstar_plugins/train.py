@@ -258,32 +258,36 @@ def resolve_schedule(args, train_rows: int | None, processes: int) -> None:
                           f"rate would never reach its value; pass --warmup-steps {min(10, args.max_steps)} or fewer.")
 
 
-def check_batch_fits(train_rows: int, batch_size: int, processes: int, limited_by: tuple[str, ...] = ()) -> None:
+def check_batch_fits(train_rows: int, batch_size: int, processes: int, limits: tuple[tuple[str, str | None], ...] = ()) -> None:
     """Refuse a training split smaller than one step's rows (``batch_size`` on each of
     ``processes`` ranks): a rank would get a short or empty batch, and the examples a run
-    reports (steps x batch size x processes) would count rows it never saw. ``limited_by``:
-    the flags (with their values) that made the split smaller than its file, named in the message."""
+    reports (steps x batch size x processes) would count rows it never saw. ``limits``
+    (:func:`data_limits`): the flags that left the split smaller than its data, each with the
+    change that gives it more rows, or ``None`` where no change of that flag is enough."""
     if train_rows >= batch_size * processes:
         return
     each = f"--batch-size {batch_size} on each of {processes} processes" if processes > 1 else f"--batch-size {batch_size}"
     fix = (f"pass --batch-size {train_rows // processes} or fewer" if train_rows >= processes
            else f"launch at most {train_rows} processes with --batch-size 1")
-    after = f" (what {' and '.join(limited_by)} left)" if limited_by else ""
-    more = {"--max-train-samples": "a larger --max-train-samples", "--validation-split-percentage": "a smaller --validation-split-percentage"}
-    ways = [more[flag.split()[0]] for flag in limited_by if flag.split()[0] in more]
+    after = f" (what {' and '.join(flag for flag, _ in limits)} left)" if limits else ""
+    ways = [way for _, way in limits if way]
     rows = f"train on more rows ({' or '.join(ways)})" if ways else "train on more rows"
     raise ConfigError(f"the training split has {train_rows} rows{after}, fewer than the {batch_size * processes} one step "
                       f"takes ({each}); {fix}, or {rows}.")
 
 
-def data_limits(args, rows_read: int) -> tuple[str, ...]:
-    """The flags, with their values, that left fewer training rows than the data holds
-    (``rows_read``: the rows read, before a selection split was held out of them)."""
+def data_limits(args, rows_read: int, cut: bool, needed: int) -> tuple[tuple[str, str | None], ...]:
+    """The flags that left fewer training rows than the data holds, for :func:`check_batch_fits`:
+    ``--max-train-samples`` when it cut rows (``cut``: the data held more), and
+    ``--validation-split-percentage``, whose smaller value is offered only when the ``rows_read``
+    (before the selection split) or the rows beyond the cut could make the ``needed`` rows."""
     limits = []
-    if args.max_train_samples is not None and rows_read >= args.max_train_samples:
-        limits.append(f"--max-train-samples {args.max_train_samples}")
+    if cut:
+        limits.append((f"--max-train-samples {args.max_train_samples}", "a larger --max-train-samples"))
     if args.validation_split_percentage is not None:
-        limits.append(f"--validation-split-percentage {args.validation_split_percentage}")
+        enough = cut or rows_read >= needed
+        limits.append((f"--validation-split-percentage {args.validation_split_percentage}",
+                       "a smaller --validation-split-percentage" if enough else None))
     return tuple(limits)
 
 
@@ -314,7 +318,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m pstar_plugins.tra
 def _data(args):
     """Training and evaluation rows with their names for messages. The packaged SST-2 files are
     the default only when no data at all is given; a --train-file needs its own evaluation rows.
-    The last value is the number of training rows read, before a selection split is held out."""
+    The last value is ``(rows read, whether --max-train-samples cut rows)``, before a selection
+    split is held out."""
     from pstar_plugins.models import packaged_data
     from pstar_plugins.tasks.data import load_split, parse_column_mapping
 
@@ -335,8 +340,12 @@ def _data(args):
                               "--validation-split-percentage 10 to evaluate on 10% of the training rows (trained on the rest).")
     percentage = args.validation_split_percentage
     # --max-train-samples first: the selection split is P% of the rows the run reads
+    limit = args.max_train_samples
+    # one row more than --max-train-samples tells whether the flag cut rows (for check_batch_fits)
     train_rows, train_source = load_split(train_file, args.dataset, args.dataset_config, args.train_split,
-                                          args.max_train_samples, columns)
+                                          None if limit is None else limit + 1, columns)
+    cut = limit is not None and len(train_rows) > limit
+    train_rows = train_rows[:limit] if cut else train_rows
     rows_read = len(train_rows)
     select_rows = select_source = None
     if percentage is not None:
@@ -358,7 +367,7 @@ def _data(args):
     if select_rows is not None:
         logger.info("selection split: %d rows held out of %s (--validation-split-percentage %d), %d rows train",
                     len(select_rows), train_source, percentage, len(train_rows))
-    return train_rows, train_source, eval_rows, eval_source, select_rows, rows_read
+    return train_rows, train_source, eval_rows, eval_source, select_rows, (rows_read, cut)
 
 
 def _split_off(rows: list, source: str, args) -> tuple[list, list]:
@@ -532,17 +541,18 @@ def _plan(args) -> Plan:
     lr = args.learning_rate if args.learning_rate is not None else spec.preset.learning_rate
     out_dir = Path(args.output_dir)
     run_dir.check_writable(out_dir)
-    train_rows, train_source, eval_rows, eval_source, select_rows, rows_read = _data(args)
+    train_rows, train_source, eval_rows, eval_source, select_rows, (rows_read, cut) = _data(args)
     processes = int(os.environ.get("WORLD_SIZE", "1"))
-    # the rows one step takes before the schedule, whose warm-up and epochs count those steps
-    check_batch_fits(len(train_rows), args.batch_size, processes, data_limits(args, rows_read))
-    resolve_schedule(args, len(train_rows), processes)
     task = make_task(args)
     train, evaluation = task.split(train_rows, train_source), task.split(eval_rows, eval_source)
     selection = task.split(select_rows, train_source) if select_rows is not None else None
     template_text, config = _template_text(args, config, train_rows, train_source)
     template = Template.parse(template_text)
     _check_template(template, args, train_rows, train_source)
+    # the rows one step takes, before the schedule, whose warm-up and epochs count those steps
+    needed = args.batch_size * processes
+    check_batch_fits(len(train_rows), args.batch_size, processes, data_limits(args, rows_read, cut, needed))
+    resolve_schedule(args, len(train_rows), processes)
     check_source(args.model, args.model_kind, args.gguf_file, args.task)
     config = task.configure(config)
     if adapter is not None and spec.config_class.from_saved(adapter[0]["method_config"]) != config:

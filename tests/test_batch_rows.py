@@ -43,13 +43,37 @@ def test_a_training_split_smaller_than_one_step_is_refused_with_the_batch_that_f
 
 def test_the_refusal_names_the_flags_that_left_the_split_short():
     args = SimpleNamespace(max_train_samples=20, validation_split_percentage=50)
-    limits = train.data_limits(args, rows_read=20)
-    assert limits == ("--max-train-samples 20", "--validation-split-percentage 50")
+    limits = train.data_limits(args, rows_read=20, cut=True, needed=16)
     with pytest.raises(ConfigError, match=r"has 10 rows \(what --max-train-samples 20 and --validation-split-percentage 50 "
                                           r"left\), fewer than the 16 .*or train on more rows \(a larger --max-train-samples "
                                           r"or a smaller --validation-split-percentage\)\."):
         train.check_batch_fits(10, 16, 1, limits)
-    # a file shorter than --max-train-samples: that flag cut nothing and is not named
-    assert train.data_limits(SimpleNamespace(max_train_samples=100, validation_split_percentage=None), rows_read=12) == ()
-    with pytest.raises(ConfigError, match=r"has 12 rows, fewer than the 16 .*or train on more rows\.$"):
-        train.check_batch_fits(12, 16, 1, ())
+    # a file of exactly --max-train-samples rows: the flag cut nothing and is not named
+    assert train.data_limits(args, rows_read=20, cut=False, needed=16) == (
+        ("--validation-split-percentage 50", "a smaller --validation-split-percentage"),)
+    # 12 rows in all, 11 left to train on: no smaller percentage makes the 16 of one step
+    limits = train.data_limits(SimpleNamespace(max_train_samples=None, validation_split_percentage=10), 12, False, 16)
+    with pytest.raises(ConfigError, match=r"has 11 rows \(what --validation-split-percentage 10 left\), fewer than the 16 "
+                                          r".*or train on more rows\.$"):
+        train.check_batch_fits(11, 16, 1, limits)
+
+
+def _refusal(tmp_path, capsys, rows: int, *flags) -> str:
+    data = tmp_path / f"rows{rows}.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"line {i}\t{i % 2}\n" for i in range(rows)))
+    code = train.main(["--method", "prompt-tuning", "--train-file", str(data), "--validation-file", str(data),
+                       "--output-dir", str(tmp_path / "out"), *flags])
+    assert code == 2
+    return capsys.readouterr().err
+
+
+def test_the_cli_names_max_train_samples_only_when_it_cut_rows(tmp_path, capsys):
+    assert "(what --max-train-samples 10 left)" in _refusal(tmp_path, capsys, 12, "--max-train-samples", "10", "--batch-size", "16")
+    err = _refusal(tmp_path, capsys, 10, "--max-train-samples", "10", "--batch-size", "16")
+    assert "has 10 rows, fewer than the 16" in err and "--max-train-samples" not in err.split("fewer")[1]
+
+
+def test_the_batch_refusal_comes_before_the_schedule_that_counts_its_steps(tmp_path, capsys):
+    # 10 rows cannot make a step of 16; the warm-up of 5 steps past one epoch's 1 step is the lesser fault
+    err = _refusal(tmp_path, capsys, 10, "--num-train-epochs", "1", "--warmup-steps", "5", "--batch-size", "16")
+    assert "the training split has 10 rows" in err and "--warmup-steps" not in err
