@@ -1,16 +1,28 @@
 """Full fine-tuning through ``pstar train``: the reference row that tells how much of a task a
 model learns at a budget when every weight trains, next to the prompt methods on the same inputs.
 
-Loaded from the repository root with ``-p bench.whole_model`` (``pstar train -p bench.whole_model
---method whole-model --learning-rate 2e-5 ...``). The method adds nothing to the input; the
-plugin's ``pstar_trainable_parameters`` hook unfreezes every weight of the base model, so the run
-goes through the same template, label words, selection split and evaluation as the methods it is
-compared with. The hook acts only on runs of this method. Its adapter file holds the whole model
-(base-model weights a hook unfroze are saved with the adapter), about 4 bytes per parameter.
+Loaded with ``-p bench.whole_model`` where ``bench`` is importable: from the repository root,
+``python -m pstar_plugins.train -p bench.whole_model --method whole-model --learning-rate 2e-5 ...``
+or ``accelerate launch -m pstar_plugins.train ...`` (the ``pstar`` console script does not put the
+current folder on the import path; ``PYTHONPATH=. pstar train ...`` does). The method adds nothing
+to the input; the plugin's ``pstar_trainable_parameters`` hook unfreezes every weight of the base
+model, so the run goes through the same template, label words, selection split and evaluation as
+the methods it is compared with. The hook acts only on runs of this method. The weights train in
+fp32 (a bf16 model is cast up when the method is built: AdamW steps of 2e-5 are below bf16's
+resolution for most weights). Its adapter file holds the whole model (base-model weights a hook
+unfroze are saved with the adapter), 4 bytes per parameter; ``pstar eval`` loads no ``-p``
+plugins, so the run's own final evaluation is the row's score.
+
+What it cannot be: there is no bare model to switch back to once the weights train, so
+``disabled()`` (``PStarModel.disable_adapter``) refuses, and one model holds one task.
 """
 
+import contextlib
 from dataclasses import dataclass
 
+import torch
+
+from pstar_plugins.errors import ConfigError
 from pstar_plugins.hookspecs import hookimpl
 from pstar_plugins.methods.base import PromptMethod
 from pstar_plugins.methods.spec import MethodConfig, MethodPlugin, MethodSpec, Preset
@@ -22,6 +34,12 @@ NAME = "whole-model"
 class WholeModelConfig(MethodConfig):
     """No options: the method is the base model itself."""
 
+    def validate(self) -> None:
+        super().validate()
+        if self.num_tasks != 1:
+            raise ConfigError(f"num_tasks={self.num_tasks}: {NAME} trains one model's weights, which hold one task; "
+                              "pass --num-tasks 1 (or a prompt method for several tasks in one batch).")
+
 
 class WholeModel(PromptMethod):
     """The base model's own forward pass; its weights are the trainable parameters (the hook below)."""
@@ -31,10 +49,25 @@ class WholeModel(PromptMethod):
 
     def __init__(self, config, base_model, tokenizer=None):
         super().__init__(config)
+        # fp32 master weights, as the method contract keeps every trainable tensor; parameter by
+        # parameter, since transformers refuses .float() on a model it loaded from GGUF
+        for param in base_model.parameters():
+            if param.is_floating_point() and param.dtype != torch.float32:
+                param.data = param.data.float()
+
+    @contextlib.contextmanager
+    def disabled(self):
+        raise ConfigError(f"{NAME} trains the base model's own weights, so there is no bare model to switch back to; "
+                          "compare against a separately loaded base model.")
+        yield  # pragma: no cover
 
     def run(self, base_model, inputs, task_ids):
         self.check_task_ids(task_ids, inputs["input_ids"].shape[0])
         return self.call_base(base_model, inputs)
+
+    def generate(self, base_model, inputs, task_ids, **kwargs):
+        self.check_task_ids(task_ids, inputs["input_ids"].shape[0])
+        return self.generate_base(base_model, inputs, **kwargs)
 
 
 class WholeModelPlugin(MethodPlugin):

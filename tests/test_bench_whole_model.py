@@ -2,10 +2,55 @@
 train -p bench.whole_model`` every weight of the base model trains and is saved, and the plugin
 leaves runs of other methods as they are."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
+from pstar_plugins.core.build import build_model
+from pstar_plugins.errors import ConfigError
+from pstar_plugins.testing import registered_plugin, tiny_model
 from tests.test_train_entry_point import _train, needs_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import whole_model  # noqa: E402
+
+
+@pytest.fixture
+def registered():
+    with registered_plugin(whole_model.WholeModelPlugin()):
+        yield
+
+
+def test_weights_train_in_fp32_and_every_one_is_trainable(registered):
+    base = tiny_model("llama", dtype=torch.bfloat16)
+    base.is_quantized = True  # as transformers marks a model it de-quantized from GGUF: .float() refuses it
+    model = build_model(base, "whole-model")
+    params = dict(model.named_parameters())
+    assert params and all(p.dtype == torch.float32 and p.requires_grad for p in params.values())
+    ids = torch.tensor([[5, 6, 7]])
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    out.logits.sum().backward()
+    assert all(p.grad is not None for p in params.values())
+
+
+def test_what_the_method_cannot_be_is_refused(registered):
+    model = build_model(tiny_model("llama"), "whole-model")
+    with pytest.raises(ConfigError, match="no bare model to switch back to"):
+        with model.disable_adapter():
+            pass
+    with pytest.raises(ConfigError, match="num_tasks=3: whole-model trains one model's weights"):
+        build_model(tiny_model("llama"), "whole-model", num_tasks=3)
+
+
+def test_generation_is_the_base_models_own(registered):
+    base = tiny_model("llama")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    expected = base.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    model = build_model(base, "whole-model")
+    got = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, expected)
 
 
 def _tiny_weights(tiny_dir):
