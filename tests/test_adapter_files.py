@@ -186,3 +186,17 @@ def test_pstar_train_continues_an_adapter_with_the_retired_label_words_field(tmp
     plan = _plan(parse_args(["--method", "p-tuning", "--model", str(model_dir), "--output-dir", str(tmp_path / "out"),
                              "--init-from-adapter", str(adapter)]))
     assert not hasattr(plan.config, "label_words")
+
+
+def test_an_adapter_of_a_method_no_plugin_registers_names_it_and_how_to_load_it(tmp_path):
+    from pstar_plugins import build_model
+    from pstar_plugins.errors import UnknownMethodError
+    from pstar_plugins.testing import registered_plugin
+    from tests.plugin_fixture import plugin
+
+    with registered_plugin(plugin):
+        build_model(tiny_model("llama"), "temperature").save_adapter(tmp_path / "adapter")
+    with pytest.raises(UnknownMethodError, match=r"adapter: this adapter was saved by method 'temperature', which no loaded "
+                                                 r"plugin registers .*'pstar_plugins' entry points\), or, where the command "
+                                                 r"takes -p \(pstar train\), load its module with -p MODULE\."):
+        load_adapter(tiny_model("llama"), tmp_path / "adapter")
