@@ -704,9 +704,13 @@ def targets(result: dict) -> dict:
                                                          "prompting_bleu": k_shot["bleu"], "met": prefix["bleu"] >= k_shot["bleu"]}
     else:
         out["e2e_prefix_tuning_bleu_at_least_k_shot"] = None
-    minilm = counted_variant(minilm_variants(result.get("minilm")))  # both contenders trained on the same rows
+    variants = minilm_variants(result.get("minilm"))
+    minilm = counted_variant(variants)  # both contenders trained on the same rows
+    # the issue asks an unmet gap to be recorded at its best too; it never decides "met"
+    best = min(variants, key=lambda rows: variants[rows]["gap_points"], default=None)
     out["minilm_within_2_points"] = None if not minilm else {
-        "gap_points": minilm["gap_points"], "train_rows": minilm.get("train_rows", "phrases"), "met": minilm["gap_points"] <= 2.0}
+        "gap_points": minilm["gap_points"], "train_rows": minilm.get("train_rows", "phrases"), "met": minilm["gap_points"] <= 2.0,
+        "best_measured": {"gap_points": variants[best]["gap_points"], "train_rows": best}}
     return out
 
 
