@@ -276,19 +276,42 @@ def check_batch_fits(train_rows: int, batch_size: int, processes: int, limits: t
                       f"takes ({each}); {fix}, or {rows}.")
 
 
-def data_limits(args, rows_read: int, cut: bool, needed: int) -> tuple[tuple[str, str | None], ...]:
-    """The flags that left fewer training rows than the data holds, for :func:`check_batch_fits`:
-    ``--max-train-samples`` when it cut rows (``cut``: the data held more), and
-    ``--validation-split-percentage``, whose smaller value is offered only when the ``rows_read``
-    (before the selection split) or the rows beyond the cut could make the ``needed`` rows."""
+def data_limits(args, rows_read: int, available: int | None, needed: int) -> tuple[tuple[str, str | None], ...]:
+    """The flags that left fewer training rows than the data holds, for :func:`check_batch_fits`,
+    each with the change that could fill the ``needed`` rows of one step, or ``None`` where no
+    change of that flag can: ``--max-train-samples`` when it cut rows (``available``: the rows the
+    data holds without it, ``None`` when unknown), ``--validation-split-percentage`` when set
+    (``rows_read``: the rows before it held some out; any percentage holds out at least one row,
+    and at least 1% of them)."""
+    percentage = args.validation_split_percentage
+
+    def most_trained(rows: int) -> int:  # the most rows a split of ``rows`` can leave to train on
+        return rows if percentage is None else rows - max(1, rows // 100)
+
     limits = []
-    if cut:
-        limits.append((f"--max-train-samples {args.max_train_samples}", "a larger --max-train-samples"))
-    if args.validation_split_percentage is not None:
-        enough = cut or rows_read >= needed
-        limits.append((f"--validation-split-percentage {args.validation_split_percentage}",
-                       "a smaller --validation-split-percentage" if enough else None))
+    if available is None or available > rows_read:  # the flag cut rows (or may have)
+        if args.max_train_samples is not None:
+            enough = available is None or most_trained(available) >= needed
+            limits.append((f"--max-train-samples {args.max_train_samples}", "a larger --max-train-samples" if enough else None))
+    if percentage is not None:
+        limits.append((f"--validation-split-percentage {percentage}",
+                       "a smaller --validation-split-percentage" if most_trained(rows_read) >= needed else None))
     return tuple(limits)
+
+
+def _rows_without_limit(args) -> int | None:
+    """The training rows the data holds without ``--max-train-samples``, read only to word a
+    refusal's advice; ``None`` when they cannot be read (a bad row past the limit is no fault of
+    the run, which never reads it)."""
+    from pstar_plugins.errors import DataError
+    from pstar_plugins.models import packaged_data
+    from pstar_plugins.tasks.data import load_split
+
+    train_file = None if args.dataset else (args.train_file or packaged_data("sst2_train_sample.tsv"))
+    try:
+        return len(load_split(train_file, args.dataset, args.dataset_config, args.train_split, None, {})[0])
+    except DataError:
+        return None
 
 
 def _check_selection_args(args) -> None:
@@ -318,8 +341,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m pstar_plugins.tra
 def _data(args):
     """Training and evaluation rows with their names for messages. The packaged SST-2 files are
     the default only when no data at all is given; a --train-file needs its own evaluation rows.
-    The last value is ``(rows read, whether --max-train-samples cut rows)``, before a selection
-    split is held out."""
+    The last value is the number of training rows read, before a selection split is held out."""
     from pstar_plugins.models import packaged_data
     from pstar_plugins.tasks.data import load_split, parse_column_mapping
 
@@ -340,12 +362,8 @@ def _data(args):
                               "--validation-split-percentage 10 to evaluate on 10% of the training rows (trained on the rest).")
     percentage = args.validation_split_percentage
     # --max-train-samples first: the selection split is P% of the rows the run reads
-    limit = args.max_train_samples
-    # one row more than --max-train-samples tells whether the flag cut rows (for check_batch_fits)
     train_rows, train_source = load_split(train_file, args.dataset, args.dataset_config, args.train_split,
-                                          None if limit is None else limit + 1, columns)
-    cut = limit is not None and len(train_rows) > limit
-    train_rows = train_rows[:limit] if cut else train_rows
+                                          args.max_train_samples, columns)
     rows_read = len(train_rows)
     select_rows = select_source = None
     if percentage is not None:
@@ -367,7 +385,7 @@ def _data(args):
     if select_rows is not None:
         logger.info("selection split: %d rows held out of %s (--validation-split-percentage %d), %d rows train",
                     len(select_rows), train_source, percentage, len(train_rows))
-    return train_rows, train_source, eval_rows, eval_source, select_rows, (rows_read, cut)
+    return train_rows, train_source, eval_rows, eval_source, select_rows, rows_read
 
 
 def _split_off(rows: list, source: str, args) -> tuple[list, list]:
@@ -400,9 +418,11 @@ def _method_config(args, spec):
     adapter = None
     if args.init_from_adapter:
         from pstar_plugins.core.adapter_io import read_adapter
+        from pstar_plugins.plugins import get_plugin_manager
 
         adapter = read_adapter(args.init_from_adapter)
         meta = adapter[0]
+        get_plugin_manager().adapter_method(meta["method"], args.init_from_adapter)  # known before "pass --method" is advised
         if meta["method"] != args.method:
             raise ConfigError(f"--init-from-adapter {args.init_from_adapter} holds a {meta['method']!r} adapter, "
                               f"but --method is {args.method!r}; pass --method {meta['method']}.")
@@ -541,7 +561,7 @@ def _plan(args) -> Plan:
     lr = args.learning_rate if args.learning_rate is not None else spec.preset.learning_rate
     out_dir = Path(args.output_dir)
     run_dir.check_writable(out_dir)
-    train_rows, train_source, eval_rows, eval_source, select_rows, (rows_read, cut) = _data(args)
+    train_rows, train_source, eval_rows, eval_source, select_rows, rows_read = _data(args)
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     task = make_task(args)
     train, evaluation = task.split(train_rows, train_source), task.split(eval_rows, eval_source)
@@ -551,7 +571,10 @@ def _plan(args) -> Plan:
     _check_template(template, args, train_rows, train_source)
     # the rows one step takes, before the schedule, whose warm-up and epochs count those steps
     needed = args.batch_size * processes
-    check_batch_fits(len(train_rows), args.batch_size, processes, data_limits(args, rows_read, cut, needed))
+    if len(train_rows) < needed:  # refused below; how many rows the data holds words the advice
+        limited = args.max_train_samples is not None and rows_read == args.max_train_samples
+        available = _rows_without_limit(args) if limited else rows_read
+        check_batch_fits(len(train_rows), args.batch_size, processes, data_limits(args, rows_read, available, needed))
     resolve_schedule(args, len(train_rows), processes)
     check_source(args.model, args.model_kind, args.gguf_file, args.task)
     config = task.configure(config)

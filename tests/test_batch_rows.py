@@ -43,34 +43,63 @@ def test_a_training_split_smaller_than_one_step_is_refused_with_the_batch_that_f
 
 def test_the_refusal_names_the_flags_that_left_the_split_short():
     args = SimpleNamespace(max_train_samples=20, validation_split_percentage=50)
-    limits = train.data_limits(args, rows_read=20, cut=True, needed=16)
+    limits = train.data_limits(args, rows_read=20, available=100, needed=16)
     with pytest.raises(ConfigError, match=r"has 10 rows \(what --max-train-samples 20 and --validation-split-percentage 50 "
                                           r"left\), fewer than the 16 .*or train on more rows \(a larger --max-train-samples "
                                           r"or a smaller --validation-split-percentage\)\."):
         train.check_batch_fits(10, 16, 1, limits)
     # a file of exactly --max-train-samples rows: the flag cut nothing and is not named
-    assert train.data_limits(args, rows_read=20, cut=False, needed=16) == (
+    assert train.data_limits(args, rows_read=20, available=20, needed=16) == (
         ("--validation-split-percentage 50", "a smaller --validation-split-percentage"),)
+
+
+def test_the_refusal_offers_only_changes_that_can_fill_a_step():
+    pct = SimpleNamespace(max_train_samples=None, validation_split_percentage=10)
     # 12 rows in all, 11 left to train on: no smaller percentage makes the 16 of one step
-    limits = train.data_limits(SimpleNamespace(max_train_samples=None, validation_split_percentage=10), 12, False, 16)
+    limits = train.data_limits(pct, 12, 12, 16)
+    assert limits == (("--validation-split-percentage 10", None),)
     with pytest.raises(ConfigError, match=r"has 11 rows \(what --validation-split-percentage 10 left\), fewer than the 16 "
                                           r".*or train on more rows\.$"):
         train.check_batch_fits(11, 16, 1, limits)
+    # 16 rows: every percentage holds out a row, so 15 at most train
+    assert train.data_limits(pct, 16, 16, 16) == (("--validation-split-percentage 10", None),)
+    assert train.data_limits(pct, 17, 17, 16) == (("--validation-split-percentage 10", "a smaller --validation-split-percentage"),)
+    # --max-train-samples 10 of a 12-row file: a larger value cannot make 16 rows either
+    cut = SimpleNamespace(max_train_samples=10, validation_split_percentage=None)
+    assert train.data_limits(cut, 10, 12, 16) == (("--max-train-samples 10", None),)
+    assert train.data_limits(cut, 10, 40, 16) == (("--max-train-samples 10", "a larger --max-train-samples"),)
+    assert train.data_limits(cut, 10, None, 16) == (("--max-train-samples 10", "a larger --max-train-samples"),)  # unknown
+
+
+def _rows_file(tmp_path, rows: int, tail: str = "") -> str:
+    data = tmp_path / f"rows{rows}.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"line {i}\t{i % 2}\n" for i in range(rows)) + tail)
+    return str(data)
 
 
 def _refusal(tmp_path, capsys, rows: int, *flags) -> str:
-    data = tmp_path / f"rows{rows}.tsv"
-    data.write_text("sentence\tlabel\n" + "".join(f"line {i}\t{i % 2}\n" for i in range(rows)))
-    code = train.main(["--method", "prompt-tuning", "--train-file", str(data), "--validation-file", str(data),
+    data = _rows_file(tmp_path, rows)
+    code = train.main(["--method", "prompt-tuning", "--train-file", data, "--validation-file", data,
                        "--output-dir", str(tmp_path / "out"), *flags])
     assert code == 2
     return capsys.readouterr().err
 
 
 def test_the_cli_names_max_train_samples_only_when_it_cut_rows(tmp_path, capsys):
-    assert "(what --max-train-samples 10 left)" in _refusal(tmp_path, capsys, 12, "--max-train-samples", "10", "--batch-size", "16")
+    err = _refusal(tmp_path, capsys, 40, "--max-train-samples", "10", "--batch-size", "16")
+    assert "(what --max-train-samples 10 left)" in err and "(a larger --max-train-samples)" in err
+    err = _refusal(tmp_path, capsys, 12, "--max-train-samples", "10", "--batch-size", "16")
+    assert "(what --max-train-samples 10 left)" in err and "a larger" not in err  # 12 rows cannot make 16
     err = _refusal(tmp_path, capsys, 10, "--max-train-samples", "10", "--batch-size", "16")
     assert "has 10 rows, fewer than the 16" in err and "--max-train-samples" not in err.split("fewer")[1]
+
+
+def test_a_bad_row_past_max_train_samples_is_never_read(tmp_path):
+    data = _rows_file(tmp_path, 20, tail="broken row\n")
+    good = _rows_file(tmp_path, 8)
+    args = train.parse_args(["--method", "prompt-tuning", "--train-file", data, "--validation-file", good,
+                             "--max-train-samples", "20", "--output-dir", str(tmp_path / "out")])
+    assert len(train._data(args)[0]) == 20
 
 
 def test_the_batch_refusal_comes_before_the_schedule_that_counts_its_steps(tmp_path, capsys):
