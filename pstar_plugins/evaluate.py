@@ -140,6 +140,10 @@ def _main(argv, prog: str = "pstar eval"):
     from pstar_plugins.tasks.data import load_split, parse_column_mapping
 
     adapter = read_adapter(args.adapter) if args.adapter else None  # a bad adapter fails before any load
+    if adapter:
+        from pstar_plugins.plugins import get_plugin_manager
+
+        get_plugin_manager().adapter_method(adapter[0]["method"], args.adapter)  # so does one of an unknown method
     resolve_task(args, _recorded_task(adapter))
     check_source(args.model, args.model_kind, args.gguf_file, args.task)
     if adapter:

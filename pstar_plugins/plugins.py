@@ -176,6 +176,19 @@ class PStarPluginManager(pluggy.PluginManager):
             raise UnknownMethodError(f"unknown method {name!r}; known methods: {known}. Pick one with --method.")
         return self.methods[name]
 
+    def adapter_method(self, name: str, directory) -> MethodSpec:
+        """The spec of the method an adapter at ``directory`` was saved by, or an error that
+        names the adapter and how to load the plugin that registers ``name``."""
+        if name not in self.methods:
+            known = ", ".join(sorted(self.methods)) or "(none)"
+            raise UnknownMethodError(
+                f"{directory}: this adapter was saved by method {name!r}, which no loaded plugin registers (known methods: "
+                f"{known}). Load the plugin that provides it: install its package (it registers under the "
+                f"{ENTRY_POINT_GROUP!r} entry points; {ENV_DISABLE_AUTOLOAD}, {ENV_SELECT} and {ENV_BLOCK} can keep an "
+                "installed one out), pass -p MODULE where the command takes it (pstar train), or from Python call "
+                "get_plugin_manager().load_module(MODULE) first.")
+        return self.methods[name]
+
     def describe(self) -> list[PluginInfo]:
         infos = []
         for name, plugin in self.list_name_plugin():

@@ -188,7 +188,7 @@ def test_pstar_train_continues_an_adapter_with_the_retired_label_words_field(tmp
     assert not hasattr(plan.config, "label_words")
 
 
-def test_an_adapter_of_a_method_no_plugin_registers_names_it_and_how_to_load_it(tmp_path):
+def test_an_adapter_of_a_method_no_plugin_registers_names_it_and_how_to_load_it(tmp_path, capsys):
     from pstar_plugins import build_model
     from pstar_plugins.errors import UnknownMethodError
     from pstar_plugins.testing import registered_plugin
@@ -196,7 +196,19 @@ def test_an_adapter_of_a_method_no_plugin_registers_names_it_and_how_to_load_it(
 
     with registered_plugin(plugin):
         build_model(tiny_model("llama"), "temperature").save_adapter(tmp_path / "adapter")
-    with pytest.raises(UnknownMethodError, match=r"adapter: this adapter was saved by method 'temperature', which no loaded "
-                                                 r"plugin registers .*'pstar_plugins' entry points\), or, where the command "
-                                                 r"takes -p \(pstar train\), load its module with -p MODULE\."):
+    message = (r"adapter: this adapter was saved by method 'temperature', which no loaded plugin registers .*'pstar_plugins' "
+               r"entry points; PSTAR_DISABLE_PLUGIN_AUTOLOAD, PSTAR_PLUGINS and PSTAR_BLOCK_PLUGINS can keep an installed one "
+               r"out\), pass -p MODULE where the command takes it \(pstar train\), or from Python call "
+               r"get_plugin_manager\(\).load_module\(MODULE\) first\.")
+    with pytest.raises(UnknownMethodError, match=message):
         load_adapter(tiny_model("llama"), tmp_path / "adapter")
+    # the commands say so before any model loads (pstar train: before advising --method)
+    from pstar_plugins import evaluate, train
+
+    for command, argv in ((evaluate.main, ["--adapter", str(tmp_path / "adapter"), "--model", "/no/such/model"]),
+                          (train.main, ["--method", "prompt-tuning", "--init-from-adapter", str(tmp_path / "adapter"),
+                                        "--output-dir", str(tmp_path / "out")])):
+        assert command(argv) == 2
+        import re
+
+        assert re.search(message, capsys.readouterr().err.replace("\n", " ")), command

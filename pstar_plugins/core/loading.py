@@ -11,8 +11,7 @@ import torch
 from pstar_plugins.core.adapter_io import check_geometry, read_adapter
 from pstar_plugins.core.build import build_model, make_config
 from pstar_plugins.core.inputs import position_convention
-from pstar_plugins.errors import UnknownMethodError
-from pstar_plugins.plugins import ENTRY_POINT_GROUP, get_plugin_manager
+from pstar_plugins.plugins import get_plugin_manager
 
 
 def load_adapter(base_model, directory, tokenizer=None, plugin_manager=None, trainable: bool = True,
@@ -27,13 +26,7 @@ def load_adapter(base_model, directory, tokenizer=None, plugin_manager=None, tra
             "differ from those the adapter was trained with. Retrain it for exact results.", stacklevel=2)
 
     pm = plugin_manager or get_plugin_manager()
-    if meta["method"] not in pm.methods:
-        known = ", ".join(sorted(pm.methods)) or "(none)"
-        raise UnknownMethodError(
-            f"{directory}: this adapter was saved by method {meta['method']!r}, which no loaded plugin registers (known "
-            f"methods: {known}). Install the package that provides it (it registers under the {ENTRY_POINT_GROUP!r} entry "
-            "points), or, where the command takes -p (pstar train), load its module with -p MODULE.")
-    config_class = pm.method(meta["method"]).config_class
+    config_class = pm.adapter_method(meta["method"], directory).config_class
     config = make_config(meta["method"], config_class.from_saved(meta["method_config"]), plugin_manager=pm)
     check_geometry(meta, None, base_model.config)  # what the config alone tells, before anything is injected
     # the saved tensors replace any initialisation, so skip the data-dependent ones (no tokenizer needed)
