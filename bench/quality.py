@@ -632,9 +632,10 @@ def run_minilm(args, work: Path) -> dict:
     full["command"] = f"python bench/quality.py --only minilm{rows} (full_finetune_minilm, lr {args.full_finetune_lr:g})"
     full["date"] = now()
     print(f"  full fine-tuning: {full['accuracy']:.4f}", flush=True)
-    results = minilm_variants(args.previous.get("minilm"))  # the other training rows keep theirs, and their date
-    for variant in results.values():
-        variant.setdefault("date", (args.previous.get("part_dates") or {}).get("minilm") or args.previous.get("date"))
+    recorded = args.previous.get("minilm")
+    results = minilm_variants(recorded)  # the other training rows keep theirs
+    if recorded and "gap_points" in recorded:  # a record from before the variants: its date was the part's
+        results["phrases"].setdefault("date", (args.previous.get("part_dates") or {}).get("minilm") or args.previous.get("date"))
     results[args.sst2_rows] = {
         "steps": steps, "batch_size": args.batch_size, "training_examples": len(train_rows), "train_rows": args.sst2_rows,
         "epochs": steps * args.batch_size / len(train_rows), "date": now(),

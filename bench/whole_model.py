@@ -8,8 +8,9 @@ current folder on the import path; ``PYTHONPATH=. pstar train ...`` does). The m
 to the input; the plugin's ``pstar_trainable_parameters`` hook unfreezes every weight of the base
 model, so the run goes through the same template, label words, selection split and evaluation as
 the methods it is compared with. The hook acts only on runs of this method. The weights train in
-fp32 (a bf16 model is cast up when the method is built: AdamW steps of 2e-5 are below bf16's
-resolution for most weights). Its adapter file holds the whole model (base-model weights a hook
+fp32: a bf16 model is cast up, in place, when the method is built (AdamW steps of 2e-5 are below
+bf16's resolution for most weights), which doubles its memory, also when an adapter is loaded
+for inference, and ``detach`` does not cast it back. Its adapter file holds the whole model (base-model weights a hook
 unfroze are saved with the adapter), 4 bytes per parameter; ``pstar eval`` loads no ``-p``
 plugins, so the run's own final evaluation is the row's score.
 
