@@ -170,19 +170,15 @@ class PStarPluginManager(pluggy.PluginManager):
             self.register_plugin(obj, name=ep.name, version=getattr(dist, "version", "") or "", source="entry point")
 
     # -- queries ---------------------------------------------------------------------
-    def method(self, name: str) -> MethodSpec:
+    def method(self, name: str, adapter=None) -> MethodSpec:
+        """The spec of method ``name``. ``adapter``: the folder of an adapter saved by ``name``; an
+        unknown method's error then names it and how to load the plugin that registers ``name``."""
         if name not in self.methods:
             known = ", ".join(sorted(self.methods)) or "(none)"
-            raise UnknownMethodError(f"unknown method {name!r}; known methods: {known}. Pick one with --method.")
-        return self.methods[name]
-
-    def adapter_method(self, name: str, directory) -> MethodSpec:
-        """The spec of the method an adapter at ``directory`` was saved by, or an error that
-        names the adapter and how to load the plugin that registers ``name``."""
-        if name not in self.methods:
-            known = ", ".join(sorted(self.methods)) or "(none)"
+            if adapter is None:
+                raise UnknownMethodError(f"unknown method {name!r}; known methods: {known}. Pick one with --method.")
             raise UnknownMethodError(
-                f"{directory}: this adapter was saved by method {name!r}, which no loaded plugin registers (known methods: "
+                f"{adapter}: this adapter was saved by method {name!r}, which no loaded plugin registers (known methods: "
                 f"{known}). Load the plugin that provides it: install its package (it registers under the "
                 f"{ENTRY_POINT_GROUP!r} entry points; {ENV_DISABLE_AUTOLOAD}, {ENV_SELECT} and {ENV_BLOCK} can keep an "
                 "installed one out), pass -p MODULE where the command takes it (pstar train), or from Python call "
