@@ -304,12 +304,10 @@ def _rows_without_limit(args) -> int | None:
     refusal's advice; ``None`` when they cannot be read (a bad row past the limit is no fault of
     the run, which never reads it)."""
     from pstar_plugins.errors import DataError
-    from pstar_plugins.models import packaged_data
     from pstar_plugins.tasks.data import load_split
 
-    train_file = None if args.dataset else (args.train_file or packaged_data("sst2_train_sample.tsv"))
     try:
-        return len(load_split(train_file, args.dataset, args.dataset_config, args.train_split, None, {})[0])
+        return len(load_split(_train_file(args), args.dataset, args.dataset_config, args.train_split, None, {})[0])
     except DataError:
         return None
 
@@ -338,6 +336,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m pstar_plugins.tra
     return run_reporting_errors(_main, argv, prog)
 
 
+def _train_file(args) -> str | None:
+    """The training file a run reads: none with --dataset, the packaged SST-2 sample without --train-file."""
+    from pstar_plugins.models import packaged_data
+
+    if args.dataset:
+        return None
+    return args.train_file if args.train_file is not None else packaged_data("sst2_train_sample.tsv")
+
+
 def _data(args):
     """Training and evaluation rows with their names for messages. The packaged SST-2 files are
     the default only when no data at all is given; a --train-file needs its own evaluation rows.
@@ -349,17 +356,18 @@ def _data(args):
     if args.dataset:
         if args.train_file or args.validation_file:
             raise ConfigError("--dataset and --train-file/--validation-file both name the data; keep one of them.")
-        train_file = validation_file = None
+        validation_file = None
     elif args.train_file is None:
         if args.validation_file is not None:
             raise ConfigError(f"--validation-file {args.validation_file} without --train-file would train on the packaged "
                               "SST-2 sample; pass --train-file too.")
-        train_file, validation_file = packaged_data("sst2_train_sample.tsv"), packaged_data("sst2_dev.tsv")
+        validation_file = packaged_data("sst2_dev.tsv")
     else:
-        train_file, validation_file = args.train_file, args.validation_file
+        validation_file = args.validation_file
         if validation_file is None and args.validation_split_percentage is None:
             raise ConfigError(f"--train-file {args.train_file} without --validation-file: pass --validation-file, or "
                               "--validation-split-percentage 10 to evaluate on 10% of the training rows (trained on the rest).")
+    train_file = _train_file(args)
     percentage = args.validation_split_percentage
     # --max-train-samples first: the selection split is P% of the rows the run reads
     train_rows, train_source = load_split(train_file, args.dataset, args.dataset_config, args.train_split,
@@ -422,7 +430,7 @@ def _method_config(args, spec):
 
         adapter = read_adapter(args.init_from_adapter)
         meta = adapter[0]
-        get_plugin_manager().adapter_method(meta["method"], args.init_from_adapter)  # known before "pass --method" is advised
+        get_plugin_manager().method(meta["method"], adapter=args.init_from_adapter)  # known before "pass --method" is advised
         if meta["method"] != args.method:
             raise ConfigError(f"--init-from-adapter {args.init_from_adapter} holds a {meta['method']!r} adapter, "
                               f"but --method is {args.method!r}; pass --method {meta['method']}.")
