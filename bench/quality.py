@@ -343,20 +343,25 @@ def rte_train_args(args, method: str, run_dir: Path, budget: list[str], eval_ste
             "--seed", str(args.seed)]
 
 
-def rte_method_steps(args, work: Path) -> list[Step]:
+def rte_budget(args) -> tuple[list[str], int]:
+    """The train flags of the ``rte-methods`` budget (``--rte-steps``, a tenth of them warm-up) and
+    the steps between its selection evaluations (three in a run)."""
     steps = args.rte_steps
-    budget = ["--max-steps", str(steps), "--warmup-steps", str(steps // 10)]
-    return [Step(f"RTE {method}", train_command(rte_train_args(args, method, work / f"rte-{method}", budget, max(1, steps // 3))),
+    return ["--max-steps", str(steps), "--warmup-steps", str(steps // 10)], max(1, steps // 3)
+
+
+def rte_method_steps(args, work: Path) -> list[Step]:
+    budget, eval_steps = rte_budget(args)
+    return [Step(f"RTE {method}", train_command(rte_train_args(args, method, work / f"rte-{method}", budget, eval_steps)),
                  work / f"rte-{method}")
             for method in args.rte_methods]
 
 
 def rte_reference_steps(args, work: Path) -> list[Step]:
     """Full fine-tuning with ``rte-methods``' budget, template, label words and selection split."""
-    steps = args.rte_steps
-    budget = ["--max-steps", str(steps), "--warmup-steps", str(steps // 10)]
+    budget, eval_steps = rte_budget(args)
     run_dir = work / "rte-full-fine-tuning"
-    cmd = ["-p", "bench.whole_model", *rte_train_args(args, "whole-model", run_dir, budget, max(1, steps // 3)),
+    cmd = ["-p", "bench.whole_model", *rte_train_args(args, "whole-model", run_dir, budget, eval_steps),
            "--learning-rate", f"{args.rte_reference_lr:g}"]
     return [Step("RTE full fine-tuning (reference)", train_command(cmd), run_dir)]
 
@@ -503,10 +508,10 @@ def minilm_variants(recorded: dict | None) -> dict:
 
 
 def counted_variant(variants: dict) -> dict | None:
-    """The variant a target counts, fixed before any was measured: the one trained on whole
-    sentences, the shape of the dev set it is scored on (docs/recipes.md, "Your own data"), when
-    it is recorded, else GLUE's file as it is. Never the better of the two: picking the best of
-    several measurements on the same dev rows would tune on them."""
+    """The variant a target counts: the one trained on whole sentences, the shape of the dev set it
+    is scored on (docs/recipes.md, "Your own data"), when it is recorded, else GLUE's file as it
+    is. Never the better of the two: picking the best of several measurements on the same dev rows
+    would tune on them."""
     return variants.get("sentences") or variants.get("phrases")
 
 
@@ -737,6 +742,11 @@ def _noise(task: str, accuracy: float) -> str:
             "than that are not read as differences.")
 
 
+def _kept_state(row: dict, sep: str) -> str:
+    """How a trained row chose the state it scored, for its README label; empty for the last state."""
+    return f"{sep}kept state chosen on {row['selection_percentage']}% of train" if row.get("selection_percentage") else ""
+
+
 def readme_table(result: dict) -> str:
     dates = {k: v[:10] for k, v in result.get("part_dates", {}).items()}
     when = lambda key: dates.get(key, result["date"][:10])  # noqa: E731
@@ -754,8 +764,7 @@ def readme_table(result: dict) -> str:
         sst2.append(r["accuracy"])
     for rows, s in seed_variants(result.get("sst2_seeds")).items():
         options = "; " + " ".join(s["options"]) if s.get("options") else ""
-        chosen = (f", kept state chosen on {s['selection_percentage']}% of train" if s.get("selection_percentage")
-                  else ", last state")
+        chosen = _kept_state(s, ", ") or ", last state"
         train_rows = {r["metrics"]["train_rows"] for r in s.get("runs", []) if "train_rows" in r.get("metrics", {})}
         trained_on = ("; trained on whole sentences only" + (f" ({train_rows.pop():,} rows)" if len(train_rows) == 1 else "")
                       if rows == "sentences" else "")
@@ -784,12 +793,12 @@ def readme_table(result: dict) -> str:
                       f"label words {words} | accuracy | measured |", "|---|---|---|"]
         lines += [f"| {_prompting_name(r)} | {_pm(r, 'accuracy')} | {when('rte_prompting')} |" for r in rte.get("runs", [])]
         for name, r in rte_methods.items():
-            chosen = f"; kept state chosen on {r['selection_percentage']}% of train" if r.get("selection_percentage") else ""
+            chosen = _kept_state(r, "; ")
             method, epochs = (name.split(", ")[0], f", {r['epochs']:g} epochs") if "epochs" in r else (name, "")
             lines.append(f"| {method} ({r['steps']} steps × {r['batch_size']}{epochs}{chosen}) | {100 * r['accuracy']:.1f} | "
                          f"{r['date'][:10] if r.get('date') else when('rte_methods')} |")
         for name, r in (result.get("rte_reference") or {}).items():
-            chosen = f"; kept state chosen on {r['selection_percentage']}% of train" if r.get("selection_percentage") else ""
+            chosen = _kept_state(r, "; ")
             lines.append(f"| {name}, every weight: a reference, not a prompt method ({r['steps']} steps × {r['batch_size']}, "
                          f"learning rate {r['learning_rate']:g}{chosen}) | {100 * r['accuracy']:.1f} | {r['date'][:10]} |")
         accuracies = [r["accuracy"] for r in rte.get("runs", [])] + [r["accuracy"] for r in rte_methods.values()]
