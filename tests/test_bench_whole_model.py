@@ -11,7 +11,7 @@ import torch
 from pstar_plugins.core.build import build_model
 from pstar_plugins.errors import ConfigError
 from pstar_plugins.testing import registered_plugin, tiny_model
-from tests.test_train_entry_point import _train, needs_model
+from tests.test_train_entry_point import _train, needs_model, saved_adapter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import whole_model  # noqa: E402
@@ -62,11 +62,9 @@ def _tiny_weights(tiny_dir):
 @pytest.mark.slow
 @needs_model
 def test_every_base_weight_trains_and_is_saved_with_the_adapter(tiny_dir, tmp_path):
-    from safetensors.torch import load_file
-
     result = _train(tiny_dir, tmp_path / "run", "-p", "bench.whole_model", "--method", "whole-model", "--learning-rate", "1e-3")
     assert result.returncode == 0, result.stderr[-3000:]
-    saved = load_file(tmp_path / "run" / "adapter" / "adapter.safetensors")
+    saved = saved_adapter(tmp_path / "run")
     before = _tiny_weights(tiny_dir)
     assert set(saved) == {f"base_model.{name}" for name in before}  # the whole model, under the wrapper's names
     unchanged = [name for name in before if torch.equal(saved[f"base_model.{name}"], before[name])]
@@ -76,12 +74,10 @@ def test_every_base_weight_trains_and_is_saved_with_the_adapter(tiny_dir, tmp_pa
 @pytest.mark.slow
 @needs_model
 def test_the_plugin_leaves_other_methods_runs_as_they_are(tiny_dir, tmp_path):
-    from safetensors.torch import load_file
-
     flags = ("--method", "prompt-tuning", "--num-virtual-tokens", "2", "--seed", "3")
     plain = _train(tiny_dir, tmp_path / "plain", *flags)
     loaded = _train(tiny_dir, tmp_path / "loaded", "-p", "bench.whole_model", *flags)
     assert plain.returncode == 0 and loaded.returncode == 0, loaded.stderr[-3000:]
-    a = load_file(tmp_path / "plain" / "adapter" / "adapter.safetensors")
-    b = load_file(tmp_path / "loaded" / "adapter" / "adapter.safetensors")
+    a = saved_adapter(tmp_path / "plain")
+    b = saved_adapter(tmp_path / "loaded")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -55,6 +55,13 @@ def test_accelerate_launch_trains_saves_and_reports(tmp_path, method):
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
+def saved_adapter(run_dir) -> dict:
+    """The tensors a run saved in ``run_dir/adapter``."""
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "adapter" / "adapter.safetensors")
+
+
 def _train(tiny_dir, out, *extra):
     import os
 
@@ -70,28 +77,24 @@ def _train(tiny_dir, out, *extra):
 def test_local_plugin_module_trains_by_name_with_p_flag(tiny_dir, tmp_path):
     result = _train(tiny_dir, tmp_path / "run", "-p", "tests.plugin_fixture:plugin", "--method", "temperature", "--initial", "2.0")
     assert result.returncode == 0, result.stderr[-3000:]
-    from safetensors.torch import load_file
-
-    saved = load_file(tmp_path / "run" / "adapter" / "adapter.safetensors")
+    saved = saved_adapter(tmp_path / "run")
     assert set(saved) == {"log_scale"} and float(saved["log_scale"]) != pytest.approx(float(torch.tensor(2.0).log()))
 
 
 @pytest.mark.slow
 @needs_model
 def test_training_continues_from_a_saved_adapter(tiny_dir, tmp_path):
-    from safetensors.torch import load_file
-
     assert _train(tiny_dir, tmp_path / "first", "--method", "prefix-tuning", "--num-virtual-tokens", "4").returncode == 0
-    first = load_file(tmp_path / "first" / "adapter" / "adapter.safetensors")
+    first = saved_adapter(tmp_path / "first")
     result = _train(tiny_dir, tmp_path / "second", "--method", "prefix-tuning", "--init-from-adapter", str(tmp_path / "first" / "adapter"))
     assert result.returncode == 0, result.stderr[-3000:]
-    second = load_file(tmp_path / "second" / "adapter" / "adapter.safetensors")
+    second = saved_adapter(tmp_path / "second")
     assert set(first) == set(second) and first["tables.self.embedding"].shape == (1, 4, 32)
     assert any(not torch.equal(first[k], second[k]) for k in first)  # it trained further
     # starting from the same adapter twice gives the same result: it really started there
     again = _train(tiny_dir, tmp_path / "third", "--method", "prefix-tuning", "--init-from-adapter", str(tmp_path / "first" / "adapter"))
     assert again.returncode == 0
-    third = load_file(tmp_path / "third" / "adapter" / "adapter.safetensors")
+    third = saved_adapter(tmp_path / "third")
     assert all(torch.equal(second[k], third[k]) for k in second)
     wrong = _train(tiny_dir, tmp_path / "fourth", "--method", "prompt-tuning", "--init-from-adapter", str(tmp_path / "first" / "adapter"))
     assert wrong.returncode == 2 and "holds a 'prefix-tuning' adapter" in wrong.stderr
