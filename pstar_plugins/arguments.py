@@ -63,6 +63,22 @@ class StrictParser(argparse.ArgumentParser):
         raise ConfigError(f"{message}. See {self.prog} --help.")
 
 
+def add_plugin_argument(parser: argparse.ArgumentParser) -> None:
+    """``-p MODULE[:OBJECT]``, repeatable: a plugin module to load for this command only (one
+    not installed under the entry points, such as the one a run was trained with)."""
+    parser.add_argument("-p", "--plugin", action="append", default=[], metavar="MODULE[:OBJECT]",
+                        help="extra plugin module for this command (module or module:object); repeatable")
+
+
+def load_plugins(modules: list[str]) -> None:
+    """Register the ``-p`` modules (:meth:`~pstar_plugins.plugins.PStarPluginManager.load_module`)."""
+    from pstar_plugins.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    for module in modules:
+        pm.load_module(module)
+
+
 def unknown_flag_message(unknown: list[str], known: list[str]) -> str:
     first = unknown[0]
     flag = first.split("=", 1)[0]

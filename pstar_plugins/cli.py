@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pstar_plugins.arguments import StrictParser
+from pstar_plugins.arguments import StrictParser, add_plugin_argument, load_plugins
 from pstar_plugins.errors import run_reporting_errors
 
 
@@ -80,6 +80,12 @@ def _load_base(name: str, gguf_file: str | None):
 def _export(args) -> int:
     from pstar_plugins.interop.peft import export_peft
 
+    from pstar_plugins.core.adapter_io import read_adapter
+    from pstar_plugins.plugins import get_plugin_manager
+
+    load_plugins(args.plugin)
+    meta, _ = read_adapter(args.adapter)  # a bad adapter, or one of an unknown method, fails before the model loads
+    get_plugin_manager().method(meta["method"], adapter=args.adapter, plugin=meta.get("plugin"))
     _export_target(args.output, args.overwrite)
     base, _ = _load_base(args.model, args.gguf_file)
     config = export_peft(args.adapter, base, args.output)
@@ -90,6 +96,7 @@ def _export(args) -> int:
 def _import(args) -> int:
     from pstar_plugins.interop.peft import import_peft
 
+    load_plugins(args.plugin)
     _export_target(args.output, args.overwrite)
     base, tokenizer = _load_base(args.model, args.gguf_file)
     model = import_peft(args.peft_adapter, base, tokenizer)
@@ -129,6 +136,7 @@ def _dispatch(argv: list[str]) -> int:
     export.add_argument("--gguf-file", default=None, help="GGUF file inside --model's folder")
     export.add_argument("--output", required=True, help="directory to write (new or empty)")
     export.add_argument("--overwrite", action="store_true", help="write into a non-empty --output")
+    add_plugin_argument(export)
     export.set_defaults(func=_export)
     imp = sub.add_parser("import", help="read a PEFT prompt-learning adapter as a trainable pstar adapter")
     imp.add_argument("peft_adapter", help="a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
@@ -136,6 +144,7 @@ def _dispatch(argv: list[str]) -> int:
     imp.add_argument("--gguf-file", default=None, help="GGUF file inside --model's folder")
     imp.add_argument("--output", required=True, help="directory for the pstar adapter (new or empty)")
     imp.add_argument("--overwrite", action="store_true", help="write into a non-empty --output")
+    add_plugin_argument(imp)
     imp.set_defaults(func=_import)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -18,7 +18,8 @@ import json
 import statistics
 from pathlib import Path
 
-from pstar_plugins.arguments import RawDescriptionDefaultsHelpFormatter, StrictParser, check_label_words
+from pstar_plugins.arguments import (RawDescriptionDefaultsHelpFormatter, StrictParser, add_plugin_argument, check_label_words,
+                                     load_plugins)
 from pstar_plugins.errors import ConfigError, run_reporting_errors
 from pstar_plugins.eval_scoring import score_rows  # noqa: F401  (part of this module's interface)
 from pstar_plugins.tasks.template import DEFAULT_TEMPLATE as CLASSIFICATION_TEMPLATE
@@ -39,6 +40,7 @@ def parse_args(argv=None, prog: str = "pstar eval"):
     p.add_argument("--model-kind", default=None, choices=["causal-lm", "masked-lm"],
                    help="which head to load (default: with --adapter, the kind it was trained with; else causal-lm)")
     p.add_argument("--adapter", default=None, help="a tuned adapter directory to evaluate instead of the baselines")
+    add_plugin_argument(p)  # the plugin of an adapter's method, when no entry point registers it
     p.add_argument("--validation-file", default=packaged_data("sst2_dev.tsv"), help="evaluation data (.csv, .tsv, .jsonl)")
     p.add_argument("--dataset", default=None, help="a Hugging Face datasets id or local dataset folder instead of the files")
     p.add_argument("--dataset-config", default=None, help="the dataset's configuration (e.g. sst2 for glue)")
@@ -139,11 +141,12 @@ def _main(argv, prog: str = "pstar eval"):
     from pstar_plugins.models import check_source, load
     from pstar_plugins.tasks.data import load_split, parse_column_mapping
 
+    load_plugins(args.plugin)
     adapter = read_adapter(args.adapter) if args.adapter else None  # a bad adapter fails before any load
     if adapter:
         from pstar_plugins.plugins import get_plugin_manager
 
-        get_plugin_manager().method(adapter[0]["method"], adapter=args.adapter)  # so does one of an unknown method
+        get_plugin_manager().method(adapter[0]["method"], adapter=args.adapter, plugin=adapter[0].get("plugin"))  # so does one of an unknown method
     resolve_task(args, _recorded_task(adapter))
     check_source(args.model, args.model_kind, args.gguf_file, args.task)
     if adapter:

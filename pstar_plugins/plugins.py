@@ -73,6 +73,7 @@ class PStarPluginManager(pluggy.PluginManager):
         self.add_hookspecs(hookspecs)
         self.methods: dict[str, MethodSpec] = {}
         self.sources: dict[str, tuple[str, str]] = {}  # plugin name -> (version, source)
+        self.packages: dict[str, str] = {}  # entry-point plugin name -> the distribution that installed it
 
     # -- registration ----------------------------------------------------------------
     def register_plugin(self, plugin: Any, name: str, version: str = "", source: str = "") -> None:
@@ -132,6 +133,7 @@ class PStarPluginManager(pluggy.PluginManager):
     def unregister_plugin(self, name: str) -> None:
         self.unregister(name=name)
         self.sources.pop(name, None)
+        self.packages.pop(name, None)
         self.methods = {k: v for k, v in self.methods.items() if v.plugin != name}
 
     def load_module(self, path: str) -> str:
@@ -152,6 +154,8 @@ class PStarPluginManager(pluggy.PluginManager):
         name = path
         if ":" not in path:
             obj, name = _plugin_of_module(obj, path)
+        if self.is_registered(obj):  # the same -p again in this process, or a plugin an entry point already loaded
+            return self.get_name(obj)
         self.register_plugin(obj, name=name, source="-p")
         return name
 
@@ -168,21 +172,22 @@ class PStarPluginManager(pluggy.PluginManager):
                 raise PluginError(f"entry-point plugin {ep.name!r} ({ep.value}) failed to import: {exc}") from exc
             dist = getattr(ep, "dist", None)
             self.register_plugin(obj, name=ep.name, version=getattr(dist, "version", "") or "", source="entry point")
+            package = getattr(dist, "name", None) or (dist.metadata["Name"] if dist is not None else None)
+            if package and self.get_plugin(ep.name) is obj:
+                self.packages[ep.name] = package
 
     # -- queries ---------------------------------------------------------------------
-    def method(self, name: str, adapter=None) -> MethodSpec:
-        """The spec of method ``name``. ``adapter``: the folder of an adapter saved by ``name``; an
-        unknown method's error then names it and how to load the plugin that registers ``name``."""
+    def method(self, name: str, adapter=None, plugin: dict | None = None) -> MethodSpec:
+        """The spec of method ``name``. ``adapter``: the folder of an adapter saved by ``name``,
+        with ``plugin`` its record of the plugin that registered it; an unknown method's error
+        then names them and how to load that plugin."""
         if name not in self.methods:
             known = ", ".join(sorted(self.methods)) or "(none)"
             if adapter is None:
                 raise UnknownMethodError(f"unknown method {name!r}; known methods: {known}. Pick one with --method.")
-            raise UnknownMethodError(
-                f"{adapter}: this adapter was saved by method {name!r}, which no loaded plugin registers (known methods: "
-                f"{known}). Load the plugin that provides it: install its package (it registers under the "
-                f"{ENTRY_POINT_GROUP!r} entry points; {ENV_DISABLE_AUTOLOAD}, {ENV_SELECT} and {ENV_BLOCK} can keep an "
-                "installed one out), pass -p MODULE where the command takes it (pstar train), or from Python call "
-                "get_plugin_manager().load_module(MODULE) first.")
+            raise UnknownMethodError(f"{adapter}: this adapter was saved by method {name!r}, which no loaded plugin "
+                                     f"registers (known methods: {known}). "
+                                     f"{_how_to_load(plugin if isinstance(plugin, dict) else {})}")
         return self.methods[name]
 
     def describe(self) -> list[PluginInfo]:
@@ -192,6 +197,30 @@ class PStarPluginManager(pluggy.PluginManager):
             version, source = self.sources.get(name, ("", ""))
             infos.append(PluginInfo(name, version, hooks, source))
         return infos
+
+
+def _how_to_load(plugin: dict) -> str:
+    """Advice for loading the plugin an adapter records (``plugin_record``), or any plugin."""
+    name, loaded_by, version = plugin.get("name"), plugin.get("loaded_by"), plugin.get("version")
+    if name and loaded_by == "-p":
+        return (f"It was registered by plugin module {name!r}, loaded with -p: pass -p {name} (pstar train, pstar eval, "
+                f"pstar export, pstar import), or from Python call get_plugin_manager().load_module({name!r}) first.")
+    if name and loaded_by == "built-in":
+        if name in _env_list(ENV_BLOCK):
+            return f"It is built into pstar-plugins (plugin {name!r}), which {ENV_BLOCK} keeps out: remove {name!r} from it."
+        saved_by = f"pstar-plugins {version}" if version else "another pstar-plugins"
+        return (f"It was built into {saved_by} (plugin {name!r}), and this pstar-plugins {_version()} has no such method: "
+                f"load the adapter with the version that saved it.")
+    if name and loaded_by == "entry point":
+        package = plugin.get("package")
+        install = (f"install {package}{'==' + version if version else ''} (pip install '{package}"
+                   f"{'==' + version if version else ''}')" if package else "install the package that provides it")
+        return (f"It was registered by the plugin installed under the {ENTRY_POINT_GROUP!r} entry point {name!r}: "
+                f"{install}, and check that {ENV_DISABLE_AUTOLOAD}, {ENV_SELECT} or {ENV_BLOCK} do not keep it out.")
+    return (f"Load the plugin that provides it: install its package (it registers under the {ENTRY_POINT_GROUP!r} entry "
+            f"points; {ENV_DISABLE_AUTOLOAD}, {ENV_SELECT} and {ENV_BLOCK} can keep an installed one out), pass -p MODULE "
+            "(pstar train, pstar eval, pstar export, pstar import), or from Python call "
+            "get_plugin_manager().load_module(MODULE) first.")
 
 
 def _refuse_removed_hooks(plugin: Any, name: str) -> None:

@@ -151,8 +151,7 @@ def build_parser(method_names, method: str | None = None, prog: str = "pstar tra
         epilog="Each method has options of its own: pstar train --method NAME --help lists them, "
                "pstar methods --verbose lists every method's.")
     parser.add_argument("--method", required=True, help=f"method name; one of: {', '.join(sorted(method_names))}")
-    parser.add_argument("-p", "--plugin", action="append", default=[], metavar="MODULE[:OBJECT]",
-                        help="extra plugin module for this run (module or module:object)")
+    arguments.add_plugin_argument(parser)
     _add_model_arguments(parser)
     _add_data_arguments(parser)
     config_fields = {f.name for f in dataclasses.fields(get_plugin_manager().method(method).config_class)} if method else set()
@@ -174,9 +173,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "pstar train"):
     from pstar_plugins.plugins import get_plugin_manager
 
     known = _pre_parse(argv)
+    arguments.load_plugins(known.plugin)
     pm = get_plugin_manager()
-    for module in known.plugin:
-        pm.load_module(module)
     method = known.method if known.method in pm.methods else None
     parser = build_parser(pm.methods, method, prog)
     for spec in pm.methods.values():  # every config field of every method must be settable from here
@@ -430,7 +428,7 @@ def _method_config(args, spec):
 
         adapter = read_adapter(args.init_from_adapter)
         meta = adapter[0]
-        get_plugin_manager().method(meta["method"], adapter=args.init_from_adapter)  # known before "pass --method" is advised
+        get_plugin_manager().method(meta["method"], adapter=args.init_from_adapter, plugin=meta.get("plugin"))  # known before "pass --method" is advised
         if meta["method"] != args.method:
             raise ConfigError(f"--init-from-adapter {args.init_from_adapter} holds a {meta['method']!r} adapter, "
                               f"but --method is {args.method!r}; pass --method {meta['method']}.")
@@ -676,11 +674,15 @@ def _build_or_continue(plan: Plan, accelerator):
     from pstar_plugins.core import distributed
     from pstar_plugins.core.loading import load_adapter
     from pstar_plugins.models import load, load_tokenizer
+    from pstar_plugins.plugins import get_plugin_manager
     from pstar_plugins.tasks.template import Soft, Template
 
     args, template = plan.args, plan.template
     tokenizer = load_tokenizer(args.model, args.gguf_file)
     _check_room(template, tokenizer, args.max_length)
+    # before the model loads; an adapter is checked as it will be built (for_loading skips the initialisations)
+    config = plan.config if plan.adapter is None else plan.config.for_loading()
+    get_plugin_manager().method(args.method).resolve_class().check_tokenizer(config, tokenizer)
     # every rank loads at the same time: under ZeRO-3 the model is built inside zero.Init, whose
     # parameter partitioning is a collective; main_process_first() here would deadlock
     base, tokenizer = load(args.model, kind=args.model_kind, gguf_file=args.gguf_file, tokenizer=tokenizer)

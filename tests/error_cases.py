@@ -248,6 +248,22 @@ def _train_tiny(*argv):
     return run
 
 
+def _before_model_load(run):
+    """``run`` with loading a model made an error: the refusal must come before any model loads."""
+    def wrapped(tmp):
+        from pstar_plugins import models
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("the model was loaded before the input was refused")
+
+        kept, models.load = models.load, refuse
+        try:
+            run(tmp)
+        finally:
+            models.load = kept
+    return wrapped
+
+
 def _with_env(name, value, run):
     def wrapped(tmp):
         import os
@@ -448,6 +464,9 @@ CASES = [
     Case("train: empty label word", _train("--method", "prompt-tuning", "--label-words", "bad", ""), "exit 2 (ConfigError)", "1 empty or blank word(s); give one real word per class"),
     Case("train: blank label word", _train("--method", "prompt-tuning", "--label-words", "bad", "  "), "exit 2 (ConfigError)", "1 empty or blank word(s); give one real word per class"),
     Case("train: repeated label word", _train("--method", "prompt-tuning", "--label-words", "good", "good", "meh"), "exit 2 (ConfigError)", "['good'] appear more than once, so two classes could not be told apart"),
+    Case("train: p-tuning-v2 --head-init label-words with label words that start with the same token (refused from the tokenizer, before the model loads)",
+         _before_model_load(_train_tiny("--method", "p-tuning-v2", "--head-init", "label-words", "--label-words", "entail", "entailment")),
+         "exit 2 (ConfigError)", "label words ['entail', 'entailment'] share first tokens, so their head rows would start equal"),
     Case("train: --max-length shorter than the template and its soft tokens", _train_tiny("--method", "p-tuning", "--template", "{soft:8} Review: {sentence} Sentiment:{answer}", "--max-length", "8"), "exit 2 (ConfigError)", "--max-length 8 leaves no room for the text: the template"),
     Case("train: --model folder that does not exist", _train("--method", "prompt-tuning", "--model", "/no/such/folder"), "exit 2 (ConfigError)", "--model /no/such/folder: no such folder. Pass an existing model folder, an offline alias (smollm2, minilm)"),
     Case("train: hub id while offline and not cached", _with_env("HF_HUB_OFFLINE", "1", _train("--method", "prompt-tuning", "--model", "someone/not-a-cached-model")), "exit 2 (ConfigError)", "HF_HUB_OFFLINE is set and it is not in the local cache. Unset HF_HUB_OFFLINE to download it, or use an offline alias (smollm2, minilm)"),

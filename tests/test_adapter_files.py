@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from pstar_plugins import load_adapter
+from pstar_plugins.core.adapter_io import read_adapter
 from pstar_plugins.errors import AdapterError, ConfigError
 from pstar_plugins.testing import tiny_model
 from tests.helpers import CASES, inputs_for, make
@@ -198,17 +199,61 @@ def test_an_adapter_of_a_method_no_plugin_registers_names_it_and_how_to_load_it(
         build_model(tiny_model("llama"), "temperature").save_adapter(tmp_path / "adapter")
     message = (r"adapter: this adapter was saved by method 'temperature', which no loaded plugin registers .*'pstar_plugins' "
                r"entry points; PSTAR_DISABLE_PLUGIN_AUTOLOAD, PSTAR_PLUGINS and PSTAR_BLOCK_PLUGINS can keep an installed one "
-               r"out\), pass -p MODULE where the command takes it \(pstar train\), or from Python call "
+               r"out\), pass -p MODULE \(pstar train, pstar eval, pstar export, pstar import\), or from Python call "
                r"get_plugin_manager\(\).load_module\(MODULE\) first\.")
     with pytest.raises(UnknownMethodError, match=message):
         load_adapter(tiny_model("llama"), tmp_path / "adapter")
     # the commands say so before any model loads (pstar train: before advising --method)
     from pstar_plugins import evaluate, train
 
+    from pstar_plugins.cli import main as pstar
+
     for command, argv in ((evaluate.main, ["--adapter", str(tmp_path / "adapter"), "--model", "/no/such/model"]),
                           (train.main, ["--method", "prompt-tuning", "--init-from-adapter", str(tmp_path / "adapter"),
-                                        "--output-dir", str(tmp_path / "out")])):
+                                        "--output-dir", str(tmp_path / "out")]),
+                          (pstar, ["export", str(tmp_path / "adapter"), "--model", "/no/such/model", "--output",
+                                   str(tmp_path / "peft")])):
         assert command(argv) == 2
         import re
 
         assert re.search(message, capsys.readouterr().err.replace("\n", " ")), command
+
+
+def test_an_adapter_records_the_plugin_of_its_method_and_the_error_says_how_to_load_it(tmp_path):
+    from pstar_plugins import build_model
+    from pstar_plugins.errors import UnknownMethodError
+    from pstar_plugins.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    name = pm.load_module("tests.plugin_fixture")
+    try:
+        assert pm.load_module("tests.plugin_fixture") == name  # a second -p of the same module in one process
+        build_model(tiny_model("llama"), "temperature").save_adapter(tmp_path / "adapter")
+        builtin = build_model(tiny_model("llama"), "prompt-tuning", num_virtual_tokens=2)
+        builtin.save_adapter(tmp_path / "builtin")
+    finally:
+        pm.unregister_plugin(name)
+    assert read_adapter(tmp_path / "adapter")[0]["plugin"] == {"name": "tests.plugin_fixture:plugin", "loaded_by": "-p"}
+    recorded = read_adapter(tmp_path / "builtin")[0]["plugin"]
+    spec = pm.method("prompt-tuning")
+    assert recorded["name"] == spec.plugin and recorded["loaded_by"] == pm.sources[spec.plugin][1]
+    with pytest.raises(UnknownMethodError, match=r"registered by plugin module 'tests.plugin_fixture:plugin', loaded with "
+                                                 r"-p: pass -p tests.plugin_fixture:plugin \(pstar train, pstar eval"):
+        load_adapter(tiny_model("llama"), tmp_path / "adapter")
+    with pytest.raises(UnknownMethodError, match=r"built into pstar-plugins \(plugin 'prompt-tuning'\), which "
+                                                 r"PSTAR_BLOCK_PLUGINS keeps out: remove 'prompt-tuning' from it"):
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("PSTAR_BLOCK_PLUGINS", "prompt-tuning")
+            from pstar_plugins.plugins import create_plugin_manager
+
+            load_adapter(tiny_model("llama"), tmp_path / "builtin", plugin_manager=create_plugin_manager(autoload=False))
+    older = {"name": "prompt-tuning", "loaded_by": "built-in", "version": "0.0.9"}  # a method this version lacks
+    with pytest.raises(UnknownMethodError, match=r"built into pstar-plugins 0\.0\.9 \(plugin 'prompt-tuning'\), and this "
+                                                 r"pstar-plugins \S+ has no such method: load the adapter with the version"):
+        pm.method("retired-method", adapter=tmp_path / "builtin", plugin=older)
+    entry_point = {"name": "their-methods", "loaded_by": "entry point", "package": "their-pkg", "version": "1.0"}
+    with pytest.raises(UnknownMethodError, match=r"registered by the plugin installed under the 'pstar_plugins' entry point "
+                                                 r"'their-methods': install their-pkg==1\.0 \(pip install 'their-pkg==1\.0'\)"):
+        pm.method("temperature", adapter=tmp_path / "adapter", plugin=entry_point)
+    with pytest.raises(UnknownMethodError, match=r"Load the plugin that provides it"):  # a hand-edited record
+        pm.method("temperature", adapter=tmp_path / "adapter", plugin="not a record")

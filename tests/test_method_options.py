@@ -167,6 +167,16 @@ def test_head_init_auto_is_random_where_the_pooled_position_is_not_the_answer_po
     with pytest.raises(ConfigError, match="share first tokens"):
         build_model(tiny_model("llama"), "p-tuning-v2", tokenizer=tok, num_virtual_tokens=3, num_labels=2,
                     label_words=["ab", "ac"], head_init="label-words")
+    from pstar_plugins.methods.p_tuning_v2 import PTuningV2, PTuningV2Config
+
+    with pytest.raises(ConfigError, match="share first tokens"):  # what pstar train asks before the model loads
+        PTuningV2.check_tokenizer(PTuningV2Config(num_labels=2, label_words=["ab", "ac"], head_init="label-words"), tok)
+    PTuningV2.check_tokenizer(PTuningV2Config(num_labels=2, label_words=["ab", "ac"]), tok)  # auto falls back instead
+    PTuningV2.check_tokenizer(PTuningV2Config(num_labels=2, label_words=["ab", "c"], head_init="label-words"), tok)
+    saved = PTuningV2Config(num_labels=2, label_words=["ab", "ac"], head_init="label-words")
+    PTuningV2.check_tokenizer(saved.for_loading(), tok)  # an adapter's head is loaded, not initialised from the words
+    with pytest.raises(ConfigError, match="pooling='mean' reads another: pass --pooling last"):  # no model needed to say so
+        PTuningV2Config.from_dict({"head_init": "label-words", "pooling": "mean"})
     shared = build_model(tiny_model("llama"), "p-tuning-v2", tokenizer=tok, num_virtual_tokens=3, num_labels=2,
                          label_words=["ab", "ac"])  # auto: rows that would start equal are not used
     assert not torch.equal(shared.method.head.weight[0], shared.method.head.weight[1])

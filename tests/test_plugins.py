@@ -1,5 +1,6 @@
 """The plugin system: registration, hooks shaping construction/freezing/groups, entry points."""
 
+import json
 import os
 import subprocess
 import sys
@@ -119,17 +120,29 @@ with torch.no_grad():
     model.fold()
     after = model(input_ids=ids).logits
 assert (before - after).abs().max() < 1e-5
+import json, sys
+model.save_adapter(sys.argv[1])
+print(json.dumps(json.loads(open(sys.argv[1] + "/adapter_config.json").read())["plugin"]))
 print("ok", losses[0], losses[-1])
 '''
     env = {**os.environ, "PYTHONPATH": f"{target}{os.pathsep}{ROOT}", "PSTAR_DISABLE_PLUGIN_AUTOLOAD": "0"}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    adapter = tmp_path / "adapter"
+    result = subprocess.run([sys.executable, "-c", script, str(adapter)], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.startswith("ok")
+    record, done = result.stdout.splitlines()[-2:]
+    assert done.startswith("ok")
+    assert json.loads(record) == {"name": "residual-prompt", "loaded_by": "entry point", "package": "pstar-residual-prompt",
+                                  "version": "0.1.0"}
     # and with autoload disabled the third-party method is not there
     env["PSTAR_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     result = subprocess.run([sys.executable, "-c", "from pstar_plugins import get_plugin_manager as g; print(sorted(g().methods))"],
                             env=env, capture_output=True, text=True)
     assert "residual-prompt" not in result.stdout
+    # so an adapter of it names the package to install
+    result = subprocess.run([sys.executable, "-m", "pstar_plugins.evaluate", "--adapter", str(adapter)], env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "install pstar-residual-prompt==0.1.0" in result.stderr.replace("\n", " "), result.stderr[-2000:]
 
 
 def test_cli_lists_methods_and_plugin_hooks():

@@ -1,6 +1,7 @@
 """The training entry point end to end on the real offline model (a few steps)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -79,6 +80,17 @@ def test_local_plugin_module_trains_by_name_with_p_flag(tiny_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     saved = saved_adapter(tmp_path / "run")
     assert set(saved) == {"log_scale"} and float(saved["log_scale"]) != pytest.approx(float(torch.tensor(2.0).log()))
+    # pstar eval scores the adapter once given the same -p; without it, it says which -p to pass
+    adapter, out = tmp_path / "run" / "adapter", tmp_path / "eval.json"
+    bare = subprocess.run([sys.executable, "-m", "pstar_plugins.evaluate", "--adapter", str(adapter)], capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    assert bare.returncode == 2 and "pass -p tests.plugin_fixture:plugin" in bare.stderr, bare.stderr[-2000:]
+    scored = subprocess.run([sys.executable, "-m", "pstar_plugins.evaluate", "-p", "tests.plugin_fixture:plugin", "--adapter",
+                             str(adapter), "--max-eval-samples", "8", "--output", str(out)], capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert json.loads(out.read_text())["runs"][0]["accuracy"] == metrics["tuned_accuracy"]
 
 
 @pytest.mark.slow

@@ -68,9 +68,24 @@ def adapter_metadata(model, task: dict[str, Any] | None = None) -> dict[str, Any
             **_geometry(model),
         },
     }
+    plugin = plugin_record(getattr(model, "_pm", None), model.method_name)
+    if plugin:
+        meta["plugin"] = plugin
     if task is not None:
         meta["task"] = dict(task)
     return meta
+
+
+def plugin_record(plugin_manager, method: str) -> dict[str, str]:
+    """Which plugin registered ``method`` and how it was loaded (``"-p"``, ``"entry point"``,
+    ...), so that a command given the adapter without that plugin can say how to load it."""
+    spec = getattr(plugin_manager, "methods", {}).get(method)
+    if spec is None or not spec.plugin:
+        return {}
+    version, source = plugin_manager.sources.get(spec.plugin, ("", ""))
+    package = getattr(plugin_manager, "packages", {}).get(spec.plugin, "")
+    fields = (("name", spec.plugin), ("loaded_by", source), ("package", package), ("version", version))
+    return {key: value for key, value in fields if value}
 
 
 def save_adapter(model, directory, state: dict[str, torch.Tensor] | None = None, write: bool = True,

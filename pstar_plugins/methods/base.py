@@ -126,6 +126,14 @@ class PromptMethod(nn.Module):
         return contextlib.nullcontext(), contextlib.nullcontext()
 
     # -- tasks -----------------------------------------------------------------------
+    @classmethod
+    def check_tokenizer(cls, config: MethodConfig, tokenizer) -> None:
+        """Refuse ``config`` for what ``tokenizer`` alone shows it cannot do (P-tuning v2: label
+        words that tokenise to nothing or start alike), so that ``pstar train`` says so before the
+        model loads; for ``--init-from-adapter`` it gets ``config.for_loading()``, the config the
+        adapter is built with. Construction must still check the same (``build_model`` from
+        Python never calls this). Default: nothing to check."""
+
     def check_task_ids(self, task_ids: torch.Tensor | None, batch: int) -> torch.Tensor | None:
         """Validate per-row task ids; ``None`` means the single prompt for every row."""
         if task_ids is None:

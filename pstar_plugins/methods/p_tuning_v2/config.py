@@ -53,5 +53,9 @@ class PTuningV2Config(PrefixTuningConfig):
         if self.head_init == "label-words" and self.head != "sequence-classification":
             raise ConfigError(f"head_init='label-words' is for head='sequence-classification' (a head over classes), not "
                               f"{self.head!r}; pass --head-init random.")
+        if self.head_init == "label-words" and self.pooling not in ("auto", "last"):
+            raise ConfigError(f"head_init='label-words' starts the head from the LM head's rows, which score the last "
+                              f"position; pooling={self.pooling!r} reads another: pass --pooling last (or auto), or "
+                              "--head-init random.")
         if not 0.0 <= float(self.classifier_dropout) < 1.0:
             raise ConfigError(f"classifier_dropout={self.classifier_dropout!r}: expected a probability in [0, 1).")

@@ -71,13 +71,27 @@ class PTuningV2(PrefixTuning):
                                   f"words for num_labels={config.num_labels}; pass --label-words with {config.num_labels} "
                                   "words or --head-init random.")
             return False
-        firsts = [self._first_token(tokenizer, w) for w in config.label_words] if usable else []
-        if len(set(firsts)) != len(firsts):  # two classes would start from the same row
-            if explicit:
-                raise ConfigError(f"label words {config.label_words} share first tokens, so their head rows would start "
-                                  "equal; choose words that start differently, or pass --head-init random.")
+        if usable and not self._distinct_first_tokens(config, tokenizer):
             return False
         return usable
+
+    @classmethod
+    def check_tokenizer(cls, config: PTuningV2Config, tokenizer) -> None:
+        """An explicit ``head_init='label-words'`` needs words that tokenise and start differently."""
+        if config.head == "sequence-classification" and config.head_init == "label-words" and tokenizer is not None:
+            cls._distinct_first_tokens(config, tokenizer)
+
+    @classmethod
+    def _distinct_first_tokens(cls, config: PTuningV2Config, tokenizer) -> bool:
+        """Whether the label words' first tokens differ (two classes would start from the same
+        row otherwise); with an explicit ``head_init='label-words'`` the answer must be yes."""
+        firsts = [cls._first_token(tokenizer, w) for w in config.label_words]
+        if len(set(firsts)) == len(firsts):
+            return True
+        if config.head_init == "label-words":
+            raise ConfigError(f"label words {config.label_words} share first tokens, so their head rows would start "
+                              "equal; choose words that start differently, or pass --head-init random.")
+        return False
 
     @staticmethod
     def _first_token(tokenizer, word: str) -> int:
