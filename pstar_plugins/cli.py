@@ -72,8 +72,9 @@ def _export_target(output: str, overwrite: bool) -> None:
 
 
 def _load_base(name: str, gguf_file: str | None):
-    from pstar_plugins.models import load
+    from pstar_plugins.models import check_source, load
 
+    check_source(name, "causal-lm", gguf_file)  # a missing folder or uncached hub id: the fix, not a traceback
     return load(name, gguf_file=gguf_file)
 
 
@@ -94,9 +95,10 @@ def _export(args) -> int:
 
 
 def _import(args) -> int:
-    from pstar_plugins.interop.peft import import_peft
+    from pstar_plugins.interop.peft import import_peft, read_peft
 
     load_plugins(args.plugin)
+    read_peft(args.peft_adapter)  # an unreadable or unknown adapter fails before the model loads
     _export_target(args.output, args.overwrite)
     base, tokenizer = _load_base(args.model, args.gguf_file)
     model = import_peft(args.peft_adapter, base, tokenizer)

@@ -264,6 +264,15 @@ def _before_model_load(run):
     return wrapped
 
 
+def _pstar(*argv):
+    """A ``pstar`` subcommand (export, import, ...) with ``{tmp}`` in its arguments filled in."""
+    def run(tmp):
+        from pstar_plugins.cli import _dispatch
+
+        _dispatch([a.format(tmp=tmp) for a in argv])
+    return run
+
+
 def _with_env(name, value, run):
     def wrapped(tmp):
         import os
@@ -467,6 +476,10 @@ CASES = [
     Case("train: p-tuning-v2 --head-init label-words with label words that start with the same token (refused from the tokenizer, before the model loads)",
          _before_model_load(_train_tiny("--method", "p-tuning-v2", "--head-init", "label-words", "--label-words", "entail", "entailment")),
          "exit 2 (ConfigError)", "label words ['entail', 'entailment'] share first tokens, so their head rows would start equal"),
+    Case("pstar export: --model folder that does not exist (checked before loading)",
+         lambda tmp: (_saved_adapter(tmp, method="prompt-tuning"),
+                      _pstar("export", "{tmp}/adapter", "--model", "/no/such/model", "--output", "{tmp}/peft")(tmp)),
+         "exit 2 (ConfigError)", "--model /no/such/model: no such folder. Pass an existing model folder, an offline alias"),
     Case("train: --max-length shorter than the template and its soft tokens", _train_tiny("--method", "p-tuning", "--template", "{soft:8} Review: {sentence} Sentiment:{answer}", "--max-length", "8"), "exit 2 (ConfigError)", "--max-length 8 leaves no room for the text: the template"),
     Case("train: --model folder that does not exist", _train("--method", "prompt-tuning", "--model", "/no/such/folder"), "exit 2 (ConfigError)", "--model /no/such/folder: no such folder. Pass an existing model folder, an offline alias (smollm2, minilm)"),
     Case("train: hub id while offline and not cached", _with_env("HF_HUB_OFFLINE", "1", _train("--method", "prompt-tuning", "--model", "someone/not-a-cached-model")), "exit 2 (ConfigError)", "HF_HUB_OFFLINE is set and it is not in the local cache. Unset HF_HUB_OFFLINE to download it, or use an offline alias (smollm2, minilm)"),

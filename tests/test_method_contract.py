@@ -48,7 +48,7 @@ def test_a_method_without_a_peft_layout_is_refused_on_export_by_its_class(tmp_pa
     assert not (tmp_path / "peft").exists()
 
 
-def test_peft_import_builds_the_method_whose_spec_claims_the_type(tmp_path):
+def test_peft_import_builds_the_method_whose_spec_claims_the_type(tmp_path, capsys):
     """No name is looked up: a third-party spec that lists a PEFT type gets its adapters."""
     pm = create_plugin_manager(autoload=False)
     pm.register_plugin(MethodPlugin(MethodSpec("my-prompt", PromptTuningConfig, "prompt tuning, another name",
@@ -59,8 +59,16 @@ def test_peft_import_builds_the_method_whose_spec_claims_the_type(tmp_path):
     model = import_peft(tmp_path, tiny_model("llama"), plugin_manager=pm)
     assert model.method_name == "my-prompt" and torch.equal(model.method.prompt.detach()[0], embeddings)
     (tmp_path / PEFT_CONFIG).write_text(json.dumps({"peft_type": "LORA", "num_virtual_tokens": 3}))
-    with pytest.raises(AdapterError, match=r"'LORA' is not prompt learning; import supports MY_PROMPT, PREFIX_TUNING, PROMPT_TUNING, P_TUNING\."):
+    with pytest.raises(AdapterError, match=r"'LORA' is imported by no loaded method \(they import MY_PROMPT, PREFIX_TUNING, "
+                                           r"PROMPT_TUNING, P_TUNING\)\. A plugin whose MethodSpec lists it in peft_types would: "
+                                           r"pass that plugin with -p MODULE"):
         import_peft(tmp_path, tiny_model("llama"), plugin_manager=pm)
+    from pstar_plugins.cli import main
+
+    # pstar import says so from the files, before it loads the model (which does not exist here)
+    assert main(["import", str(tmp_path), "--model", "/no/such/model", "--output", str(tmp_path / "out")]) == 2
+    assert "'LORA' is imported by no loaded method" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_spec_builds_its_class_from_an_import_path():

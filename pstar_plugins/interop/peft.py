@@ -70,10 +70,9 @@ def export_peft(adapter_dir, base_model, output_dir) -> dict:
     return config
 
 
-def import_peft(peft_dir, base_model, tokenizer=None, plugin_manager=None):
-    """Build a trainable ``PStarModel`` from a PEFT prompt-learning adapter (PEFT itself refuses
-    to continue training a saved prompt-learning adapter, peft#2256). The method is the one
-    whose spec lists the adapter's ``peft_type`` in ``peft_types``."""
+def read_peft(peft_dir, plugin_manager=None):
+    """The spec of the method that imports the PEFT adapter in ``peft_dir``, its config and its
+    prompt embeddings; every refusal comes from the files alone, before any model loads."""
     pm = plugin_manager or get_plugin_manager()
     peft_dir = Path(peft_dir)
     try:
@@ -88,8 +87,18 @@ def import_peft(peft_dir, base_model, tokenizer=None, plugin_manager=None):
     specs = [spec for spec in pm.methods.values() if kind in spec.peft_types]
     if not specs:
         known = sorted({t for spec in pm.methods.values() for t in spec.peft_types})
-        raise AdapterError(f"PEFT adapter type {kind!r} is not prompt learning; import supports {', '.join(known)}.")
-    spec = specs[0]
+        raise AdapterError(f"PEFT adapter type {kind!r} is imported by no loaded method (they import {', '.join(known)}). "
+                           "A plugin whose MethodSpec lists it in peft_types would: pass that plugin with -p MODULE. Types "
+                           "that are not prompt learning (LORA, IA3, ...) have no pstar equivalent; use PEFT for them.")
+    return specs[0], config, embeddings
+
+
+def import_peft(peft_dir, base_model, tokenizer=None, plugin_manager=None):
+    """Build a trainable ``PStarModel`` from a PEFT prompt-learning adapter (PEFT itself refuses
+    to continue training a saved prompt-learning adapter, peft#2256). The method is the one
+    whose spec lists the adapter's ``peft_type`` in ``peft_types``."""
+    pm = plugin_manager or get_plugin_manager()
+    spec, config, embeddings = read_peft(peft_dir, pm)
     options = spec.resolve_class().peft_options(config)
     model = build_model(base_model, spec.name, tokenizer=tokenizer, plugin_manager=pm, **options)
     model.load_trainable_state(model.method.state_from_peft(base_model, embeddings))
