@@ -17,6 +17,8 @@ that is not rerun keeps its recorded rows and date):
   calibrated zero-shot (and 4-shot), one template and one pair of label words for every row.
 - ``rte-methods``: the four methods on RTE with the same budget (``--rte-steps``), the same
   template (P-tuning: the same text with soft tokens around the input, :func:`p_tuning_template`).
+- ``rte-seeds``: one method of ``rte-methods`` (``--rte-seeds-method``) with its budget over
+  ``--seed-list`` (mean ± std): the RTE target counts that mean for the method, not one run.
 - ``rte-longer``: methods of ``rte-methods`` (``--rte-longer-methods``) trained for several epochs
   (``--rte-epochs``, ``--num-train-epochs`` and ``--warmup-ratio`` as docs/recipes.md advises
   while the selection split still peaks at the last step), the state kept on the selection split.
@@ -55,8 +57,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-PARTS = ("icl", "sst2-methods", "sst2-seeds", "minilm", "rte-prompting", "rte-methods", "rte-longer", "rte-reference", "e2e",
-         "e2e-prompting")
+PARTS = ("icl", "sst2-methods", "sst2-seeds", "minilm", "rte-prompting", "rte-methods", "rte-seeds", "rte-longer", "rte-reference",
+         "e2e", "e2e-prompting")
 METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "p-tuning-v2")
 # per-method settings for SmolLM2 on SST-2 (docs/recipes.md explains the choices)
 SST2_METHODS = {method: [] for method in METHODS}
@@ -331,8 +333,9 @@ def rte_prompting_steps(args, work: Path) -> list[Step]:
                  work / "rte-prompting-calibrated.json")]
 
 
-def rte_train_args(args, method: str, run_dir: Path, budget: list[str], eval_steps: int) -> list[str]:
-    """A ``pstar train`` on RTE with the table's template and label words; ``budget`` sets its length."""
+def rte_train_args(args, method: str, run_dir: Path, budget: list[str], eval_steps: int, seed: int | None = None) -> list[str]:
+    """A ``pstar train`` on RTE with the table's template and label words; ``budget`` sets its length,
+    ``seed`` its seed (default ``--seed``)."""
     train, dev = rte_files()
     template = p_tuning_template(RTE_TEMPLATE) if method == "p-tuning" else RTE_TEMPLATE
     return ["--method", method, "--model", "smollm2", "--train-file", rel(train), "--validation-file", rel(dev),
@@ -340,7 +343,7 @@ def rte_train_args(args, method: str, run_dir: Path, budget: list[str], eval_ste
             "--label-words", *RTE_LABEL_WORDS, "--max-length", str(RTE_MAX_LENGTH), *budget,
             "--batch-size", str(args.batch_size), "--eval-steps", str(eval_steps),
             "--eval-subset-size", str(DEV_SIZES["rte"]), "--no-zero-shot", "--output-dir", rel(run_dir), "--overwrite",
-            "--seed", str(args.seed)]
+            "--seed", str(args.seed if seed is None else seed)]
 
 
 def rte_budget(args) -> tuple[list[str], int]:
@@ -355,6 +358,16 @@ def rte_method_steps(args, work: Path) -> list[Step]:
     return [Step(f"RTE {method}", train_command(rte_train_args(args, method, work / f"rte-{method}", budget, eval_steps)),
                  work / f"rte-{method}")
             for method in args.rte_methods]
+
+
+def rte_seed_steps(args, work: Path) -> list[Step]:
+    """``rte-methods``' command for ``--rte-seeds-method``, once per seed of ``--seed-list``."""
+    budget, eval_steps = rte_budget(args)
+    method = args.rte_seeds_method
+    return [Step(f"RTE {method} seed {seed}",
+                 train_command(rte_train_args(args, method, work / f"rte-seeds-{method}-{seed}", budget, eval_steps, seed)),
+                 work / f"rte-seeds-{method}-{seed}")
+            for seed in args.seed_list]
 
 
 def rte_reference_steps(args, work: Path) -> list[Step]:
@@ -400,11 +413,12 @@ def e2e_prompting_steps(args, work: Path) -> list[Step]:
 
 
 STEPS = {"icl": icl_steps, "sst2-methods": sst2_method_steps, "sst2-seeds": sst2_seed_steps, "minilm": minilm_steps,
-         "rte-prompting": rte_prompting_steps, "rte-methods": rte_method_steps, "rte-longer": rte_longer_steps,
+         "rte-prompting": rte_prompting_steps, "rte-methods": rte_method_steps, "rte-seeds": rte_seed_steps,
+         "rte-longer": rte_longer_steps,
          "rte-reference": rte_reference_steps,
          "e2e": e2e_method_steps,
          "e2e-prompting": e2e_prompting_steps}
-NEEDS = {"rte-prompting": rte_files, "rte-methods": rte_files, "rte-longer": rte_files, "rte-reference": rte_files, "e2e": e2e_files, "e2e-prompting": e2e_files}
+NEEDS = {"rte-prompting": rte_files, "rte-methods": rte_files, "rte-seeds": rte_files, "rte-longer": rte_files, "rte-reference": rte_files, "e2e": e2e_files, "e2e-prompting": e2e_files}
 
 
 # ------------------------------------------------------------------------------ running the parts
@@ -470,17 +484,24 @@ def run_sst2_methods(args, work: Path) -> dict:
     return results
 
 
-def run_sst2_seeds(args, work: Path) -> dict:
-    if args.sst2_rows == "sentences":
-        write_sst2_sentences(work)
+def seed_runs(args, steps: list[Step], work: Path) -> tuple[list[dict], float, float]:
+    """Run one training per seed of ``--seed-list`` (``steps``, in that order): their rows, and
+    the mean ± std of their accuracies."""
     if args.selection_percentage:
         check_train_supports("--select-best")
     runs = []
-    for seed, step in zip(args.seed_list, sst2_seed_steps(args, work)):
+    for seed, step in zip(args.seed_list, steps):
         seconds = run_step(step, work / f"{step.output.name}.log")
         runs.append(trained_row(step, seconds, seed=seed))
         print(f"  seed {seed}: {runs[-1]['accuracy']:.4f}", flush=True)
     mean, std = mean_and_std([r["accuracy"] for r in runs])
+    return runs, mean, std
+
+
+def run_sst2_seeds(args, work: Path) -> dict:
+    if args.sst2_rows == "sentences":
+        write_sst2_sentences(work)
+    runs, mean, std = seed_runs(args, sst2_seed_steps(args, work), work)
     results = seed_variants(args.previous.get("sst2_seeds"))  # the other training rows keep theirs
     results[args.sst2_rows] = {
         "method": args.seeds_method, "steps": args.seeds_steps, "batch_size": args.batch_size, "train_rows": args.sst2_rows,
@@ -518,6 +539,17 @@ def counted_variant(variants: dict) -> dict | None:
 def run_rte_methods(args, work: Path) -> dict:
     recorded = dict(args.previous.get("rte_methods", {}))
     return _rte_rows(args, recorded, args.rte_methods, rte_method_steps(args, work), work)
+
+
+def run_rte_seeds(args, work: Path) -> dict:
+    """``rte_seeds`` by method: the runs of each seed and their mean ± std (other methods keep theirs)."""
+    runs, mean, std = seed_runs(args, rte_seed_steps(args, work), work)
+    results = dict(args.previous.get("rte_seeds") or {})
+    results[args.rte_seeds_method] = {
+        "method": args.rte_seeds_method, "steps": args.rte_steps, "batch_size": args.batch_size,
+        "selection_percentage": args.selection_percentage, "seeds": list(args.seed_list), "accuracy": mean,
+        "accuracy_std": std, "date": now(), "runs": runs}
+    return results
 
 
 def run_rte_longer(args, work: Path) -> dict:
@@ -663,6 +695,7 @@ def run_e2e(args, work: Path) -> dict:
 
 
 RUNNERS = {"icl": run_icl, "sst2-methods": run_sst2_methods, "sst2-seeds": run_sst2_seeds, "minilm": run_minilm,
+           "rte-seeds": run_rte_seeds,
            "rte-prompting": run_rte_prompting, "rte-methods": run_rte_methods, "rte-longer": run_rte_longer,
            "rte-reference": run_rte_reference, "e2e": run_e2e,
            "e2e-prompting": run_e2e_prompting}
@@ -683,6 +716,12 @@ def rte_method_rows(result: dict) -> dict:
     return {**(result.get("rte_methods") or {}), **(result.get("rte_longer") or {})}
 
 
+def rte_counted_rows(result: dict) -> dict:
+    """What the RTE target compares: :func:`rte_method_rows`, where a method run over seeds
+    (``rte_seeds``) counts with the mean of its seeds instead of its one ``rte-methods`` run."""
+    return {**rte_method_rows(result), **(result.get("rte_seeds") or {})}
+
+
 def targets(result: dict) -> dict:
     """Each target of the quality table, ``None`` while a part it needs has no rows."""
     out: dict = {}
@@ -691,13 +730,14 @@ def targets(result: dict) -> dict:
         "method": seeds["method"], "train_rows": seeds.get("train_rows", "phrases"), "seeds": seeds["seeds"],
         "accuracy": seeds["accuracy"], "accuracy_std": seeds["accuracy_std"], "met": seeds["accuracy"] >= 0.88}
     rte_runs = (result.get("rte_prompting") or {}).get("runs", [])
-    methods = rte_method_rows(result)
+    methods = rte_counted_rows(result)
     zero, icl = _zero_and_icl(rte_runs)
     if methods and zero and icl:
         best = max(methods, key=lambda m: methods[m]["accuracy"])
         acc = methods[best]["accuracy"]
+        seeds = {"seeds": methods[best]["seeds"], "accuracy_std": methods[best]["accuracy_std"]} if "seeds" in methods[best] else {}
         out["rte_best_method_at_least_zero_shot_plus_5_and_best_icl"] = {
-            "method": best, "accuracy": acc, "best_zero_shot": {"name": zero["name"], "accuracy": zero["accuracy"]},
+            "method": best, "accuracy": acc, **seeds, "best_zero_shot": {"name": zero["name"], "accuracy": zero["accuracy"]},
             "best_icl": {"name": icl["name"], "accuracy": icl["accuracy"]},
             "met": acc >= zero["accuracy"] + 0.05 and acc >= icl["accuracy"]}
     else:
@@ -797,11 +837,15 @@ def readme_table(result: dict) -> str:
             method, epochs = (name.split(", ")[0], f", {r['epochs']:g} epochs") if "epochs" in r else (name, "")
             lines.append(f"| {method} ({r['steps']} steps × {r['batch_size']}{epochs}{chosen}) | {100 * r['accuracy']:.1f} | "
                          f"{r['date'][:10] if r.get('date') else when('rte_methods')} |")
+        for method, r in (result.get("rte_seeds") or {}).items():
+            lines.append(f"| {method} ({r['steps']} steps × {r['batch_size']}{_kept_state(r, '; ')}), seeds "
+                         f"{', '.join(map(str, r['seeds']))} | {100 * r['accuracy']:.1f} ± {100 * r['accuracy_std']:.1f} | "
+                         f"{r['date'][:10]} |")
         for name, r in (result.get("rte_reference") or {}).items():
             chosen = _kept_state(r, "; ")
             lines.append(f"| {name}, every weight: a reference, not a prompt method ({r['steps']} steps × {r['batch_size']}, "
                          f"learning rate {r['learning_rate']:g}{chosen}) | {100 * r['accuracy']:.1f} | {r['date'][:10]} |")
-        accuracies = [r["accuracy"] for r in rte.get("runs", [])] + [r["accuracy"] for r in rte_methods.values()]
+        accuracies = [r["accuracy"] for r in rte.get("runs", [])] + [r["accuracy"] for r in rte_counted_rows(result).values()]
         lines += ["", _noise("rte", max(accuracies))]
     e = {k: v for k, v in (result.get("e2e") or {}).items() if isinstance(v, dict)}
     ep = result.get("e2e_prompting") or {}
@@ -856,18 +900,20 @@ def parse_args(argv=None):
     p.add_argument("--sst2-rows", choices=["phrases", "sentences"], default="phrases",
                    help="sst2-seeds, minilm: train on GLUE's SST-2 file as it is (the treebank's phrases) or on "
                         "its whole sentences only, the shape of SST-2 dev (written to WORK/sst2-train-sentences.tsv)")
-    p.add_argument("--seed-list", type=int, nargs="+", default=[1, 2, 3], help="sst2-seeds: training seeds")
+    p.add_argument("--seed-list", type=int, nargs="+", default=[1, 2, 3], help="sst2-seeds, rte-seeds: training seeds")
     p.add_argument("--seeds-steps", type=int, default=300, help="sst2-seeds: optimizer steps per seed")
     p.add_argument("--selection-percentage", type=_percentage, default=10, metavar="P",
-                   help="sst2-seeds, rte-methods, rte-longer, rte-reference: keep the best state as judged on P%% of the training file "
+                   help="sst2-seeds, rte-methods, rte-seeds, rte-longer, rte-reference: keep the best state as judged on P%% of the training file "
                         "(pstar train --validation-split-percentage P --select-best best); 0: the last state")
     p.add_argument("--rte-reference-lr", type=float, default=2e-5,
                    help="rte-reference: learning rate of full fine-tuning (the low end of Devlin et al. 2019's GLUE search)")
     p.add_argument("--rte-steps", type=int, default=150,
-                   help="rte-methods, rte-reference: optimizer steps of every run (150 × 16 is about one epoch of the "
+                   help="rte-methods, rte-seeds, rte-reference: optimizer steps of every run (150 × 16 is about one epoch of the "
                         "2,241 pairs left to train on beside the 10%% selection split)")
     p.add_argument("--rte-methods", nargs="+", choices=list(METHODS), default=list(METHODS),
                    help="RTE methods to (re)run; the others keep their recorded results")
+    p.add_argument("--rte-seeds-method", choices=list(METHODS), default="p-tuning-v2",
+                   help="rte-seeds: the method run over --seed-list with rte-methods' budget (the best rte-methods row)")
     p.add_argument("--rte-longer-methods", nargs="+", choices=list(METHODS), default=["p-tuning-v2"],
                    help="rte-longer: methods trained for --rte-epochs")
     p.add_argument("--rte-epochs", type=float, default=4, help="rte-longer: epochs of the training split")
