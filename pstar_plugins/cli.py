@@ -85,11 +85,11 @@ def _export(args) -> int:
     from pstar_plugins.plugins import get_plugin_manager
 
     load_plugins(args.plugin)
-    meta, _ = read_adapter(args.adapter)  # a bad adapter, or one of an unknown method, fails before the model loads
-    get_plugin_manager().method(meta["method"], adapter=args.adapter, plugin=meta.get("plugin"))
+    contents = read_adapter(args.adapter)  # a bad adapter, or one of an unknown method, fails before the model loads
+    get_plugin_manager().method(contents[0]["method"], adapter=args.adapter, plugin=contents[0].get("plugin"))
     _export_target(args.output, args.overwrite)
     base, _ = _load_base(args.model, args.gguf_file)
-    config = export_peft(args.adapter, base, args.output)
+    config = export_peft(args.adapter, base, args.output, contents=contents)
     print(f"wrote a PEFT {config['peft_type']} adapter to {args.output}")
     return 0
 

@@ -12,6 +12,7 @@ from pstar_plugins import build_model, load_adapter, make_optimizer
 from pstar_plugins.errors import AdapterError, IncompatibleModelError
 from pstar_plugins.interop.peft import export_peft, import_peft
 from pstar_plugins.testing import random_batch, tiny_model
+from tests.test_train_entry_point import needs_model
 
 CASES = [
     ("llama", "prompt-tuning", {"init": "random", "num_virtual_tokens": 4}, "PROMPT_TUNING"),
@@ -109,3 +110,23 @@ def test_cli_export_then_import_then_continue_training(tiny_dir, tmp_path):
     # and training continues from the imported adapter through the training script
     result = _train(tiny_dir, tmp_path / "more", "--method", "prefix-tuning", "--init-from-adapter", str(tmp_path / "back"))
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@needs_model
+def test_cli_export_reads_the_adapter_once_so_an_edited_config_is_reported_once(tiny_dir, tmp_path):
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    from pstar_plugins.cli import main
+
+    build_model(AutoModelForCausalLM.from_pretrained(tiny_dir), "prompt-tuning", num_virtual_tokens=2,
+                init="random").save_adapter(tmp_path / "ours")
+    edited = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    edited["method_config"]["num_virtual_tokens"] = 3  # has no effect: the config inside the tensor file is used
+    (tmp_path / "ours" / "adapter_config.json").write_text(json.dumps(edited))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["export", str(tmp_path / "ours"), "--model", str(tiny_dir), "--output", str(tmp_path / "peft")]) == 0
+    assert len([w for w in caught if "differs in" in str(w.message)]) == 1
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["num_virtual_tokens"] == 2

@@ -48,12 +48,13 @@ def _peft_config(kind: str, m: int, name_or_path: str, extra: dict) -> dict:
     return config
 
 
-def export_peft(adapter_dir, base_model, output_dir) -> dict:
+def export_peft(adapter_dir, base_model, output_dir, contents=None) -> dict:
     """Write the adapter in ``adapter_dir`` (trained on ``base_model``) in PEFT's layout; the
-    method says what that layout holds (``PromptMethod.peft_export``) or why it has none."""
+    method says what that layout holds (``PromptMethod.peft_export``) or why it has none.
+    ``contents``: what ``read_adapter(adapter_dir)`` already returned."""
     if is_encoder_decoder(base_model):
         raise IncompatibleModelError("PEFT export covers decoder-only models; this one is encoder-decoder.")
-    model = load_adapter(base_model, adapter_dir, trainable=False)
+    model = load_adapter(base_model, adapter_dir, trainable=False, contents=contents)
     extra = sorted(k for k in model.raw_trainable_state() if not k.startswith("method.") and k.startswith("base_model."))
     if extra:
         raise AdapterError(f"the adapter also holds base-model weights a plugin trained ({extra[:3]}); a PEFT "
