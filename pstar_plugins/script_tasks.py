@@ -102,9 +102,7 @@ class ClassificationTask(_Task):
         """Accuracy on the first ``limit`` rows of ``split`` (every rank calls this). The rows are
         cut into the batches one process would score, and each rank scores its round-robin share
         of them (core.distributed.share_of_this_rank), so every row is scored once, in the same
-        batch as on one process; the counts are added over the ranks. A rank whose share ran out
-        scores one row and drops it: DDP's first forward after a step broadcasts buffers and every
-        ZeRO-3 forward gathers parameters, so every rank must call the model equally often."""
+        batch as on one process; the counts are added over the ranks."""
         import torch
         from tqdm.auto import tqdm
 
@@ -118,13 +116,13 @@ class ClassificationTask(_Task):
         correct = 0
         with torch.no_grad():
             for i in tqdm(mine, desc=desc, disable=not (show and sys.stderr.isatty()), leave=False):
-                # padding: the first row again, its result dropped (any call keeps the ranks in step)
-                start, j = (0, 1) if i is None else (i, min(i + step, n))
+                start = 0 if i is None else i  # padding: the first batch again, its result dropped
+                j = min(start + step, n)
                 scores, gold = self._classify(model, scorer, split.rows[start:j], split.labels[start:j])
                 if i is not None:
                     correct += int((scores.argmax(-1) == gold).sum())
         model.train()
-        return distributed.sum_over_ranks(correct) / n
+        return distributed.sum_over_ranks(correct, self.device) / n
 
     @staticmethod
     def summary_lines(results: dict) -> list[str]:

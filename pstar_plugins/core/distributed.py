@@ -181,14 +181,13 @@ def share_of_this_rank(items: list) -> list:
     return [items[k] if k < len(items) else None for k in range(rank, rounds * world, world)]
 
 
-def sum_over_ranks(value: int) -> int:
-    """``value`` added over every rank (every rank must call this)."""
+def sum_over_ranks(value: int, device) -> int:
+    """``value`` added over every rank (every rank must call this); ``device``: where the
+    process group's backend takes tensors (the model's device)."""
     import torch.distributed as dist
 
     if rank_and_world()[1] == 1:
         return value
-    # NCCL reduces only CUDA tensors, gloo CPU ones
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     total = torch.tensor([value], dtype=torch.long, device=device)
     dist.all_reduce(total)
     return int(total.item())
