@@ -99,30 +99,21 @@ class ClassificationTask(_Task):
 
     def evaluate(self, model, split: Split, desc: str, limit: int | None = None, zero_shot: bool = False,
                  show: bool = False) -> float:
-        """Accuracy on the first ``limit`` rows of ``split`` (every rank calls this). The rows are
-        cut into the batches one process would score, and each rank scores its round-robin share
-        of them (core.distributed.share_of_this_rank), so every row is scored once, in the same
-        batch as on one process; the counts are added over the ranks."""
         import torch
         from tqdm.auto import tqdm
-
-        from pstar_plugins.core import distributed
 
         scorer = self.zero_shot_scorer if zero_shot else self.scorer
         step = self.args.eval_batch_size
         n = min(limit or len(split), len(split))
-        mine = distributed.share_of_this_rank(list(range(0, n, step)))
         model.eval()
         correct = 0
         with torch.no_grad():
-            for i in tqdm(mine, desc=desc, disable=not (show and sys.stderr.isatty()), leave=False):
-                start = 0 if i is None else i  # padding: the first batch again, its result dropped
-                j = min(start + step, n)
-                scores, gold = self._classify(model, scorer, split.rows[start:j], split.labels[start:j])
-                if i is not None:
-                    correct += int((scores.argmax(-1) == gold).sum())
+            for i in tqdm(range(0, n, step), desc=desc, disable=not (show and sys.stderr.isatty()), leave=False):
+                j = min(i + step, n)
+                scores, gold = self._classify(model, scorer, split.rows[i:j], split.labels[i:j])
+                correct += int((scores.argmax(-1) == gold).sum())
         model.train()
-        return distributed.sum_over_ranks(correct, self.device) / n
+        return correct / n
 
     @staticmethod
     def summary_lines(results: dict) -> list[str]:

@@ -1,10 +1,7 @@
-"""Everything that knows about DeepSpeed ZeRO-3 partitioning, and about the ranks of a run,
-lives here.
+"""Everything that knows about DeepSpeed ZeRO-3 partitioning lives here.
 
 Under ZeRO-3 a parameter's local ``numel()`` is 0 and its data lives in shards; these helpers
-gather exactly what they are asked for and are no-ops on ordinary tensors. The rank helpers
-split work between the processes of a run and add their results; without a process group they
-are the single-process identity.
+gather exactly what they are asked for and are no-ops on ordinary tensors.
 """
 
 from __future__ import annotations
@@ -161,33 +158,3 @@ def shut_down() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the number of processes (``(0, 1)`` without a process group)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def share_of_this_rank(items: list) -> list:
-    """This rank's round-robin share of ``items`` (rank ``r`` of ``n`` takes ``r, r + n, ...``),
-    padded with ``None`` so that every rank gets as many entries: under ZeRO-3 every forward is a
-    collective, so each rank must call the model as often as the others, also on a padding entry."""
-    rank, world = rank_and_world()
-    rounds = -(-len(items) // world)
-    return [items[k] if k < len(items) else None for k in range(rank, rounds * world, world)]
-
-
-def sum_over_ranks(value: int, device) -> int:
-    """``value`` added over every rank (every rank must call this); ``device``: where the
-    process group's backend takes tensors (the model's device)."""
-    import torch.distributed as dist
-
-    if rank_and_world()[1] == 1:
-        return value
-    total = torch.tensor([value], dtype=torch.long, device=device)
-    dist.all_reduce(total)
-    return int(total.item())
