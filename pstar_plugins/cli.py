@@ -86,7 +86,7 @@ def _export(args) -> int:
 
     load_plugins(args.plugin)
     contents = read_adapter(args.adapter)  # a bad adapter, or one of an unknown method, fails before the model loads
-    get_plugin_manager().method(contents[0]["method"], adapter=args.adapter, plugin=contents[0].get("plugin"))
+    get_plugin_manager().adapter_method(contents[0], args.adapter)
     _export_target(args.output, args.overwrite)
     base, _ = _load_base(args.model, args.gguf_file)
     config = export_peft(args.adapter, base, args.output, contents=contents)
@@ -98,10 +98,10 @@ def _import(args) -> int:
     from pstar_plugins.interop.peft import import_peft, read_peft
 
     load_plugins(args.plugin)
-    read_peft(args.peft_adapter)  # an unreadable or unknown adapter fails before the model loads
+    contents = read_peft(args.peft_adapter)  # an unreadable or unknown adapter fails before the model loads
     _export_target(args.output, args.overwrite)
     base, tokenizer = _load_base(args.model, args.gguf_file)
-    model = import_peft(args.peft_adapter, base, tokenizer)
+    model = import_peft(args.peft_adapter, base, tokenizer, contents=contents)
     model.save_adapter(args.output)
     print(f"wrote a pstar {model.method_name} adapter to {args.output}; continue training with --init-from-adapter {args.output}")
     return 0

@@ -146,7 +146,7 @@ def _main(argv, prog: str = "pstar eval"):
     if adapter:
         from pstar_plugins.plugins import get_plugin_manager
 
-        get_plugin_manager().method(adapter[0]["method"], adapter=args.adapter, plugin=adapter[0].get("plugin"))  # so does one of an unknown method
+        get_plugin_manager().adapter_method(adapter[0], args.adapter)  # so does one of an unknown method
     resolve_task(args, _recorded_task(adapter))
     check_source(args.model, args.model_kind, args.gguf_file, args.task)
     if adapter:

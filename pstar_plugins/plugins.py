@@ -190,6 +190,11 @@ class PStarPluginManager(pluggy.PluginManager):
                                      f"{_how_to_load(plugin if isinstance(plugin, dict) else {})}")
         return self.methods[name]
 
+    def adapter_method(self, meta: dict, directory) -> MethodSpec:
+        """The spec of the method that saved the adapter in ``directory`` (``meta``: its config);
+        :meth:`method`'s error when no loaded plugin registers it, with the plugin it records."""
+        return self.method(meta["method"], adapter=directory, plugin=meta.get("plugin"))
+
     def describe(self) -> list[PluginInfo]:
         infos = []
         for name, plugin in self.list_name_plugin():
@@ -199,12 +204,16 @@ class PStarPluginManager(pluggy.PluginManager):
         return infos
 
 
+#: the commands that take ``-p MODULE``
+P_COMMANDS = "pstar train, pstar eval, pstar export, pstar import"
+
+
 def _how_to_load(plugin: dict) -> str:
     """Advice for loading the plugin an adapter records (``plugin_record``), or any plugin."""
     name, loaded_by, version = plugin.get("name"), plugin.get("loaded_by"), plugin.get("version")
     if name and loaded_by == "-p":
-        return (f"It was registered by plugin module {name!r}, loaded with -p: pass -p {name} (pstar train, pstar eval, "
-                f"pstar export, pstar import), or from Python call get_plugin_manager().load_module({name!r}) first.")
+        return (f"It was registered by plugin module {name!r}, loaded with -p: pass -p {name} ({P_COMMANDS}), or from "
+                f"Python call get_plugin_manager().load_module({name!r}) first.")
     if name and loaded_by == "built-in":
         if name in _env_list(ENV_BLOCK):
             return f"It is built into pstar-plugins (plugin {name!r}), which {ENV_BLOCK} keeps out: remove {name!r} from it."
@@ -213,14 +222,13 @@ def _how_to_load(plugin: dict) -> str:
                 f"load the adapter with the version that saved it.")
     if name and loaded_by == "entry point":
         package = plugin.get("package")
-        install = (f"install {package}{'==' + version if version else ''} (pip install '{package}"
-                   f"{'==' + version if version else ''}')" if package else "install the package that provides it")
+        pinned = f"{package}=={version}" if package and version else package
+        install = f"install {pinned} (pip install '{pinned}')" if package else "install the package that provides it"
         return (f"It was registered by the plugin installed under the {ENTRY_POINT_GROUP!r} entry point {name!r}: "
                 f"{install}, and check that {ENV_DISABLE_AUTOLOAD}, {ENV_SELECT} or {ENV_BLOCK} do not keep it out.")
     return (f"Load the plugin that provides it: install its package (it registers under the {ENTRY_POINT_GROUP!r} entry "
             f"points; {ENV_DISABLE_AUTOLOAD}, {ENV_SELECT} and {ENV_BLOCK} can keep an installed one out), pass -p MODULE "
-            "(pstar train, pstar eval, pstar export, pstar import), or from Python call "
-            "get_plugin_manager().load_module(MODULE) first.")
+            f"({P_COMMANDS}), or from Python call get_plugin_manager().load_module(MODULE) first.")
 
 
 def _refuse_removed_hooks(plugin: Any, name: str) -> None:

@@ -428,7 +428,7 @@ def _method_config(args, spec):
 
         adapter = read_adapter(args.init_from_adapter)
         meta = adapter[0]
-        get_plugin_manager().method(meta["method"], adapter=args.init_from_adapter, plugin=meta.get("plugin"))  # known before "pass --method" is advised
+        get_plugin_manager().adapter_method(meta, args.init_from_adapter)  # known before "pass --method" is advised
         if meta["method"] != args.method:
             raise ConfigError(f"--init-from-adapter {args.init_from_adapter} holds a {meta['method']!r} adapter, "
                               f"but --method is {args.method!r}; pass --method {meta['method']}.")
@@ -674,7 +674,6 @@ def _build_or_continue(plan: Plan, accelerator):
     from pstar_plugins.core import distributed
     from pstar_plugins.core.loading import load_adapter
     from pstar_plugins.models import load, load_tokenizer
-    from pstar_plugins.plugins import get_plugin_manager
     from pstar_plugins.tasks.template import Soft, Template
 
     args, template = plan.args, plan.template
@@ -682,7 +681,7 @@ def _build_or_continue(plan: Plan, accelerator):
     _check_room(template, tokenizer, args.max_length)
     # before the model loads; an adapter is checked as it will be built (for_loading skips the initialisations)
     config = plan.config if plan.adapter is None else plan.config.for_loading()
-    get_plugin_manager().method(args.method).resolve_class().check_tokenizer(config, tokenizer)
+    plan.spec.resolve_class().check_tokenizer(config, tokenizer)
     # every rank loads at the same time: under ZeRO-3 the model is built inside zero.Init, whose
     # parameter partitioning is a collective; main_process_first() here would deadlock
     base, tokenizer = load(args.model, kind=args.model_kind, gguf_file=args.gguf_file, tokenizer=tokenizer)

@@ -82,12 +82,12 @@ def test_local_plugin_module_trains_by_name_with_p_flag(tiny_dir, tmp_path):
     assert set(saved) == {"log_scale"} and float(saved["log_scale"]) != pytest.approx(float(torch.tensor(2.0).log()))
     # pstar eval scores the adapter once given the same -p; without it, it says which -p to pass
     adapter, out = tmp_path / "run" / "adapter", tmp_path / "eval.json"
-    bare = subprocess.run([sys.executable, "-m", "pstar_plugins.evaluate", "--adapter", str(adapter)], capture_output=True,
-                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    evaluate = lambda *a: subprocess.run([sys.executable, "-m", "pstar_plugins.evaluate", *a], capture_output=True,  # noqa: E731
+                                         text=True, env=env, cwd=ROOT)
+    bare = evaluate("--adapter", str(adapter))
     assert bare.returncode == 2 and "pass -p tests.plugin_fixture:plugin" in bare.stderr, bare.stderr[-2000:]
-    scored = subprocess.run([sys.executable, "-m", "pstar_plugins.evaluate", "-p", "tests.plugin_fixture:plugin", "--adapter",
-                             str(adapter), "--max-eval-samples", "8", "--output", str(out)], capture_output=True, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    scored = evaluate("-p", "tests.plugin_fixture:plugin", "--adapter", str(adapter), "--max-eval-samples", "8", "--output", str(out))
     assert scored.returncode == 0, scored.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert json.loads(out.read_text())["runs"][0]["accuracy"] == metrics["tuned_accuracy"]

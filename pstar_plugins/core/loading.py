@@ -26,7 +26,7 @@ def load_adapter(base_model, directory, tokenizer=None, plugin_manager=None, tra
             "differ from those the adapter was trained with. Retrain it for exact results.", stacklevel=2)
 
     pm = plugin_manager or get_plugin_manager()
-    config_class = pm.method(meta["method"], adapter=directory, plugin=meta.get("plugin")).config_class
+    config_class = pm.adapter_method(meta, directory).config_class
     config = make_config(meta["method"], config_class.from_saved(meta["method_config"]), plugin_manager=pm)
     check_geometry(meta, None, base_model.config)  # what the config alone tells, before anything is injected
     # the saved tensors replace any initialisation, so skip the data-dependent ones (no tokenizer needed)

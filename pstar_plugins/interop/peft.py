@@ -94,12 +94,13 @@ def read_peft(peft_dir, plugin_manager=None):
     return specs[0], config, embeddings
 
 
-def import_peft(peft_dir, base_model, tokenizer=None, plugin_manager=None):
+def import_peft(peft_dir, base_model, tokenizer=None, plugin_manager=None, contents=None):
     """Build a trainable ``PStarModel`` from a PEFT prompt-learning adapter (PEFT itself refuses
     to continue training a saved prompt-learning adapter, peft#2256). The method is the one
-    whose spec lists the adapter's ``peft_type`` in ``peft_types``."""
+    whose spec lists the adapter's ``peft_type`` in ``peft_types``. ``contents``: what
+    :func:`read_peft` already returned for ``peft_dir``."""
     pm = plugin_manager or get_plugin_manager()
-    spec, config, embeddings = read_peft(peft_dir, pm)
+    spec, config, embeddings = contents if contents is not None else read_peft(peft_dir, pm)
     options = spec.resolve_class().peft_options(config)
     model = build_model(base_model, spec.name, tokenizer=tokenizer, plugin_manager=pm, **options)
     model.load_trainable_state(model.method.state_from_peft(base_model, embeddings))
