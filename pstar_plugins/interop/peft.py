@@ -73,7 +73,8 @@ def export_peft(adapter_dir, base_model, output_dir, contents=None) -> dict:
 
 def read_peft(peft_dir, plugin_manager=None):
     """The spec of the method that imports the PEFT adapter in ``peft_dir``, its config and its
-    prompt embeddings; every refusal comes from the files alone, before any model loads."""
+    prompt embeddings; the refusals here need only the files, so they come before any model loads
+    (the method's own ``peft_options`` still checks the config when the adapter is built)."""
     pm = plugin_manager or get_plugin_manager()
     peft_dir = Path(peft_dir)
     try:
