@@ -241,7 +241,7 @@ def test_a_longer_rte_run_counts_for_the_target_and_has_its_own_row():
 def test_sst2_seed_rows_by_training_rows_keep_the_phrases_record_and_the_sentences_count():
     record = _record(seeds_mean=0.867)
     old = record["sst2_seeds"]
-    assert quality.seed_variants(old) == {"phrases": old}
+    assert quality.seed_variants(old) == {"phrases": {"prompt-tuning": old}}
     record["sst2_seeds"] = {"phrases": old, "sentences": dict(old, accuracy=0.883, train_rows="sentences", date="2026-12-05T00:00:00+00:00",
                                                                runs=[{"metrics": {"train_rows": 6197}}] * 3)}
     target = quality.targets(record)["sst2_mean_of_seeds_at_least_0.88"]
@@ -400,3 +400,49 @@ def test_rte_seed_runs_are_the_methods_command_with_other_seeds_and_their_mean_c
     lower = dict(record, rte_seeds={"p-tuning-v2": dict(record["rte_seeds"]["p-tuning-v2"], accuracy=0.49)})
     # the mean counts for p-tuning-v2 even where its one run was better; the best method is then another
     assert quality.targets(lower)["rte_best_method_at_least_zero_shot_plus_5_and_best_icl"]["method"] == "prompt-tuning"
+
+
+def _seed_run(dev, selection, kept=300):
+    return {"accuracy": dev, "curve": {"100": 0.5, str(kept): selection}, "final": {"accuracy": dev, "kept_step": kept}}
+
+
+def test_of_two_methods_over_seeds_the_target_counts_the_one_best_on_the_selection_splits(tmp_path, monkeypatch):
+    scores = iter([(0.88, 0.90), (0.89, 0.91)])  # (dev, selection) of p-tuning-v2's two seeds
+
+    def fake_run(step, log):  # what pstar train writes with --select-best best, without training
+        dev, selection = next(scores)
+        step.output.mkdir(parents=True)
+        (step.output / "metrics.json").write_text(json.dumps({
+            "tuned_accuracy": dev, "trainable_parameters": 5, "metric": "accuracy",
+            "history": {"eval_step": [150, 300, 300], "accuracy": [selection, 0.5, dev]},
+            "selection": {"select": "best", "best_step": 150, "best_accuracy": selection, "last_accuracy": 0.5}}))
+        return 1.0
+
+    monkeypatch.setattr(quality, "run_step", fake_run)
+    monkeypatch.setattr(quality, "write_sst2_sentences", lambda work: None)
+    monkeypatch.setattr(quality, "check_train_supports", lambda flag: None)
+    record = _record()
+    # prompt tuning's row from before selection accuracies were recorded: read off its curves at the kept steps
+    prompt = dict(record["sst2_seeds"], train_rows="sentences", accuracy=0.87,
+                  runs=[_seed_run(0.86, 0.88), _seed_run(0.88, 0.90, kept=200)])
+    args = _args("--only", "sst2-seeds", "--sst2-rows", "sentences", "--seeds-method", "p-tuning-v2", "--seed-list", "1", "2")
+    args.previous = {"sst2_seeds": {"sentences": prompt}}
+    record["sst2_seeds"] = quality.run_sst2_seeds(args, tmp_path)
+    assert record["sst2_seeds"]["sentences"]["prompt-tuning"] == prompt  # another method keeps its row
+    v2 = record["sst2_seeds"]["sentences"]["p-tuning-v2"]
+    assert [r["selection_accuracy"] for r in v2["runs"]] == [0.90, 0.91]  # the kept (best) state's, not the last step's
+    assert v2["accuracy"] == pytest.approx(0.885) and v2["selection_accuracy"] == pytest.approx(0.905)
+    target = quality.targets(record)["sst2_mean_of_seeds_at_least_0.88"]
+    assert target["method"] == "p-tuning-v2" and target["met"] is True
+    assert target["chosen_by_selection_accuracy"] == pytest.approx({"prompt-tuning": 0.89, "p-tuning-v2": 0.905})
+    # better on dev but worse on the selection splits: prompt tuning counts, and misses the target
+    v2["selection_accuracy"], v2["accuracy"] = 0.85, 0.95
+    target = quality.targets(record)["sst2_mean_of_seeds_at_least_0.88"]
+    assert (target["method"], target["accuracy"], target["met"]) == ("prompt-tuning", 0.87, False)
+    # a run without a selection split has no selection score, whatever its curve (which scored dev rows)
+    assert quality.kept_selection_accuracy(_seed_run(0.86, 0.99), 0) is None
+    unscored = dict(prompt, selection_percentage=0, accuracy=0.99)
+    assert quality.counted_seeds({"sentences": {"prompt-tuning": unscored, "p-tuning-v2": v2}})[0] is v2
+    table = quality.readme_table(record)
+    assert "| p-tuning-v2 (300 steps × 16, kept state chosen on 10% of train; trained on whole sentences only), seeds 1, 2 | 95.0" in table
+    assert "| prompt-tuning (300 steps × 16, kept state chosen on 10% of train; trained on whole sentences only), seeds 1, 2, 3 | 87.0" in table
