@@ -459,7 +459,8 @@ def trained_row(step: Step, seconds: float, **extra) -> dict:
     metrics = json.loads((step.output / "metrics.json").read_text())
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) and k != "tuned_accuracy"}
     selection = metrics.get("selection") or {}
-    kept = {"selection_accuracy": selection[f"{selection['select']}_accuracy"]} if "select" in selection else {}
+    value = selection.get(f"{selection.get('select')}_{selection.get('metric', 'accuracy')}")
+    kept = {"selection_accuracy": value} if value is not None else {}
     return {"accuracy": metrics["tuned_accuracy"], "trainable_parameters": metrics["trainable_parameters"],
             **curves(metrics), **kept, "metrics": scalars, "command": step.command, "date": now(), "seconds": seconds, **extra}
 
@@ -480,14 +481,15 @@ def curves(metrics: dict) -> dict:
     """A run's evaluations by step from its ``metrics.json``: ``curve``, the periodic ones (on the
     selection split when the run has one, else on the first evaluation rows), and ``final``, the
     last entry of its history, which scores the whole evaluation file with the state the run kept:
-    ``kept_step`` is the selection split's best step, or the last step without one. A run with a
+    ``kept_step`` is the selection split's best step (its last one under ``--select-best last``), or the last step without one. A run with a
     selection split evaluates it at the last step too, so that step is in both, with other rows."""
     metric = metrics.get("metric", "accuracy")
     history = metrics.get("history", {})
     steps, values = history.get("eval_step", []), history.get(metric, [])
     if not steps:
         return {"curve": {}}
-    kept = (metrics.get("selection") or {}).get("best_step", steps[-1])
+    selection = metrics.get("selection") or {}
+    kept = selection.get("best_step" if selection.get("select", "best") == "best" else "last_step", steps[-1])
     return {"curve": dict(zip(steps[:-1], values[:-1])), "final": {metric: values[-1], "kept_step": kept}}
 
 
@@ -548,20 +550,41 @@ def seed_variants(recorded: dict | None) -> dict:
     return {rows: ({v["method"]: v} if "method" in v else dict(v)) for rows, v in by_train_rows(recorded, "method").items()}
 
 
-def counted_seeds(variants: dict) -> tuple[dict | None, dict]:
-    """The SST-2 seed record a target counts, and each candidate's mean selection accuracy. The
-    rows are :func:`counted_variant`'s; among the methods run over seeds on them, the one whose kept
-    states scored best on the selection splits counts (each seed draws the same split for every
-    method), never the best on SST-2 dev, the rows it is scored on. A method without selection
-    scores is a candidate only when no method has them; the first recorded wins a tie."""
-    methods = counted_variant(variants) or {}
+def selection_split(record: dict) -> tuple:
+    """What decides a seed record's selection splits: its seeds, the held-out percentage and any
+    ``--max-train-samples`` among its options (the split is drawn after that cut)."""
+    options = record.get("options") or []
+    cut = options[options.index("--max-train-samples") + 1] if "--max-train-samples" in options[:-1] else None
+    return tuple(record.get("seeds") or ()), record.get("selection_percentage", 0), cut
+
+
+def counted_seeds(variants: dict) -> tuple[str | None, dict | None, dict]:
+    """The SST-2 seed record a target counts: its training rows, the record, and how it was chosen.
+
+    The rows are :func:`counted_variant`'s. Of the methods run over seeds on them, the one whose
+    kept states scored best on the selection splits (mean over its seeds) counts, never the best
+    on SST-2 dev, the rows it is scored on. Only methods scored on the same splits as the first
+    recorded scored one compete (:func:`selection_split`: same seeds, percentage and row cut), so
+    the comparison is paired; the others are listed as ``not_paired``, and methods without
+    selection scores as ``not_scored``. Scores equal to 9 decimals are a tie, which the first
+    recorded wins. With no scored method the first recorded counts, and ``rule`` says so."""
+    rows = "sentences" if variants.get("sentences") else "phrases"
+    methods = variants.get(rows) or {}
+    if not methods:
+        return None, None, {}
     scores = {m: r.get("selection_accuracy", seeds_selection_accuracy(r.get("runs", []), r.get("selection_percentage", 0))
                        .get("selection_accuracy")) for m, r in methods.items()}
     scored = [m for m in methods if scores[m] is not None]
-    if not methods:
-        return None, {}
-    chosen = max(scored, key=lambda m: scores[m]) if scored else next(iter(methods))
-    return methods[chosen], {m: v for m, v in scores.items() if v is not None}
+    if not scored:
+        first = next(iter(methods))
+        return rows, methods[first], {"rule": "first recorded: no method has selection scores", "not_scored": list(methods)}
+    split = selection_split(methods[scored[0]])
+    paired = [m for m in scored if selection_split(methods[m]) == split]
+    chosen = max(paired, key=lambda m: round(scores[m], 9))
+    choice = {"rule": "best mean selection accuracy of the kept states", "candidates": {m: scores[m] for m in paired}}
+    choice.update({key: names for key, names in (("not_paired", [m for m in scored if m not in paired]),
+                                                  ("not_scored", [m for m in methods if m not in scored])) if names})
+    return rows, methods[chosen], choice
 
 
 def minilm_variants(recorded: dict | None) -> dict:
@@ -766,11 +789,10 @@ def rte_counted_rows(result: dict) -> dict:
 def targets(result: dict) -> dict:
     """Each target of the quality table, ``None`` while a part it needs has no rows."""
     out: dict = {}
-    seeds, selection = counted_seeds(seed_variants(result.get("sst2_seeds")))
+    rows, seeds, choice = counted_seeds(seed_variants(result.get("sst2_seeds")))
     out["sst2_mean_of_seeds_at_least_0.88"] = None if not seeds else {
-        "method": seeds["method"], "train_rows": seeds.get("train_rows", "phrases"), "seeds": seeds["seeds"],
-        "accuracy": seeds["accuracy"], "accuracy_std": seeds["accuracy_std"],
-        **({"chosen_by_selection_accuracy": selection} if selection else {}), "met": seeds["accuracy"] >= 0.88}
+        "method": seeds["method"], "train_rows": rows, "seeds": seeds["seeds"],
+        "accuracy": seeds["accuracy"], "accuracy_std": seeds["accuracy_std"], "chosen": choice, "met": seeds["accuracy"] >= 0.88}
     rte_runs = (result.get("rte_prompting") or {}).get("runs", [])
     methods = rte_counted_rows(result)
     zero, icl = _zero_and_icl(rte_runs)

@@ -4,6 +4,7 @@ the targets and the README table; ``--dry-run`` prints and writes nothing."""
 
 import json
 import shlex
+import statistics
 import sys
 from pathlib import Path
 
@@ -288,6 +289,9 @@ def test_a_selection_runs_curve_keeps_its_last_step_apart_from_the_final_evaluat
                "selection": {"best_step": 50}}
     assert quality.curves(metrics)["final"] == {"accuracy": 0.58, "kept_step": 50}
     # without a selection split the last step's state is scored; a generation run's metric is BLEU
+    # --select-best last keeps the last step's state, whichever step was best
+    metrics["selection"] = {"select": "last", "best_step": 50, "last_step": 100}
+    assert quality.curves(metrics)["final"] == {"accuracy": 0.58, "kept_step": 100}
     bleu = {"metric": "bleu", "history": {"eval_step": [100, 200], "bleu": [40.0, 50.0]}}
     assert quality.curves(bleu) == {"curve": {100: 40.0}, "final": {"bleu": 50.0, "kept_step": 200}}
     assert quality.curves({"history": {}}) == {"curve": {}}
@@ -423,18 +427,20 @@ def test_of_two_methods_over_seeds_the_target_counts_the_one_best_on_the_selecti
     monkeypatch.setattr(quality, "check_train_supports", lambda flag: None)
     record = _record()
     # prompt tuning's row from before selection accuracies were recorded: read off its curves at the kept steps
-    prompt = dict(record["sst2_seeds"], train_rows="sentences", accuracy=0.87,
+    prompt = dict(record["sst2_seeds"], train_rows="sentences", accuracy=0.87, seeds=[1, 2],
                   runs=[_seed_run(0.86, 0.88), _seed_run(0.88, 0.90, kept=200)])
     args = _args("--only", "sst2-seeds", "--sst2-rows", "sentences", "--seeds-method", "p-tuning-v2", "--seed-list", "1", "2")
-    args.previous = {"sst2_seeds": {"sentences": prompt}}
+    phrases = record["sst2_seeds"]  # the oldest shape: one flat record, the phrases one
+    args.previous = {"sst2_seeds": {"phrases": phrases, "sentences": prompt}}
     record["sst2_seeds"] = quality.run_sst2_seeds(args, tmp_path)
     assert record["sst2_seeds"]["sentences"]["prompt-tuning"] == prompt  # another method keeps its row
+    assert record["sst2_seeds"]["phrases"] == {"prompt-tuning": phrases}  # and other rows theirs
     v2 = record["sst2_seeds"]["sentences"]["p-tuning-v2"]
     assert [r["selection_accuracy"] for r in v2["runs"]] == [0.90, 0.91]  # the kept (best) state's, not the last step's
     assert v2["accuracy"] == pytest.approx(0.885) and v2["selection_accuracy"] == pytest.approx(0.905)
     target = quality.targets(record)["sst2_mean_of_seeds_at_least_0.88"]
     assert target["method"] == "p-tuning-v2" and target["met"] is True
-    assert target["chosen_by_selection_accuracy"] == pytest.approx({"prompt-tuning": 0.89, "p-tuning-v2": 0.905})
+    assert target["chosen"]["candidates"] == pytest.approx({"prompt-tuning": 0.89, "p-tuning-v2": 0.905})
     # better on dev but worse on the selection splits: prompt tuning counts, and misses the target
     v2["selection_accuracy"], v2["accuracy"] = 0.85, 0.95
     target = quality.targets(record)["sst2_mean_of_seeds_at_least_0.88"]
@@ -442,7 +448,17 @@ def test_of_two_methods_over_seeds_the_target_counts_the_one_best_on_the_selecti
     # a run without a selection split has no selection score, whatever its curve (which scored dev rows)
     assert quality.kept_selection_accuracy(_seed_run(0.86, 0.99), 0) is None
     unscored = dict(prompt, selection_percentage=0, accuracy=0.99)
-    assert quality.counted_seeds({"sentences": {"prompt-tuning": unscored, "p-tuning-v2": v2}})[0] is v2
+    rows, counted, choice = quality.counted_seeds({"sentences": {"prompt-tuning": unscored, "p-tuning-v2": v2}})
+    assert (rows, counted, choice["not_scored"]) == ("sentences", v2, ["prompt-tuning"])
+    # only methods scored on the same splits compete: other seeds draw other splits
+    other_seeds = dict(v2, seeds=[7], selection_accuracy=0.99)
+    rows, counted, choice = quality.counted_seeds({"sentences": {"prompt-tuning": prompt, "p-tuning-v2": other_seeds}})
+    assert counted is prompt and choice["not_paired"] == ["p-tuning-v2"]
+    # equal numbers of correct selection rows tie, whatever the last bit of their float means; the first recorded wins
+    tie = dict(prompt, selection_accuracy=sum([627, 620, 623]) / 3 / 688)
+    first = dict(prompt, selection_accuracy=statistics.mean(k / 688 for k in (627, 616, 627)))
+    assert quality.counted_seeds({"sentences": {"prompt-tuning": first, "p-tuning-v2": tie}})[1] is first
+    assert quality.counted_seeds({"sentences": {"p-tuning-v2": tie, "prompt-tuning": first}})[1] is tie
     table = quality.readme_table(record)
     assert "| p-tuning-v2 (300 steps × 16, kept state chosen on 10% of train; trained on whole sentences only), seeds 1, 2 | 95.0" in table
-    assert "| prompt-tuning (300 steps × 16, kept state chosen on 10% of train; trained on whole sentences only), seeds 1, 2, 3 | 87.0" in table
+    assert "| prompt-tuning (300 steps × 16, kept state chosen on 10% of train; trained on whole sentences only), seeds 1, 2 | 87.0" in table
