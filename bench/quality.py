@@ -524,16 +524,26 @@ def run_sst2_seeds(args, work: Path) -> dict:
     results.setdefault(args.sst2_rows, {})[args.seeds_method] = {
         "method": args.seeds_method, "steps": args.seeds_steps, "batch_size": args.batch_size, "train_rows": args.sst2_rows,
         "options": method_extra(args, args.seeds_method), "selection_percentage": args.selection_percentage,
-        "seeds": list(args.seed_list), "accuracy": mean, "accuracy_std": std,
-        **seeds_selection_accuracy(runs, args.selection_percentage), "date": now(), "runs": runs}
+        "seeds": list(args.seed_list), "accuracy": mean, "accuracy_std": std, "date": now(), "runs": runs}
+    selection = seeds_selection_accuracy(runs, args.selection_percentage)
+    if selection is not None:
+        results[args.sst2_rows][args.seeds_method]["selection_accuracy"] = selection
     return results
 
 
-def seeds_selection_accuracy(runs: list[dict], selection_percentage: int) -> dict:
-    """``{"selection_accuracy": mean}`` over the runs' kept states on their selection splits, or
-    nothing when a run has no selection score."""
+def seeds_selection_accuracy(runs: list[dict], selection_percentage: int) -> float | None:
+    """The mean over the runs' kept states of their selection splits' accuracies, or ``None`` when
+    a run has no selection score."""
     values = [kept_selection_accuracy(r, selection_percentage) for r in runs]
-    return {} if not values or None in values else {"selection_accuracy": statistics.mean(values)}
+    return None if not values or None in values else statistics.mean(values)
+
+
+def record_selection_accuracy(record: dict) -> float | None:
+    """A seed record's mean selection accuracy: recorded by :func:`run_sst2_seeds`, or, in a record
+    from before it was, computed from its runs."""
+    if "selection_accuracy" in record:
+        return record["selection_accuracy"]
+    return seeds_selection_accuracy(record.get("runs", []), record.get("selection_percentage", 0))
 
 
 def by_train_rows(recorded: dict | None, flat_key: str) -> dict:
@@ -561,19 +571,18 @@ def selection_split(record: dict) -> tuple:
 def counted_seeds(variants: dict) -> tuple[str | None, dict | None, dict]:
     """The SST-2 seed record a target counts: its training rows, the record, and how it was chosen.
 
-    The rows are :func:`counted_variant`'s. Of the methods run over seeds on them, the one whose
+    The rows are :func:`counted_rows`. Of the methods run over seeds on them, the one whose
     kept states scored best on the selection splits (mean over its seeds) counts, never the best
     on SST-2 dev, the rows it is scored on. Only methods scored on the same splits as the first
     recorded scored one compete (:func:`selection_split`: same seeds, percentage and row cut), so
     the comparison is paired; the others are listed as ``not_paired``, and methods without
     selection scores as ``not_scored``. Scores equal to 9 decimals are a tie, which the first
     recorded wins. With no scored method the first recorded counts, and ``rule`` says so."""
-    rows = "sentences" if variants.get("sentences") else "phrases"
+    rows = counted_rows(variants)
     methods = variants.get(rows) or {}
     if not methods:
         return None, None, {}
-    scores = {m: r.get("selection_accuracy", seeds_selection_accuracy(r.get("runs", []), r.get("selection_percentage", 0))
-                       .get("selection_accuracy")) for m, r in methods.items()}
+    scores = {m: record_selection_accuracy(r) for m, r in methods.items()}
     scored = [m for m in methods if scores[m] is not None]
     if not scored:
         first = next(iter(methods))
@@ -597,7 +606,12 @@ def counted_variant(variants: dict) -> dict | None:
     is scored on (docs/recipes.md, "Your own data"), when it is recorded, else GLUE's file as it
     is. Never the better of the two: picking the best of several measurements on the same dev rows
     would tune on them."""
-    return variants.get("sentences") or variants.get("phrases")
+    return variants.get(counted_rows(variants))
+
+
+def counted_rows(variants: dict) -> str:
+    """Which training rows' variant :func:`counted_variant` returns: ``sentences`` when recorded."""
+    return "sentences" if variants.get("sentences") else "phrases"
 
 
 def run_rte_methods(args, work: Path) -> dict:
