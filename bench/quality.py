@@ -465,14 +465,16 @@ def trained_row(step: Step, seconds: float, **extra) -> dict:
             **curves(metrics), **kept, "metrics": scalars, "command": step.command, "date": now(), "seconds": seconds, **extra}
 
 
-def kept_selection_accuracy(run: dict, selection_percentage: int) -> float | None:
+def kept_selection_accuracy(run: dict) -> float | None:
     """The selection split's accuracy of the state a run kept: recorded by :func:`trained_row`, or,
-    in a row from before it was, read off the run's curve at its kept step. ``None`` for a run
-    without a selection split, whose curve scored evaluation rows, which must never choose."""
-    if not selection_percentage:
-        return None
+    in a row from before it was, read off the run's curve at its kept step when its command kept
+    the best state (:func:`run_data_plan`). ``None`` for a run without a selection split, whose
+    curve scored evaluation rows, which must never choose."""
     if "selection_accuracy" in run:
         return run["selection_accuracy"]
+    plan = run_data_plan(run)
+    if not plan or not plan["validation_split_percentage"] or plan["select_best"] != "best":
+        return None
     kept, curve = (run.get("final") or {}).get("kept_step"), run.get("curve") or {}
     return curve.get(str(kept), curve.get(kept)) if kept is not None else None
 
@@ -525,16 +527,16 @@ def run_sst2_seeds(args, work: Path) -> dict:
         "method": args.seeds_method, "steps": args.seeds_steps, "batch_size": args.batch_size, "train_rows": args.sst2_rows,
         "options": method_extra(args, args.seeds_method), "selection_percentage": args.selection_percentage,
         "seeds": list(args.seed_list), "accuracy": mean, "accuracy_std": std, "date": now(), "runs": runs}
-    selection = seeds_selection_accuracy(runs, args.selection_percentage)
+    selection = seeds_selection_accuracy(runs)
     if selection is not None:
         results[args.sst2_rows][args.seeds_method]["selection_accuracy"] = selection
     return results
 
 
-def seeds_selection_accuracy(runs: list[dict], selection_percentage: int) -> float | None:
+def seeds_selection_accuracy(runs: list[dict]) -> float | None:
     """The mean over the runs' kept states of their selection splits' accuracies, or ``None`` when
     a run has no selection score."""
-    values = [kept_selection_accuracy(r, selection_percentage) for r in runs]
+    values = [kept_selection_accuracy(r) for r in runs]
     return None if not values or None in values else statistics.mean(values)
 
 
@@ -543,7 +545,7 @@ def record_selection_accuracy(record: dict) -> float | None:
     from before it was, computed from its runs."""
     if "selection_accuracy" in record:
         return record["selection_accuracy"]
-    return seeds_selection_accuracy(record.get("runs", []), record.get("selection_percentage", 0))
+    return seeds_selection_accuracy(record.get("runs", []))
 
 
 def by_train_rows(recorded: dict | None, flat_key: str) -> dict:
@@ -560,40 +562,68 @@ def seed_variants(recorded: dict | None) -> dict:
     return {rows: ({v["method"]: v} if "method" in v else dict(v)) for rows, v in by_train_rows(recorded, "method").items()}
 
 
-def selection_split(record: dict) -> tuple:
-    """What decides a seed record's selection splits: its seeds, the held-out percentage and any
-    ``--max-train-samples`` among its options (the split is drawn after that cut)."""
-    options = record.get("options") or []
-    cut = options[options.index("--max-train-samples") + 1] if "--max-train-samples" in options[:-1] else None
-    return tuple(record.get("seeds") or ()), record.get("selection_percentage", 0), cut
+def run_data_plan(run: dict) -> dict | None:
+    """The data plan of a recorded run (``pstar_plugins.train.data_plan``: its seed,
+    ``--max-train-samples``, ``--validation-split-percentage`` and ``--select-best``), read from
+    its command by pstar train's own parser, so that a flag given twice, or passed through
+    ``--method-args``, reads as it did in the run. ``None`` for a run whose command is not a pstar
+    train command that parses here."""
+    from pstar_plugins import train
+    from pstar_plugins.errors import ConfigError
+
+    command = run.get("command")
+    argv = shlex.split(command) if isinstance(command, str) else list(command or [])
+    if "pstar_plugins.train" not in argv:
+        return None
+    try:
+        return train.data_plan(train.parse_args(argv[argv.index("pstar_plugins.train") + 1:]))
+    except ConfigError:
+        return None
+
+
+def record_splits(record: dict) -> list | None:
+    """A seed record's selection splits: its runs' data plans (:func:`run_data_plan`) by seed;
+    ``None`` when a run's plan cannot be read."""
+    plans = [run_data_plan(run) for run in record.get("runs") or []]
+    return None if not plans or None in plans else sorted(plans, key=lambda plan: plan["seed"])
+
+
+def target_splits() -> list:
+    """The selection splits the SST-2 target is measured on: those of ``--only sst2-seeds`` as it
+    runs by default, one per seed of ``--seed-list`` (1, 2, 3), with 10% of the training rows
+    held out and the best state on them kept (``--select-best best``, as the target asks)."""
+    defaults = parse_args(["--only", "sst2-seeds"])
+    return sorted((run_data_plan({"command": step.command}) for step in sst2_seed_steps(defaults, Path(defaults.work_dir))),
+                  key=lambda plan: plan["seed"])
 
 
 def counted_seeds(variants: dict) -> tuple[str | None, dict | None, dict]:
-    """The SST-2 seed record a target counts: its training rows, the record, and how it was chosen.
+    """The SST-2 seed record a target counts: its training rows, the record (``None`` when no
+    method qualifies), and how it was chosen.
 
-    The rows are :func:`counted_rows`. Of the methods run over seeds on them, the one whose
-    kept states scored best on the selection splits (mean over its seeds) counts, never the best
-    on SST-2 dev, the rows it is scored on. Only methods scored on the same splits as the first
-    recorded scored one compete (:func:`selection_split`: same seeds, percentage and row cut), so
-    the comparison is paired; the others are listed as ``not_paired``, and methods without
-    selection scores as ``not_scored``. Scores equal to 9 decimals are a tie, which the first
-    recorded wins. With no scored method the first recorded counts, and ``rule`` says so."""
+    The rows are :func:`counted_rows`. Only methods whose runs were selected on the target's own
+    splits compete (:func:`target_splits`: the same seeds, held-out rows and ``--select-best
+    best``, read from each run's command), so the comparison is paired and never counts a record
+    outside the target; the others are listed as ``other_splits``, and methods without selection
+    scores as ``not_scored``. Of those left, the one whose kept states scored best on the
+    selection splits (mean over its seeds) counts, never the best on SST-2 dev, the rows it is
+    scored on. Scores equal to 9 decimals are a tie, which the first recorded wins."""
     rows = counted_rows(variants)
     methods = variants.get(rows) or {}
     if not methods:
         return None, None, {}
-    scores = {m: record_selection_accuracy(r) for m, r in methods.items()}
-    scored = [m for m in methods if scores[m] is not None]
+    wanted = target_splits()
+    on_target = [m for m in methods if record_splits(methods[m]) == wanted]
+    scores = {m: record_selection_accuracy(methods[m]) for m in on_target}
+    scored = [m for m in on_target if scores[m] is not None]
+    choice: dict = {"rule": "best mean selection accuracy of the kept states, on the target's selection splits"}
+    if scored:
+        choice["candidates"] = {m: scores[m] for m in scored}
+    choice.update({key: names for key, names in (("other_splits", [m for m in methods if m not in on_target]),
+                                                  ("not_scored", [m for m in on_target if m not in scored])) if names})
     if not scored:
-        first = next(iter(methods))
-        return rows, methods[first], {"rule": "first recorded: no method has selection scores", "not_scored": list(methods)}
-    split = selection_split(methods[scored[0]])
-    paired = [m for m in scored if selection_split(methods[m]) == split]
-    chosen = max(paired, key=lambda m: round(scores[m], 9))
-    choice = {"rule": "best mean selection accuracy of the kept states", "candidates": {m: scores[m] for m in paired}}
-    choice.update({key: names for key, names in (("not_paired", [m for m in scored if m not in paired]),
-                                                  ("not_scored", [m for m in methods if m not in scored])) if names})
-    return rows, methods[chosen], choice
+        return rows, None, choice
+    return rows, methods[max(scored, key=lambda m: round(scores[m], 9))], choice
 
 
 def minilm_variants(recorded: dict | None) -> dict:
@@ -804,9 +834,12 @@ def targets(result: dict) -> dict:
     """Each target of the quality table, ``None`` while a part it needs has no rows."""
     out: dict = {}
     rows, seeds, choice = counted_seeds(seed_variants(result.get("sst2_seeds")))
-    out["sst2_mean_of_seeds_at_least_0.88"] = None if not seeds else {
-        "method": seeds["method"], "train_rows": rows, "seeds": seeds["seeds"],
-        "accuracy": seeds["accuracy"], "accuracy_std": seeds["accuracy_std"], "chosen": choice, "met": seeds["accuracy"] >= 0.88}
+    if seeds:
+        out["sst2_mean_of_seeds_at_least_0.88"] = {
+            "method": seeds["method"], "train_rows": rows, "seeds": seeds["seeds"], "accuracy": seeds["accuracy"],
+            "accuracy_std": seeds["accuracy_std"], "chosen": choice, "met": seeds["accuracy"] >= 0.88}
+    else:  # no rows yet (None), or rows of which none was run as the target asks (unmet, saying why)
+        out["sst2_mean_of_seeds_at_least_0.88"] = {"method": None, "train_rows": rows, "chosen": choice, "met": False} if rows else None
     rte_runs = (result.get("rte_prompting") or {}).get("runs", [])
     methods = rte_counted_rows(result)
     zero, icl = _zero_and_icl(rte_runs)

@@ -770,9 +770,11 @@ def _log_run(run: Run, trainable: int, frozen: int) -> None:
 DATA_PLAN_FLAGS = ("seed", "max_train_samples", "validation_split_percentage", "select_best")
 
 
-def _data_plan(args) -> dict:
-    """The flags that decide which rows train, which select and whether a best state is kept: a
-    checkpoint's row order and best value only mean something under the same ones."""
+def data_plan(args) -> dict:
+    """The flags that decide which rows of the training file train, which select and whether a best
+    state is kept: a checkpoint's row order and best value only mean something under the same ones,
+    and two recorded runs were selected on the same rows only when theirs are equal
+    (``bench/quality.py``)."""
     return {name: getattr(args, name) for name in DATA_PLAN_FLAGS}
 
 
@@ -816,7 +818,7 @@ def _checkpoint(run: Run, step_done: int) -> None:
             save_adapter(run.core, ckpt / BEST_ADAPTER, state=run.chooser.state, task=record)
         rng_state = run.rng.getstate()
         payload = {"step": step_done, "order": run.order, "history": run.history,
-                   "rng": [rng_state[0], list(rng_state[1]), rng_state[2]], "data_plan": _data_plan(args)}
+                   "rng": [rng_state[0], list(rng_state[1]), rng_state[2]], "data_plan": data_plan(args)}
         if run.plan.selection:
             payload["selection"] = run.chooser.to_json()
         tmp = ckpt / "trainer_state.json.tmp"

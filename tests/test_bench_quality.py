@@ -117,6 +117,17 @@ def _run(name, shots, accuracy, calibrated=False, std=0.0, seeds=None):
             "accuracy": accuracy, "accuracy_std": std}
 
 
+def _seed_runs(selection, *argv, rows="phrases", dev=0.88, method="prompt-tuning", **fields):
+    """Runs as ``run_sst2_seeds`` records them: the commands of ``--only sst2-seeds`` (defaults,
+    then ``argv``), one per seed, with ``selection`` as their kept states' selection scores
+    (``None``: a row from before they were recorded)."""
+    args = _args("--only", "sst2-seeds", "--sst2-rows", rows, "--seeds-method", method, *argv)
+    steps = quality.sst2_seed_steps(args, Path("runs/bench-quality"))
+    return [{"accuracy": dev, "seed": seed, "command": step.command, **fields,
+             **({"selection_accuracy": value} if value is not None else {})}
+            for seed, step, value in zip(args.seed_list, steps, selection)]
+
+
 def _record(rte_best=0.62, prefix_bleu=50.0, seeds_mean=0.881):
     return {
         "date": "2026-12-01T10:00:00+00:00", "machine": {"cpus": 2}, "steps": 300, "batch_size": 16, "e2e_steps": 200,
@@ -128,7 +139,7 @@ def _record(rte_best=0.62, prefix_bleu=50.0, seeds_mean=0.881):
         # an old-format row: its command is the list of train flags
         "sst2_methods": {"prompt-tuning": {"accuracy": 0.874, "command": ["--method", "prompt-tuning"]}},
         "sst2_seeds": {"method": "prompt-tuning", "steps": 300, "batch_size": 16, "options": [], "selection_percentage": 10,
-                       "seeds": [1, 2, 3], "accuracy": seeds_mean, "accuracy_std": 0.004},
+                       "seeds": [1, 2, 3], "accuracy": seeds_mean, "accuracy_std": 0.004, "runs": _seed_runs([0.9] * 3)},
         "rte_prompting": {"template": quality.RTE_TEMPLATE, "label_words": ["True", "False"],
                           "runs": [_run("0-shot", 0, 0.52), _run("4-shot", 4, 0.55, std=0.02), _run("0-shot", 0, 0.57, calibrated=True)]},
         "rte_methods": {"prompt-tuning": {"accuracy": rte_best, "steps": 90, "batch_size": 16, "selection_percentage": 10},
@@ -244,7 +255,7 @@ def test_sst2_seed_rows_by_training_rows_keep_the_phrases_record_and_the_sentenc
     old = record["sst2_seeds"]
     assert quality.seed_variants(old) == {"phrases": {"prompt-tuning": old}}
     record["sst2_seeds"] = {"phrases": old, "sentences": dict(old, accuracy=0.883, train_rows="sentences", date="2026-12-05T00:00:00+00:00",
-                                                               runs=[{"metrics": {"train_rows": 6197}}] * 3)}
+                                                               runs=_seed_runs([0.9] * 3, rows="sentences", metrics={"train_rows": 6197}))}
     target = quality.targets(record)["sst2_mean_of_seeds_at_least_0.88"]
     assert (target["train_rows"], target["accuracy"], target["met"]) == ("sentences", 0.883, True)
     lower = dict(record, sst2_seeds=dict(record["sst2_seeds"], sentences=dict(record["sst2_seeds"]["sentences"], accuracy=0.86)))
@@ -406,12 +417,17 @@ def test_rte_seed_runs_are_the_methods_command_with_other_seeds_and_their_mean_c
     assert quality.targets(lower)["rte_best_method_at_least_zero_shot_plus_5_and_best_icl"]["method"] == "prompt-tuning"
 
 
-def _seed_run(dev, selection, kept=300):
-    return {"accuracy": dev, "curve": {"100": 0.5, str(kept): selection}, "final": {"accuracy": dev, "kept_step": kept}}
+def _old_seed_runs(scores, kept_steps):
+    """Rows from before selection scores were recorded: ``(dev, selection)`` per seed, the
+    selection score on the curve at each run's kept step."""
+    runs = _seed_runs([None] * len(scores), rows="sentences")
+    for run, (dev, selection), kept in zip(runs, scores, kept_steps):
+        run.update(accuracy=dev, curve={"100": 0.5, str(kept): selection}, final={"accuracy": dev, "kept_step": kept})
+    return runs
 
 
 def test_of_two_methods_over_seeds_the_target_counts_the_one_best_on_the_selection_splits(tmp_path, monkeypatch):
-    scores = iter([(0.88, 0.90), (0.89, 0.91)])  # (dev, selection) of p-tuning-v2's two seeds
+    scores = iter([(0.88, 0.90), (0.89, 0.91), (0.90, 0.92)])  # (dev, selection) of p-tuning-v2's three seeds
 
     def fake_run(step, log):  # what pstar train writes with --select-best best, without training
         dev, selection = next(scores)
@@ -427,38 +443,81 @@ def test_of_two_methods_over_seeds_the_target_counts_the_one_best_on_the_selecti
     monkeypatch.setattr(quality, "check_train_supports", lambda flag: None)
     record = _record()
     # prompt tuning's row from before selection accuracies were recorded: read off its curves at the kept steps
-    prompt = dict(record["sst2_seeds"], train_rows="sentences", accuracy=0.87, seeds=[1, 2],
-                  runs=[_seed_run(0.86, 0.88), _seed_run(0.88, 0.90, kept=200)])
-    args = _args("--only", "sst2-seeds", "--sst2-rows", "sentences", "--seeds-method", "p-tuning-v2", "--seed-list", "1", "2")
-    phrases = record["sst2_seeds"]  # the oldest shape: one flat record, the phrases one
+    prompt = dict(record["sst2_seeds"], train_rows="sentences", accuracy=0.87,
+                  runs=_old_seed_runs([(0.86, 0.88), (0.88, 0.90), (0.87, 0.89)], [300, 200, 300]))
+    args = _args("--only", "sst2-seeds", "--sst2-rows", "sentences", "--seeds-method", "p-tuning-v2")
+    phrases = {k: v for k, v in record["sst2_seeds"].items() if k != "runs"}  # the oldest shape: one flat record, the phrases one
     args.previous = {"sst2_seeds": {"phrases": phrases, "sentences": prompt}}
     record["sst2_seeds"] = quality.run_sst2_seeds(args, tmp_path)
     assert record["sst2_seeds"]["sentences"]["prompt-tuning"] == prompt  # another method keeps its row
     assert record["sst2_seeds"]["phrases"] == {"prompt-tuning": phrases}  # and other rows theirs
     v2 = record["sst2_seeds"]["sentences"]["p-tuning-v2"]
-    assert [r["selection_accuracy"] for r in v2["runs"]] == [0.90, 0.91]  # the kept (best) state's, not the last step's
-    assert v2["accuracy"] == pytest.approx(0.885) and v2["selection_accuracy"] == pytest.approx(0.905)
+    assert [r["selection_accuracy"] for r in v2["runs"]] == [0.90, 0.91, 0.92]  # the kept (best) state's, not the last step's
+    assert v2["accuracy"] == pytest.approx(0.89) and v2["selection_accuracy"] == pytest.approx(0.91)
     target = quality.targets(record)["sst2_mean_of_seeds_at_least_0.88"]
     assert target["method"] == "p-tuning-v2" and target["met"] is True
-    assert target["chosen"]["candidates"] == pytest.approx({"prompt-tuning": 0.89, "p-tuning-v2": 0.905})
+    assert target["chosen"]["candidates"] == pytest.approx({"prompt-tuning": 0.89, "p-tuning-v2": 0.91})
     # better on dev but worse on the selection splits: prompt tuning counts, and misses the target
     v2["selection_accuracy"], v2["accuracy"] = 0.85, 0.95
     target = quality.targets(record)["sst2_mean_of_seeds_at_least_0.88"]
     assert (target["method"], target["accuracy"], target["met"]) == ("prompt-tuning", 0.87, False)
-    # a run without a selection split has no selection score, whatever its curve (which scored dev rows)
-    assert quality.kept_selection_accuracy(_seed_run(0.86, 0.99), 0) is None
-    unscored = dict(prompt, selection_percentage=0, accuracy=0.99)
-    rows, counted, choice = quality.counted_seeds({"sentences": {"prompt-tuning": unscored, "p-tuning-v2": v2}})
-    assert (rows, counted, choice["not_scored"]) == ("sentences", v2, ["prompt-tuning"])
-    # only methods scored on the same splits compete: other seeds draw other splits
-    other_seeds = dict(v2, seeds=[7], selection_accuracy=0.99)
-    rows, counted, choice = quality.counted_seeds({"sentences": {"prompt-tuning": prompt, "p-tuning-v2": other_seeds}})
-    assert counted is prompt and choice["not_paired"] == ["p-tuning-v2"]
     # equal numbers of correct selection rows tie, whatever the last bit of their float means; the first recorded wins
     tie = dict(prompt, selection_accuracy=sum([627, 620, 623]) / 3 / 688)
     first = dict(prompt, selection_accuracy=statistics.mean(k / 688 for k in (627, 616, 627)))
     assert quality.counted_seeds({"sentences": {"prompt-tuning": first, "p-tuning-v2": tie}})[1] is first
     assert quality.counted_seeds({"sentences": {"p-tuning-v2": tie, "prompt-tuning": first}})[1] is tie
     table = quality.readme_table(record)
-    assert "| p-tuning-v2 (300 steps × 16, kept state chosen on 10% of train; trained on whole sentences only), seeds 1, 2 | 95.0" in table
-    assert "| prompt-tuning (300 steps × 16, kept state chosen on 10% of train; trained on whole sentences only), seeds 1, 2 | 87.0" in table
+    assert "| p-tuning-v2 (300 steps × 16, kept state chosen on 10% of train; trained on whole sentences only), seeds 1, 2, 3 | 95.0" in table
+    assert "| prompt-tuning (300 steps × 16, kept state chosen on 10% of train; trained on whole sentences only), seeds 1, 2, 3 | 87.0" in table
+
+
+def _seed_record(runs, method="prompt-tuning"):
+    return {"method": method, "steps": 300, "batch_size": 16, "options": [], "selection_percentage": 10, "train_rows": "sentences",
+            "seeds": [r["seed"] for r in runs], "accuracy": statistics.mean(r["accuracy"] for r in runs), "accuracy_std": 0.0,
+            "runs": runs}
+
+
+def test_only_records_selected_as_the_target_asks_compete_whatever_their_fields_say():
+    counted = _seed_record(_seed_runs([0.88] * 3, rows="sentences"))
+    # each selected on other rows, or keeping another state, by its commands as pstar train parses them;
+    # its record's own fields say seeds 1, 2, 3 and 10% (they are copied from the counted one) and must not decide
+    outside = {
+        "one-seed": ["--seed-list", "1"],
+        "other-seeds": ["--seed-list", "4", "5", "6"],
+        "cut-rows": ["--method-args", "prompt-tuning=--max-train-samples=3000"],
+        "percentage-twice": ["--method-args", "prompt-tuning=--validation-split-percentage 20"],  # argparse keeps the last
+        "last-state": ["--method-args", "prompt-tuning=--select-best last"],
+    }
+    records = {name: dict(counted, runs=_seed_runs([0.99] * 3, *argv, rows="sentences", dev=0.99)) for name, argv in outside.items()}
+    for name, record in records.items():  # stored first, with better scores on both splits
+        rows, chosen, choice = quality.counted_seeds({"sentences": {name: record, "prompt-tuning": counted}})
+        assert (rows, chosen, choice["other_splits"]) == ("sentences", counted, [name]), name
+        assert choice["candidates"] == {"prompt-tuning": 0.88}
+    # a run whose command is not one pstar train parses says nothing about its splits
+    broken = dict(counted, runs=[dict(r, command=r["command"] + " --no-such-flag") for r in counted["runs"]])
+    assert quality.counted_seeds({"sentences": {"broken": broken, "prompt-tuning": counted}})[2]["other_splits"] == ["broken"]
+    # none as the target asks: nothing counts, the target is unmet and says why
+    record = dict(_record(), sst2_seeds={"sentences": records})
+    assert quality.targets(record)["sst2_mean_of_seeds_at_least_0.88"] == {
+        "method": None, "train_rows": "sentences", "met": False,
+        "chosen": {"rule": "best mean selection accuracy of the kept states, on the target's selection splits",
+                   "other_splits": list(outside)}}
+    # on the target's splits but without scores: listed, never counted
+    unscored = _seed_record(_seed_runs([None] * 3, rows="sentences", dev=0.99))
+    rows, chosen, choice = quality.counted_seeds({"sentences": {"p-tuning-v2": unscored, "prompt-tuning": counted}})
+    assert (chosen, choice["not_scored"]) == (counted, ["p-tuning-v2"])
+    assert quality.counted_seeds({"sentences": {"p-tuning-v2": unscored}})[1:] == (None, {
+        "rule": "best mean selection accuracy of the kept states, on the target's selection splits", "not_scored": ["p-tuning-v2"]})
+
+
+def test_an_old_rows_selection_score_is_read_off_its_curve_only_when_it_kept_the_best_state():
+    best = _old_seed_runs([(0.86, 0.91)], [200])[0]
+    assert quality.kept_selection_accuracy(best) == 0.91
+    last = dict(best, command=_seed_runs([None], "--method-args", "prompt-tuning=--select-best last")[0]["command"])
+    assert quality.kept_selection_accuracy(last) is None  # its curve's best step is not the state it kept
+    # a run without a selection split has no selection score, whatever its curve (which scored dev rows)
+    without = dict(best, command=_seed_runs([None], "--selection-percentage", "0")[0]["command"])
+    assert quality.kept_selection_accuracy(without) is None
+    assert quality.kept_selection_accuracy(dict(best, command="python other.py")) is None
+    assert quality.seeds_selection_accuracy([best, without]) is None and quality.seeds_selection_accuracy([]) is None
+    assert quality.kept_selection_accuracy(dict(without, selection_accuracy=0.8)) == 0.8  # recorded by the run: read as it is

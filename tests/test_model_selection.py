@@ -184,12 +184,12 @@ def test_a_generation_split_keeps_every_source_on_one_side():
 
 def test_a_resume_under_other_data_flags_is_refused_before_the_model_loads(tmp_path):
     from pstar_plugins.errors import ConfigError
-    from pstar_plugins.train import _check_same_data_plan, _data_plan
+    from pstar_plugins.train import _check_same_data_plan, data_plan
 
     args = Namespace(seed=42, max_train_samples=None, validation_split_percentage=10, select_best="last")
     checkpoint = tmp_path / "checkpoint-4"
     checkpoint.mkdir()
-    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 4, "data_plan": _data_plan(args)}))
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 4, "data_plan": data_plan(args)}))
     _check_same_data_plan(checkpoint, args)  # the same flags: accepted
     changed = Namespace(**{**vars(args), "seed": 7, "select_best": "best"})
     with pytest.raises(ConfigError, match=r"written with --seed 42 \(now 7\), --select-best last \(now best\)"):
