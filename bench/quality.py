@@ -562,12 +562,19 @@ def seed_variants(recorded: dict | None) -> dict:
     return {rows: ({v["method"]: v} if "method" in v else dict(v)) for rows, v in by_train_rows(recorded, "method").items()}
 
 
+# what besides the data plan decides which rows a run trained and selected on, and which it was scored on
+RUN_ROWS_FLAGS = ("model", "train_file", "dataset", "dataset_config", "train_split", "column", "validation_file", "max_eval_samples")
+TARGET_SEEDS, TARGET_PERCENTAGE = (1, 2, 3), 10  # the SST-2 target: three seeds, the best state on 10% of the rows
+
+
 def run_data_plan(run: dict) -> dict | None:
-    """The data plan of a recorded run (``pstar_plugins.train.data_plan``: its seed,
-    ``--max-train-samples``, ``--validation-split-percentage`` and ``--select-best``), read from
-    its command by pstar train's own parser, so that a flag given twice, or passed through
-    ``--method-args``, reads as it did in the run. ``None`` for a run whose command is not a pstar
-    train command that parses here."""
+    """The rows a recorded run trained, selected and was scored on: its data plan
+    (``pstar_plugins.train.data_plan``: seed, ``--max-train-samples``,
+    ``--validation-split-percentage``, ``--select-best``) and :data:`RUN_ROWS_FLAGS`, read from its
+    command by pstar train's own parser, so that a flag given twice, or passed through
+    ``--method-args``, reads as it did in the run; the training file by its name. No plugin is imported (``-p`` is dropped: it
+    adds methods, not rows) and nothing of this machine is checked. ``None`` for a run whose
+    command is not a pstar train command that parses."""
     from pstar_plugins import train
     from pstar_plugins.errors import ConfigError
 
@@ -575,51 +582,66 @@ def run_data_plan(run: dict) -> dict | None:
     argv = shlex.split(command) if isinstance(command, str) else list(command or [])
     if "pstar_plugins.train" not in argv:
         return None
+    argv = argv[argv.index("pstar_plugins.train") + 1:]
+    kept = [a for i, a in enumerate(argv)
+            if a not in ("-p", "--plugin") and not (i and argv[i - 1] in ("-p", "--plugin")) and not a.startswith("--plugin=")]
+    method = train._pre_parse(kept).method
     try:
-        return train.data_plan(train.parse_args(argv[argv.index("pstar_plugins.train") + 1:]))
-    except ConfigError:
+        parser = train.build_parser([method] if method else [], method)
+        args, _ = parser.parse_known_args(kept)  # method flags are no rows
+    except (ConfigError, SystemExit):
         return None
+    plan = {**train.data_plan(args), **{name: getattr(args, name, None) for name in RUN_ROWS_FLAGS}}
+    if plan["train_file"]:  # by name: the sentences file is written under whichever --work-dir the bench ran with
+        plan["train_file"] = Path(plan["train_file"]).name
+    return plan
 
 
 def record_splits(record: dict) -> list | None:
-    """A seed record's selection splits: its runs' data plans (:func:`run_data_plan`) by seed;
-    ``None`` when a run's plan cannot be read."""
+    """A seed record's rows: its runs' :func:`run_data_plan` by seed; ``None`` when a run's cannot
+    be read."""
     plans = [run_data_plan(run) for run in record.get("runs") or []]
     return None if not plans or None in plans else sorted(plans, key=lambda plan: plan["seed"])
 
 
-def target_splits() -> list:
-    """The selection splits the SST-2 target is measured on: those of ``--only sst2-seeds`` as it
-    runs by default, one per seed of ``--seed-list`` (1, 2, 3), with 10% of the training rows
-    held out and the best state on them kept (``--select-best best``, as the target asks)."""
-    defaults = parse_args(["--only", "sst2-seeds"])
-    return sorted((run_data_plan({"command": step.command}) for step in sst2_seed_steps(defaults, Path(defaults.work_dir))),
-                  key=lambda plan: plan["seed"])
+def target_splits(rows: str) -> list:
+    """The rows the SST-2 target is measured on for training rows ``rows``: those of ``--only
+    sst2-seeds`` (its model, files and cuts), over :data:`TARGET_SEEDS` with
+    :data:`TARGET_PERCENTAGE` of the training rows held out and the best state on them kept
+    (``--select-best best``, as the target asks)."""
+    defaults = parse_args(["--only", "sst2-seeds", "--sst2-rows", rows, "--seed-list", *map(str, TARGET_SEEDS),
+                           "--selection-percentage", str(TARGET_PERCENTAGE)])
+    steps = sst2_seed_steps(defaults, Path(defaults.work_dir))
+    plans = [dict(run_data_plan({"command": step.command}), select_best="best") for step in steps]
+    return sorted(plans, key=lambda plan: plan["seed"])
 
 
 def counted_seeds(variants: dict) -> tuple[str | None, dict | None, dict]:
     """The SST-2 seed record a target counts: its training rows, the record (``None`` when no
     method qualifies), and how it was chosen.
 
-    The rows are :func:`counted_rows`. Only methods whose runs were selected on the target's own
-    splits compete (:func:`target_splits`: the same seeds, held-out rows and ``--select-best
-    best``, read from each run's command), so the comparison is paired and never counts a record
-    outside the target; the others are listed as ``other_splits``, and methods without selection
-    scores as ``not_scored``. Of those left, the one whose kept states scored best on the
+    The rows are :func:`counted_rows`. Only methods whose runs trained, selected and were scored
+    on the target's own rows compete (:func:`target_splits`: the same model, files, seeds,
+    held-out rows and ``--select-best best``, read from each run's command), so the comparison is
+    paired and never counts a record outside the target; the others are listed as
+    ``other_splits``, records whose commands cannot be read as ``unreadable``, and methods
+    without selection scores as ``not_scored``. Of those left, the one whose kept states scored best on the
     selection splits (mean over its seeds) counts, never the best on SST-2 dev, the rows it is
     scored on. Scores equal to 9 decimals are a tie, which the first recorded wins."""
     rows = counted_rows(variants)
     methods = variants.get(rows) or {}
     if not methods:
         return None, None, {}
-    wanted = target_splits()
-    on_target = [m for m in methods if record_splits(methods[m]) == wanted]
+    wanted = target_splits(rows)
+    plans = {m: record_splits(methods[m]) for m in methods}
+    on_target = [m for m in methods if plans[m] == wanted]
     scores = {m: record_selection_accuracy(methods[m]) for m in on_target}
     scored = [m for m in on_target if scores[m] is not None]
     choice: dict = {"rule": "best mean selection accuracy of the kept states, on the target's selection splits"}
     if scored:
         choice["candidates"] = {m: scores[m] for m in scored}
-    choice.update({key: names for key, names in (("other_splits", [m for m in methods if m not in on_target]),
+    choice.update({key: names for key, names in (("other_splits", [m for m in methods if plans[m] is not None and m not in on_target]),
+                                                  ("unreadable", [m for m in methods if plans[m] is None]),
                                                   ("not_scored", [m for m in on_target if m not in scored])) if names})
     if not scored:
         return rows, None, choice
@@ -831,7 +853,8 @@ def rte_counted_rows(result: dict) -> dict:
 
 
 def targets(result: dict) -> dict:
-    """Each target of the quality table, ``None`` while a part it needs has no rows."""
+    """Each target of the quality table, ``None`` while a part it needs has no rows; the SST-2 one
+    unmet, with ``method`` ``None`` and its reasons, when rows exist but none qualifies."""
     out: dict = {}
     rows, seeds, choice = counted_seeds(seed_variants(result.get("sst2_seeds")))
     if seeds:

@@ -487,6 +487,10 @@ def test_only_records_selected_as_the_target_asks_compete_whatever_their_fields_
         "cut-rows": ["--method-args", "prompt-tuning=--max-train-samples=3000"],
         "percentage-twice": ["--method-args", "prompt-tuning=--validation-split-percentage 20"],  # argparse keeps the last
         "last-state": ["--method-args", "prompt-tuning=--select-best last"],
+        "other-train-file": ["--method-args", "prompt-tuning=--train-file pstar_plugins/data/sst2_train_sample.tsv"],
+        "other-dev-file": ["--method-args", "prompt-tuning=--validation-file easy_dev.tsv"],
+        "cut-dev": ["--method-args", "prompt-tuning=--max-eval-samples 50"],
+        "other-model": ["--method-args", "prompt-tuning=--model gpt2"],
     }
     records = {name: dict(counted, runs=_seed_runs([0.99] * 3, *argv, rows="sentences", dev=0.99)) for name, argv in outside.items()}
     for name, record in records.items():  # stored first, with better scores on both splits
@@ -494,8 +498,13 @@ def test_only_records_selected_as_the_target_asks_compete_whatever_their_fields_
         assert (rows, chosen, choice["other_splits"]) == ("sentences", counted, [name]), name
         assert choice["candidates"] == {"prompt-tuning": 0.88}
     # a run whose command is not one pstar train parses says nothing about its splits
-    broken = dict(counted, runs=[dict(r, command=r["command"] + " --no-such-flag") for r in counted["runs"]])
-    assert quality.counted_seeds({"sentences": {"broken": broken, "prompt-tuning": counted}})[2]["other_splits"] == ["broken"]
+    broken = dict(counted, runs=[dict(r, command=r["command"] + " --seed one") for r in counted["runs"]])
+    assert quality.counted_seeds({"sentences": {"broken": broken, "prompt-tuning": counted}})[2]["unreadable"] == ["broken"]
+    # a plugin module adds methods, not rows: it is not imported, and a flag this machine lacks the means for is not checked
+    plugged = dict(counted, runs=[dict(r, command=r["command"].replace("pstar_plugins.train", "pstar_plugins.train -p no_such_plugin_module")
+                                       + " --report-to wandb") for r in counted["runs"]])
+    rows, chosen, choice = quality.counted_seeds({"sentences": {"prompt-tuning": plugged}})
+    assert chosen is plugged and "no_such_plugin_module" not in sys.modules
     # none as the target asks: nothing counts, the target is unmet and says why
     record = dict(_record(), sst2_seeds={"sentences": records})
     assert quality.targets(record)["sst2_mean_of_seeds_at_least_0.88"] == {
@@ -514,10 +523,23 @@ def test_an_old_rows_selection_score_is_read_off_its_curve_only_when_it_kept_the
     best = _old_seed_runs([(0.86, 0.91)], [200])[0]
     assert quality.kept_selection_accuracy(best) == 0.91
     last = dict(best, command=_seed_runs([None], "--method-args", "prompt-tuning=--select-best last")[0]["command"])
-    assert quality.kept_selection_accuracy(last) is None  # its curve's best step is not the state it kept
+    assert quality.kept_selection_accuracy(last) is None  # rows from before 038d58a record the best step as kept, even under last
     # a run without a selection split has no selection score, whatever its curve (which scored dev rows)
     without = dict(best, command=_seed_runs([None], "--selection-percentage", "0")[0]["command"])
     assert quality.kept_selection_accuracy(without) is None
     assert quality.kept_selection_accuracy(dict(best, command="python other.py")) is None
     assert quality.seeds_selection_accuracy([best, without]) is None and quality.seeds_selection_accuracy([]) is None
     assert quality.kept_selection_accuracy(dict(without, selection_accuracy=0.8)) == 0.8  # recorded by the run: read as it is
+
+
+def test_the_target_splits_are_the_targets_own_seeds_percentage_and_best_state():
+    plans = quality.target_splits("sentences")
+    assert [p["seed"] for p in plans] == [1, 2, 3]
+    assert {(p["validation_split_percentage"], p["select_best"], p["max_train_samples"], p["max_eval_samples"]) for p in plans} == \
+           {(10, "best", None, None)}
+    assert {p["train_file"] for p in plans} == {"sst2-train-sentences.tsv"}
+
+
+def test_the_recorded_targets_are_the_ones_the_recorded_rows_give():
+    record = json.loads((quality.C.RESULTS / "quality.json").read_text())
+    assert record["targets"] == quality.targets(record)
