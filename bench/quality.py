@@ -572,8 +572,9 @@ def run_data_plan(run: dict) -> dict | None:
     (``pstar_plugins.train.data_plan``: seed, ``--max-train-samples``,
     ``--validation-split-percentage``, ``--select-best``) and :data:`RUN_ROWS_FLAGS`, read from its
     command by pstar train's own parser, so that a flag given twice, or passed through
-    ``--method-args``, reads as it did in the run; the training file by its name. No plugin is imported (``-p`` is dropped: it
-    adds methods, not rows) and nothing of this machine is checked. ``None`` for a run whose
+    ``--method-args``, reads as it did in the run; the training file by its name. No plugin is
+    imported (``-p`` adds methods, not rows: the parser stores it, only ``train.parse_args``
+    loads it) and nothing of this machine is checked. ``None`` for a run whose
     command is not a pstar train command that parses."""
     from pstar_plugins import train
     from pstar_plugins.errors import ConfigError
@@ -583,12 +584,10 @@ def run_data_plan(run: dict) -> dict | None:
     if "pstar_plugins.train" not in argv:
         return None
     argv = argv[argv.index("pstar_plugins.train") + 1:]
-    kept = [a for i, a in enumerate(argv)
-            if a not in ("-p", "--plugin") and not (i and argv[i - 1] in ("-p", "--plugin")) and not a.startswith("--plugin=")]
-    method = train._pre_parse(kept).method
+    method = train._pre_parse(argv).method
     try:
         parser = train.build_parser([method] if method else [], method)
-        args, _ = parser.parse_known_args(kept)  # method flags are no rows
+        args, _ = parser.parse_known_args(argv)  # method flags are no rows; -p is read, never loaded
     except (ConfigError, SystemExit):
         return None
     plan = {**train.data_plan(args), **{name: getattr(args, name, None) for name in RUN_ROWS_FLAGS}}
