@@ -193,7 +193,7 @@ def run_method(method: str, work: Workload, m: int, repeats: int, warmup: int, d
         ours_loss0, peft_loss0 = float(ours_loss(True)()), float(work.peft_loss(peft_model))
         padded_loss0 = float(ours_loss(False)())
     result = measure(contenders, repeats, warmup)
-    ours.gradient_checkpointing_enable()
+    ours.activation_checkpointing_enable()
     result["ours_checkpointed"] = measure({"ours_checkpointed": contenders["ours"]}, max(3, repeats // 2), 1)["ours_checkpointed"]
     return {
         "ours_trainable": sum(p.numel() for p in ours_params), "peft_trainable": sum(p.numel() for p in peft_params),

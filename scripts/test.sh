@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run the whole test suite.
+# Set up (if needed) and run the whole test suite under the pinned versions (what CI runs).
+#   bash scripts/test.sh --latest   # the same under the newest allowed releases, with a report (scripts/latest.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--latest" ]; then
+  shift
+  exec bash scripts/latest.sh "$@"
+fi
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1

@@ -1,20 +1,26 @@
 """The conformance matrix: every tiny architecture × every built-in method through the suite.
 
-``docs/architectures.md`` is rendered from it (``python -m tests.matrix --write`` runs every
-cell, about five minutes on 2 cores) and ``tests/test_matrix.py`` runs each cell and checks that
-its row in the document says what the cell does, so the page cannot drift from the behaviour.
+``python -m tests.matrix --write`` runs every cell (about five minutes on 2 cores), records what
+each did in ``tests/matrix_record.json`` and renders ``docs/architectures.md`` from the record.
+``tests/test_matrix.py`` keeps behaviour and documentation apart: each cell's test asserts what
+the cell does (conforms, or is refused at build time with a clear message); one test compares the
+cells that ran with the record, so a release upstream that makes a cell pass (or fail) fails that
+one test with the command that updates the record; one test checks the document is the record's
+rendering.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "architectures.md"
+RECORD = ROOT / "tests" / "matrix_record.json"
 METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "p-tuning-v2")
-TARGET = 144  # cells that pass today (8 are refused at build time, see the header): fewer is a regression
+TARGET = 146  # cells that pass today (6 are refused at build time, see the header): fewer is a regression
 
 
 def options(arch: str, method: str) -> dict:
@@ -52,15 +58,47 @@ def _fast_path(report, arch: str) -> str:
     return "padded: " + {"masked-lm": "encoder-only model", "seq2seq-lm": "encoder-decoder model"}.get(KIND[arch], "direct call")
 
 
-def row(arch: str, method: str, report) -> str:
-    """The document's line for one cell."""
+def observe(arch: str, method: str, report) -> dict:
+    """What one cell did, in the record's form: passes (with its fast path), refused (with the
+    message) or fails (with the checks that failed)."""
     if report.refused is not None:
-        reason = report.refused.split(": ", 1)[-1].replace("|", "/")
-        return f"| {arch} | {method} | refused | {reason} |"
-    if not report.ok:
-        failed = ", ".join(o.check for o in report.failures)
-        return f"| {arch} | {method} | **fails** | {failed} |"
-    return f"| {arch} | {method} | ✓ | {_fast_path(report, arch)} |"
+        result, detail = "refused", report.refused.split(": ", 1)[-1].replace("|", "/")
+    elif not report.ok:
+        result, detail = "fails", ", ".join(o.check for o in report.failures)
+    else:
+        result, detail = "passes", _fast_path(report, arch)
+    return {"architecture": arch, "method": method, "result": result, "detail": detail}
+
+
+def recorded() -> dict[tuple[str, str], dict]:
+    """The recorded cells (``tests/matrix_record.json``), keyed by ``(architecture, method)``."""
+    return {(r["architecture"], r["method"]): r for r in json.loads(RECORD.read_text())}
+
+
+def write_record(rows: list[dict]) -> None:
+    """One cell a line, so a moved verdict is a one-line diff."""
+    lines = ",\n".join(" " + json.dumps(r, ensure_ascii=False) for r in rows)
+    RECORD.write_text("[\n" + lines + "\n]\n")
+
+
+def moved(observed: dict, record: dict | None) -> str | None:
+    """How a cell's observation differs from its record, or ``None``."""
+    if record is None:
+        return f"{observed['architecture']} × {observed['method']}: not recorded, now {observed['result']}"
+    if (observed["result"], observed["detail"]) == (record["result"], record["detail"]):
+        return None
+    what = f"{record['result']} → {observed['result']}"
+    if observed["result"] == record["result"]:
+        what += f" ({record['detail']!r} → {observed['detail']!r})"
+    elif observed["result"] != "passes":
+        what += f" ({observed['detail']})"
+    return f"{observed['architecture']} × {observed['method']}: {what}"
+
+
+def row(record: dict) -> str:
+    """The document's line for one recorded cell."""
+    mark = {"passes": "✓", "refused": "refused", "fails": "**fails**"}[record["result"]]
+    return f"| {record['architecture']} | {record['method']} | {mark} | {record['detail']} |"
 
 
 HEADER = """# Architectures
@@ -80,16 +118,18 @@ run padding-free on that family (an allow-list, `core.packing.PADDING_FREE_FAMIL
 families verified here) or padded, and why. A refused cell is refused when the model is built,
 with the message shown; no cell builds and then gives wrong numbers.
 
-Prefix tuning and P-tuning v2 are refused on BLOOM, Falcon, MPT and DeBERTa-v2: these families
-compute attention in their own code instead of calling transformers' attention interface, the
-only place where a prefix can join the keys and values after the positions are applied
-(docs/design.md). Prompt tuning and P-tuning work there. The other way in is the KV cache, which
-is how PEFT reaches BLOOM and Falcon. A prototype (the prefix held in a cache layer that returns
+Prefix tuning and P-tuning v2 are refused on BLOOM, MPT and DeBERTa-v2: these families compute
+attention in their own code instead of calling transformers' attention interface, the only place
+where a prefix can join the keys and values after the positions are applied (docs/design.md).
+Prompt tuning and P-tuning work there. Falcon was refused for the same reason until transformers
+5.25 moved it onto the attention interface; the build's attention probe finds its sites since,
+and its cells pass the whole suite, padding-free included. The other way in is the KV cache,
+which is how PEFT reaches BLOOM. A prototype (the prefix held in a cache layer that returns
 prefix + new keys without storing them, the mask extended by the prefix length, explicit
 position ids) trained on tiny Falcon and BLOOM and kept left-padded rows equal to rows alone,
-but failed with gradient checkpointing on all three ALiBi/own-attention families (transformers
-turns the cache off under checkpointing, and the masks no longer match the keys), gave MPT rows
-that change with left padding (its ALiBi counts columns), and would give BLOOM's prefix ALiBi
+but failed with gradient checkpointing on the ALiBi/own-attention families (transformers turns
+the cache off under checkpointing, and the masks no longer match the keys), gave MPT rows that
+change with left padding (its ALiBi counts columns), and would give BLOOM's prefix ALiBi
 distances that prefixes elsewhere do not have. DeBERTa-v2's disentangled attention has no cache.
 Until those can pass the whole suite, the cells stay refused at build time.
 
@@ -98,25 +138,20 @@ Until those can pass the whole suite, the cells stay refused at build time.
 """
 
 
-def render(rows: list[str]) -> str:
-    passed = sum(1 for r in rows if "| ✓ |" in r)
-    return HEADER + "\n".join(rows) + f"\n\n{passed} of {len(rows)} cells pass; the others are refused at build time.\n"
-
-
-def documented_rows() -> dict[tuple[str, str], str]:
-    out = {}
-    for line in DOC.read_text().splitlines():
-        parts = [p.strip() for p in line.split("|")]
-        if len(parts) >= 5 and parts[2] in METHODS:
-            out[(parts[1], parts[2])] = line
-    return out
+def render(rows: list[dict]) -> str:
+    passed = sum(1 for r in rows if r["result"] == "passes")
+    lines = "\n".join(row(r) for r in rows)
+    return HEADER + lines + f"\n\n{passed} of {len(rows)} cells pass; the others are refused at build time.\n"
 
 
 if __name__ == "__main__":
     if "--write" in sys.argv:
-        lines = []
+        observed = []
         for arch, method in cells():
-            lines.append(row(arch, method, run(arch, method)))
-            print(lines[-1], flush=True)
-        DOC.write_text(render(lines))
-        print(f"wrote {DOC}")
+            observed.append(observe(arch, method, run(arch, method)))
+            print(row(observed[-1]), flush=True)
+        write_record(observed)
+        DOC.write_text(render(observed))
+        print(f"wrote {RECORD.relative_to(ROOT)} and {DOC.relative_to(ROOT)}")
+    else:
+        print("python -m tests.matrix --write   # run every cell, rewrite the record and docs/architectures.md")

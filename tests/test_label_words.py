@@ -175,7 +175,7 @@ def test_sliding_window_layers_are_scored_per_class():
 def test_gradient_checkpointing_while_training_is_scored_per_class():
     """The frozen model keeps no cache under gradient checkpointing in training."""
     model, verbalizer = prompted("llama", "prefix-tuning", packing=True)
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     model.train()
     reason = one_pass_unsupported_reason(model)
     assert "gradient checkpointing" in reason

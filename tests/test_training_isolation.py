@@ -53,8 +53,8 @@ def test_gradient_checkpointing_gives_same_gradients(method):
     plain = make(arch, method)
     ckpt = make(arch, method)
     ckpt.load_state_dict(plain.state_dict())
-    ckpt.gradient_checkpointing_enable()
-    assert ckpt.base_model.is_gradient_checkpointing
+    ckpt.activation_checkpointing_enable()
+    assert ckpt.base_model.is_activation_checkpointing and ckpt.is_activation_checkpointing
     for m in (plain, ckpt):
         m.train()
     batch = inputs_for(arch, method)

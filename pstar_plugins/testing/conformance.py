@@ -560,7 +560,7 @@ def check_checkpointed_gradients(cell: Cell) -> str:
         model = cell.build()
         batch = cell.batch(model)
         if checkpointed:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         model.train()
         torch.manual_seed(cell.seed + 5)
         outputs = cell.real_outputs(cell.forward(model, batch), batch)
