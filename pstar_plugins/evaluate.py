@@ -30,7 +30,7 @@ FALLBACKS = {"label_column": "label", "label_words": ["negative", "positive"], "
 
 
 def parse_args(argv=None, prog: str = "pstar eval"):
-    from pstar_plugins.models import packaged_data
+    from pstar_plugins.models import add_loading_arguments, packaged_data
 
     p = StrictParser(prog=prog, description=__doc__, formatter_class=RawDescriptionDefaultsHelpFormatter)
     p.add_argument("--model", default=None,
@@ -40,6 +40,7 @@ def parse_args(argv=None, prog: str = "pstar eval"):
     p.add_argument("--model-kind", default=None, choices=["causal-lm", "masked-lm"],
                    help="which head to load (default: with --adapter, the kind it was trained with; else causal-lm)")
     p.add_argument("--adapter", default=None, help="a tuned adapter directory to evaluate instead of the baselines")
+    add_loading_arguments(p)
     add_plugin_argument(p)  # the plugin of an adapter's method, when no entry point registers it
     p.add_argument("--validation-file", default=packaged_data("sst2_dev.tsv"), help="evaluation data (.csv, .tsv, .jsonl)")
     p.add_argument("--dataset", default=None, help="a Hugging Face datasets id or local dataset folder instead of the files")
@@ -138,9 +139,10 @@ def _main(argv, prog: str = "pstar eval"):
     args = parse_args(argv, prog)
     from pstar_plugins.core.adapter_io import read_adapter
     from pstar_plugins.eval_scoring import make_scoring
-    from pstar_plugins.models import check_source, load
+    from pstar_plugins.models import check_attn_implementation, check_source, load
     from pstar_plugins.tasks.data import load_split, parse_column_mapping
 
+    check_attn_implementation(args.attn_implementation, training=False)
     load_plugins(args.plugin)
     adapter = read_adapter(args.adapter) if args.adapter else None  # a bad adapter fails before any load
     if adapter:
@@ -156,7 +158,8 @@ def _main(argv, prog: str = "pstar eval"):
     rows, source = load_split(args.validation_file, args.dataset, args.dataset_config, args.validation_split,
                               args.max_eval_samples, columns)
     scoring.read(rows, source)  # labels or references: checked before the model loads
-    base, tokenizer = load(args.model, kind=args.model_kind, gguf_file=args.gguf_file)
+    base, tokenizer = load(args.model, kind=args.model_kind, gguf_file=args.gguf_file, dtype=args.dtype,
+                           attn_implementation=args.attn_implementation)
     base.eval()
     scoring.bind(tokenizer)
     results = {"model": args.model, "task": args.task, "template": args.template, "validation_data": source,

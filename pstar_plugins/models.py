@@ -102,16 +102,78 @@ def load_tokenizer(name: str, gguf_file: str | None = None):
     return tokenizer
 
 
+#: ``--dtype`` values: the frozen model's weights (a method's own tensors stay fp32 master weights)
+DTYPES = {"auto": "the checkpoint's own dtype (transformers' 'auto')", "bf16": "bfloat16", "fp16": "float16",
+          "fp32": "float32"}
+#: ``--attn-implementation`` values, as transformers names them
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2")
+
+
+def torch_dtype(name):
+    """The ``dtype`` argument of ``from_pretrained`` for a ``--dtype`` value (``"auto"`` stays a string;
+    a ``torch.dtype`` or ``None`` passes through)."""
+    if name is None or not isinstance(name, str) or name == "auto":
+        return name
+    import torch
+
+    try:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    except KeyError:
+        raise ValueError(f"dtype {name!r}: expected one of {', '.join(DTYPES)}") from None
+
+
+def add_loading_arguments(parser) -> None:
+    """``--dtype`` and ``--attn-implementation``: how ``pstar train`` and ``pstar eval`` load the frozen model."""
+    parser.add_argument("--dtype", default="auto", choices=list(DTYPES),
+                        help="dtype of the frozen model's weights: " + "; ".join(f"{k}: {v}" for k, v in DTYPES.items())
+                             + " (the method's tensors are trained in fp32 either way)")
+    parser.add_argument("--attn-implementation", default="sdpa", choices=list(ATTN_IMPLEMENTATIONS),
+                        help="the attention kernels the frozen model runs (docs/architectures.md: what each method supports)")
+
+
+def check_attn_implementation(name: str, training: bool) -> None:
+    """Refuse, before any model loads, a kernel that cannot run here: ``flash_attention_2`` without
+    the ``flash_attn`` package or a CUDA device, ``flex_attention`` training without a CUDA
+    device (torch has no flex backward on the CPU)."""
+    import importlib.util
+
+    from pstar_plugins.errors import ConfigError
+
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(f"--attn-implementation {name!r}: expected one of {', '.join(ATTN_IMPLEMENTATIONS)}.")
+    if name not in ("flash_attention_2", "flex_attention"):
+        return
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if name == "flash_attention_2" and (importlib.util.find_spec("flash_attn") is None or not cuda):
+        missing = "the flash_attn package" if importlib.util.find_spec("flash_attn") is None else "a CUDA device"
+        raise ConfigError(f"--attn-implementation flash_attention_2 needs {missing} (flash-attn's kernels run on NVIDIA "
+                          "GPUs only); use --attn-implementation sdpa, or install flash-attn on a CUDA machine.")
+    if name == "flex_attention" and training and not cuda:
+        raise ConfigError("--attn-implementation flex_attention cannot train on the CPU: torch has no flex_attention "
+                          "backward there ('FlexAttention does not support backward on CPU'). Train with "
+                          "--attn-implementation sdpa (the same values); pstar eval runs flex_attention on the CPU.")
+
+
 def load(name: str, kind: str = "causal-lm", gguf_file: str | None = None, dtype=None, attn_implementation: str = "sdpa",
-         tokenizer=None):
-    """Load model and tokenizer. ``name`` is an offline alias, a local folder or any hub id."""
+         tokenizer=None, **from_pretrained):
+    """Load model and tokenizer. ``name`` is an offline alias, a local folder or any hub id.
+
+    ``dtype``: a ``torch.dtype``, ``"auto"`` or a ``--dtype`` name (``"bf16"``, ...); ``None`` leaves
+    transformers' default. ``from_pretrained`` keywords (``quantization_config``, ``device_map``,
+    ...) are passed on.
+    """
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
     path, gguf = resolve(name, gguf_file)
     kwargs = {"gguf_file": gguf} if gguf else {}
+    dtype = torch_dtype(dtype)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(name, gguf_file)
     auto = {"causal-lm": AutoModelForCausalLM, "masked-lm": AutoModelForMaskedLM, "seq2seq-lm": AutoModelForSeq2SeqLM}[kind]
-    model = auto.from_pretrained(path, attn_implementation=attn_implementation, **({"dtype": dtype} if dtype else {}), **kwargs)
+    model = auto.from_pretrained(path, attn_implementation=attn_implementation, **kwargs, **from_pretrained)
     return model, tokenizer
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pstar_plugins import arguments, tracking
+from pstar_plugins.models import add_loading_arguments, check_attn_implementation
 from pstar_plugins.errors import ConfigError, PStarError, run_reporting_errors
 from pstar_plugins.tasks.template import DEFAULT_TEMPLATE
 
@@ -46,6 +47,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2", help="offline alias (smollm2, minilm), a local folder, or any hub model id")
     parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model's folder, if the weights are GGUF")
     parser.add_argument("--model-kind", default="causal-lm", choices=["causal-lm", "masked-lm"], help="which head to load")
+    add_loading_arguments(parser)
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -210,6 +212,7 @@ def check_args(args) -> None:
         if getattr(args, name) is not None:
             a.positive_int(a.flag_of(name), getattr(args, name))
     _check_selection_args(args)
+    check_attn_implementation(args.attn_implementation, training=True)
     if args.task == "classification":
         a.check_label_words(args.label_words)
     if args.task == "generation" and args.model_kind == "masked-lm":
@@ -684,7 +687,8 @@ def _build_or_continue(plan: Plan, accelerator):
     plan.spec.resolve_class().check_tokenizer(config, tokenizer)
     # every rank loads at the same time: under ZeRO-3 the model is built inside zero.Init, whose
     # parameter partitioning is a collective; main_process_first() here would deadlock
-    base, tokenizer = load(args.model, kind=args.model_kind, gguf_file=args.gguf_file, tokenizer=tokenizer)
+    base, tokenizer = load(args.model, kind=args.model_kind, gguf_file=args.gguf_file, tokenizer=tokenizer,
+                           dtype=args.dtype, attn_implementation=args.attn_implementation)
     with distributed.recording_gathers() as init_calls:
         if plan.adapter is None:
             model = build_model(base, args.method, plan.config, tokenizer=tokenizer)
@@ -693,7 +697,7 @@ def _build_or_continue(plan: Plan, accelerator):
             logger.info("continuing from adapter %s", args.init_from_adapter)
     init_gathers = len(init_calls)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     model.packing = args.packing
     zero_shot_template = Template(template.text, [p for p in template.parts if not isinstance(p, Soft)])
     plan.task.bind(tokenizer, template, zero_shot_template, accelerator.device, base, plan.config.has_classifier_head())
@@ -809,7 +813,9 @@ def _checkpoint(run: Run, step_done: int) -> None:
 
     args, accelerator, out_dir = run.args, run.accelerator, run.plan.out_dir
     ckpt = out_dir / f"checkpoint-{step_done}"
-    accelerator.save_state(str(ckpt))  # model, optimizer, scheduler, RNG of every rank
+    # the model's state is its adapter (PStarModel.state_dict); DeepSpeed would add every rank's
+    # shard of the frozen weights ("frozen_param_fragments") unless told not to
+    accelerator.save_state(str(ckpt), exclude_frozen_parameters=True)  # adapter, optimizer, scheduler, RNG
     trainable_state = run.core.trainable_state()  # collective under ZeRO-3: every rank gathers
     if accelerator.is_main_process:
         record = run.plan.task.record()

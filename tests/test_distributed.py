@@ -27,8 +27,9 @@ def _free_port() -> int:
 
 def launch(config, model_dir, out, *extra, launcher_args=(), check=True, steps=3, batch=4, timeout=300):
     config_file = config if isinstance(config, Path) else CONFIGS / f"{config}.yaml"
+    # fp32 on the CPU (the GPU configs ask for bf16): the runs are compared with one fp32 process
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
-           "--main_process_port", str(_free_port()), *launcher_args, "-m", "pstar_plugins.train",
+           "--main_process_port", str(_free_port()), "--mixed_precision", "no", *launcher_args, "-m", "pstar_plugins.train",
            "--model", str(model_dir), "--output-dir", str(out), "--max-steps", str(steps), "--batch-size", str(batch),
            "--max-train-samples", "64", "--max-eval-samples", "8", "--eval-steps", "0", "--no-zero-shot", "--plot", "",
            *extra]
@@ -100,13 +101,29 @@ def test_zero3_save_gathers_only_the_prompt(tiny_dir, tmp_path):
     assert torch.equal(model.method.prompt.detach(), saved["prompt"])
 
 
-@pytest.mark.parametrize("config", ["single_process", "zero3"])
+def checkpoint_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def adapter_and_optimizer_bytes(adapter_dir: Path) -> int:
+    """The adapter file, and AdamW's two fp32 moments of every trainable element."""
+    elements = sum(t.numel() for t in load_file(adapter_dir / "adapter.safetensors").values())
+    return (adapter_dir / "adapter.safetensors").stat().st_size + 2 * 4 * elements
+
+
+@pytest.mark.parametrize("config", ["single_process", "ddp", "zero2", "zero3", "zero3_offload"])
 def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_dir, tmp_path, config):
     common = ["--method", "prefix-tuning", "--checkpointing-steps", "2"]
     launch(config, tiny_dir, tmp_path / "full", *common, steps=4)
     launch(config, tiny_dir, tmp_path / "split", *common, "--stop-after-steps", "2", steps=4)
-    assert (tmp_path / "split" / "checkpoint-2" / "trainer_state.json").is_file()
+    checkpoint = tmp_path / "split" / "checkpoint-2"
+    assert (checkpoint / "trainer_state.json").is_file()
     assert not (tmp_path / "split" / "adapter").exists()
+    # no frozen weight is written: the whole checkpoint (every rank's files, the adapter copy,
+    # DeepSpeed's fp32 master partitions) stays under twice the adapter plus its optimizer state
+    frozen = sum(p.stat().st_size for p in tiny_dir.glob("*.safetensors"))
+    assert checkpoint_bytes(checkpoint) < 2 * adapter_and_optimizer_bytes(checkpoint / "adapter") < frozen, \
+        (checkpoint_bytes(checkpoint), adapter_and_optimizer_bytes(checkpoint / "adapter"), frozen)
     launch(config, tiny_dir, tmp_path / "split", *common, "--resume-from-checkpoint", "latest", steps=4)
     diff = max_diff(adapter(tmp_path / "full"), adapter(tmp_path / "split"))
     assert diff <= 1e-6, diff
@@ -121,6 +138,7 @@ def test_two_machines_on_loopback_train_and_save(tiny_dir, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     for rank in ("0", "1"):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "zero3_multinode.yaml"),
+               "--mixed_precision", "no",
                "--num_machines", "2", "--num_processes", "2", "--machine_rank", rank, "--main_process_ip", "127.0.0.1",
                "--main_process_port", port, "-m", "pstar_plugins.train", "--method", "prompt-tuning", "--model", str(tiny_dir),
                "--output-dir", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "4", "--max-train-samples", "32",
@@ -155,3 +173,20 @@ def test_select_best_on_two_processes_keeps_the_step_and_state_of_one(tiny_dir, 
     assert one["selection"] == two["selection"] and one["selection"]["best_step"] is not None
     assert one["tuned_accuracy"] == two["tuned_accuracy"]
     assert max_diff(adapter(tmp_path / "single"), adapter(tmp_path / config)) <= TOLERANCE
+
+
+def test_generation_under_zero3_equals_one_process(tiny_dir, tmp_path):
+    # 16 virtual tokens x hidden 32 = 512 elements, above ZeRO-3's persistence threshold (10 x
+    # hidden): the prompt is partitioned, and generate() runs outside the engine's forward
+    train, dev = tmp_path / "train.csv", tmp_path / "dev.csv"
+    train.write_text('mr,ref\n"name[A], food[Thai]","A serves Thai food."\n"name[B], area[riverside]","B is by the river."\n' * 4)
+    dev.write_text('mr,ref\n"name[C], food[Thai]","C serves Thai food."\n"name[D], area[riverside]","D is by the river."\n')
+    flags = ["--method", "prompt-tuning", "--num-virtual-tokens", "16", "--task", "generation", "--train-file", str(train),
+             "--validation-file", str(dev), "--template", "Data: {mr}\\nText:{answer}", "--max-new-tokens", "6"]
+    launch("single_process", tiny_dir, tmp_path / "single", *flags, batch=8, steps=2)
+    launch("zero3", tiny_dir, tmp_path / "zero3", *flags, batch=4, steps=2)
+    one, three = (json.loads((tmp_path / name / "metrics.json").read_text())["generation_scores"]["final eval"]
+                  for name in ("single", "zero3"))
+    assert one["example"] == three["example"] and one["sources"] == three["sources"] == 2
+    assert one["bleu"] == pytest.approx(three["bleu"]) and one["rouge_l"] == pytest.approx(three["rouge_l"])
+    assert max_diff(adapter(tmp_path / "single"), adapter(tmp_path / "zero3")) <= TOLERANCE

@@ -208,3 +208,74 @@ def test_resuming_from_another_methods_checkpoint_is_refused(tiny_dir, tokenizer
     train(tiny_dir, tokenizer, "prefix-tuning", tmp_path / "prefix", steps=2)
     with pytest.raises(AdapterError, match="holds a 'prefix-tuning' adapter, but the model being trained uses 'prompt-tuning'"):
         train(tiny_dir, tokenizer, "prompt-tuning", tmp_path / "prompt", steps=4, resume=str(tmp_path / "prefix" / "checkpoint-2"))
+
+
+def checkpoint_bytes(folder: Path) -> int:
+    """Every file a checkpoint holds except the tokenizer's (which a trainer with a tokenizer adds)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.name.startswith(("tokenizer", "chat_template")))
+
+
+def adapter_and_optimizer_bytes(model: PStarModel) -> int:
+    """The trainable tensors once, and AdamW's two fp32 moments of each."""
+    state = model.trainable_state()
+    return sum(t.numel() * t.element_size() + 2 * 4 * t.numel() for t in state.values())
+
+
+#: prompts large enough that a checkpoint's fixed files (RNG states, arguments) do not decide the ratio
+BIG = {"prompt-tuning": dict(num_virtual_tokens=64), "prefix-tuning": dict(num_virtual_tokens=16),
+       "p-tuning": dict(template="{soft:16} Review: {sentence} {soft:16} Sentiment:{answer}"),
+       "p-tuning-v2": dict(num_virtual_tokens=96)}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_plain_trainer_checkpoints_hold_no_frozen_weight_and_resume_exactly(tiny_dir, tokenizer, tmp_path, method):
+    """No subclass: ``Trainer`` saves ``PStarModel.state_dict()``, which is the adapter."""
+
+    def run(out, resume=None):
+        torch.manual_seed(0)
+        base = tf.AutoModelForCausalLM.from_pretrained(tiny_dir)
+        model = build_model(base, method, tokenizer=tokenizer, **{**OPTIONS[method], **BIG[method]})
+        args = tf.TrainingArguments(str(out), max_steps=4, save_steps=2, per_device_train_batch_size=4,
+                                    learning_rate=1e-2, warmup_steps=1, report_to=[])
+        trainer = tf.Trainer(model=model, args=args, train_dataset=features(method, tokenizer, n=16),
+                             data_collator=PStarDataCollator(tokenizer))
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, model
+
+    trainer, straight = run(tmp_path / "out")
+    for step in (2, 4):
+        folder = tmp_path / "out" / f"checkpoint-{step}"
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as fh:
+            assert sorted(fh.keys()) == sorted(straight.state_dict())
+        assert not any(k.startswith("base_model.") for k in straight.state_dict())
+        assert checkpoint_bytes(folder) < 2 * adapter_and_optimizer_bytes(straight), \
+            (checkpoint_bytes(folder), adapter_and_optimizer_bytes(straight))
+    trainer.save_model(str(tmp_path / "final"))
+    assert checkpoint_bytes(tmp_path / "final") < 2 * adapter_and_optimizer_bytes(straight)
+    _, resumed = run(tmp_path / "out", resume=str(tmp_path / "out" / "checkpoint-2"))
+    assert_same(trainable_copy(straight), trainable_copy(resumed))
+
+
+def test_state_dict_is_the_adapter_and_loads_back_strictly(tiny_dir, tokenizer):
+    model = make_model(tiny_dir, tokenizer, "prefix-tuning")
+    state = model.state_dict()
+    assert state and all(k.startswith("method.") for k in state)
+    assert {k.removeprefix("method.") for k in state} == set(model.method.state_dict())
+    other = make_model(tiny_dir, tokenizer, "prefix-tuning")
+    other.load_state_dict({k: v + 1 for k, v in state.items()})
+    assert all(torch.equal(other.state_dict()[k], state[k] + 1) for k in state)
+    with pytest.raises(RuntimeError, match="Missing key.*method"):
+        other.load_state_dict(dict(list(state.items())[1:]))
+    with pytest.raises(RuntimeError, match="Unexpected key.*method.nonsense"):
+        other.load_state_dict({**state, "method.nonsense": torch.zeros(1)})
+    # a full state dict (older checkpoints) still loads: its frozen weights are the model's own
+    full = {**{f"base_model.{k}": v for k, v in model.base_model.state_dict().items()}, **state}
+    assert other.load_state_dict(full).missing_keys == []
+    # a wrapper's state_dict and load (DDP's) recurse past this module's: its prefix, nothing frozen
+    wrapped = torch.nn.ModuleDict({"module": model})
+    assert sorted(wrapped.state_dict()) == sorted(f"module.{k}" for k in state)
+    other_wrapped = torch.nn.ModuleDict({"module": other})
+    other_wrapped.load_state_dict(wrapped.state_dict())  # strict
+    assert all(torch.equal(other.state_dict()[k], state[k]) for k in state)
+    with pytest.raises(RuntimeError, match="Missing key.*module.method"):
+        other_wrapped.load_state_dict(dict(list(wrapped.state_dict().items())[1:]))

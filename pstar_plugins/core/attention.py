@@ -199,6 +199,8 @@ class PrefixInjector:
         # when a dict: every site records its (keys, values) there and runs without a prefix
         self.capturing: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] | None = None
         self.layer_map: dict[str, list[int | None]] = {}
+        # masks built for the current call, shared by every layer (see shared_mask)
+        self._masks: dict[tuple, tuple[object, object]] = {}
         for site in self.sites:
             site.module.__dict__["_pstar_site"] = (site.kind, site.index)
 
@@ -249,10 +251,27 @@ class PrefixInjector:
     def restored(self, state) -> Iterator[None]:
         previous = self.state()
         self.active, self.row_groups, self.segments = state
+        self._masks.clear()  # a new call builds its own masks
         try:
             yield
         finally:
             self.active, self.row_groups, self.segments = previous
+            self._masks.clear()
+
+    def shared_mask(self, key: tuple, source, build: Callable[[], object]):
+        """The mask ``build()`` gives for ``key``, built once per call and shared by every layer:
+        transformers hands all layers (of one layer type) the same mask tensor, so the prefix
+        columns are prepended once per forward, not once per layer. ``source`` is the tensor the
+        mask derives from (``None`` for masks built from shapes alone); it is kept with the
+        entry, so an entry is reused only for that very tensor."""
+        entry = self._masks.get(key)
+        if entry is not None and entry[0] is source:
+            return entry[1]
+        if len(self._masks) >= 16:  # generate(): a new mask shape every step
+            self._masks.clear()
+        mask = build()
+        self._masks[key] = (source, mask)
+        return mask
 
     @contextlib.contextmanager
     def activate_tasks(self, task_ids: torch.Tensor | None,
@@ -268,20 +287,25 @@ class PrefixInjector:
             return
         tasks, row_groups = torch.unique(task_ids, return_inverse=True)
         with self.activate(prefixes_of(tasks), row_groups):
-            yield lambda plan: self.packed(plan.segment)
+            yield lambda plan: self.packed(plan.segment, plan.unpadded)
 
     @contextlib.contextmanager
-    def packed(self, segment: torch.Tensor) -> Iterator[None]:
+    def packed(self, segment: torch.Tensor, unpadded: bool = False) -> Iterator[None]:
         """During a packed call: ``segment`` ``(R, C)`` is 1 + the source example of every packed
-        position, 0 at padding (``core.packing.PackPlan.segment``)."""
-        previous = self.segments
+        position, 0 at padding (``core.packing.PackPlan.segment``). ``unpadded``: every packed
+        row is one whole example (``PackPlan.unpadded``), so each row keeps its own prompt and
+        the call runs without a mask, like an unpadded plain call."""
+        previous = self.segments, self.row_groups
         if self.row_groups is not None:
             groups = self.row_groups.to(segment.device)[(segment - 1).clamp(min=0)]
-            self.segments = _PackedSegments(groups.masked_fill(segment == 0, -1), int(self.row_groups.max()) + 1)
+            if unpadded:
+                self.row_groups = groups[:, 0]  # (R,): the prompt of the example in each packed row
+            else:
+                self.segments = _PackedSegments(groups.masked_fill(segment == 0, -1), int(self.row_groups.max()) + 1)
         try:
             yield
         finally:
-            self.segments = previous
+            self.segments, self.row_groups = previous
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]]:
@@ -362,34 +386,77 @@ class _PackedSegments:
         return self._visible[key]
 
 
-def _extend_mask(mask, module, query, kv_len: int, m: int, explicit_causal, segments: _PackedSegments | None = None):
+def lower_right_causal(q_len: int, kv_len: int, m: int, device: torch.device) -> torch.Tensor:
+    """``(1, 1, q_len, m + kv_len)`` boolean: query ``i`` sees the ``m`` prefix columns and the real
+    keys up to its own position, the causal pattern aligned to the bottom-right corner
+    (``torch.nn.attention.bias.causal_lower_right``) materialised once for kernels that need a tensor."""
+    return torch.ones(q_len, m + kv_len, dtype=torch.bool, device=device).tril(m + kv_len - q_len)[None, None]
+
+
+def _extend_mask(injector: "PrefixInjector", mask, module, query, kv_len: int, m: int, explicit_causal):
     """Prepend ``m`` prefix columns to the attention mask: visible from every query, or in a
-    packed mixed-task call (``segments``) only from the queries of each column's own prompt."""
+    packed mixed-task call (``injector.segments``) only from the queries of each column's own
+    prompt. Built once per call for each mask transformers passes (every layer gets the same)."""
     q_len = query.shape[2]
+    segments = injector.segments
     if segments is not None:
         if mask is None or mask.dim() != 4:
             raise IncompatibleModelError("a packed call with several prompts needs its 4D block mask.")
-        mask = mask[..., :kv_len]
-        visible = segments.visible(m, None if mask.dtype == torch.bool else mask.dtype)
-        return torch.cat([visible.to(mask.device), mask], dim=-1)
+
+        def with_prompt_columns():
+            visible = segments.visible(m, None if mask.dtype == torch.bool else mask.dtype)
+            return torch.cat([visible.to(mask.device), mask[..., :kv_len]], dim=-1)
+
+        return injector.shared_mask(("segments", m, kv_len), mask, with_prompt_columns)
     if mask is None:
         causal = explicit_causal if explicit_causal is not None else getattr(module, "is_causal", False)
         if not causal or q_len == 1:
             return None  # every real key is visible, and so is the prefix
-        real = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
-        mask = real[None, None]
+        return injector.shared_mask(("lower-right", q_len, kv_len, m, query.device), None,
+                                    lambda: lower_right_causal(q_len, kv_len, m, query.device))
     if mask.dim() != 4:
         raise IncompatibleModelError(
             f"expected a 4D attention mask in the attention call, got shape {tuple(mask.shape)}; load the "
             "model with attn_implementation='sdpa' or 'eager'."
         )
-    mask = mask[..., :kv_len]
-    shape = (*mask.shape[:-1], m)
-    if mask.dtype == torch.bool:
-        visible = torch.ones(shape, dtype=torch.bool, device=mask.device)
+
+    def with_prefix_columns():
+        cut = mask[..., :kv_len]
+        shape = (*cut.shape[:-1], m)
+        if cut.dtype == torch.bool:
+            visible = torch.ones(shape, dtype=torch.bool, device=cut.device)
+        else:
+            visible = torch.zeros(shape, dtype=cut.dtype, device=cut.device)
+        return torch.cat([visible, cut], dim=-1)
+
+    return injector.shared_mask(("prefix", m, kv_len), mask, with_prefix_columns)
+
+
+def _unpadded_causal_sdpa(module, query, key, value, m: int, injector: "PrefixInjector", dropout: float = 0.0,
+                          scaling: float | None = None, **kwargs):
+    """SDPA over ``m`` prefix columns and causal real keys with no mask tensor per layer.
+
+    On CUDA the pattern is ``causal_lower_right`` (torch dispatches it to its flash or
+    memory-efficient kernel; they take no grouped K/V there, so K/V heads are repeated); elsewhere
+    one boolean mask per call, shared by every layer, with grouped K/V passed as they are
+    (``enable_gqa``). Returns ``(B, q_len, heads, d)`` as transformers' sdpa function does."""
+    import torch.nn.functional as F
+
+    q_len, kv_len = query.shape[2], key.shape[2] - m
+    if query.device.type == "cuda":
+        from torch.nn.attention.bias import causal_lower_right
+
+        if query.shape[1] != key.shape[1]:
+            repeat = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
+        bias, gqa = causal_lower_right(q_len, m + kv_len), False
     else:
-        visible = torch.zeros(shape, dtype=mask.dtype, device=mask.device)
-    return torch.cat([visible, mask], dim=-1)
+        bias = injector.shared_mask(("lower-right", q_len, kv_len, m, query.device), None,
+                                    lambda: lower_right_causal(q_len, kv_len, m, query.device))
+        gqa = query.shape[1] != key.shape[1]
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scaling,
+                                         **({"enable_gqa": True} if gqa else {}))
+    return out.transpose(1, 2).contiguous(), None
 
 
 def prefix_attention_forward(module, query, key, value, attention_mask, **kwargs):
@@ -417,7 +484,16 @@ def prefix_attention_forward(module, query, key, value, attention_mask, **kwargs
     m, kv_len = prefix_k.shape[2], key.shape[2]
     key = torch.cat([prefix_k.to(key.dtype), key], dim=2)
     value = torch.cat([prefix_v.to(value.dtype), value], dim=2)
-    attention_mask = _extend_mask(attention_mask, module, query, kv_len, m, kwargs.get("is_causal"), injector.segments)
+    causal = kwargs.get("is_causal")
+    causal = causal if causal is not None else getattr(module, "is_causal", False)
+    if (attention_mask is None and causal and query.shape[2] > 1 and injector.segments is None
+            and getattr(base, "_attn_implementation", None) == "sdpa" and kwargs.get("position_bias") is None
+            and kwargs.get("softcap") is None and not kwargs.get("output_attentions")):
+        # an unpadded causal batch: no mask from transformers, and none built per layer here
+        # (transformers' sdpa function would drop keys past the query length when given is_causal)
+        call = {k: v for k, v in kwargs.items() if k in ("dropout", "scaling")}
+        return _unpadded_causal_sdpa(module, query, key, value, m, injector, **call)
+    attention_mask = _extend_mask(injector, attention_mask, module, query, kv_len, m, kwargs.get("is_causal"))
     bias = kwargs.get("position_bias")
     if bias is not None:  # T5: relative position bias has no entry for the prefix
         bias = bias[..., :kv_len]

@@ -119,8 +119,18 @@ def embedding_rows(embedding: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         a, b = max(lo, start), min(hi, end)
         if a < b:
             out[i, a - lo:b - lo] = local[a - start:b - start].float()
-    dist.all_reduce(out, group=group)
-    return out
+    # with offload_param the shard lives in CPU memory, but NCCL reduces only device tensors:
+    # the collective runs on the device DeepSpeed's accelerator names (the CPU under DS_ACCELERATOR=cpu)
+    buffer = out.to(collective_device())
+    dist.all_reduce(buffer, group=group)
+    return buffer.to(local.device)
+
+
+def collective_device() -> torch.device:
+    """The device a DeepSpeed collective's tensors must be on: the current accelerator device."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
 
 
 def embedding_std(embedding: nn.Module, sample: int = 1024, seed: int = 0) -> float:

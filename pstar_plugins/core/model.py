@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Mapping
 
 import torch
@@ -18,6 +19,19 @@ CARRIED_METHOD = "_pstar_method"
 EXTRA_PREFIX = "base_model."
 
 
+def _frozen_keys_are_not_missing(model: "PStarModel", incompatible) -> None:
+    """Load post-hook: drop the frozen base-model weights from the missing keys (in place, as
+    ``register_load_state_dict_post_hook`` allows); missing adapter tensors stay reported. Keys
+    carry whatever prefix a wrapper adds (``module.base_model....``)."""
+    adapter = {k.removeprefix("base_model.") for k in model.state_dict() if k.startswith("base_model.")}
+    kept = []
+    for key in incompatible.missing_keys:
+        at = key.find("base_model.")
+        if at < 0 or key[at + len("base_model."):] in adapter:
+            kept.append(key)
+    incompatible.missing_keys[:] = kept
+
+
 class PStarModel(nn.Module):
     """The wrapped model. ``forward`` and ``generate`` take the base model's arguments plus
     ``task_ids`` (``(B,)``, the prompt each row uses in a mixed-task batch) and whatever inputs
@@ -32,6 +46,9 @@ class PStarModel(nn.Module):
         self.method = method
         self.method_name = method_name
         self._pm = plugin_manager
+        # frozen weights are not part of this model's state (see state_dict): a strict load, also
+        # through a wrapper such as DDP whose load recurses past this module, does not ask for them
+        self.register_load_state_dict_post_hook(_frozen_keys_are_not_missing)
 
     @property
     def method_config(self) -> MethodConfig:
@@ -88,24 +105,45 @@ class PStarModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, task_ids=None, **kwargs):
         """Generate like ``base_model.generate``; the output starts with ``input_ids`` for decoder-only models."""
+        from pstar_plugins.core.distributed import gathered
+
         inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-        return self.method.generate(self.base_model, inputs, task_ids, **kwargs)
+        # generate() runs outside a DeepSpeed engine's forward, where ZeRO-3 fetches only the
+        # frozen modules' own weights: the method's partitions are gathered for the call (a
+        # collective: under ZeRO-3 every rank generates); a no-op on ordinary tensors
+        with gathered([*self.method.parameters(), *(p for _, p in self.extra_trainable_parameters())]):
+            return self.method.generate(self.base_model, inputs, task_ids, **kwargs)
 
     # -- training conveniences ---------------------------------------------------------
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **options) -> None:
-        """Checkpoint the frozen model's layers (``options``, e.g. ``every_n_layers``, go to the
-        base model's method, as ``Trainer`` passes them).
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **options) -> None:
+        """Checkpoint the frozen model's layers (``options``, e.g. ``every_n_layers`` or ``offload``,
+        go to the base model's method, as ``Trainer`` passes them).
 
         Non-reentrant checkpointing is forced: prefixes reach attention through a closure, not a
         layer input, and reentrant checkpointing gives no gradient to such tensors.
         """
-        kwargs = dict(gradient_checkpointing_kwargs or {})
+        kwargs = dict(activation_checkpointing_kwargs or {})
         kwargs["use_reentrant"] = False
         # recomputation runs during backward, outside forward's scope: let the method restore
         # whatever state its layers read (e.g. the active prefixes) for the recomputed layer
         kwargs["context_fn"] = self.method.checkpoint_context
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **options)
+        enable = getattr(self.base_model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs, **options)
+        else:  # transformers before the rename (the name pyproject.toml's range still admits)
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **options)
         self.base_model.train(self.training)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **options) -> None:
+        """The name ``Trainer`` calls before transformers 5.25; same as :meth:`activation_checkpointing_enable`."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **options)
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        """Whether the frozen model's layers are checkpointed (``Trainer`` reads it under DDP)."""
+        if hasattr(type(self.base_model), "is_activation_checkpointing"):
+            return self.base_model.is_activation_checkpointing
+        return self.base_model.is_gradient_checkpointing  # transformers before the rename
 
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
@@ -122,6 +160,26 @@ class PStarModel(nn.Module):
         return trainable, frozen
 
     # -- adapter state -------------------------------------------------------------------
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """The adapter's tensors only: the method's module (``method.*``) and base-model weights a
+        plugin unfroze, under their module paths. No frozen weight is ever part of this model's state;
+        ``load_state_dict`` takes this back strictly without asking for frozen weights (a full state
+        dict, as older checkpoints hold, loads too: its frozen weights are copied like any module's).
+
+        Every generic saver calls this: ``transformers.Trainer`` (which saves ``state_dict()`` for
+        any model that is not a ``PreTrainedModel``), ``accelerator.save_state``, DDP (whose own
+        ``state_dict`` recurses into this one) and DeepSpeed's module save. A checkpoint is then
+        the adapter plus the optimizer, scheduler and RNG states at any model size, with no
+        subclass or flag. ``base_model.state_dict()`` is the frozen model's, for whoever wants it.
+        """
+        if args:  # torch's deprecated positional form: (destination, prefix, keep_vars)
+            destination, prefix, keep_vars = (list(args) + [destination, prefix, keep_vars][len(args):])[:3]
+        out = destination if destination is not None else OrderedDict()
+        self.method.state_dict(destination=out, prefix=prefix + "method.", keep_vars=keep_vars)
+        for name, param in self.extra_trainable_parameters():
+            out[prefix + name] = param if keep_vars else param.detach()
+        return out
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The adapter tensors as full CPU tensors. Under ZeRO-3 every rank must call this:
         only the method's partitions are gathered, never a frozen weight."""

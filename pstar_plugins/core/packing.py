@@ -66,6 +66,7 @@ PADDING_FREE_FAMILIES: dict[str, Family] = {
     "phi": _HEAD, "phi3": _HEAD, "gpt2": _HEAD, "gpt_neox": _HEAD, "gptj": _HEAD, "gpt_bigcode": _HEAD, "opt": _HEAD,
     "starcoder2": _HEAD, "olmo2": _HEAD, "cohere": _FORWARD, "granite": _FORWARD, "stablelm": _HEAD,
     "smollm3": Family("head", True), "deepseek_v3": _HEAD,
+    "falcon": _HEAD,  # through transformers' attention interface since transformers 5.25
 }
 
 
@@ -101,6 +102,13 @@ class PackPlan:
     @property
     def tokens(self) -> int:
         return int(self.batch.numel())
+
+    @property
+    def unpadded(self) -> bool:
+        """Every bin holds one whole example and no padding (a batch without padding packs so):
+        the packed call is then plain causal attention and needs no mask at all."""
+        rows, width = self.shape
+        return self.tokens == rows * width and rows == self.source_shape[0]
 
 
 def _first_fit_decreasing(lengths: list[int], capacity: int) -> tuple[list[tuple[int, int]], list[int]]:
@@ -169,7 +177,11 @@ def plan(mask: torch.Tensor, attention_pair_cost: float = 0.0) -> PackPlan:
 
 def masks(p: PackPlan, model: nn.Module, dtype: torch.dtype):
     """The packed call's attention mask: one block mask, windowed when every layer slides, or one
-    per layer type (``config.layer_types``) when the family takes them as a dict."""
+    per layer type (``config.layer_types``) when the family takes them as a dict; ``None`` when the
+    plan is :attr:`PackPlan.unpadded`, so that attention runs with ``is_causal`` and no mask (the
+    model builds its own sliding-window mask where a layer needs one), as the plain call would."""
+    if p.unpadded:
+        return None
     config = model.config
     boolean = _attention_kernel(model) == "sdpa"
     window = getattr(config, "sliding_window", None)
