@@ -99,21 +99,32 @@ class ClassificationTask(_Task):
 
     def evaluate(self, model, split: Split, desc: str, limit: int | None = None, zero_shot: bool = False,
                  show: bool = False) -> float:
+        """Accuracy on the first ``limit`` rows of ``split`` (every rank calls this). The rows are
+        cut into the batches one process would score, and each rank scores its round-robin share
+        of them (core.distributed.share_of_this_rank), so every row is scored once, in the same
+        batch as on one process; the counts are added over the ranks. A rank whose share ran out
+        scores one row and drops it: DDP's first forward after a step broadcasts buffers and every
+        ZeRO-3 forward gathers parameters, so every rank must call the model equally often."""
         import torch
         from tqdm.auto import tqdm
+
+        from pstar_plugins.core import distributed
 
         scorer = self.zero_shot_scorer if zero_shot else self.scorer
         step = self.args.eval_batch_size
         n = min(limit or len(split), len(split))
+        mine = distributed.share_of_this_rank(list(range(0, n, step)))
         model.eval()
         correct = 0
         with torch.no_grad():
-            for i in tqdm(range(0, n, step), desc=desc, disable=not (show and sys.stderr.isatty()), leave=False):
-                j = min(i + step, n)
-                scores, gold = self._classify(model, scorer, split.rows[i:j], split.labels[i:j])
-                correct += int((scores.argmax(-1) == gold).sum())
+            for i in tqdm(mine, desc=desc, disable=not (show and sys.stderr.isatty()), leave=False):
+                # padding: the first row again, its result dropped (any call keeps the ranks in step)
+                start, j = (0, 1) if i is None else (i, min(i + step, n))
+                scores, gold = self._classify(model, scorer, split.rows[start:j], split.labels[start:j])
+                if i is not None:
+                    correct += int((scores.argmax(-1) == gold).sum())
         model.train()
-        return correct / n
+        return distributed.sum_over_ranks(correct) / n
 
     @staticmethod
     def summary_lines(results: dict) -> list[str]:
@@ -182,13 +193,30 @@ class GenerationTask(_Task):
 
         from pstar_plugins.tasks import generation as gen
 
+        from pstar_plugins.core import distributed
+
         groups = split.groups[: limit or len(split.groups)]
         template = self.zero_shot_template if zero_shot else self.template
+        step = self.args.eval_batch_size
+        # each rank decodes its round-robin share of the batches one process would decode (the
+        # same batches, so the same text), the continuations are gathered and scored together
+        # (BLEU is a corpus score); under ZeRO-3 every decoding step is a collective, so ranks
+        # with shorter outputs or no batch left keep stepping (synced_gpus, a padding batch)
+        synced = distributed.any_partitioned(model)
+        mine = distributed.share_of_this_rank(list(range(0, len(groups), step)))
         model.eval()
+        decoded = {}
         with torch.no_grad():
-            scores, hyps = gen.generate_and_score(model, template, self.tokenizer, groups, self.args.max_new_tokens,
-                                                  self.args.eval_batch_size)
+            for i in mine:
+                batch = groups[0:1] if i is None else groups[i:i + step]
+                hyps = gen.generate(model, template, self.tokenizer, [g[0] for g in batch], self.args.max_new_tokens,
+                                    step, synced_gpus=synced)
+                if i is not None:
+                    decoded[i] = hyps
         model.train()
+        merged = {i: h for part in distributed.all_ranks(decoded) for i, h in part.items()}
+        hyps = [h for i in sorted(merged) for h in merged[i]]
+        scores = gen.bleu_rouge(hyps, [g[1] for g in groups])
         self.scores[desc] = {**scores, "sources": len(groups), "example": hyps[:3]}
         return scores["bleu"]
 

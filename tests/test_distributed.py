@@ -32,7 +32,7 @@ def launch(config, model_dir, out, *extra, launcher_args=(), check=True, steps=3
            "--main_process_port", str(_free_port()), "--mixed_precision", "no", *launcher_args, "-m", "pstar_plugins.train",
            "--model", str(model_dir), "--output-dir", str(out), "--max-steps", str(steps), "--batch-size", str(batch),
            "--max-train-samples", "64", "--max-eval-samples", "8", "--eval-steps", "0", "--no-zero-shot", "--plot", "",
-           *extra]
+           "--dist-timeout", "60", *extra]  # a hang fails within a minute instead of leaving ranks behind
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if check:
@@ -164,9 +164,12 @@ def test_adapter_from_one_process_continues_under_zero3(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("config", ["ddp", "zero3"])
 def test_select_best_on_two_processes_keeps_the_step_and_state_of_one(tiny_dir, tmp_path, config):
-    # the best state is gathered on every rank (a collective under ZeRO-3) and written by rank 0
+    # the best state is gathered on every rank (a collective under ZeRO-3) and written by rank 0;
+    # evaluation batches of 3 split the 16 selection and 8 evaluation rows into 6 and 3 batches,
+    # so each of the two ranks scores its share and one of them a padding batch, and the counts
+    # added over the ranks must give one process's accuracies
     flags = ["--method", "prompt-tuning", "--validation-split-percentage", "25", "--select-best", "best",
-             "--eval-steps", "1", "--learning-rate", "0.3"]
+             "--eval-steps", "1", "--learning-rate", "0.3", "--eval-batch-size", "3"]
     launch("single_process", tiny_dir, tmp_path / "single", *flags, batch=8, steps=4)
     launch(config, tiny_dir, tmp_path / config, *flags, batch=4, steps=4)  # 2 processes x 4 = 8
     one, two = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("single", config))

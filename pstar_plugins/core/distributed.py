@@ -1,7 +1,10 @@
-"""Everything that knows about DeepSpeed ZeRO-3 partitioning lives here.
+"""Everything that knows about DeepSpeed ZeRO-3 partitioning, and about the ranks of a run,
+lives here.
 
 Under ZeRO-3 a parameter's local ``numel()`` is 0 and its data lives in shards; these helpers
-gather exactly what they are asked for and are no-ops on ordinary tensors.
+gather exactly what they are asked for and are no-ops on ordinary tensors. The rank helpers
+split work between the processes of a run and add their results; without a process group they
+are the single-process identity.
 """
 
 from __future__ import annotations
@@ -168,3 +171,50 @@ def shut_down() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (``(0, 1)`` without a process group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def share_of_this_rank(items: list) -> list:
+    """This rank's round-robin share of ``items`` (rank ``r`` of ``n`` takes ``r, r + n, ...``),
+    padded with ``None`` so that every rank gets as many entries: under ZeRO-3 every forward is a
+    collective, so each rank must call the model as often as the others, also on a padding entry."""
+    rank, world = rank_and_world()
+    rounds = -(-len(items) // world)
+    return [items[k] if k < len(items) else None for k in range(rank, rounds * world, world)]
+
+
+def sum_over_ranks(value: int) -> int:
+    """``value`` added over every rank (every rank must call this)."""
+    import torch.distributed as dist
+
+    if rank_and_world()[1] == 1:
+        return value
+    # NCCL reduces only CUDA tensors, gloo CPU ones
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    total = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def all_ranks(value) -> list:
+    """``value`` of every rank, in rank order (every rank must call this; picklable values)."""
+    import torch.distributed as dist
+
+    if rank_and_world()[1] == 1:
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def any_partitioned(model: nn.Module) -> bool:
+    """Whether ``model`` holds ZeRO-3 partitioned parameters (its forwards are then collectives)."""
+    return any(is_partitioned(p) for p in model.parameters())

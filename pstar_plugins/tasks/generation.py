@@ -101,9 +101,10 @@ def group_references(rows: list[dict], template: Template, target_column: str) -
 
 @torch.no_grad()
 def generate(model, template: Template, tokenizer, sources: list[dict], max_new_tokens: int, batch_size: int,
-             progress=None) -> list[str]:
+             progress=None, synced_gpus: bool = False) -> list[str]:
     """Greedy decoding from left-padded prompts; returns the decoded continuations (``progress``:
-    a tqdm bar advanced by the rows of each batch)."""
+    a tqdm bar advanced by the rows of each batch; ``synced_gpus``: keep stepping until every rank
+    is done, as ZeRO-3 needs)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     outputs: list[str] = []
@@ -119,7 +120,8 @@ def generate(model, template: Template, tokenizer, sources: list[dict], max_new_
             index[i, length - len(p):] = torch.tensor(idx)
         kwargs = {"prompt_index": index.to(device)} if (index >= 0).any() else {}
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **kwargs)
+                             do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                             **({"synced_gpus": True} if synced_gpus else {}), **kwargs)
         for row in out[:, length:]:
             outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip().split("\n")[0].strip())
         if progress is not None:
