@@ -557,6 +557,24 @@ def _main(argv, prog: str = "pstar train"):
             lock.release()
 
 
+def _check_sizes(args, spec, config) -> None:
+    """Options that size tensors against the model's position limit and the memory left, from the
+    model's config alone (core.sizes); a config that cannot be read is left to the loader."""
+    from pstar_plugins import sizes
+    from pstar_plugins.methods.embedding_prompt import EmbeddingPromptMethod
+    from pstar_plugins.models import resolve
+
+    try:
+        from transformers import AutoConfig
+
+        path, gguf = resolve(args.model, args.gguf_file)
+        model_config = AutoConfig.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
+    except Exception:  # unreachable hub or an unusual folder: loading reports it
+        return
+    in_sequence = issubclass(spec.resolve_class(), EmbeddingPromptMethod)
+    sizes.check(config, model_config, in_sequence, args.batch_size, args.max_length)
+
+
 def _plan(args) -> Plan:
     """Method and config, data, schedule, template and output folder, all checked (no torch)."""
     from pstar_plugins import run_dir
@@ -587,6 +605,7 @@ def _plan(args) -> Plan:
     resolve_schedule(args, len(train_rows), processes)
     check_source(args.model, args.model_kind, args.gguf_file, args.task)
     config = task.configure(config)
+    _check_sizes(args, spec, config)
     if adapter is not None and spec.config_class.from_saved(adapter[0]["method_config"]) != config:
         raise ConfigError(f"--init-from-adapter {args.init_from_adapter} was trained with another number of classes than "
                           f"the {len(args.label_words)} --label-words; pass the label words it was trained with.")
