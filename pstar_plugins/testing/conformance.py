@@ -137,6 +137,8 @@ class Cell:
         self.eos = getattr(text, "eos_token_id", None)
         self.low = min(3, self.vocab - 1)
         self.supports_checkpointing = bool(getattr(probe, "supports_gradient_checkpointing", False))
+        # where the factory puts the model (a GPU check builds on CUDA): every batch goes there
+        self.device = next(probe.parameters()).device
         del probe
 
     # -- models -------------------------------------------------------------------------
@@ -186,10 +188,11 @@ class Cell:
         if self.kind == SEQ2SEQ:
             g = torch.Generator().manual_seed(seed + 101)
             batch["decoder_input_ids"] = torch.randint(self.low, self.vocab, (len(rows), DECODER_LENGTH), generator=g)
-        return batch
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def forward(self, model, batch: dict[str, Any], **extra):
         inputs = dict(batch)
+        extra = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
         if self.kind == CAUSAL and "logits_to_keep" not in extra:
             extra["logits_to_keep"] = inputs["input_ids"].shape[1]  # every column, the packable call
         return model(**inputs, **extra)
@@ -474,7 +477,7 @@ def _greedy_loop(cell: Cell, model, batch: dict[str, Any], steps: int):
     if cell.kind == SEQ2SEQ:
         start = model.base_model.generation_config.decoder_start_token_id
         start = start if start is not None else model.base_model.config.decoder_start_token_id
-        dec = torch.full((batch["input_ids"].shape[0], 1), int(start), dtype=torch.long)
+        dec = torch.full((batch["input_ids"].shape[0], 1), int(start), dtype=torch.long, device=batch["input_ids"].device)
         extra = model.method.example_inputs(batch["input_ids"], batch["attention_mask"])
         for _ in range(steps):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=dec,
