@@ -21,7 +21,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-CACHE = Path(os.environ.get("PSTAR_BENCH_CACHE", Path.home() / ".cache" / "pstar-plugins" / "bench"))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 SST2_TEMPLATE = "Review: {sentence} Sentiment:{answer}"
 E2E_TEMPLATE = "Data: {mr}\nText:{answer}"
@@ -84,30 +83,16 @@ def write_result(name: str, payload: dict) -> Path:
 def smollm2(dtype: torch.dtype = torch.float32):
     """A fresh SmolLM2-135M-Instruct (frozen weights as in the GGUF file) and its tokenizer.
 
-    The GGUF file is dequantised once and kept as safetensors under ``CACHE``, so the many fresh
-    copies a side-by-side run needs load in about a second.
+    The GGUF file is dequantised once and kept as safetensors (``pstar_plugins.models.dequantized_gguf``),
+    so the many fresh copies a side-by-side run needs load in about a second.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    folder = CACHE / "smollm2-135m-instruct"
-    if not (folder / "config.json").is_file():
-        from pstar_plugins.models import load
+    from pstar_plugins.models import dequantized_gguf, load_tokenizer, resolve
 
-        from safetensors.torch import save_model
-
-        base, tokenizer = load("smollm2")
-        folder.mkdir(parents=True, exist_ok=True)
-        # transformers will not re-save a GGUF-loaded model: write the dequantised weights and a
-        # config without the quantisation record ourselves
-        config = base.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.save_pretrained(folder)
-        save_model(base, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        tokenizer.save_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    path, gguf = resolve("smollm2")
+    folder = dequantized_gguf(AutoModelForCausalLM, path, gguf)  # the library's own cache of the weights
+    tokenizer = load_tokenizer("smollm2")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").to(device())
     model.requires_grad_(False)
     return model, tokenizer

@@ -139,10 +139,11 @@ def _main(argv, prog: str = "pstar eval"):
     args = parse_args(argv, prog)
     from pstar_plugins.core.adapter_io import read_adapter
     from pstar_plugins.eval_scoring import make_scoring
-    from pstar_plugins.models import check_attn_implementation, check_source, load
+    from pstar_plugins.models import check_attn_implementation, check_quantization, check_source, load, quantization_config
     from pstar_plugins.tasks.data import load_split, parse_column_mapping
 
     check_attn_implementation(args.attn_implementation, training=False)
+    check_quantization(args)
     load_plugins(args.plugin)
     adapter = read_adapter(args.adapter) if args.adapter else None  # a bad adapter fails before any load
     if adapter:
@@ -158,8 +159,9 @@ def _main(argv, prog: str = "pstar eval"):
     rows, source = load_split(args.validation_file, args.dataset, args.dataset_config, args.validation_split,
                               args.max_eval_samples, columns)
     scoring.read(rows, source)  # labels or references: checked before the model loads
+    quantized = quantization_config(args)
     base, tokenizer = load(args.model, kind=args.model_kind, gguf_file=args.gguf_file, dtype=args.dtype,
-                           attn_implementation=args.attn_implementation)
+                           attn_implementation=args.attn_implementation, **({"quantization_config": quantized} if quantized else {}))
     base.eval()
     scoring.bind(tokenizer)
     results = {"model": args.model, "task": args.task, "template": args.template, "validation_data": source,

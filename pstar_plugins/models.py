@@ -129,6 +129,16 @@ def add_loading_arguments(parser) -> None:
                              + " (the method's tensors are trained in fp32 either way)")
     parser.add_argument("--attn-implementation", default="sdpa", choices=list(ATTN_IMPLEMENTATIONS),
                         help="the attention kernels the frozen model runs (docs/architectures.md: what each method supports)")
+    quantized = parser.add_mutually_exclusive_group()
+    quantized.add_argument("--load-in-4bit", action="store_true",
+                           help="hold the frozen model's linear layers in 4 bits (bitsandbytes); the method trains in fp32")
+    quantized.add_argument("--load-in-8bit", action="store_true",
+                           help="hold the frozen model's linear layers in 8 bits (bitsandbytes LLM.int8)")
+    parser.add_argument("--bnb-4bit-quant-type", default=None, choices=["nf4", "fp4"],
+                        help="4-bit data type (default nf4, QLoRA's NormalFloat4); needs --load-in-4bit")
+    parser.add_argument("--bnb-4bit-compute-dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                        help="dtype the 4-bit layers compute in (default: --dtype when bf16/fp16, else bf16 on a GPU and "
+                             "fp32 on the CPU); needs --load-in-4bit")
 
 
 def check_attn_implementation(name: str, training: bool) -> None:
@@ -156,6 +166,53 @@ def check_attn_implementation(name: str, training: bool) -> None:
                           "--attn-implementation sdpa (the same values); pstar eval runs flex_attention on the CPU.")
 
 
+def check_quantization(args) -> None:
+    """Refuse, before any model loads, quantization flags that cannot work here: 4-bit options
+    without ``--load-in-4bit``, no bitsandbytes, or an engine that would cast or shard the packed
+    weights (DeepSpeed casts the whole module to its precision and ZeRO-3 partitions every
+    parameter; FSDP flattens them)."""
+    import importlib.util
+    import os
+
+    from pstar_plugins.errors import ConfigError
+
+    quantized = getattr(args, "load_in_4bit", False) or getattr(args, "load_in_8bit", False)
+    for flag in ("bnb_4bit_quant_type", "bnb_4bit_compute_dtype"):
+        if getattr(args, flag, None) is not None and not getattr(args, "load_in_4bit", False):
+            raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} sets up 4-bit layers; add --load-in-4bit, "
+                              "or drop the option.")
+    if not quantized:
+        return
+    flag = "--load-in-4bit" if args.load_in_4bit else "--load-in-8bit"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{flag} needs the bitsandbytes package: pip install 'pstar-plugins[quantization]' "
+                          "(or pip install bitsandbytes).")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise ConfigError(f"{flag} under DeepSpeed: the engine casts the module to its precision and ZeRO-3 partitions "
+                          "every parameter, which packed 4/8-bit weights do not survive. Launch with one process or DDP "
+                          "(integrations/accelerate/ddp.yaml), or drop the flag and shard the model with ZeRO-3.")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise ConfigError(f"{flag} under FSDP: FSDP flattens and shards the packed 4/8-bit weights; launch with one "
+                          "process or DDP, or drop the flag.")
+
+
+def quantization_config(args):
+    """transformers' ``BitsAndBytesConfig`` for the flags of :func:`add_loading_arguments`, or ``None``."""
+    if not (getattr(args, "load_in_4bit", False) or getattr(args, "load_in_8bit", False)):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    import torch
+
+    compute = args.bnb_4bit_compute_dtype
+    if compute is None:
+        compute = args.dtype if args.dtype in ("bf16", "fp16") else ("bf16" if torch.cuda.is_available() else "fp32")
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=args.bnb_4bit_quant_type or "nf4",
+                              bnb_4bit_compute_dtype=torch_dtype(compute))
+
+
 def load(name: str, kind: str = "causal-lm", gguf_file: str | None = None, dtype=None, attn_implementation: str = "sdpa",
          tokenizer=None, **from_pretrained):
     """Load model and tokenizer. ``name`` is an offline alias, a local folder or any hub id.
@@ -167,14 +224,57 @@ def load(name: str, kind: str = "causal-lm", gguf_file: str | None = None, dtype
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
     path, gguf = resolve(name, gguf_file)
+    auto = {"causal-lm": AutoModelForCausalLM, "masked-lm": AutoModelForMaskedLM, "seq2seq-lm": AutoModelForSeq2SeqLM}[kind]
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(name, gguf_file)
+    if gguf and from_pretrained.get("quantization_config") is not None:
+        # transformers quantizes only while loading safetensors weights, never GGUF ones
+        path, gguf = dequantized_gguf(auto, path, gguf), None
     kwargs = {"gguf_file": gguf} if gguf else {}
     dtype = torch_dtype(dtype)
     if dtype is not None:
         kwargs["dtype"] = dtype
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(name, gguf_file)
-    auto = {"causal-lm": AutoModelForCausalLM, "masked-lm": AutoModelForMaskedLM, "seq2seq-lm": AutoModelForSeq2SeqLM}[kind]
     model = auto.from_pretrained(path, attn_implementation=attn_implementation, **kwargs, **from_pretrained)
     return model, tokenizer
+
+
+def cache_dir() -> Path:
+    """Where the library keeps files it derives once (``$PSTAR_CACHE``, default ``~/.cache/pstar-plugins``)."""
+    return Path(os.environ.get("PSTAR_CACHE", Path.home() / ".cache" / "pstar-plugins")).expanduser()
+
+
+def dequantized_gguf(auto, folder: str, gguf: str) -> str:
+    """A safetensors copy of a GGUF model's weights (dequantised to fp32), written once under
+    :func:`cache_dir` and reused while the GGUF file is unchanged; its folder, for a
+    ``from_pretrained`` that quantizes (bitsandbytes) or otherwise needs safetensors."""
+    import hashlib
+    import logging
+    import shutil
+    import tempfile
+
+    source = Path(folder) / gguf
+    stat = source.stat()
+    key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{auto.__name__}".encode()).hexdigest()[:16]
+    target = cache_dir() / "dequantized" / f"{Path(gguf).stem}-{key}"
+    if (target / "config.json").is_file():
+        return str(target)
+    logging.getLogger(__name__).warning("dequantising %s once to %s (transformers quantizes safetensors weights only)",
+                                        source, target)
+    from safetensors.torch import save_model
+
+    model = auto.from_pretrained(folder, gguf_file=gguf, dtype="float32")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
+    try:
+        # the weights as plain tensors (save_pretrained refuses a model that GGUF loading marked quantized)
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(staging)
+        save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        os.replace(staging, target)  # atomic: a half-written copy is never taken for a whole one
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
 
 
 def packaged_data(name: str) -> str:

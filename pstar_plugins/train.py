@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pstar_plugins import arguments, tracking
-from pstar_plugins.models import add_loading_arguments, check_attn_implementation
+from pstar_plugins.models import add_loading_arguments, check_attn_implementation, check_quantization
 from pstar_plugins.errors import ConfigError, PStarError, run_reporting_errors
 from pstar_plugins.tasks.template import DEFAULT_TEMPLATE
 
@@ -213,6 +213,7 @@ def check_args(args) -> None:
             a.positive_int(a.flag_of(name), getattr(args, name))
     _check_selection_args(args)
     check_attn_implementation(args.attn_implementation, training=True)
+    check_quantization(args)
     if args.task == "classification":
         a.check_label_words(args.label_words)
     if args.task == "generation" and args.model_kind == "masked-lm":
@@ -695,7 +696,7 @@ def _build_or_continue(plan: Plan, accelerator):
     from pstar_plugins import build_model
     from pstar_plugins.core import distributed
     from pstar_plugins.core.loading import load_adapter
-    from pstar_plugins.models import load, load_tokenizer
+    from pstar_plugins.models import load, load_tokenizer, quantization_config
     from pstar_plugins.tasks.template import Soft, Template
 
     args, template = plan.args, plan.template
@@ -706,8 +707,11 @@ def _build_or_continue(plan: Plan, accelerator):
     plan.spec.resolve_class().check_tokenizer(config, tokenizer)
     # every rank loads at the same time: under ZeRO-3 the model is built inside zero.Init, whose
     # parameter partitioning is a collective; main_process_first() here would deadlock
+    quantized = quantization_config(args)
+    # a quantized model is placed where it is quantized (bitsandbytes packs on the device): this rank's
+    placement = {"quantization_config": quantized, "device_map": {"": str(accelerator.device)}} if quantized else {}
     base, tokenizer = load(args.model, kind=args.model_kind, gguf_file=args.gguf_file, tokenizer=tokenizer,
-                           dtype=args.dtype, attn_implementation=args.attn_implementation)
+                           dtype=args.dtype, attn_implementation=args.attn_implementation, **placement)
     with distributed.recording_gathers() as init_calls:
         if plan.adapter is None:
             model = build_model(base, args.method, plan.config, tokenizer=tokenizer)

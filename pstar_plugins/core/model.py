@@ -152,7 +152,9 @@ class PStarModel(nn.Module):
         """(trainable, frozen) element counts; ZeRO-3 partitions report ``ds_numel``."""
         trainable = frozen = 0
         for p in self.parameters():
-            n = getattr(p, "ds_numel", None) or p.numel()
+            # ZeRO-3 partitions and bitsandbytes' packed 4-bit weights keep their real shape aside
+            quant = getattr(p, "quant_state", None)
+            n = getattr(p, "ds_numel", None) or (quant.shape.numel() if quant is not None else p.numel())
             if p.requires_grad:
                 trainable += n
             else:

@@ -241,3 +241,28 @@ def tiny_model(arch: str, seed: int = 0, attn_implementation: str = "sdpa", dtyp
     torch.manual_seed(seed)
     model = auto.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
     return model.eval()
+
+
+_SAVED: dict[tuple[str, int], str] = {}  # (arch, seed) -> folder of this process's saved tiny model
+
+
+def tiny_quantized_model(arch: str, bits: int, seed: int = 0):
+    """:func:`tiny_model`'s weights loaded with bitsandbytes in ``bits`` (4: NF4 computing in fp32;
+    8: LLM.int8), the way a user loads a quantized base: transformers quantizes only while
+    loading, so the tiny model is saved once per process and loaded from there."""
+    import tempfile
+
+    import transformers as tf
+
+    if bits not in (4, 8):
+        raise ValueError(f"bits={bits!r}: expected 4 or 8")
+    folder = _SAVED.get((arch, seed))
+    if folder is None:
+        folder = tempfile.mkdtemp(prefix=f"pstar-tiny-{arch}-")
+        tiny_model(arch, seed=seed).save_pretrained(folder)
+        _SAVED[(arch, seed)] = folder
+    config = (tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+              if bits == 4 else tf.BitsAndBytesConfig(load_in_8bit=True))
+    auto = tiny_config(arch)[0]
+    attn = "eager" if arch in ATTN_FALLBACK else "sdpa"
+    return auto.from_pretrained(folder, quantization_config=config, attn_implementation=attn, device_map={"": "cpu"}).eval()
