@@ -180,16 +180,21 @@ def test_select_best_on_two_processes_keeps_the_step_and_state_of_one(tiny_dir, 
 
 def test_generation_under_zero3_equals_one_process(tiny_dir, tmp_path):
     # 16 virtual tokens x hidden 32 = 512 elements, above ZeRO-3's persistence threshold (10 x
-    # hidden): the prompt is partitioned, and generate() runs outside the engine's forward
+    # hidden): the prompt is partitioned, and generate() runs outside the engine's forward. Both
+    # runs continue one adapter at a learning rate too small to move it, so they decode with the
+    # same tensors (greedy text of a random tiny model flips on a 1e-7 difference); rank 0 decodes
+    # the only batch, rank 1 a padding batch in step with it
     train, dev = tmp_path / "train.csv", tmp_path / "dev.csv"
     train.write_text('mr,ref\n"name[A], food[Thai]","A serves Thai food."\n"name[B], area[riverside]","B is by the river."\n' * 4)
     dev.write_text('mr,ref\n"name[C], food[Thai]","C serves Thai food."\n"name[D], area[riverside]","D is by the river."\n')
-    flags = ["--method", "prompt-tuning", "--num-virtual-tokens", "16", "--task", "generation", "--train-file", str(train),
+    flags = ["--method", "prompt-tuning", "--task", "generation", "--train-file", str(train),
              "--validation-file", str(dev), "--template", "Data: {mr}\\nText:{answer}", "--max-new-tokens", "6"]
-    launch("single_process", tiny_dir, tmp_path / "single", *flags, batch=8, steps=2)
-    launch("zero3", tiny_dir, tmp_path / "zero3", *flags, batch=4, steps=2)
+    launch("single_process", tiny_dir, tmp_path / "first", *flags, "--num-virtual-tokens", "16", batch=8, steps=2)
+    start = ["--init-from-adapter", str(tmp_path / "first" / "adapter"), "--learning-rate", "1e-12"]
+    launch("single_process", tiny_dir, tmp_path / "single", *flags, *start, batch=8, steps=1)
+    launch("zero3", tiny_dir, tmp_path / "zero3", *flags, *start, batch=4, steps=1)
+    assert max_diff(adapter(tmp_path / "single"), adapter(tmp_path / "zero3")) == 0
     one, three = (json.loads((tmp_path / name / "metrics.json").read_text())["generation_scores"]["final eval"]
                   for name in ("single", "zero3"))
     assert one["example"] == three["example"] and one["sources"] == three["sources"] == 2
-    assert one["bleu"] == pytest.approx(three["bleu"]) and one["rouge_l"] == pytest.approx(three["rouge_l"])
-    assert max_diff(adapter(tmp_path / "single"), adapter(tmp_path / "zero3")) <= TOLERANCE
+    assert one["bleu"] == three["bleu"] and one["rouge_l"] == three["rouge_l"]

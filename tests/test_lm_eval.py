@@ -16,7 +16,11 @@ pytest.importorskip("lm_eval", reason="lm-eval is installed by scripts/setup.sh 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import lm_eval_compare  # noqa: E402
 
-pytestmark = [pytest.mark.slow, needs_model]
+# lm-eval loads the exported adapter with PEFT 0.21, which reads ``is_gradient_checkpointing`` and
+# passes ``past_key_values``, names transformers 5.25 deprecates
+pytestmark = [pytest.mark.slow, needs_model,
+              pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+              pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")]
 TEMPLATE = "Review: {sentence} Sentiment:{answer}"
 
 

@@ -41,7 +41,9 @@ def _our_logits(model, method, ids):
     return model(input_ids=ids).logits
 
 
-# PEFT 0.21 hands its prefixes to the model as ``past_key_values``, the name transformers 5.25 deprecates
+# PEFT 0.21 hands its prefixes to the model as ``past_key_values`` and reads
+# ``is_gradient_checkpointing``, names transformers 5.25 deprecates
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 PEFT_PASSES_PAST_KEY_VALUES = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 
 
@@ -94,6 +96,7 @@ def test_p_tuning_template_with_inner_soft_tokens_refused(tmp_path):
 
 
 @pytest.mark.slow
+@PEFT_PASSES_PAST_KEY_VALUES
 def test_cli_export_then_import_then_continue_training(tiny_dir, tmp_path):
     import subprocess
     import sys
