@@ -1,12 +1,14 @@
-"""ZeRO-3 at scale on this machine: a random-init ~1B-parameter Llama, prompt tuning, 2 processes.
+"""ZeRO-3 at scale on this machine: a random-init ~1B-parameter Llama, prompt tuning, on 1, 2 and 4 processes.
 
 Reports, side by side in one run:
-  * per-rank peak resident memory during model construction, training and the adapter save,
-    against the size of the full fp32 model (goal: <= 0.6x);
+  * per-rank peak resident memory during model construction, training and the adapter save, the
+    same script's peak around a model of next to no parameters (the process baseline), and
+    ``(peak - baseline) / (model bytes / N)``: how far a rank holds more than its share of the
+    frozen weights (goal: <= 1.1 at every N);
   * adapter save (gathering only the prompt) against ``accelerator.get_state_dict`` with the
     16-bit gather of the whole model: time and bytes gathered (goal: >= 20x faster).
 
-Run:  python bench/zero3_scale.py            (launches itself with 2 processes)
+Run:  python bench/zero3_scale.py            (launches itself with 1, 2 and 4 processes, fp32 and bf16)
 Writes bench/results/zero3_scale.json with the machine and date.
 """
 
@@ -64,8 +66,12 @@ def worker(args) -> None:
     accelerator = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
     rank = accelerator.process_index
 
-    config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=args.layers,
-                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=False)
+    if args.baseline:  # the same script around a model of next to no parameters: what a process costs by itself
+        config = LlamaConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False)
+    else:
+        config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=args.layers,
+                             num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=False)
     t0 = time.perf_counter()
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
@@ -168,7 +174,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2, help="rows per rank")
     parser.add_argument("--seq-len", type=int, default=32, help="tokens per row")
     parser.add_argument("--prompt-length", type=int, default=20, help="virtual tokens")
-    parser.add_argument("--processes", type=int, default=2, help="processes to launch")
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4], help="process counts to launch, one run each")
+    parser.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both", help="dtype of the frozen model")
     parser.add_argument("--result-file", default="", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="/tmp/pstar-zero3-scale", help="where the adapter is written")
@@ -177,19 +184,50 @@ def main() -> None:
         worker(args)
         return
     env = {**os.environ, **MALLOC_ENV, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "OMP_NUM_THREADS": "1"}
-    runs = {}
-    forwarded = [a for a in sys.argv[1:] if not a.startswith("--dtype") and a not in ("fp32", "bf16", "both")]
-    for dtype in (["fp32", "bf16"] if args.dtype == "both" else [args.dtype]):
-        part = Path(args.out) / f"result-{dtype}.json"
+    skip = {"--dtype", "--processes"}
+    forwarded, drop = [], False
+    for a in sys.argv[1:]:  # everything but the loops' own flags and values
+        if a.split("=", 1)[0] in skip:
+            drop = "=" not in a
+            continue
+        if drop and not a.startswith("--"):
+            continue
+        drop = False
+        forwarded.append(a)
+
+    def launch(dtype: str, processes: int, baseline: bool) -> dict:
+        part = Path(args.out) / f"result-{dtype}-{processes}{'-baseline' if baseline else ''}.json"
         part.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.processes), "--master_port", "29541",
-               __file__, "--worker", "--dtype", dtype, "--result-file", str(part), *forwarded]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", "29541",
+               __file__, "--worker", "--dtype", dtype, "--result-file", str(part), *(["--baseline"] if baseline else []),
+               *forwarded]
         code = subprocess.call(cmd, env=env)
         if code:
             raise SystemExit(code)
-        runs[dtype] = json.loads(part.read_text())
+        return json.loads(part.read_text())
+
+    rows = []
+    for dtype in (["fp32", "bf16"] if args.dtype == "both" else [args.dtype]):
+        for n in args.processes:
+            run = launch(dtype, n, baseline=False)
+            base = launch(dtype, n, baseline=True)
+            model_bytes = run["model"]["parameters"] * (2 if dtype == "bf16" else 4)
+            peak = run["memory"]["max_peak_rss_train_and_save"]
+            baseline = base["memory"]["max_peak_rss_train_and_save"]
+            rows.append({"frozen_dtype": dtype, "processes": n, "model_bytes": model_bytes, "peak_rss_per_rank": peak,
+                         "baseline_rss_per_rank": baseline, "share_bytes": model_bytes / n,
+                         "ratio_above_baseline_to_share": (peak - baseline) / (model_bytes / n),
+                         "median_step_seconds": run["train"]["median_step_seconds"], "save": run["save"], "run": run})
     RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps({"benchmark": "zero3_scale", "runs": runs}, indent=2))
+    RESULT.write_text(json.dumps({"benchmark": "zero3_scale", "goal": "(peak - baseline) / (model bytes / N) <= 1.1",
+                                  "rows": rows}, indent=2))
+    gib = 2**30
+    print("\n| frozen | N | model | share (model/N) | peak RSS / rank | baseline / rank | (peak − baseline) / share |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['frozen_dtype']} | {r['processes']} | {r['model_bytes'] / gib:.2f} GiB | {r['share_bytes'] / gib:.2f} GiB "
+              f"| {r['peak_rss_per_rank'] / gib:.2f} GiB | {r['baseline_rss_per_rank'] / gib:.2f} GiB "
+              f"| {r['ratio_above_baseline_to_share']:.2f} |")
     print(f"wrote {RESULT}")
 
 

@@ -1,8 +1,10 @@
-"""Everything that knows about DeepSpeed ZeRO-3 partitioning, and about the ranks of a run,
-lives here.
+"""Everything that knows about sharded parameters (DeepSpeed ZeRO-3 partitions, FSDP2's DTensors),
+and about the ranks of a run, lives here.
 
-Under ZeRO-3 a parameter's local ``numel()`` is 0 and its data lives in shards; these helpers
-gather exactly what they are asked for and are no-ops on ordinary tensors. The rank helpers
+Under ZeRO-3 a parameter's local ``numel()`` is 0 and its data lives in shards; under FSDP2
+(``torch.distributed.fsdp.fully_shard``) a parameter is a DTensor whose local part is a shard
+of dim 0. These helpers gather exactly what they are asked for (the method's tensors, embedding
+rows), never a frozen weight, and are no-ops on ordinary tensors. The rank helpers
 split work between the processes of a run and add their results; without a process group they
 are the single-process identity.
 """
@@ -90,6 +92,31 @@ def gathered_module_by_module(model: nn.Module) -> Iterator[None]:
             stack.close()
 
 
+def is_dtensor(tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (FSDP2 makes every parameter it shards one)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without DTensor has no FSDP2 either
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of ``tensor``: a DTensor's shards gathered (every rank of its mesh must call
+    this), anything else as it is."""
+    return tensor.full_tensor() if is_dtensor(tensor) else tensor
+
+
+def shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``value`` (the whole tensor, the same on every rank) laid out as the DTensor ``like``: each
+    rank keeps its own shard, nothing is communicated. Ordinary tensors pass through."""
+    if not is_dtensor(like):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(like.device_mesh.device_type), like.device_mesh, like.placements, src_data_rank=None)
+
+
 def embedding_shape(embedding: nn.Module) -> tuple[int, int]:
     """``(vocab, hidden)`` of an embedding matrix; ZeRO-3 keeps the full shape in ``ds_shape``."""
     weight = embedding.weight
@@ -107,6 +134,16 @@ def embedding_rows(embedding: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """
     weight = embedding.weight
     ids = torch.as_tensor(ids).long().flatten().cpu()
+    if is_dtensor(weight):
+        return _dtensor_rows(weight, ids)
+    if weight.is_meta:
+        from pstar_plugins.errors import IncompatibleModelError
+
+        raise IncompatibleModelError(
+            "the embedding matrix is on the meta device (Accelerate's fsdp_cpu_ram_efficient_loading leaves every rank "
+            "but the first there until prepare), so the prompt cannot be initialised from it. Build the method on a "
+            "model whose weights are loaded: set fsdp_cpu_ram_efficient_loading: false, or build after "
+            "accelerator.prepare.")
     if not is_partitioned(weight):
         return weight.detach()[ids.to(weight.device)].float().clone()
     import torch.distributed as dist
@@ -136,6 +173,30 @@ def collective_device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
+def _dtensor_rows(weight, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of an FSDP2-sharded embedding (``Shard(0)``): each rank copies the rows it
+    holds into a zero buffer and one all-reduce over the mesh assembles them (every rank of the
+    mesh must call this); the matrix itself is never gathered."""
+    from torch.distributed.tensor import Shard
+
+    import torch.distributed as dist
+
+    if tuple(weight.placements) != (Shard(0),):
+        raise NotImplementedError(f"embedding rows of a DTensor placed as {weight.placements}; expected (Shard(0),), "
+                                  "as fully_shard places parameters")
+    mesh = weight.device_mesh
+    local = weight.to_local().detach()
+    rows, hidden = weight.shape
+    chunk = -(-rows // mesh.size())  # fully_shard gives rank r rows [r * chunk, (r + 1) * chunk)
+    start = mesh.get_local_rank() * chunk
+    out = torch.zeros(len(ids), hidden, dtype=torch.float32, device=local.device)
+    mine = (ids >= start) & (ids < start + local.shape[0])
+    if bool(mine.any()):
+        out[mine.to(out.device)] = local[(ids[mine] - start).to(local.device)].float()
+    dist.all_reduce(out, group=mesh.get_group())
+    return out
+
+
 def embedding_std(embedding: nn.Module, sample: int = 1024, seed: int = 0) -> float:
     """Standard deviation of the embedding entries, estimated on ``sample`` rows (no full gather)."""
     rows = embedding_shape(embedding)[0]
@@ -153,12 +214,18 @@ def gathered_trainable_state(model) -> dict[str, torch.Tensor]:
     """
     params = [p for p in model.method.parameters()] + [p for _, p in model.extra_trainable_parameters()]
     with gathered(params):
-        return {k: v.detach().to("cpu", copy=True) for k, v in model.raw_trainable_state().items()}
+        # FSDP2: each trainable DTensor's shards gathered (a collective per tensor); frozen ones never
+        return {k: full(v.detach()).to("cpu", copy=True) for k, v in model.raw_trainable_state().items()}
 
 
 def load_trainable_state_gathered(model, state) -> None:
     extra = [p for n, p in model.named_parameters() if n in state and not n.startswith("method.")]
     params = [p for p in model.method.parameters()] + extra
+    own = dict(model.named_parameters())
+    own.update({f"method.{k}": v for k, v in model.method.state_dict(keep_vars=True).items()})
+    # FSDP2: each rank keeps its shard of the whole tensor it was given
+    state = {k: shard_like(v, own[f"method.{k}" if f"method.{k}" in own else k]) if (f"method.{k}" in own or k in own) else v
+             for k, v in state.items()}
     with gathered(params, modifier_rank=0):
         model.raw_load_trainable_state(state)
 
