@@ -43,3 +43,12 @@ def test_fully_shard_on_two_processes_equals_one_process(tmp_path, method):
         assert run["gathered_frozen"] == 0, "the save gathered a frozen weight"
         assert run["gathered_trainable"] == run["trainable"] == run["gathered"]
         assert run["rows_exact"] and run["reload_exact"]
+
+
+def test_the_fsdp2_launcher_config_is_one_accelerate_reads_as_fsdp2_in_bf16():
+    """Accelerate applies FSDP on GPUs only, so the file cannot be launched here; it is read as Accelerate reads it."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(ROOT / "integrations" / "accelerate" / "fsdp2.yaml"))
+    assert config.distributed_type.value == "FSDP" and config.mixed_precision == "bf16"
+    assert config.fsdp_config["fsdp_version"] == 2 and config.fsdp_config["fsdp_cpu_ram_efficient_loading"] is False
