@@ -67,7 +67,16 @@ def observe(arch: str, method: str, report) -> dict:
         result, detail = "fails", ", ".join(o.check for o in report.failures)
     else:
         result, detail = "passes", _fast_path(report, arch)
-    return {"architecture": arch, "method": method, "result": result, "detail": detail}
+    return {"architecture": arch, "method": method, "result": result, "backend": backend(arch), "detail": detail}
+
+
+def backend(arch: str) -> str:
+    """The attention implementation a cell runs on (``tiny_model``'s: sdpa, or eager for the
+    families without an sdpa kernel). bench/gpu_check.sh checks flex_attention and
+    flash_attention_2 on a GPU."""
+    from pstar_plugins.testing.architectures import ATTN_FALLBACK
+
+    return "eager" if arch in ATTN_FALLBACK else "sdpa"
 
 
 def recorded() -> dict[tuple[str, str], dict]:
@@ -85,7 +94,7 @@ def moved(observed: dict, record: dict | None) -> str | None:
     """How a cell's observation differs from its record, or ``None``."""
     if record is None:
         return f"{observed['architecture']} × {observed['method']}: not recorded, now {observed['result']}"
-    if (observed["result"], observed["detail"]) == (record["result"], record["detail"]):
+    if (observed["result"], observed["detail"], observed.get("backend")) == (record["result"], record["detail"], record.get("backend")):
         return None
     what = f"{record['result']} → {observed['result']}"
     if observed["result"] == record["result"]:
@@ -98,7 +107,7 @@ def moved(observed: dict, record: dict | None) -> str | None:
 def row(record: dict) -> str:
     """The document's line for one recorded cell."""
     mark = {"passes": "✓", "refused": "refused", "fails": "**fails**"}[record["result"]]
-    return f"| {record['architecture']} | {record['method']} | {mark} | {record['detail']} |"
+    return f"| {record['architecture']} | {record['method']} | {mark} | {record['backend']} | {record['detail']} |"
 
 
 HEADER = """# Architectures
@@ -133,8 +142,11 @@ change with left padding (its ALiBi counts columns), and would give BLOOM's pref
 distances that prefixes elsewhere do not have. DeBERTa-v2's disentangled attention has no cache.
 Until those can pass the whole suite, the cells stay refused at build time.
 
-| architecture | method | result | fast path or reason |
-|---|---|---|---|
+*Checked on* names the attention implementation the cell ran on here (CPU, fp32); `bash
+bench/gpu_check.sh` checks flex_attention and flash_attention_2 on a GPU.
+
+| architecture | method | result | checked on | fast path or reason |
+|---|---|---|---|---|
 """
 
 
