@@ -142,7 +142,6 @@ def _main(argv, prog: str = "pstar eval"):
     from pstar_plugins.models import check_attn_implementation, check_quantization, check_source, load, quantization_config
     from pstar_plugins.tasks.data import load_split, parse_column_mapping
 
-    check_attn_implementation(args.attn_implementation, training=False)
     check_quantization(args)
     load_plugins(args.plugin)
     adapter = read_adapter(args.adapter) if args.adapter else None  # a bad adapter fails before any load
@@ -151,6 +150,7 @@ def _main(argv, prog: str = "pstar eval"):
 
         get_plugin_manager().adapter_method(adapter[0], args.adapter)  # so does one of an unknown method
     resolve_task(args, _recorded_task(adapter))
+    check_attn_implementation(args.attn_implementation, training=False, generating=args.task == "generation")
     check_source(args.model, args.model_kind, args.gguf_file, args.task)
     if adapter:
         check_adapter_base(adapter[0], args.model, args.gguf_file)

@@ -141,10 +141,11 @@ def add_loading_arguments(parser) -> None:
                              "fp32 on the CPU); needs --load-in-4bit")
 
 
-def check_attn_implementation(name: str, training: bool) -> None:
+def check_attn_implementation(name: str, training: bool, generating: bool = False) -> None:
     """Refuse, before any model loads, a kernel that cannot run here: ``flash_attention_2`` without
     the ``flash_attn`` package or a CUDA device, ``flex_attention`` training without a CUDA
-    device (torch has no flex backward on the CPU)."""
+    device (torch has no flex backward on the CPU), and ``flex_attention`` decoding on the CPU
+    (torch 2.13's inductor fails to compile its CPU decoding kernel: CppCompileError)."""
     import importlib.util
 
     from pstar_plugins.errors import ConfigError
@@ -164,6 +165,10 @@ def check_attn_implementation(name: str, training: bool) -> None:
         raise ConfigError("--attn-implementation flex_attention cannot train on the CPU: torch has no flex_attention "
                           "backward there ('FlexAttention does not support backward on CPU'). Train with "
                           "--attn-implementation sdpa (the same values); pstar eval runs flex_attention on the CPU.")
+    if name == "flex_attention" and generating and not cuda:
+        raise ConfigError("--attn-implementation flex_attention cannot decode on the CPU: torch's inductor fails to compile "
+                          "flex_attention's CPU decoding kernel (CppCompileError), so generate() stops there. Score "
+                          "generation with --attn-implementation sdpa; classification scores run on flex_attention here.")
 
 
 def check_quantization(args) -> None:

@@ -419,6 +419,13 @@ def _eval_adapter_on_a_model_of_another_size(tmp):
     _main(["--adapter", str(tmp / "adapter"), "--model", str(tmp / "wide")])
 
 
+def _eval_generation_on_flex(tmp):
+    from pstar_plugins.evaluate import _main
+
+    _main(["--model", str(_tiny_folder()), "--task", "generation", "--attn-implementation", "flex_attention",
+           "--template", "Data: {mr}\\nText:{answer}"])
+
+
 def _export_into_non_empty_folder(tmp):
     from pstar_plugins.cli import _export_target
 
@@ -486,6 +493,8 @@ CASES = [
     Case("train: a quantized base under DeepSpeed",
          _with_env("ACCELERATE_USE_DEEPSPEED", "true", _before_model_load(_train_tiny("--method", "prompt-tuning", "--load-in-4bit"))),
          "exit 2 (ConfigError)", "--load-in-4bit under DeepSpeed: the engine casts the module to its precision"),
+    Case("eval: generation on flex_attention on the CPU", _before_model_load(_eval_generation_on_flex), "exit 2 (ConfigError)",
+         "--attn-implementation flex_attention cannot decode on the CPU"),
     Case("train: abbreviated flag (was taken as --learning-rate)", _train("--method", "prompt-tuning", "--learning-rat", "0.1"), "exit 2 (ConfigError)", "unknown option --learning-rat; did you mean --learning-rate?"),
     Case("train: misspelt flag", _train("--method", "prompt-tuning", "--learnig-rate", "0.1"), "exit 2 (ConfigError)", "unknown option --learnig-rate; did you mean --learning-rate?"),
     Case("train: empty label word", _train("--method", "prompt-tuning", "--label-words", "bad", ""), "exit 2 (ConfigError)", "1 empty or blank word(s); give one real word per class"),
