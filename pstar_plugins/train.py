@@ -964,7 +964,9 @@ def _finish(run: Run) -> None:
         logger.info("final evaluation with the best state on the selection split: step %d (%s %.4f)",
                     run.chooser.best_step, metric, run.chooser.best_value)
     scoring = plan.task.evaluation_model(run.model, core)
+    started = time.perf_counter()
     results[f"tuned_{metric}"] = plan.task.evaluate(scoring, plan.evaluation, "final eval", show=accelerator.is_main_process)
+    results["final_eval_seconds"] = time.perf_counter() - started  # every rank scores its share (script_tasks)
     history["eval_step"].append(steps_done)
     history[metric].append(results[f"tuned_{metric}"])
     tracking.log(accelerator, {f"eval/{metric}": results[f"tuned_{metric}"]}, step=steps_done)
