@@ -1,8 +1,8 @@
 """Evaluation split between ranks: the final SST-2 dev evaluation of one process against two, side by side.
 
 Runs ``pstar train`` (prompt tuning, SmolLM2-135M-Instruct, one training step, no periodic
-evaluation) through ``accelerate launch`` with ``single_process.yaml`` and ``ddp.yaml``, one CPU
-thread per process, and reads the final evaluation's wall time and accuracy from each run's
+evaluation, a learning rate too small to move the prompt, so both score the same tensors) through
+``accelerate launch`` with ``single_process.yaml`` and ``ddp.yaml``, one CPU thread per process, and reads the final evaluation's wall time and accuracy from each run's
 metrics.json. Each rank of two scores half of the batches one process scores, so the time should
 about halve and the accuracy must be the same.
 
@@ -28,7 +28,7 @@ import _common as C  # noqa: E402
 def run(config: str, out: Path, rows: int, batch: int) -> dict:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "integrations" / "accelerate" / f"{config}.yaml"),
            "--mixed_precision", "no", "--num_cpu_threads_per_process", "1", "-m", "pstar_plugins.train",
-           "--method", "prompt-tuning", "--model", "smollm2", "--output-dir", str(out), "--max-steps", "1", "--batch-size", "2",
+           "--method", "prompt-tuning", "--model", "smollm2", "--output-dir", str(out), "--max-steps", "1", "--batch-size", "2", "--learning-rate", "1e-12",
            "--eval-steps", "0", "--no-zero-shot", "--plot", "", "--max-eval-samples", str(rows), "--eval-batch-size", str(batch)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
