@@ -223,9 +223,10 @@ def load_trainable_state_gathered(model, state) -> None:
     params = [p for p in model.method.parameters()] + extra
     own = dict(model.named_parameters())
     own.update({f"method.{k}": v for k, v in model.method.state_dict(keep_vars=True).items()})
-    # FSDP2: each rank keeps its shard of the whole tensor it was given
-    state = {k: shard_like(v, own[f"method.{k}" if f"method.{k}" in own else k]) if (f"method.{k}" in own or k in own) else v
-             for k, v in state.items()}
+    # FSDP2: each rank keeps its shard of the whole tensor it was given (method tensors are saved
+    # without their "method." prefix, base-model weights with their full name)
+    targets = {k: own.get(f"method.{k}", own.get(k)) for k in state}
+    state = {k: v if targets[k] is None else shard_like(v, targets[k]) for k, v in state.items()}
     with gathered(params, modifier_rank=0):
         model.raw_load_trainable_state(state)
 
