@@ -143,9 +143,11 @@ def add_loading_arguments(parser) -> None:
 
 def check_attn_implementation(name: str, training: bool, generating: bool = False) -> None:
     """Refuse, before any model loads, a kernel that cannot run here: ``flash_attention_2`` without
-    the ``flash_attn`` package or a CUDA device, ``flex_attention`` training without a CUDA
-    device (torch has no flex backward on the CPU), and ``flex_attention`` decoding on the CPU
-    (torch 2.13's inductor fails to compile its CPU decoding kernel: CppCompileError)."""
+    the ``flash_attn`` package or a CUDA device, and ``flex_attention`` without a CUDA device.
+    torch 2.13 on the CPU has no flex backward, fails to compile flex's decoding kernel
+    (CppCompileError), and once a second batch shape makes torch.compile recompile flex with
+    dynamic shapes, its CPU kernel fails to compile or returns NaN (tests/test_flex_attention.py
+    compiles static shapes to check this library's block masks)."""
     import importlib.util
 
     from pstar_plugins.errors import ConfigError
@@ -161,14 +163,20 @@ def check_attn_implementation(name: str, training: bool, generating: bool = Fals
         missing = "the flash_attn package" if importlib.util.find_spec("flash_attn") is None else "a CUDA device"
         raise ConfigError(f"--attn-implementation flash_attention_2 needs {missing} (flash-attn's kernels run on NVIDIA "
                           "GPUs only); use --attn-implementation sdpa, or install flash-attn on a CUDA machine.")
-    if name == "flex_attention" and training and not cuda:
+    if name != "flex_attention" or cuda:
+        return
+    if training:
         raise ConfigError("--attn-implementation flex_attention cannot train on the CPU: torch has no flex_attention "
                           "backward there ('FlexAttention does not support backward on CPU'). Train with "
-                          "--attn-implementation sdpa (the same values); pstar eval runs flex_attention on the CPU.")
-    if name == "flex_attention" and generating and not cuda:
+                          "--attn-implementation sdpa (the same values), or use flex_attention on a CUDA device.")
+    if generating:
         raise ConfigError("--attn-implementation flex_attention cannot decode on the CPU: torch's inductor fails to compile "
                           "flex_attention's CPU decoding kernel (CppCompileError), so generate() stops there. Score "
-                          "generation with --attn-implementation sdpa; classification scores run on flex_attention here.")
+                          "generation with --attn-implementation sdpa, or use flex_attention on a CUDA device.")
+    raise ConfigError("--attn-implementation flex_attention cannot evaluate on the CPU: torch compiles flex_attention "
+                      "again for each new batch shape, with dynamic shapes, and its CPU kernel then fails to compile "
+                      "(CppCompileError) or returns NaN. Evaluate with --attn-implementation sdpa (the same values), or "
+                      "use flex_attention on a CUDA device.")
 
 
 def check_quantization(args) -> None:

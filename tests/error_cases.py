@@ -426,6 +426,12 @@ def _eval_generation_on_flex(tmp):
            "--template", "Data: {mr}\\nText:{answer}"])
 
 
+def _eval_on_flex(tmp):
+    from pstar_plugins.evaluate import _main
+
+    _main(["--model", str(_tiny_folder()), "--attn-implementation", "flex_attention"])
+
+
 def _export_into_non_empty_folder(tmp):
     from pstar_plugins.cli import _export_target
 
@@ -443,7 +449,8 @@ CASES = [
     Case("p-tuning template without soft tokens", _build("p-tuning", template="{sentence}{answer}"), "ConfigError", "has no {soft} token"),
     Case("classification head with fewer than 2 labels", _build("p-tuning-v2", num_labels=1), "ConfigError", "num_labels=1: a classification head needs at least 2 labels"),
     Case("prefix tuning on a model without attention layers", _no_attention, "IncompatibleModelError", "not through transformers' attention interface"),
-    Case("prefix methods on a flash-attention model", _flash, "IncompatibleModelError", "Reload it with from_pretrained(..., attn_implementation='sdpa')"),
+    Case("prefix methods on a flash-attention model (not yet verified on a GPU)", _flash, "IncompatibleModelError",
+         "prefix methods on flash_attention_2 are written but not yet verified on a GPU: load the model with attn_implementation='sdpa'"),
     Case("mixed-task adapter called without task_ids", _mixed_without_task_ids, "ConfigError", "holds 3 task prompts; pass task_ids"),
     Case("adapter trained for a different model", _adapter_for_other_model, "AdapterError", "the adapter was trained for a model with attention={'self': {'head_dim': 8, 'n_kv_heads': 2"),
     Case("adapter of another method passed to --init-from-adapter", _adapter_of_another_method, "exit 2 (ConfigError)", "holds a 'prefix-tuning' adapter, but --method is 'prompt-tuning'"),
@@ -495,6 +502,8 @@ CASES = [
          "exit 2 (ConfigError)", "--load-in-4bit under DeepSpeed: the engine casts the module to its precision"),
     Case("eval: generation on flex_attention on the CPU", _before_model_load(_eval_generation_on_flex), "exit 2 (ConfigError)",
          "--attn-implementation flex_attention cannot decode on the CPU"),
+    Case("eval: classification on flex_attention on the CPU", _before_model_load(_eval_on_flex), "exit 2 (ConfigError)",
+         "--attn-implementation flex_attention cannot evaluate on the CPU"),
     Case("train: abbreviated flag (was taken as --learning-rate)", _train("--method", "prompt-tuning", "--learning-rat", "0.1"), "exit 2 (ConfigError)", "unknown option --learning-rat; did you mean --learning-rate?"),
     Case("train: misspelt flag", _train("--method", "prompt-tuning", "--learnig-rate", "0.1"), "exit 2 (ConfigError)", "unknown option --learnig-rate; did you mean --learning-rate?"),
     Case("train: empty label word", _train("--method", "prompt-tuning", "--label-words", "bad", ""), "exit 2 (ConfigError)", "1 empty or blank word(s); give one real word per class"),

@@ -5,7 +5,10 @@ calls ``ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, 
 it has projected, rotated (RoPE) and cached its keys and values. We give each attention module
 a tiny view of its config whose ``_attn_implementation`` is ``"pstar_prefix"``; our function
 concatenates the layer's prefix in front of the keys/values, extends the mask by ``m`` always
-visible columns, and calls the implementation the model was loaded with (sdpa or eager).
+visible columns, and calls the implementation the model was loaded with: sdpa or eager (a mask
+tensor), flex_attention (a block mask whose ``mask_mod`` gains the prefix columns) or
+flash_attention_2 (the 2D padding mask gains ``m`` columns; flash aligns causal attention to the
+bottom-right corner, so every query sees the whole prefix).
 
 Consequences:
 
@@ -24,6 +27,7 @@ changed (peft#2821, #2379, #2662, #2735).
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -36,7 +40,13 @@ from pstar_plugins.core.geometry import CROSS, DECODER, ENCODER, SELF, Attention
 from pstar_plugins.errors import IncompatibleModelError
 
 ATTN_IMPLEMENTATION = "pstar_prefix"
-_SUPPORTED_BASES = ("sdpa", "eager", None)
+#: kernels a prefix runs on, each checked by a suite: sdpa and eager (the conformance matrix),
+#: flex_attention (evaluation equal to sdpa on the CPU, tests/test_attention_calls.py)
+_SUPPORTED_BASES = ("sdpa", "eager", "flex_attention", None)
+#: kernels whose prefix path is written and tested on the CPU against an emulation of the kernel,
+#: but has not yet passed bench/gpu_check.sh on a GPU: refused unless named in this variable
+UNVERIFIED_KERNELS_ENV = "PSTAR_UNVERIFIED_KERNELS"
+_UNVERIFIED_BASES = ("flash_attention_2",)
 
 
 
@@ -171,10 +181,16 @@ class PrefixInjector:
     def __init__(self, model: nn.Module) -> None:
         register_attention_function()
         base_impl = getattr(model.config, "_attn_implementation", None)
-        if base_impl not in _SUPPORTED_BASES:
+        if base_impl in _UNVERIFIED_BASES and base_impl not in os.environ.get(UNVERIFIED_KERNELS_ENV, "").split(","):
             raise IncompatibleModelError(
-                f"prefix methods need attn_implementation 'sdpa' or 'eager', but the model was loaded "
-                f"with {base_impl!r}. Reload it with from_pretrained(..., attn_implementation='sdpa')."
+                f"prefix methods on {base_impl} are written but not yet verified on a GPU: load the model with "
+                f"attn_implementation='sdpa' (torch's flash kernel serves unpadded prefix batches), or run "
+                f"`bash bench/gpu_check.sh` on a GPU, which checks them with {UNVERIFIED_KERNELS_ENV}={base_impl}."
+            )
+        if base_impl not in _SUPPORTED_BASES + _UNVERIFIED_BASES:
+            raise IncompatibleModelError(
+                f"prefix methods need attn_implementation 'sdpa', 'eager' or 'flex_attention', but the model was "
+                f"loaded with {base_impl!r}. Reload it with from_pretrained(..., attn_implementation='sdpa')."
             )
         carried = [type(m).__name__ for m in model.modules() if isinstance(m.__dict__.get("config"), _ConfigView)]
         if carried:
@@ -459,10 +475,88 @@ def _unpadded_causal_sdpa(module, query, key, value, m: int, injector: "PrefixIn
     return out.transpose(1, 2).contiguous(), None
 
 
+def _flex_prefix_mask(injector: "PrefixInjector", mask, module, query, kv_len: int, m: int, explicit_causal):
+    """The block mask of a flex_attention call with ``m`` prefix columns in front: the model's own
+    ``mask_mod`` (causal, padding, packing, window) shifted past them, and the prefix columns
+    visible from every query (in a packed mixed-task call, from the queries of its own prompt).
+    Built once per call and shared by every layer. ``None`` when every key is visible anyway."""
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+    q_len = query.shape[2]
+    if isinstance(mask, BlockMask):
+        inner, batch = mask.mask_mod, mask.shape[0]
+    elif mask is None:
+        causal = explicit_causal if explicit_causal is not None else getattr(module, "is_causal", False)
+        if not causal or q_len == 1:
+            return None
+        offset = kv_len - q_len  # bottom-right alignment, as the cache's positions are
+
+        def inner(b, h, q, kv):
+            return kv <= q + offset
+
+        batch = 1
+    else:
+        raise IncompatibleModelError(
+            f"flex_attention received a {type(mask).__name__} mask of shape {tuple(mask.shape)}; prefix methods on "
+            "flex_attention need transformers' block mask. Pass a 2D attention_mask, or use attn_implementation='sdpa'."
+        )
+    segments = injector.segments
+    if segments is not None:
+        groups, width = segments.groups, m // segments.n_groups
+
+        def prompt(b, q, kv):
+            return groups[b, q] == kv // width
+    else:
+        def prompt(b, q, kv):
+            return kv >= 0  # every query sees every prefix column
+
+    def mask_mod(b, h, q, kv):
+        real = inner(b, h, q, (kv - m).clamp(min=0))
+        return torch.where(kv < m, prompt(b, q, kv), real)
+
+    return injector.shared_mask(
+        ("flex", m, kv_len, q_len), mask,
+        lambda: create_block_mask(mask_mod, batch, None, q_len, m + kv_len, device=query.device,
+                                  _compile=query.device.type == "cuda"))
+
+
+def _flash_prefix_mask(mask, batch: int, m: int, device) -> torch.Tensor | None:
+    """flash_attention_2's ``(B, kv_len)`` padding mask with ``m`` visible prefix columns in front;
+    ``None`` stays ``None``: flash aligns the causal pattern to the bottom-right corner, so with
+    more keys than queries every query already sees the whole prefix."""
+    if mask is None:
+        return None
+    if mask.dim() != 2:
+        raise IncompatibleModelError(
+            f"flash_attention_2 received a mask of shape {tuple(mask.shape)}; prefix methods on it need the 2D padding "
+            "mask transformers builds for flash (packed calls are not supported there). Use attn_implementation='sdpa'."
+        )
+    return torch.cat([torch.ones(batch, m, dtype=mask.dtype, device=device), mask], dim=-1)
+
+
+@contextlib.contextmanager
+def _base_config(module: nn.Module, base) -> Iterator[None]:
+    """The module's own config meanwhile (flash_attention_2 reads the implementation's name from it)."""
+    view = module.__dict__["config"]
+    module.__dict__["config"] = base
+    try:
+        yield
+    finally:
+        module.__dict__["config"] = view
+
+
 def prefix_attention_forward(module, query, key, value, attention_mask, **kwargs):
     """Attention with the layer's prefix prepended to keys and values. Shapes ``(B, heads, len, d)``."""
     base = object.__getattribute__(module.config, "_pstar_base")
-    function = _base_function(module, getattr(base, "_attn_implementation", None))
+    implementation = getattr(base, "_attn_implementation", None)
+    function = _base_function(module, implementation)
+    if implementation == "flash_attention_2":  # it reads the implementation's name from module.config
+        with _base_config(module, base):
+            return _prefix_attention(module, base, function, query, key, value, attention_mask, **kwargs)
+    return _prefix_attention(module, base, function, query, key, value, attention_mask, **kwargs)
+
+
+def _prefix_attention(module, base, function, query, key, value, attention_mask, **kwargs):
     injector: PrefixInjector | None = module.__dict__.get("_pstar_injector")
     site = module.__dict__.get("_pstar_site")
     if injector is not None and injector.probing is not None:
@@ -493,6 +587,18 @@ def prefix_attention_forward(module, query, key, value, attention_mask, **kwargs
         # (transformers' sdpa function would drop keys past the query length when given is_causal)
         call = {k: v for k, v in kwargs.items() if k in ("dropout", "scaling")}
         return _unpadded_causal_sdpa(module, query, key, value, m, injector, **call)
+    implementation = getattr(base, "_attn_implementation", None)
+    if implementation == "flash_attention_2":
+        if kwargs.get("sliding_window") is not None:
+            raise IncompatibleModelError(
+                f"{site[0]} layer {site[1]} slides a window on flash_attention_2, whose window counts the prefix "
+                "columns too (later queries would lose the prefix); load the model with attn_implementation='sdpa'."
+            )
+        return function(module, query, key, value, _flash_prefix_mask(attention_mask, query.shape[0], m, query.device),
+                        **kwargs)
+    if implementation == "flex_attention" and not isinstance(attention_mask, torch.Tensor):
+        attention_mask = _flex_prefix_mask(injector, attention_mask, module, query, kv_len, m, kwargs.get("is_causal"))
+        return function(module, query, key, value, attention_mask, **kwargs)
     attention_mask = _extend_mask(injector, attention_mask, module, query, kv_len, m, kwargs.get("is_causal"))
     bias = kwargs.get("position_bias")
     if bias is not None:  # T5: relative position bias has no entry for the prefix

@@ -16,7 +16,7 @@ a block-diagonal mask would make it quadratic in the batch's tokens).
 The same idea as padding-free training with flash-attention's variable-length kernel
 (transformers#31629) and TRL's first-fit-decreasing packing (trl#3526), done inside the model
 call with an explicit mask: no collator change, the ``sdpa`` and ``eager`` kernels on any
-device, and per-layer prefixes (the prefix columns that ``core.attention`` prepends are visible
+device (``flex_attention`` gets the same pattern as a block mask), and per-layer prefixes (the prefix columns that ``core.attention`` prepends are visible
 from every bin).
 
 Applicability is checked, not assumed (:func:`unsupported_reason`); a call that cannot be
@@ -39,7 +39,11 @@ from pstar_plugins.core.distributed import is_partitioned
 from pstar_plugins.core.inputs import accepts, is_encoder_decoder, positions_from_mask
 from pstar_plugins.core.recording import Recorder
 
+#: kernels that take the packed call's mask as a tensor, on every family of PADDING_FREE_FAMILIES
 _MASK_KERNELS = ("sdpa", "eager")
+#: families whose packed calls on flex_attention (a block mask built from the plan) are checked
+#: against sdpa's by tests/test_attention_calls.py: one mask per call, and one per layer type
+FLEX_PACKING_FAMILIES = frozenset({"llama", "qwen2"})
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,19 @@ def plan(mask: torch.Tensor, attention_pair_cost: float = 0.0) -> PackPlan:
     return PackPlan(batch, column, bin_, offset, (R, C), (B, L), segment, estimate, source_column)
 
 
+def kernel_reason(model: nn.Module) -> str | None:
+    """Why the packed call cannot build a mask for ``model``'s attention kernel, or ``None``."""
+    kernel = _attention_kernel(model)
+    if kernel in _MASK_KERNELS:
+        return None
+    if kernel == "flex_attention":
+        if model.config.model_type in FLEX_PACKING_FAMILIES:
+            return None
+        return (f"flex_attention packing is verified for {sorted(FLEX_PACKING_FAMILIES)} only, "
+                f"not model type {model.config.model_type!r}")
+    return f"attention kernel {kernel!r} (needs sdpa or eager, or flex_attention on {sorted(FLEX_PACKING_FAMILIES)})"
+
+
 def masks(p: PackPlan, model: nn.Module, dtype: torch.dtype):
     """The packed call's attention mask: one block mask, windowed when every layer slides, or one
     per layer type (``config.layer_types``) when the family takes them as a dict; ``None`` when the
@@ -183,9 +200,13 @@ def masks(p: PackPlan, model: nn.Module, dtype: torch.dtype):
     if p.unpadded:
         return None
     config = model.config
-    boolean = _attention_kernel(model) == "sdpa"
     window = getattr(config, "sliding_window", None)
     types = set(getattr(config, "layer_types", None) or ())
+    if _attention_kernel(model) == "flex_attention":
+        if "sliding_attention" in types:
+            return {"full_attention": flex_block_mask(p), "sliding_attention": flex_block_mask(p, window)}
+        return flex_block_mask(p, window if not types else None)
+    boolean = _attention_kernel(model) == "sdpa"
     if "sliding_attention" in types:
         full = block_mask(p, dtype, boolean)
         return {"full_attention": full, "sliding_attention": block_mask(p, dtype, boolean, window)}
@@ -209,6 +230,24 @@ def block_mask(p: PackPlan, dtype: torch.dtype, boolean: bool, window: int | Non
     if boolean:
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def flex_block_mask(p: PackPlan, window: int | None = None):
+    """:func:`block_mask`'s pattern as a flex_attention ``BlockMask`` over ``(R, C, C)``: the same
+    rule evaluated on the plan's segments, so whole blocks of other examples are skipped rather
+    than masked (compiled on CUDA, evaluated directly elsewhere)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    seg, column = p.segment, p.source_column
+    rows, width = p.shape
+
+    def mask_mod(b, h, q, kv):
+        allowed = (seg[b, q] == seg[b, kv]) & (seg[b, kv] != 0) & (kv <= q)
+        if window is not None:
+            allowed = allowed & (column[b, q] - column[b, kv] < window)
+        return allowed | (q == kv)
+
+    return create_block_mask(mask_mod, rows, None, width, width, device=seg.device, _compile=seg.device.type == "cuda")
 
 
 def pack(p: PackPlan, values: torch.Tensor, fill=0) -> torch.Tensor:
@@ -245,8 +284,9 @@ def unsupported_reason(model: nn.Module, inputs: dict[str, Any], causal_lm: bool
         return family
     if inputs.get("position_ids") is None:
         return "the model takes no position_ids"
-    if _attention_kernel(model) not in _MASK_KERNELS:
-        return f"attention kernel {_attention_kernel(model)!r} (needs sdpa or eager)"
+    kernel = kernel_reason(model)
+    if kernel is not None:
+        return kernel
     if any(inputs.get(name) is not None for name in _CACHE_ARGUMENTS):
         return "a KV cache is passed in"
     if inputs.get("use_cache") and has_sliding_layers(model.config):
@@ -439,8 +479,9 @@ def prefill_unsupported_reason(model: nn.Module, inputs: dict[str, Any], generat
     family = family_reason(model)
     if family is not None:
         return family
-    if _attention_kernel(model) not in _MASK_KERNELS:
-        return f"attention kernel {_attention_kernel(model)!r} (needs sdpa or eager)"
+    kernel = kernel_reason(model)
+    if kernel is not None:
+        return kernel
     if any(generate_kwargs.get(name) is not None for name in _CACHE_ARGUMENTS):
         return "the caller passes a cache"
     config = generate_kwargs.get("generation_config") or model.generation_config

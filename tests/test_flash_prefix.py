@@ -1,0 +1,144 @@
+"""Prefix methods on flash_attention_2, checked on the CPU against an emulation of the kernel.
+
+flash-attn runs only on NVIDIA GPUs. What the library adds on that path is small: the 2D padding
+mask transformers builds for flash gains ``m`` visible columns, an unpadded batch keeps ``None``
+(flash aligns its causal pattern to the bottom-right corner, so queries see the whole prefix),
+and the module's own config is shown to the kernel. ``flash_reference`` below computes exactly
+what ``transformers.integrations.flash_attention.flash_attention_forward`` computes (per row: the
+real queries and keys picked by the mask, causal aligned bottom-right), so these tests check the
+library's half against sdpa; bench/gpu_check.sh runs the real kernel. Until that has passed on a
+GPU, prefix methods on flash_attention_2 are refused unless ``PSTAR_UNVERIFIED_KERNELS`` names it.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from pstar_plugins import build_model
+from pstar_plugins.core.attention import UNVERIFIED_KERNELS_ENV
+from pstar_plugins.errors import IncompatibleModelError
+from pstar_plugins.testing.architectures import tiny_model
+from tests.helpers import METHOD_OPTIONS, random_batch
+
+PREFIX_METHODS = ["prefix-tuning", "p-tuning-v2"]
+SEEN: list[dict] = []
+
+
+def flash_reference(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
+                    softcap=None, is_causal=None, **kwargs):
+    """flash_attention_forward's result, computed row by row with sdpa. ``attention_mask``:
+    ``(B, K)`` with 1 at real keys, the last ``Q`` columns being the queries', or ``None``."""
+    assert module.config._attn_implementation == "flash_attention_2", "the kernel reads its name from the config"
+    assert sliding_window is None and softcap is None
+    SEEN.append({"mask": attention_mask, "key_len": key.shape[2], "query_len": query.shape[2]})
+    is_causal = module.is_causal if is_causal is None else is_causal
+    B, _, Q, _ = query.shape
+    K = key.shape[2]
+    repeat = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
+    out = torch.zeros_like(query)
+    for b in range(B):
+        keys = attention_mask[b].bool() if attention_mask is not None else torch.ones(K, dtype=torch.bool)
+        queries = keys[-Q:]
+        nq, nk = int(queries.sum()), int(keys.sum())
+        allowed = torch.ones(nq, nk, dtype=torch.bool)
+        if is_causal:
+            allowed = allowed.tril(nk - nq)  # bottom-right aligned, as flash-attn >= 2.1
+        q, k, v = query[b][:, queries], key[b][:, keys], value[b][:, keys]
+        rows = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling)
+        out[b][:, queries] = rows
+    return out.transpose(1, 2).contiguous(), None
+
+
+@pytest.fixture
+def flash(monkeypatch):
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "flash_attention_2", flash_reference)
+    monkeypatch.setenv(UNVERIFIED_KERNELS_ENV, "flash_attention_2")
+    SEEN.clear()
+    return SEEN
+
+
+def _pair(method: str, seed: int = 0):
+    """The same prefix model twice: on sdpa, and on (emulated) flash_attention_2."""
+    models = {}
+    for impl in ("sdpa", "flash_attention_2"):
+        base = tiny_model("llama", seed=seed)
+        with torch.no_grad():  # weights large enough that attention is far from uniform
+            for p in base.parameters():
+                p.mul_(3)
+        if impl == "flash_attention_2":
+            base.config._attn_implementation = impl
+        torch.manual_seed(seed)
+        models[impl] = build_model(base, method, **METHOD_OPTIONS[method])
+        models[impl].packing = False
+    SEEN.clear()  # the build's probe calls
+    return models
+
+
+@pytest.mark.parametrize("padding", ["left", "right", "none"])
+@pytest.mark.parametrize("method", PREFIX_METHODS)
+def test_prefix_on_flash_equals_sdpa_values_and_gradients(flash, method, padding):
+    models = _pair(method)
+    ids = random_batch(3, 10, seed=1)
+    mask = torch.ones_like(ids)
+    if padding == "left":
+        mask[0, :4], mask[2, :2] = 0, 0
+    elif padding == "right":
+        mask[0, 6:], mask[2, 8:] = 0, 0
+    out, grads = {}, {}
+    for impl, model in models.items():
+        model.train()
+        result = model(input_ids=ids, attention_mask=mask).logits
+        real = result if result.dim() == 2 else result[mask.bool()]
+        (real * torch.randn(real.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
+        out[impl] = real.detach()
+        grads[impl] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    torch.testing.assert_close(out["flash_attention_2"], out["sdpa"], rtol=1e-5, atol=1e-5)
+    assert grads["sdpa"].keys() == grads["flash_attention_2"].keys() and grads["sdpa"]
+    for name in grads["sdpa"]:
+        torch.testing.assert_close(grads["flash_attention_2"][name], grads["sdpa"][name], rtol=1e-4, atol=1e-6)
+    m = models["sdpa"].method_config.num_virtual_tokens
+    assert flash and all(call["key_len"] == m + 10 for call in flash)
+    if padding == "none":
+        assert all(call["mask"] is None for call in flash), "no mask where none is needed"
+    else:
+        assert all(call["mask"].shape == (3, m + 10) and bool(call["mask"][:, :m].all()) for call in flash)
+
+
+def test_prefix_on_flash_decodes_like_sdpa(flash):
+    models = _pair("prefix-tuning")
+    ids = random_batch(2, 6, seed=3)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    out = {impl: model.eval().generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+           for impl, model in models.items()}
+    assert torch.equal(out["flash_attention_2"], out["sdpa"])
+    assert any(call["query_len"] == 1 for call in flash)  # the cached decoding steps went through it too
+
+
+def test_prefix_on_unverified_flash_is_refused_with_the_fix(monkeypatch):
+    monkeypatch.delenv(UNVERIFIED_KERNELS_ENV, raising=False)
+    base = tiny_model("llama")
+    base.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(IncompatibleModelError, match="not yet verified on a GPU.*attn_implementation='sdpa'.*gpu_check"):
+        build_model(base, "prefix-tuning", **METHOD_OPTIONS["prefix-tuning"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or __import__("importlib").util.find_spec("flash_attn") is None,
+                    reason="needs flash-attn on a CUDA device (bench/gpu_check.sh)")
+@pytest.mark.parametrize("method", PREFIX_METHODS)
+def test_prefix_on_real_flash_equals_sdpa_on_cuda(monkeypatch, method):
+    monkeypatch.setenv(UNVERIFIED_KERNELS_ENV, "flash_attention_2")
+    ids = random_batch(3, 10, seed=1).cuda()
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    out = {}
+    for impl in ("sdpa", "flash_attention_2"):
+        torch.manual_seed(0)
+        model = build_model(tiny_model("llama", attn_implementation=impl, dtype=torch.bfloat16).cuda(), method,
+                            **METHOD_OPTIONS[method]).eval()
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        out[impl] = (logits if logits.dim() == 2 else logits[mask.bool()]).float()
+    torch.testing.assert_close(out["flash_attention_2"], out["sdpa"], rtol=2e-2, atol=2e-2)

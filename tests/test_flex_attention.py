@@ -1,0 +1,158 @@
+"""Prefix methods and packed calls on flex_attention, checked on the CPU against sdpa.
+
+Prefixes reach flex as a block mask whose ``mask_mod`` is the model's own (causal, padding,
+window) shifted past the prefix columns; packed calls get the packing plan's pattern as a block
+mask (one per layer type). These tests run flex uncompiled (torch's reference implementation of
+the same ``mask_mod`` and block mask), which checks everything this library hands the kernel. The
+compiled CPU kernel of torch 2.13 is not usable as a reference: once torch.compile has compiled
+flex for one mask, recompiling it for another (a new batch shape, another block pattern) gives
+NaN, wrong values or a CppCompileError, which is why ``pstar train`` / ``pstar eval`` refuse
+flex_attention on the CPU; bench/gpu_check.sh runs the compiled kernel on CUDA.
+"""
+
+import pytest
+import torch
+
+from pstar_plugins import build_model
+from pstar_plugins.core import packing
+from pstar_plugins.testing.architectures import tiny_model
+from tests.helpers import METHOD_OPTIONS, random_batch, soft_index
+
+# uncompiled flex_attention warns that it is unfused (the point here); torch.compile's internals
+# (create_block_mask(_compile=...), jit) warn about themselves
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+METHODS = ["prompt-tuning", "p-tuning", "prefix-tuning", "p-tuning-v2"]
+
+
+@pytest.fixture(autouse=True)
+def uncompiled_flex(monkeypatch):
+    """transformers' flex integration calls torch.compile(flex_attention); here the same call, uncompiled."""
+    from torch.nn.attention.flex_attention import flex_attention
+    from transformers.integrations import flex_attention as hf_flex
+
+    def reference(query, key, value, training=False, **kwargs):
+        return flex_attention(query, key, value, **kwargs)
+
+    monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention", reference)
+
+
+def _model(arch: str, method: str, impl: str, **options):
+    base = tiny_model(arch, attn_implementation=impl)
+    with torch.no_grad():  # weights large enough that attention is far from uniform
+        for p in base.parameters():
+            p.mul_(3)
+    torch.manual_seed(0)
+    model = build_model(base, method, **{**METHOD_OPTIONS[method], **options}).eval()
+    with torch.no_grad():  # prompts that differ from their initialisation (and between tasks)
+        for p in model.method.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    return model
+
+
+def _batch(padded: bool):
+    ids = random_batch(3, 10, seed=0)
+    mask = torch.ones_like(ids)
+    if padded:  # on the right: P-tuning's soft slots open every row
+        mask[0, 6:], mask[2, 8:] = 0, 0
+    return ids, mask
+
+
+def _scores(model, method: str, ids, mask, **extra):
+    """The outputs at real positions (P-tuning v2: its classifier's logits)."""
+    if method == "p-tuning":
+        extra["prompt_index"] = soft_index(*ids.shape)
+    with torch.no_grad():
+        if method == "p-tuning-v2":
+            return model(input_ids=ids, attention_mask=mask, **extra).logits
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=ids.shape[1], **extra).logits
+    return logits[mask.bool()]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # GQA + RoPE; RoPE with one mask per layer type
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_evaluates_on_flex_like_sdpa(arch, method):
+    models = {impl: _model(arch, method, impl) for impl in ("sdpa", "flex_attention")}
+    for packed in (True, False):
+        for padded in (True, False):
+            ids, mask = _batch(padded)
+            out, paths = {}, {}
+            for impl, model in models.items():
+                model.packing = packed
+                with packing.recording() as seen:
+                    out[impl] = _scores(model, method, ids, mask)
+                paths[impl] = seen
+            assert paths["flex_attention"] == paths["sdpa"], "flex takes the same path as sdpa"
+            if packed:
+                assert paths["flex_attention"] == ["call: packed"], paths
+            torch.testing.assert_close(out["flex_attention"], out["sdpa"], rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"packing={packed} padded={padded}: {m}")
+
+
+@pytest.mark.parametrize("method", ["prefix-tuning", "prompt-tuning"])
+def test_mixed_task_packed_calls_on_flex_see_only_their_own_prompt(method):
+    """Packed rows hold examples of three tasks; under flex each query sees its own task's prefix
+    columns only (a leak would change the values)."""
+    models = {impl: _model("llama", method, impl, num_tasks=3) for impl in ("sdpa", "flex_attention")}
+    ids, mask = _batch(padded=True)
+    task_ids = torch.tensor([2, 0, 1])
+    out = {}
+    for impl, model in models.items():
+        model.packing = True
+        with packing.recording() as seen:
+            out[impl] = _scores(model, method, ids, mask, task_ids=task_ids)
+        assert seen == ["call: packed"], seen
+    torch.testing.assert_close(out["flex_attention"], out["sdpa"], rtol=1e-5, atol=1e-5)
+    alone = _scores(models["flex_attention"], method, ids[1:2], mask[1:2], task_ids=task_ids[1:2])
+    torch.testing.assert_close(out["flex_attention"][int(mask[0].sum()):int(mask[:2].sum())], alone,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_packed_prefill_on_flex_equals_sdpa():
+    """The prompt's cache computed padding-free on flex (the prefill generate() would use on a GPU)
+    equals sdpa's at every real position."""
+    ids, mask = _batch(padded=True)
+    caches = {}
+    for impl in ("sdpa", "flex_attention"):
+        base = tiny_model("llama", attn_implementation=impl)
+        assert packing.prefill_unsupported_reason(base, {"input_ids": ids, "attention_mask": mask}, {}) is None
+        caches[impl] = packing.prefill(base, {"input_ids": ids, "attention_mask": mask})
+    real = mask[:, :-1].bool()
+    for mine, theirs in zip(caches["flex_attention"].layers, caches["sdpa"].layers, strict=True):
+        torch.testing.assert_close(mine.keys.transpose(1, 2)[real], theirs.keys.transpose(1, 2)[real])
+        torch.testing.assert_close(mine.values.transpose(1, 2)[real], theirs.values.transpose(1, 2)[real],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_flex_calls_get_one_block_mask_per_forward(monkeypatch):
+    """What flex receives: a block mask over the prefix and the packed row, the same object in
+    every layer (built once per forward), never a dense tensor."""
+    from torch.nn.attention.flex_attention import BlockMask
+    from transformers.integrations import flex_attention as hf_flex
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    seen = []
+    real = hf_flex.flex_attention_forward
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.append((attention_mask, key.shape[2]))
+        return real(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "flex_attention", spy)
+    model = _model("llama", "prefix-tuning", "flex_attention")
+    m = model.method_config.num_virtual_tokens
+    ids, mask = _batch(padded=True)
+    for packed in (True, False):
+        model.packing = packed
+        seen.clear()
+        _scores(model, "prefix-tuning", ids, mask)
+        assert len(seen) == model.base_model.config.num_hidden_layers
+        assert all(isinstance(block, BlockMask) for block, _ in seen), [type(b) for b, _ in seen]
+        assert len({id(block) for block, _ in seen}) == 1
+        width = seen[0][1] - m
+        assert seen[0][0].shape[-2:] == (width, m + width)
+
+
+def test_flex_packing_is_allow_listed_by_family():
+    base = tiny_model("mistral", attn_implementation="flex_attention")
+    assert "flex_attention packing is verified for ['llama', 'qwen2'] only" in packing.kernel_reason(base)
+    assert packing.kernel_reason(tiny_model("llama", attn_implementation="flex_attention")) is None
