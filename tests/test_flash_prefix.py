@@ -16,12 +16,14 @@ import torch.nn.functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from pstar_plugins import build_model
+from pstar_plugins.core import packing
 from pstar_plugins.core.attention import UNVERIFIED_KERNELS_ENV
 from pstar_plugins.errors import IncompatibleModelError
 from pstar_plugins.testing.architectures import tiny_model
-from tests.helpers import METHOD_OPTIONS, random_batch
+from tests.helpers import METHOD_OPTIONS, random_batch, soft_index
 
 PREFIX_METHODS = ["prefix-tuning", "p-tuning-v2"]
+METHODS = ["prompt-tuning", "p-tuning", *PREFIX_METHODS]
 SEEN: list[dict] = []
 
 
@@ -38,6 +40,15 @@ def flash_reference(module, query, key, value, attention_mask, dropout=0.0, scal
     repeat = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
     out = torch.zeros_like(query)
+    if kwargs.get("cu_seq_lens_q") is not None:  # one packed row: each example by itself
+        assert attention_mask is None and B == 1
+        cu_q, cu_k = kwargs["cu_seq_lens_q"].tolist(), kwargs["cu_seq_lens_k"].tolist()
+        assert cu_q[-1] == Q and cu_k[-1] == K and kwargs["max_length_k"] == max(b - a for a, b in zip(cu_k, cu_k[1:]))
+        for (q0, q1), (k0, k1) in zip(zip(cu_q, cu_q[1:]), zip(cu_k, cu_k[1:])):
+            allowed = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool).tril((k1 - k0) - (q1 - q0))
+            out[0][:, q0:q1] = F.scaled_dot_product_attention(query[0][:, q0:q1], key[0][:, k0:k1], value[0][:, k0:k1],
+                                                              attn_mask=allowed, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
     for b in range(B):
         keys = attention_mask[b].bool() if attention_mask is not None else torch.ones(K, dtype=torch.bool)
         queries = keys[-Q:]
@@ -59,8 +70,8 @@ def flash(monkeypatch):
     return SEEN
 
 
-def _pair(method: str, seed: int = 0):
-    """The same prefix model twice: on sdpa, and on (emulated) flash_attention_2."""
+def _pair(method: str, seed: int = 0, **options):
+    """The same model twice: on sdpa, and on (emulated) flash_attention_2."""
     models = {}
     for impl in ("sdpa", "flash_attention_2"):
         base = tiny_model("llama", seed=seed)
@@ -70,7 +81,7 @@ def _pair(method: str, seed: int = 0):
         if impl == "flash_attention_2":
             base.config._attn_implementation = impl
         torch.manual_seed(seed)
-        models[impl] = build_model(base, method, **METHOD_OPTIONS[method])
+        models[impl] = build_model(base, method, **{**METHOD_OPTIONS[method], **options})
         models[impl].packing = False
     SEEN.clear()  # the build's probe calls
     return models
@@ -142,3 +153,59 @@ def test_prefix_on_real_flash_equals_sdpa_on_cuda(monkeypatch, method):
             logits = model(input_ids=ids, attention_mask=mask).logits
         out[impl] = (logits if logits.dim() == 2 else logits[mask.bool()]).float()
     torch.testing.assert_close(out["flash_attention_2"], out["sdpa"], rtol=2e-2, atol=2e-2)
+
+
+def _loss_and_grads(model, method: str, ids, mask, **extra):
+    model.train()
+    if method == "p-tuning":
+        extra["prompt_index"] = soft_index(*ids.shape)
+    if method == "p-tuning-v2":
+        out = model(input_ids=ids, attention_mask=mask, **extra).logits
+    else:
+        out = model(input_ids=ids, attention_mask=mask, logits_to_keep=ids.shape[1], **extra).logits[mask.bool()]
+    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_packed_calls_on_flash_are_one_row_with_cu_seqlens_and_equal_sdpa(flash, method):
+    """Packing on flash: every example in one row, attention kept within each example by
+    transformers' variable-length kwargs (prefixes joined in front of each example's keys);
+    values and gradients equal sdpa's padded call."""
+    models = _pair(method)
+    ids = random_batch(3, 10, seed=1)
+    mask = torch.ones_like(ids)
+    mask[0, 6:], mask[2, 8:] = 0, 0  # on the right: P-tuning's soft slots open every row
+    models["sdpa"].packing = False
+    models["flash_attention_2"].packing = True
+    results = {}
+    for impl, model in models.items():
+        with packing.recording() as paths:
+            results[impl] = _loss_and_grads(model, method, ids, mask)
+        assert paths == (["call: packed"] if impl == "flash_attention_2" else ["call: padded (packing is off)"]), paths
+    (out, grads), (ref, ref_grads) = results["flash_attention_2"], results["sdpa"]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6)
+    extra = models["sdpa"].method_config.num_virtual_tokens if method == "prompt-tuning" else 0
+    tokens = int(mask.sum()) + 3 * extra
+    assert flash and all(call["query_len"] == tokens and call["mask"] is None for call in flash), "one row, no mask"
+
+
+def test_mixed_task_prefixes_on_flash_run_padded_and_say_why(flash):
+    models = _pair("prefix-tuning", num_tasks=2)
+    model = models["flash_attention_2"]
+    model.packing = True
+    ids = random_batch(2, 6, seed=3)
+    with packing.recording() as paths, torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), task_ids=torch.tensor([0, 1]), logits_to_keep=1)
+    assert paths == ["call: padded (per-example prefixes cannot join flash_attention_2's variable-length rows)"]
+
+
+def test_flash_packing_is_refused_until_verified(monkeypatch):
+    monkeypatch.delenv(UNVERIFIED_KERNELS_ENV, raising=False)
+    base = tiny_model("llama")
+    base.config._attn_implementation = "flash_attention_2"
+    assert "flash_attention_2 packing (one row, transformers' variable-length path) is not yet verified on a GPU" in (
+        packing.kernel_reason(base))

@@ -49,6 +49,11 @@ UNVERIFIED_KERNELS_ENV = "PSTAR_UNVERIFIED_KERNELS"
 _UNVERIFIED_BASES = ("flash_attention_2",)
 
 
+def opted_in(kernel: str) -> bool:
+    """Whether ``PSTAR_UNVERIFIED_KERNELS`` (comma-separated) names ``kernel``."""
+    return kernel in os.environ.get(UNVERIFIED_KERNELS_ENV, "").split(",")
+
+
 
 @dataclass(frozen=True)
 class AttentionSite:
@@ -181,7 +186,7 @@ class PrefixInjector:
     def __init__(self, model: nn.Module) -> None:
         register_attention_function()
         base_impl = getattr(model.config, "_attn_implementation", None)
-        if base_impl in _UNVERIFIED_BASES and base_impl not in os.environ.get(UNVERIFIED_KERNELS_ENV, "").split(","):
+        if base_impl in _UNVERIFIED_BASES and not opted_in(base_impl):
             raise IncompatibleModelError(
                 f"prefix methods on {base_impl} are written but not yet verified on a GPU: load the model with "
                 f"attn_implementation='sdpa' (torch's flash kernel serves unpadded prefix batches), or run "
@@ -529,9 +534,35 @@ def _flash_prefix_mask(mask, batch: int, m: int, device) -> torch.Tensor | None:
     if mask.dim() != 2:
         raise IncompatibleModelError(
             f"flash_attention_2 received a mask of shape {tuple(mask.shape)}; prefix methods on it need the 2D padding "
-            "mask transformers builds for flash (packed calls are not supported there). Use attn_implementation='sdpa'."
+            "mask transformers builds for flash (a packed call passes cu_seq_lens instead). Use attn_implementation='sdpa'."
         )
     return torch.cat([torch.ones(batch, m, dtype=mask.dtype, device=device), mask], dim=-1)
+
+
+def _flash_varlen_prefix(key, value, prefix_k, prefix_v, kwargs: dict):
+    """Keys and values of a packed one-row flash call with the prefix in front of every example:
+    example ``i``'s keys move ``m·(i+1)`` columns right and its prefix fills the ``m`` before
+    them; ``kwargs``' key boundaries (``cu_seq_lens_k``, ``max_length_k``) are updated to match.
+    flash aligns each example's causal pattern to its bottom-right corner, so every query sees
+    its whole prefix and its own earlier tokens."""
+    if prefix_k.shape[0] != 1:
+        raise IncompatibleModelError("a packed flash_attention_2 call takes one prompt for all examples; pass no "
+                                     "task_ids, or turn packing off (model.packing = False).")
+    cu = kwargs["cu_seq_lens_k"]
+    n, m, total = cu.numel() - 1, prefix_k.shape[2], key.shape[2]
+    example = torch.repeat_interleave(torch.arange(n, device=cu.device), cu.diff().long(), output_size=total)
+    real = torch.arange(total, device=cu.device) + m * (example + 1)
+    prompt = ((cu[:-1].long() + m * torch.arange(n, device=cu.device))[:, None]
+              + torch.arange(m, device=cu.device)).flatten()
+    out = []
+    for tensor, prefix in ((key, prefix_k), (value, prefix_v)):
+        joined = tensor.new_empty((1, tensor.shape[1], total + n * m, tensor.shape[-1]))
+        joined[:, :, real] = tensor
+        joined[:, :, prompt] = prefix.to(tensor.dtype).repeat(1, 1, n, 1)
+        out.append(joined)
+    kwargs["cu_seq_lens_k"] = cu + m * torch.arange(n + 1, device=cu.device, dtype=cu.dtype)
+    kwargs["max_length_k"] = kwargs["max_length_k"] + m
+    return out[0], out[1]
 
 
 @contextlib.contextmanager
@@ -576,24 +607,28 @@ def _prefix_attention(module, base, function, query, key, value, attention_mask,
             f"{key.shape[-1]}/{value.shape[-1]}; the adapter was made for a different model geometry."
         )
     m, kv_len = prefix_k.shape[2], key.shape[2]
+    implementation = getattr(base, "_attn_implementation", None)
+    flash = implementation == "flash_attention_2"
+    if flash and kwargs.get("sliding_window") is not None:
+        raise IncompatibleModelError(
+            f"{site[0]} layer {site[1]} slides a window on flash_attention_2, whose window counts the prefix "
+            "columns too (later queries would lose the prefix); load the model with attn_implementation='sdpa'."
+        )
+    if flash and kwargs.get("cu_seq_lens_k") is not None:  # flash_attention_2's packed row (core.packing.varlen_kwargs)
+        return function(module, query, *_flash_varlen_prefix(key, value, prefix_k, prefix_v, kwargs), attention_mask,
+                        **kwargs)
     key = torch.cat([prefix_k.to(key.dtype), key], dim=2)
     value = torch.cat([prefix_v.to(value.dtype), value], dim=2)
     causal = kwargs.get("is_causal")
     causal = causal if causal is not None else getattr(module, "is_causal", False)
     if (attention_mask is None and causal and query.shape[2] > 1 and injector.segments is None
-            and getattr(base, "_attn_implementation", None) == "sdpa" and kwargs.get("position_bias") is None
+            and implementation == "sdpa" and kwargs.get("position_bias") is None
             and kwargs.get("softcap") is None and not kwargs.get("output_attentions")):
         # an unpadded causal batch: no mask from transformers, and none built per layer here
         # (transformers' sdpa function would drop keys past the query length when given is_causal)
         call = {k: v for k, v in kwargs.items() if k in ("dropout", "scaling")}
         return _unpadded_causal_sdpa(module, query, key, value, m, injector, **call)
-    implementation = getattr(base, "_attn_implementation", None)
-    if implementation == "flash_attention_2":
-        if kwargs.get("sliding_window") is not None:
-            raise IncompatibleModelError(
-                f"{site[0]} layer {site[1]} slides a window on flash_attention_2, whose window counts the prefix "
-                "columns too (later queries would lose the prefix); load the model with attn_implementation='sdpa'."
-            )
+    if flash:
         return function(module, query, key, value, _flash_prefix_mask(attention_mask, query.shape[0], m, query.device),
                         **kwargs)
     if implementation == "flex_attention" and not isinstance(attention_mask, torch.Tensor):

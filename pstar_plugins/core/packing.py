@@ -16,7 +16,8 @@ a block-diagonal mask would make it quadratic in the batch's tokens).
 The same idea as padding-free training with flash-attention's variable-length kernel
 (transformers#31629) and TRL's first-fit-decreasing packing (trl#3526), done inside the model
 call with an explicit mask: no collator change, the ``sdpa`` and ``eager`` kernels on any
-device (``flex_attention`` gets the same pattern as a block mask), and per-layer prefixes (the prefix columns that ``core.attention`` prepends are visible
+device (``flex_attention`` gets the same pattern as a block mask; ``flash_attention_2`` one row
+with transformers' ``cu_seq_lens`` kwargs, see :func:`varlen_kwargs`), and per-layer prefixes (the prefix columns that ``core.attention`` prepends are visible
 from every bin).
 
 Applicability is checked, not assumed (:func:`unsupported_reason`); a call that cannot be
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from pstar_plugins.core.attention import UNVERIFIED_KERNELS_ENV, opted_in
 from pstar_plugins.core.distributed import is_partitioned
 from pstar_plugins.core.inputs import accepts, is_encoder_decoder, positions_from_mask
 from pstar_plugins.core.recording import Recorder
@@ -144,16 +146,18 @@ def pair_cost(config) -> float:
     return 2.0 / (4 * h + 3 * i)
 
 
-def plan(mask: torch.Tensor, attention_pair_cost: float = 0.0) -> PackPlan:
+def plan(mask: torch.Tensor, attention_pair_cost: float = 0.0, one_row: bool = False) -> PackPlan:
     """Pack the rows' real positions (``mask == 1``, in order; they need not be contiguous).
 
     Bins start as long as the longest row and double while that lowers :func:`cost`: short
-    rows fill long bins better, but attention within a bin grows with its square.
+    rows fill long bins better, but attention within a bin grows with its square. ``one_row``:
+    every token in one bin, for kernels whose variable-length path keeps attention within each
+    example by itself (flash_attention_2's ``cu_seqlens``), so nothing is padded at all.
     """
     B, L = mask.shape
     real = mask.bool()
     lengths = real.sum(1).tolist()
-    capacity = max(max(lengths), 1)
+    capacity = max(sum(lengths) if one_row else max(lengths), 1)
     best = None
     while True:
         where, fills = _first_fit_decreasing(lengths, capacity)
@@ -189,6 +193,11 @@ def kernel_reason(model: nn.Module) -> str | None:
             return None
         return (f"flex_attention packing is verified for {sorted(FLEX_PACKING_FAMILIES)} only, "
                 f"not model type {model.config.model_type!r}")
+    if kernel == "flash_attention_2":
+        if opted_in(kernel):
+            return None
+        return ("flash_attention_2 packing (one row, transformers' variable-length path) is not yet verified on a GPU; "
+                f"bench/gpu_check.sh runs it with {UNVERIFIED_KERNELS_ENV}=flash_attention_2")
     return f"attention kernel {kernel!r} (needs sdpa or eager, or flex_attention on {sorted(FLEX_PACKING_FAMILIES)})"
 
 
@@ -197,7 +206,7 @@ def masks(p: PackPlan, model: nn.Module, dtype: torch.dtype):
     per layer type (``config.layer_types``) when the family takes them as a dict; ``None`` when the
     plan is :attr:`PackPlan.unpadded`, so that attention runs with ``is_causal`` and no mask (the
     model builds its own sliding-window mask where a layer needs one), as the plain call would."""
-    if p.unpadded:
+    if p.unpadded or _attention_kernel(model) == "flash_attention_2":  # flash: cu_seqlens instead (varlen_kwargs)
         return None
     config = model.config
     window = getattr(config, "sliding_window", None)
@@ -248,6 +257,20 @@ def flex_block_mask(p: PackPlan, window: int | None = None):
         return allowed | (q == kv)
 
     return create_block_mask(mask_mod, rows, None, width, width, device=seg.device, _compile=seg.device.type == "cuda")
+
+
+def varlen_kwargs(p: PackPlan, model: nn.Module) -> dict[str, Any]:
+    """For flash_attention_2: the examples' boundaries in the one packed row, as transformers'
+    variable-length kwargs (``cu_seq_lens_q/k``, ``max_length_q/k``; what its
+    ``DataCollatorWithFlattening`` passes). Other kernels: none (the mask says it)."""
+    if _attention_kernel(model) != "flash_attention_2":
+        return {}
+    if p.shape[0] != 1:
+        raise ValueError("flash_attention_2's packed call needs a one-row plan (plan(..., one_row=True))")
+    _, counts = torch.unique_consecutive(p.segment[0], return_counts=True)
+    cu = torch.nn.functional.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+    longest = int(counts.max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
 def pack(p: PackPlan, values: torch.Tensor, fill=0) -> torch.Tensor:
@@ -318,7 +341,8 @@ def _packed_backbone_call(p: PackPlan, backbone: nn.Module, inputs: dict[str, An
     if cache is not None:
         call[_cache_argument(backbone)] = cache
     out = backbone(inputs_embeds=pack(p, embeds), position_ids=pack(p, inputs["position_ids"]),
-                   attention_mask=masks(p, backbone, embeds.dtype), use_cache=cache is not None, **call)
+                   attention_mask=masks(p, backbone, embeds.dtype), use_cache=cache is not None,
+                   **varlen_kwargs(p, backbone), **call)
     return out.last_hidden_state
 
 
@@ -380,7 +404,7 @@ def causal_lm_forward(p: PackPlan, model: nn.Module, inputs: dict[str, Any]) -> 
             call[_cache_argument(model)] = cache
         packed = model(inputs_embeds=pack(p, embeds), position_ids=pack(p, inputs["position_ids"]),
                        attention_mask=masks(p, model, embeds.dtype), use_cache=cache is not None, logits_to_keep=columns,
-                       **call).logits
+                       **varlen_kwargs(p, model), **call).logits
         logits = packed[p.bin[token], where]  # (n, V)
     out = logits.new_zeros((B, keep, logits.shape[-1]))
     return CausalLMOutputWithPast(logits=out.index_put((rows, cols), logits), cache=_unpacked_cache(p, cache, model.config))
@@ -418,10 +442,13 @@ def call(model: nn.Module, inputs: dict[str, Any], packing: bool, causal_lm: boo
     """
     inputs = {k: v for k, v in inputs.items() if v is not None}
     reason = unsupported_reason(model, inputs, causal_lm) if packing else padded_because
+    flash = _attention_kernel(model) == "flash_attention_2"
+    if reason is None and flash and while_packed is not None:
+        reason = "per-example prefixes cannot join flash_attention_2's variable-length rows"
     if _PATHS:
         _record("call", reason)
     if reason is None:
-        p = plan(inputs["attention_mask"], pair_cost(model.config))
+        p = plan(inputs["attention_mask"], pair_cost(model.config), one_row=flash)
         _RUNNING.append(model)
         try:
             with while_packed(p) if while_packed is not None else contextlib.nullcontext():
@@ -482,6 +509,8 @@ def prefill_unsupported_reason(model: nn.Module, inputs: dict[str, Any], generat
     kernel = kernel_reason(model)
     if kernel is not None:
         return kernel
+    if _attention_kernel(model) == "flash_attention_2":
+        return "packed prefill is not written for flash_attention_2 (generate() runs its own first forward)"
     if any(generate_kwargs.get(name) is not None for name in _CACHE_ARGUMENTS):
         return "the caller passes a cache"
     config = generate_kwargs.get("generation_config") or model.generation_config
