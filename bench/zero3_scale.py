@@ -9,7 +9,9 @@ Reports, side by side in one run:
     16-bit gather of the whole model: time and bytes gathered (goal: >= 20x faster).
 
 Run:  python bench/zero3_scale.py            (launches itself with 1, 2 and 4 processes, fp32 and bf16)
-Writes bench/results/zero3_scale.json with the machine and date.
+      python bench/zero3_scale.py --from-runs bench/results/zero3_scale_runs   (the table from recorded runs)
+Each run's record goes to ``--out`` (result-<dtype>-<N>[-baseline].json); the table of all of them to
+bench/results/zero3_scale.json.
 """
 
 from __future__ import annotations
@@ -179,9 +181,14 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both", help="dtype of the frozen model")
     parser.add_argument("--result-file", default="", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="/tmp/pstar-zero3-scale", help="where the adapter is written")
+    parser.add_argument("--from-runs", nargs="+", type=Path, metavar="DIR",
+                        help="only rebuild the table from the per-run records in DIR(s) (e.g. bench/results/zero3_scale_runs)")
     args, rest = parser.parse_known_args()
     if args.worker:
         worker(args)
+        return
+    if args.from_runs:
+        write_table(args.from_runs)
         return
     env = {**os.environ, **MALLOC_ENV, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "OMP_NUM_THREADS": "1"}
     skip = {"--dtype", "--processes"}
@@ -195,7 +202,7 @@ def main() -> None:
         drop = False
         forwarded.append(a)
 
-    def launch(dtype: str, processes: int, baseline: bool) -> dict:
+    def launch(dtype: str, processes: int, baseline: bool) -> None:
         part = Path(args.out) / f"result-{dtype}-{processes}{'-baseline' if baseline else ''}.json"
         part.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", "29541",
@@ -204,32 +211,52 @@ def main() -> None:
         code = subprocess.call(cmd, env=env)
         if code:
             raise SystemExit(code)
-        return json.loads(part.read_text())
 
-    rows = []
     for dtype in (["fp32", "bf16"] if args.dtype == "both" else [args.dtype]):
         for n in args.processes:
-            run = launch(dtype, n, baseline=False)
-            base = launch(dtype, n, baseline=True)
-            model_bytes = run["model"]["parameters"] * (2 if dtype == "bf16" else 4)
-            peak = run["memory"]["max_peak_rss_train_and_save"]
-            baseline = base["memory"]["max_peak_rss_train_and_save"]
-            rows.append({"frozen_dtype": dtype, "processes": n, "model_bytes": model_bytes, "peak_rss_per_rank": peak,
-                         "baseline_rss_per_rank": baseline, "share_bytes": model_bytes / n,
-                         "ratio_above_baseline_to_share": (peak - baseline) / (model_bytes / n),
-                         "median_step_seconds": run["train"]["median_step_seconds"], "save": run["save"], "run": run})
+            launch(dtype, n, baseline=False)
+            launch(dtype, n, baseline=True)
+    write_table([Path(args.out)])
+
+
+def row(run: dict, base: dict) -> dict:
+    """One table row from a run's record and its baseline's (the same script, next to no parameters)."""
+    dtype, n = run["frozen_dtype"], run["processes"]
+    model_bytes = run["model"]["parameters"] * (2 if dtype == "bf16" else 4)
+    peak = run["memory"]["max_peak_rss_train_and_save"]
+    baseline = base["memory"]["max_peak_rss_train_and_save"]
+    return {"frozen_dtype": dtype, "processes": n, "model_bytes": model_bytes, "peak_rss_per_rank": peak,
+            "peak_rss_after_build": max(r["peak_rss_after_construction"] for r in run["ranks"]),
+            "baseline_rss_per_rank": baseline, "share_bytes": model_bytes / n,
+            "ratio_above_baseline_to_share": (peak - baseline) / (model_bytes / n),
+            "train": run["train"], "median_step_seconds": run["train"]["median_step_seconds"], "save": run["save"],
+            "run_date": run["date"]}
+
+
+def write_table(folders: list[Path]) -> None:
+    """The table of every run recorded in ``folders`` (``result-<dtype>-<N>.json`` beside its
+    ``-baseline``), written to bench/results/zero3_scale.json and printed."""
+    rows = []
+    for folder in folders:
+        for path in sorted(folder.glob("result-*-*.json")):
+            if path.stem.endswith("-baseline"):
+                continue
+            base = path.with_name(f"{path.stem}-baseline.json")
+            if base.is_file():
+                rows.append(row(json.loads(path.read_text()), json.loads(base.read_text())))
+    rows.sort(key=lambda r: (r["frozen_dtype"] != "fp32", r["processes"]))
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(json.dumps({"benchmark": "zero3_scale", "goal": "(peak - baseline) / (model bytes / N) <= 1.1",
-                                  "rows": rows}, indent=2))
+                                  "runs": [str(f) for f in folders], "rows": rows}, indent=2))
     gib = 2**30
-    print("\n| frozen | N | model | share (model/N) | peak RSS / rank | baseline / rank | (peak − baseline) / share |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| frozen | N | share (model / N) | peak RSS per rank | after the build | baseline | (peak − baseline) / share | steps × rows×tokens per rank |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['frozen_dtype']} | {r['processes']} | {r['model_bytes'] / gib:.2f} GiB | {r['share_bytes'] / gib:.2f} GiB "
-              f"| {r['peak_rss_per_rank'] / gib:.2f} GiB | {r['baseline_rss_per_rank'] / gib:.2f} GiB "
-              f"| {r['ratio_above_baseline_to_share']:.2f} |")
+        t = r["train"]
+        print(f"| {r['frozen_dtype']} | {r['processes']} | {r['share_bytes'] / gib:.2f} GiB | {r['peak_rss_per_rank'] / gib:.2f} GiB "
+              f"| {r['peak_rss_after_build'] / gib:.2f} GiB | {r['baseline_rss_per_rank'] / gib:.2f} GiB "
+              f"| {r['ratio_above_baseline_to_share']:.2f} | {t['steps']} × {t['batch_per_rank']}×{t['seq_len']} tokens |")
     print(f"wrote {RESULT}")
-
 
 if __name__ == "__main__":
     main()
