@@ -66,3 +66,23 @@ def test_trainer_zero3_saves_prompt_tensors_only_and_resumes(tiny_dir, tmp_path)
     straight = load_file(tmp_path / "run" / "final" / "adapter.safetensors")["prompt"]
     resumed = load_file(tmp_path / "resumed" / "final" / "adapter.safetensors")["prompt"]
     assert torch.allclose(straight, resumed, atol=1e-6, rtol=0), (straight - resumed).abs().max()
+
+
+def test_trainer_zero3_load_best_model_at_end_restores_the_best_checkpoints_prompt(tiny_dir, tmp_path):
+    """Evaluation at steps 2 and 4 with the highest loss counted best (so the best is not simply
+    the last step): after training, the partitioned prompt holds the best checkpoint's values,
+    restored from a DeepSpeed checkpoint that has no frozen shard."""
+    ds = json.loads((ROOT / "integrations" / "deepspeed" / "zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # the prompt is partitioned too
+    ds_file = tmp_path / "zero3.json"
+    ds_file.write_text(json.dumps(ds))
+    info = launch(tiny_dir, ds_file, tmp_path / "run", resume="best")
+    best = Path(info["best_model_checkpoint"])
+    assert best.name == "checkpoint-2", "the loss should fall from step 2 to step 4, so step 2's is the highest"
+    other = tmp_path / "run" / "checkpoint-4"
+    final = load_file(tmp_path / "run" / "final" / "adapter.safetensors")["prompt"]
+    kept = load_file(best / "adapter.safetensors")["prompt"]
+    dropped = load_file(other / "adapter.safetensors")["prompt"]
+    assert not torch.allclose(kept, dropped), "the two checkpoints must differ for this test to mean anything"
+    torch.testing.assert_close(final, kept, rtol=0, atol=0)
+
