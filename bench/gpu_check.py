@@ -3,7 +3,9 @@
 1. The conformance suite (``pstar_plugins.testing.conformance``) on 3 families x 4 methods x the
    attention backends this machine has (sdpa, flex_attention, flash_attention_2 when the
    ``flash_attn`` package is installed), on CUDA. sdpa and flex cells run in fp32 (the suite's
-   tolerances are fp32's); flash_attention_2 exists only in bf16/fp16 and runs in bf16.
+   tolerances are fp32's); flash_attention_2 exists only in bf16/fp16 and runs in bf16. Prefixes
+   and packed calls on flash_attention_2 are refused until this check has passed them, so
+   gpu_check.sh runs with PSTAR_UNVERIFIED_KERNELS=flash_attention_2.
 2. A training step against PEFT on a ~1B-parameter Llama built from its config (random weights,
    bf16): median step time and peak CUDA memory, side by side in one run.
 

@@ -44,7 +44,9 @@ ATTN_IMPLEMENTATION = "pstar_prefix"
 #: flex_attention (evaluation equal to sdpa on the CPU, tests/test_attention_calls.py)
 _SUPPORTED_BASES = ("sdpa", "eager", "flex_attention", None)
 #: kernels whose prefix path is written and tested on the CPU against an emulation of the kernel,
-#: but has not yet passed bench/gpu_check.sh on a GPU: refused unless named in this variable
+#: but has not yet passed bench/gpu_check.sh on a GPU: refused unless named in this variable (the
+#: check sets it). Once the check's cells pass on a GPU, the kernel moves to _SUPPORTED_BASES, and
+#: core.packing.kernel_reason allows its packing without the variable.
 UNVERIFIED_KERNELS_ENV = "PSTAR_UNVERIFIED_KERNELS"
 _UNVERIFIED_BASES = ("flash_attention_2",)
 
