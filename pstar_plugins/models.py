@@ -147,7 +147,7 @@ def check_attn_implementation(name: str, training: bool, generating: bool = Fals
     torch 2.13 on the CPU has no flex backward, fails to compile flex's decoding kernel
     (CppCompileError), and once a second batch shape makes torch.compile recompile flex with
     dynamic shapes, its CPU kernel fails to compile or returns NaN (tests/test_flex_attention.py
-    compiles static shapes to check this library's block masks)."""
+    checks this library's block masks with flex uncompiled)."""
     import importlib.util
 
     from pstar_plugins.errors import ConfigError

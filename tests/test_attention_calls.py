@@ -109,3 +109,26 @@ def test_the_shared_mask_is_rebuilt_for_every_call(calls):
     layers = model.base_model.config.num_hidden_layers
     first, second = {id(c.mask) for c in calls[:layers]}, {id(c.mask) for c in calls[layers:]}
     assert len(first) == len(second) == 1 and model.method.injector._masks == {}
+
+
+def test_layers_of_different_types_keep_one_mask_each(calls):
+    """Alternating full and sliding-window layers get two masks per forward, not one per layer."""
+    from pstar_plugins import build_model
+    from pstar_plugins.testing.architectures import tiny_config
+    from tests.helpers import METHOD_OPTIONS
+
+    auto, config = tiny_config("qwen2")
+    config.num_hidden_layers, config.use_sliding_window, config.sliding_window = 4, True, 3
+    config.layer_types = ["full_attention", "sliding_attention"] * 2
+    torch.manual_seed(0)
+    model = build_model(auto.from_config(config, attn_implementation="sdpa").eval(), "prefix-tuning",
+                        **METHOD_OPTIONS["prefix-tuning"])
+    model.packing = False
+    inputs = inputs_for("qwen2", "prefix-tuning", n=3, length=10)
+    inputs["attention_mask"][0, :4] = 0
+    calls.clear()
+    with torch.no_grad():
+        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    assert len(calls) == 4
+    masks = [id(c.mask) for c in calls]
+    assert masks[0] == masks[2] and masks[1] == masks[3] and masks[0] != masks[1], masks

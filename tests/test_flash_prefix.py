@@ -32,7 +32,8 @@ def flash_reference(module, query, key, value, attention_mask, dropout=0.0, scal
     """flash_attention_forward's result, computed row by row with sdpa. ``attention_mask``:
     ``(B, K)`` with 1 at real keys, the last ``Q`` columns being the queries', or ``None``."""
     assert module.config._attn_implementation == "flash_attention_2", "the kernel reads its name from the config"
-    assert sliding_window is None and softcap is None
+    assert softcap is None
+    assert sliding_window is None or key.shape[2] <= sliding_window, "transformers slides only when keys outnumber it"
     SEEN.append({"mask": attention_mask, "key_len": key.shape[2], "query_len": query.shape[2]})
     is_causal = module.is_causal if is_causal is None else is_causal
     B, _, Q, _ = query.shape
@@ -40,8 +41,21 @@ def flash_reference(module, query, key, value, attention_mask, dropout=0.0, scal
     repeat = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
     out = torch.zeros_like(query)
+    positions = kwargs.get("position_ids")
+    if (kwargs.get("cu_seq_lens_q") is None and attention_mask is None and B == 1 and positions is not None
+            and Q > 1 and bool((positions.reshape(-1) != torch.arange(Q) + positions.min()).any())):
+        # transformers' _is_packed_sequence: one row of examples told apart by their position ids,
+        # cut at the same places for queries and keys (prepare_fa_kwargs_from_position_ids)
+        starts = (positions.reshape(-1) == positions.min()).nonzero().view(-1)
+        cu = torch.cat([starts, starts.new_tensor([Q])]).to(torch.int32)
+        kwargs = {**kwargs, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": int(cu.diff().max()),
+                  "max_length_k": int(cu.diff().max())}
     if kwargs.get("cu_seq_lens_q") is not None:  # one packed row: each example by itself
         assert attention_mask is None and B == 1
+        for name in ("cu_seq_lens_q", "cu_seq_lens_k"):  # what flash-attn's varlen kernel accepts
+            assert kwargs[name].dtype == torch.int32, (name, kwargs[name].dtype)
+        for name in ("max_length_q", "max_length_k"):
+            assert type(kwargs[name]) is int, (name, type(kwargs[name]))
         cu_q, cu_k = kwargs["cu_seq_lens_q"].tolist(), kwargs["cu_seq_lens_k"].tolist()
         assert cu_q[-1] == Q and cu_k[-1] == K and kwargs["max_length_k"] == max(b - a for a, b in zip(cu_k, cu_k[1:]))
         for (q0, q1), (k0, k1) in zip(zip(cu_q, cu_q[1:]), zip(cu_k, cu_k[1:])):
@@ -209,3 +223,40 @@ def test_flash_packing_is_refused_until_verified(monkeypatch):
     base.config._attn_implementation = "flash_attention_2"
     assert "flash_attention_2 packing (one row, transformers' variable-length path) is not yet verified on a GPU" in (
         packing.kernel_reason(base))
+
+
+def test_a_row_packed_by_position_ids_alone_keeps_each_example_to_its_prefix(flash):
+    """DataCollatorWithFlattening's default: one row, no mask, position ids restarting at each
+    example. transformers would cut keys where it cuts queries, but with a prefix the keys are m
+    longer; the library cuts them itself, so each example equals its call alone."""
+    model = _pair("prefix-tuning")["flash_attention_2"].eval()
+    a, b = random_batch(1, 5, seed=1), random_batch(1, 4, seed=2)
+    with torch.no_grad():
+        packed = model(input_ids=torch.cat([a, b], 1), position_ids=torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]]),
+                       logits_to_keep=9, use_cache=False).logits
+        alone = torch.cat([model(input_ids=a, logits_to_keep=5).logits, model(input_ids=b, logits_to_keep=4).logits], 1)
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_on_flash_refuses_a_window_that_applies_and_keeps_one_that_does_not(flash):
+    from pstar_plugins.testing.architectures import tiny_config
+
+    auto, config = tiny_config("mistral")
+    config._attn_implementation = "sdpa"
+    window = config.sliding_window
+    base = auto.from_config(config)
+    base.config._attn_implementation = "flash_attention_2"
+    torch.manual_seed(0)
+    model = build_model(base, "prefix-tuning", **METHOD_OPTIONS["prefix-tuning"]).eval()
+    m = model.method_config.num_virtual_tokens
+    with torch.no_grad():
+        model(input_ids=random_batch(1, window - m, seed=0))  # m + length keys fit the window: nothing slides
+        with pytest.raises(IncompatibleModelError, match="slides a window of .* on flash_attention_2"):
+            model(input_ids=random_batch(1, window - m + 1, seed=0))
+
+
+def test_prefix_on_flash_is_refused_for_encoder_decoders(flash):
+    base = tiny_model("bart")
+    base.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(IncompatibleModelError, match="for decoder-only models"):
+        build_model(base, "prefix-tuning", **METHOD_OPTIONS["prefix-tuning"])

@@ -149,10 +149,58 @@ def test_flex_calls_get_one_block_mask_per_forward(monkeypatch):
         assert all(isinstance(block, BlockMask) for block, _ in seen), [type(b) for b, _ in seen]
         assert len({id(block) for block, _ in seen}) == 1
         width = seen[0][1] - m
-        assert seen[0][0].shape[-2:] == (width, m + width)
+        rows = 1 if packed else 3  # the three examples pack into one row
+        assert seen[0][0].shape == (rows, 1, width, m + width), seen[0][0].shape
 
 
 def test_flex_packing_is_allow_listed_by_family():
     base = tiny_model("mistral", attn_implementation="flex_attention")
     assert "flex_attention packing is verified for ['llama', 'qwen2'] only" in packing.kernel_reason(base)
     assert packing.kernel_reason(tiny_model("llama", attn_implementation="flex_attention")) is None
+
+
+def _sliding_qwen2(impl: str):
+    from pstar_plugins.testing.architectures import tiny_config
+
+    auto, config = tiny_config("qwen2")
+    config.use_sliding_window, config.sliding_window, config.max_window_layers = True, 3, 1
+    config.layer_types = ["full_attention", "sliding_attention"]
+    torch.manual_seed(0)
+    base = auto.from_config(config, attn_implementation=impl).eval()
+    with torch.no_grad():
+        for p in base.parameters():
+            p.mul_(3)
+    return base
+
+
+@pytest.mark.parametrize("method", ["prefix-tuning", "prompt-tuning"])
+def test_packed_calls_with_sliding_window_layers_on_flex_equal_sdpa(method):
+    """One block mask per layer type, the sliding one honouring the window (3 tokens here)."""
+    ids, mask = _batch(padded=True)
+    out = {}
+    for impl in ("sdpa", "flex_attention"):
+        torch.manual_seed(0)
+        model = build_model(_sliding_qwen2(impl), method, **METHOD_OPTIONS[method]).eval()
+        model.packing = impl == "flex_attention"
+        with packing.recording() as seen:
+            out[impl] = _scores(model, method, ids, mask)
+        assert seen == ["call: packed" if model.packing else "call: padded (packing is off)"], seen
+    torch.testing.assert_close(out["flex_attention"], out["sdpa"], rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_on_flex_with_relative_position_bias_equals_eager():
+    """T5 adds a relative position bias to the scores; the prefix columns get none, on flex as elsewhere.
+    One row: transformers 5.25's flex score_mod indexes T5's (1, heads, q, k) bias by the batch
+    index, so the bare T5 already fails on flex with two rows."""
+    ids = random_batch(1, 7, seed=0)
+    mask = torch.ones_like(ids)
+    labels = random_batch(1, 4, seed=1)
+    out = {}
+    for impl in ("eager", "flex_attention"):
+        torch.manual_seed(0)
+        base = tiny_model("t5", attn_implementation=impl)
+        torch.manual_seed(0)
+        model = build_model(base, "prefix-tuning", **METHOD_OPTIONS["prefix-tuning"]).eval()
+        with torch.no_grad():
+            out[impl] = model(input_ids=ids, attention_mask=mask, labels=labels).logits
+    torch.testing.assert_close(out["flex_attention"], out["eager"], rtol=1e-5, atol=1e-5)

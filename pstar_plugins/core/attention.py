@@ -41,7 +41,7 @@ from pstar_plugins.errors import IncompatibleModelError
 
 ATTN_IMPLEMENTATION = "pstar_prefix"
 #: kernels a prefix runs on, each checked by a suite: sdpa and eager (the conformance matrix),
-#: flex_attention (evaluation equal to sdpa on the CPU, tests/test_attention_calls.py)
+#: flex_attention (evaluation equal to sdpa on the CPU, tests/test_flex_attention.py)
 _SUPPORTED_BASES = ("sdpa", "eager", "flex_attention", None)
 #: kernels whose prefix path is written and tested on the CPU against an emulation of the kernel,
 #: but has not yet passed bench/gpu_check.sh on a GPU: refused unless named in this variable (the
@@ -194,6 +194,11 @@ class PrefixInjector:
                 f"attn_implementation='sdpa' (torch's flash kernel serves unpadded prefix batches), or run "
                 f"`bash bench/gpu_check.sh` on a GPU, which checks them with {UNVERIFIED_KERNELS_ENV}={base_impl}."
             )
+        if base_impl == "flash_attention_2" and getattr(model.config, "is_encoder_decoder", False):
+            raise IncompatibleModelError(
+                "prefix methods on flash_attention_2 are for decoder-only models: transformers' flash cross-attention "
+                "unpads decoder queries with the encoder's mask. Load the model with attn_implementation='sdpa'."
+            )
         if base_impl not in _SUPPORTED_BASES + _UNVERIFIED_BASES:
             raise IncompatibleModelError(
                 f"prefix methods need attn_implementation 'sdpa', 'eager' or 'flex_attention', but the model was "
@@ -287,6 +292,7 @@ class PrefixInjector:
         columns are prepended once per forward, not once per layer. ``source`` is the tensor the
         mask derives from (``None`` for masks built from shapes alone); it is kept with the
         entry, so an entry is reused only for that very tensor."""
+        key = (*key, id(source))  # layers of different types get different masks: keep one entry each
         entry = self._masks.get(key)
         if entry is not None and entry[0] is source:
             return entry[1]
@@ -541,6 +547,41 @@ def _flash_prefix_mask(mask, batch: int, m: int, device) -> torch.Tensor | None:
     return torch.cat([torch.ones(batch, m, dtype=mask.dtype, device=device), mask], dim=-1)
 
 
+def _check_flash_prefix(site, sliding_window: int | None, key_len: int) -> None:
+    """Refuse what flash_attention_2 would compute wrongly with a prefix: a sliding window that
+    applies (transformers slides only when the keys outnumber it, and the window would count the
+    prefix columns, so later queries would lose the prefix), and kernels that align causal
+    attention to the top-left corner (every query would lose the prefix's last columns)."""
+    from transformers.integrations import flash_attention
+
+    if sliding_window is not None and key_len > sliding_window:
+        raise IncompatibleModelError(
+            f"{site[0]} layer {site[1]} slides a window of {sliding_window} over {key_len} keys on flash_attention_2, "
+            "whose window counts the prefix columns too (later queries would lose the prefix); load the model with "
+            "attn_implementation='sdpa'."
+        )
+    if getattr(flash_attention, "_use_top_left_mask", False):
+        raise IncompatibleModelError(
+            "this flash_attention_2 kernel aligns causal attention to the top-left corner, so queries would not see "
+            "the whole prefix; load the model with attn_implementation='sdpa'."
+        )
+
+
+def _varlen_from_positions(position_ids) -> dict:
+    """transformers' variable-length kwargs of one row whose position ids restart at every example
+    (each example starts at the row's smallest position id, as transformers reads them); none when
+    the row is one example."""
+    if position_ids is None or position_ids.shape[-1] < 2:
+        return {}
+    positions = position_ids.reshape(-1)
+    if bool((positions == torch.arange(positions.numel(), device=positions.device) + positions.min()).all()):
+        return {}
+    starts = (positions == positions.min()).nonzero().view(-1)
+    cu = torch.cat([starts, starts.new_tensor([positions.numel()])]).to(torch.int32)
+    longest = int(cu.diff().max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
 def _flash_varlen_prefix(key, value, prefix_k, prefix_v, kwargs: dict):
     """Keys and values of a packed one-row flash call with the prefix in front of every example:
     example ``i``'s keys move ``m·(i+1)`` columns right and its prefix fills the ``m`` before
@@ -611,20 +652,25 @@ def _prefix_attention(module, base, function, query, key, value, attention_mask,
     m, kv_len = prefix_k.shape[2], key.shape[2]
     implementation = getattr(base, "_attn_implementation", None)
     flash = implementation == "flash_attention_2"
-    if flash and kwargs.get("sliding_window") is not None:
-        raise IncompatibleModelError(
-            f"{site[0]} layer {site[1]} slides a window on flash_attention_2, whose window counts the prefix "
-            "columns too (later queries would lose the prefix); load the model with attn_implementation='sdpa'."
-        )
-    if flash and kwargs.get("cu_seq_lens_k") is not None:  # flash_attention_2's packed row (core.packing.varlen_kwargs)
-        return function(module, query, *_flash_varlen_prefix(key, value, prefix_k, prefix_v, kwargs), attention_mask,
-                        **kwargs)
+    bias = kwargs.get("position_bias")
+    if bias is not None:  # T5: relative position bias has no entry for the prefix
+        bias = bias[..., :kv_len]
+        kwargs["position_bias"] = torch.cat([bias.new_zeros((*bias.shape[:-1], m)), bias], dim=-1)
+    if flash:
+        _check_flash_prefix(site, kwargs.get("sliding_window"), m + kv_len)
+        if kwargs.get("cu_seq_lens_k") is None and attention_mask is None and query.shape[0] == 1:
+            # a packed row described by position ids alone (DataCollatorWithFlattening): transformers
+            # would cut keys and queries at the same places, but the keys are m longer
+            kwargs.update(_varlen_from_positions(kwargs.get("position_ids")))
+        if kwargs.get("cu_seq_lens_k") is not None:  # one packed row (core.packing.varlen_kwargs)
+            return function(module, query, *_flash_varlen_prefix(key, value, prefix_k, prefix_v, kwargs),
+                            attention_mask, **kwargs)
     key = torch.cat([prefix_k.to(key.dtype), key], dim=2)
     value = torch.cat([prefix_v.to(value.dtype), value], dim=2)
     causal = kwargs.get("is_causal")
     causal = causal if causal is not None else getattr(module, "is_causal", False)
     if (attention_mask is None and causal and query.shape[2] > 1 and injector.segments is None
-            and implementation == "sdpa" and kwargs.get("position_bias") is None
+            and implementation == "sdpa" and bias is None
             and kwargs.get("softcap") is None and not kwargs.get("output_attentions")):
         # an unpadded causal batch: no mask from transformers, and none built per layer here
         # (transformers' sdpa function would drop keys past the query length when given is_causal)
@@ -637,10 +683,6 @@ def _prefix_attention(module, base, function, query, key, value, attention_mask,
         attention_mask = _flex_prefix_mask(injector, attention_mask, module, query, kv_len, m, kwargs.get("is_causal"))
         return function(module, query, key, value, attention_mask, **kwargs)
     attention_mask = _extend_mask(injector, attention_mask, module, query, kv_len, m, kwargs.get("is_causal"))
-    bias = kwargs.get("position_bias")
-    if bias is not None:  # T5: relative position bias has no entry for the prefix
-        bias = bias[..., :kv_len]
-        kwargs["position_bias"] = torch.cat([bias.new_zeros((*bias.shape[:-1], m)), bias], dim=-1)
     return function(module, query, key, value, attention_mask, **kwargs)
 
 

@@ -44,7 +44,7 @@ from pstar_plugins.core.recording import Recorder
 #: kernels that take the packed call's mask as a tensor, on every family of PADDING_FREE_FAMILIES
 _MASK_KERNELS = ("sdpa", "eager")
 #: families whose packed calls on flex_attention (a block mask built from the plan) are checked
-#: against sdpa's by tests/test_attention_calls.py: one mask per call, and one per layer type
+#: against sdpa's by tests/test_flex_attention.py: one mask per call, and one per layer type
 FLEX_PACKING_FAMILIES = frozenset({"llama", "qwen2"})
 
 
@@ -198,7 +198,8 @@ def kernel_reason(model: nn.Module) -> str | None:
             return None
         return ("flash_attention_2 packing (one row, transformers' variable-length path) is not yet verified on a GPU; "
                 f"bench/gpu_check.sh runs it with {UNVERIFIED_KERNELS_ENV}=flash_attention_2")
-    return f"attention kernel {kernel!r} (needs sdpa or eager, or flex_attention on {sorted(FLEX_PACKING_FAMILIES)})"
+    return (f"attention kernel {kernel!r} (needs sdpa or eager, flex_attention on {sorted(FLEX_PACKING_FAMILIES)}, or "
+            f"flash_attention_2 with {UNVERIFIED_KERNELS_ENV}=flash_attention_2)")
 
 
 def masks(p: PackPlan, model: nn.Module, dtype: torch.dtype):
