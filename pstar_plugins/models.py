@@ -174,9 +174,9 @@ def check_attn_implementation(name: str, training: bool, generating: bool = Fals
                           "flex_attention's CPU decoding kernel (CppCompileError), so generate() stops there. Score "
                           "generation with --attn-implementation sdpa, or use flex_attention on a CUDA device.")
     raise ConfigError("--attn-implementation flex_attention cannot evaluate on the CPU: torch compiles flex_attention "
-                      "again for each new batch shape, with dynamic shapes, and its CPU kernel then fails to compile "
-                      "(CppCompileError) or returns NaN. Evaluate with --attn-implementation sdpa (the same values), or "
-                      "use flex_attention on a CUDA device.")
+                      "again for each new batch shape or mask, and its recompiled CPU kernel fails to compile "
+                      "(CppCompileError) or returns NaN or wrong values. Evaluate with --attn-implementation sdpa (the "
+                      "same values), or use flex_attention on a CUDA device.")
 
 
 def check_quantization(args) -> None:
