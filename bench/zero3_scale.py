@@ -56,7 +56,8 @@ def worker(args) -> None:
     ds_config = json.loads((ROOT / "integrations" / "deepspeed" / "zero3.json").read_text())
     zero = ds_config["zero_optimization"]
     # keep only a few layers gathered at a time (DeepSpeed's defaults allow up to 1e9 live parameters)
-    zero.update(stage3_max_live_parameters=5e7, stage3_prefetch_bucket_size=5e7, stage3_max_reuse_distance=5e7,
+    budget = args.gather_budget
+    zero.update(stage3_max_live_parameters=budget, stage3_prefetch_bucket_size=budget, stage3_max_reuse_distance=budget,
                 stage3_param_persistence_threshold=1e4,
                 stage3_gather_16bit_weights_on_model_save=True)  # needed by the get_state_dict baseline only
     ds_config["bf16"] = {"enabled": args.dtype == "bf16"}  # bf16: DeepSpeed keeps fp32 masters of the prompt
@@ -145,6 +146,7 @@ def worker(args) -> None:
                          "transformers": __import__("transformers").__version__, "accelerate": __import__("accelerate").__version__},
             "processes": accelerator.num_processes,
             "frozen_dtype": args.dtype,
+            "gather_budget": args.gather_budget,
             "model": {"parameters": numel, "layers": args.layers, "full_fp32_bytes": full_fp32, "build_seconds": round(build_seconds, 2)},
             "prompt": {"num_virtual_tokens": args.prompt_length, "init_gather_calls": init_gathers},
             "train": {"steps": args.steps, "batch_per_rank": args.batch_size, "seq_len": args.seq_len,
@@ -177,6 +179,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=32, help="tokens per row")
     parser.add_argument("--prompt-length", type=int, default=20, help="virtual tokens")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4], help="process counts to launch, one run each")
+    parser.add_argument("--gather-budget", type=float, default=5e7, metavar="PARAMS",
+                        help="stage3_max_live_parameters, prefetch bucket and reuse distance (parameters)")
     parser.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both", help="dtype of the frozen model")
     parser.add_argument("--result-file", default="", help=argparse.SUPPRESS)
