@@ -145,8 +145,8 @@ def check_attn_implementation(name: str, training: bool, generating: bool = Fals
     """Refuse, before any model loads, a kernel that cannot run here: ``flash_attention_2`` without
     the ``flash_attn`` package or a CUDA device, and ``flex_attention`` without a CUDA device.
     torch 2.13 on the CPU has no flex backward, fails to compile flex's decoding kernel
-    (CppCompileError), and once a second batch shape makes torch.compile recompile flex with
-    dynamic shapes, its CPU kernel fails to compile or returns NaN (tests/test_flex_attention.py
+    (CppCompileError), and once torch.compile recompiles flex for another batch shape or mask,
+    its CPU kernel fails to compile or returns NaN or wrong values (tests/test_flex_attention.py
     checks this library's block masks with flex uncompiled)."""
     import importlib.util
 

@@ -533,7 +533,7 @@ def _flex_prefix_mask(injector: "PrefixInjector", mask, module, query, kv_len: i
                                   _compile=query.device.type == "cuda"))
 
 
-def _flash_prefix_mask(mask, batch: int, m: int, device) -> torch.Tensor | None:
+def _flash_prefix_mask(mask, m: int) -> torch.Tensor | None:
     """flash_attention_2's ``(B, kv_len)`` padding mask with ``m`` visible prefix columns in front;
     ``None`` stays ``None``: flash aligns the causal pattern to the bottom-right corner, so with
     more keys than queries every query already sees the whole prefix."""
@@ -544,7 +544,7 @@ def _flash_prefix_mask(mask, batch: int, m: int, device) -> torch.Tensor | None:
             f"flash_attention_2 received a mask of shape {tuple(mask.shape)}; prefix methods on it need the 2D padding "
             "mask transformers builds for flash (a packed call passes cu_seq_lens instead). Use attn_implementation='sdpa'."
         )
-    return torch.cat([torch.ones(batch, m, dtype=mask.dtype, device=device), mask], dim=-1)
+    return torch.cat([mask.new_ones((mask.shape[0], m)), mask], dim=-1)
 
 
 def _check_flash_prefix(site, sliding_window: int | None, key_len: int) -> None:
@@ -567,6 +567,14 @@ def _check_flash_prefix(site, sliding_window: int | None, key_len: int) -> None:
         )
 
 
+def varlen_kwargs_from_lengths(lengths: torch.Tensor) -> dict:
+    """transformers' variable-length kwargs (``cu_seq_lens_q/k`` in int32, ``max_length_q/k`` as
+    ints, what flash-attn's varlen kernel takes) for consecutive examples of ``lengths`` tokens."""
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    longest = int(lengths.max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
 def _varlen_from_positions(position_ids) -> dict:
     """transformers' variable-length kwargs of one row whose position ids restart at every example
     (each example starts at the row's smallest position id, as transformers reads them); none when
@@ -577,9 +585,7 @@ def _varlen_from_positions(position_ids) -> dict:
     if bool((positions == torch.arange(positions.numel(), device=positions.device) + positions.min()).all()):
         return {}
     starts = (positions == positions.min()).nonzero().view(-1)
-    cu = torch.cat([starts, starts.new_tensor([positions.numel()])]).to(torch.int32)
-    longest = int(cu.diff().max())
-    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+    return varlen_kwargs_from_lengths(torch.cat([starts, starts.new_tensor([positions.numel()])]).diff())
 
 
 def _flash_varlen_prefix(key, value, prefix_k, prefix_v, kwargs: dict):
@@ -626,11 +632,11 @@ def prefix_attention_forward(module, query, key, value, attention_mask, **kwargs
     function = _base_function(module, implementation)
     if implementation == "flash_attention_2":  # it reads the implementation's name from module.config
         with _base_config(module, base):
-            return _prefix_attention(module, base, function, query, key, value, attention_mask, **kwargs)
-    return _prefix_attention(module, base, function, query, key, value, attention_mask, **kwargs)
+            return _prefix_attention(module, implementation, function, query, key, value, attention_mask, **kwargs)
+    return _prefix_attention(module, implementation, function, query, key, value, attention_mask, **kwargs)
 
 
-def _prefix_attention(module, base, function, query, key, value, attention_mask, **kwargs):
+def _prefix_attention(module, implementation: str | None, function, query, key, value, attention_mask, **kwargs):
     injector: PrefixInjector | None = module.__dict__.get("_pstar_injector")
     site = module.__dict__.get("_pstar_site")
     if injector is not None and injector.probing is not None:
@@ -650,7 +656,6 @@ def _prefix_attention(module, base, function, query, key, value, attention_mask,
             f"{key.shape[-1]}/{value.shape[-1]}; the adapter was made for a different model geometry."
         )
     m, kv_len = prefix_k.shape[2], key.shape[2]
-    implementation = getattr(base, "_attn_implementation", None)
     flash = implementation == "flash_attention_2"
     bias = kwargs.get("position_bias")
     if bias is not None:  # T5: relative position bias has no entry for the prefix
@@ -677,8 +682,7 @@ def _prefix_attention(module, base, function, query, key, value, attention_mask,
         call = {k: v for k, v in kwargs.items() if k in ("dropout", "scaling")}
         return _unpadded_causal_sdpa(module, query, key, value, m, injector, **call)
     if flash:
-        return function(module, query, key, value, _flash_prefix_mask(attention_mask, query.shape[0], m, query.device),
-                        **kwargs)
+        return function(module, query, key, value, _flash_prefix_mask(attention_mask, m), **kwargs)
     if implementation == "flex_attention" and not isinstance(attention_mask, torch.Tensor):
         attention_mask = _flex_prefix_mask(injector, attention_mask, module, query, kv_len, m, kwargs.get("is_causal"))
         return function(module, query, key, value, attention_mask, **kwargs)

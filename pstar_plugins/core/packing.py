@@ -17,8 +17,8 @@ The same idea as padding-free training with flash-attention's variable-length ke
 (transformers#31629) and TRL's first-fit-decreasing packing (trl#3526), done inside the model
 call with an explicit mask: no collator change, the ``sdpa`` and ``eager`` kernels on any
 device (``flex_attention`` gets the same pattern as a block mask; ``flash_attention_2`` one row
-with transformers' ``cu_seq_lens`` kwargs, see :func:`varlen_kwargs`), and per-layer prefixes (the prefix columns that ``core.attention`` prepends are visible
-from every bin).
+with transformers' ``cu_seq_lens`` kwargs, see :func:`varlen_kwargs`), and per-layer prefixes
+(the prefix columns that ``core.attention`` prepends are visible from every bin).
 
 Applicability is checked, not assumed (:func:`unsupported_reason`); a call that cannot be
 packed runs padded. A call that asks for its KV cache (``use_cache=True``, none passed in) is
@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from pstar_plugins.core.attention import UNVERIFIED_KERNELS_ENV, opted_in
+from pstar_plugins.core.attention import UNVERIFIED_KERNELS_ENV, opted_in, varlen_kwargs_from_lengths
 from pstar_plugins.core.distributed import is_partitioned
 from pstar_plugins.core.inputs import accepts, is_encoder_decoder, positions_from_mask
 from pstar_plugins.core.recording import Recorder
@@ -207,16 +207,17 @@ def masks(p: PackPlan, model: nn.Module, dtype: torch.dtype):
     per layer type (``config.layer_types``) when the family takes them as a dict; ``None`` when the
     plan is :attr:`PackPlan.unpadded`, so that attention runs with ``is_causal`` and no mask (the
     model builds its own sliding-window mask where a layer needs one), as the plain call would."""
-    if p.unpadded or _attention_kernel(model) == "flash_attention_2":  # flash: cu_seqlens instead (varlen_kwargs)
+    kernel = _attention_kernel(model)
+    if p.unpadded or kernel == "flash_attention_2":  # flash: cu_seqlens instead (varlen_kwargs)
         return None
     config = model.config
     window = getattr(config, "sliding_window", None)
     types = set(getattr(config, "layer_types", None) or ())
-    if _attention_kernel(model) == "flex_attention":
+    if kernel == "flex_attention":
         if "sliding_attention" in types:
             return {"full_attention": flex_block_mask(p), "sliding_attention": flex_block_mask(p, window)}
         return flex_block_mask(p, window if not types else None)
-    boolean = _attention_kernel(model) == "sdpa"
+    boolean = kernel == "sdpa"
     if "sliding_attention" in types:
         full = block_mask(p, dtype, boolean)
         return {"full_attention": full, "sliding_attention": block_mask(p, dtype, boolean, window)}
@@ -269,9 +270,7 @@ def varlen_kwargs(p: PackPlan, model: nn.Module) -> dict[str, Any]:
     if p.shape[0] != 1:
         raise ValueError("flash_attention_2's packed call needs a one-row plan (plan(..., one_row=True))")
     _, counts = torch.unique_consecutive(p.segment[0], return_counts=True)
-    cu = torch.nn.functional.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
-    longest = int(counts.max())
-    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+    return varlen_kwargs_from_lengths(counts)
 
 
 def pack(p: PackPlan, values: torch.Tensor, fill=0) -> torch.Tensor:
