@@ -5,7 +5,7 @@ Both sides are loaded the way a server loads them: a prefix trained with the MLP
 reparameterisation, saved, and loaded into a fresh frozen model for inference. Ours is saved
 folded (a static prefix: no MLP at load or at any call); PEFT's ``PeftModel.from_pretrained``.
 The frozen model with no prefix is the reference. Ours computes the prompt's KV cache
-padding-free (``core.packing.prefill``: a left-padded batch's padding never runs) and hands it to
+padding-free (``mechanisms.packing.prefill``: a left-padded batch's padding never runs) and hands it to
 ``generate()``; ``ours padded`` is the same adapter with packing off. Calls alternate; medians.
 
     python bench/generation.py [--repeats 9] [--new-tokens 32]
@@ -26,7 +26,7 @@ import _common as C  # noqa: E402
 
 def prompts(tokenizer, batch: int, offset: int = 0) -> dict:
     from pstar_plugins.tasks.generation import _prompt
-    from pstar_plugins.tasks.template import Template
+    from pstar_plugins.mechanisms.template import Template
 
     template = Template.parse(C.E2E_TEMPLATE)
     pad = tokenizer.pad_token_id

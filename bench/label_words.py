@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
 
     from pstar_plugins import build_model
-    from pstar_plugins.tasks.template import Template
+    from pstar_plugins.mechanisms.template import Template
     from pstar_plugins.tasks.verbalizer import Verbalizer, recording
 
     base, tokenizer = C.smollm2(dtype)

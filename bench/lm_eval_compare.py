@@ -33,8 +33,8 @@ TASK = "pstar_classification"
 
 def task_yaml(template, label_words: list[str], data_file: Path) -> str:
     """An lm-eval multiple-choice task over ``data_file`` with ``template``'s text up to its answer slot."""
-    from pstar_plugins.errors import AdapterError
-    from pstar_plugins.tasks.template import Answer, Field, Literal, Soft
+    from pstar_plugins.contract.errors import AdapterError
+    from pstar_plugins.mechanisms.template import Answer, Field, Literal, Soft
 
     parts = list(template.parts)
     while parts and isinstance(parts[0], Soft):  # p-tuning's leading block: the exported PEFT prompt adds it
@@ -86,12 +86,12 @@ def compare(adapter: str, model_name: str = "smollm2", gguf_file: str | None = N
     from lm_eval.tasks import TaskManager
 
     from pstar_plugins import evaluate
-    from pstar_plugins.core.adapter_io import read_adapter
-    from pstar_plugins.errors import AdapterError
+    from pstar_plugins.mechanisms.adapter_io import read_adapter
+    from pstar_plugins.contract.errors import AdapterError
     from pstar_plugins.interop.peft import export_peft
     from pstar_plugins.models import load, packaged_data, resolve
     from pstar_plugins.tasks.data import labels_of, load_split
-    from pstar_plugins.tasks.template import Template, special_tokens
+    from pstar_plugins.mechanisms.template import Template, special_tokens
 
     meta, _ = read_adapter(adapter)
     task = meta.get("task") or {}

@@ -37,7 +37,7 @@ def run(method: str, rows: int, m: int, repeats: int, warmup: int, dtype) -> dic
     from peft import get_peft_model
 
     from pstar_plugins import build_model
-    from pstar_plugins.tasks.template import Template
+    from pstar_plugins.mechanisms.template import Template
     from pstar_plugins.tasks.verbalizer import Verbalizer
 
     base, tokenizer = C.smollm2(dtype)

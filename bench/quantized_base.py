@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from pstar_plugins import build_model
-    from pstar_plugins.tasks.template import Template
+    from pstar_plugins.mechanisms.template import Template
     from pstar_plugins.tasks.verbalizer import Verbalizer
 
     rows = C.sst2_rows(args.batch_size)

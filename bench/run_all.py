@@ -1,4 +1,4 @@
-"""Run the side-by-side performance benchmarks and regenerate the README's performance table.
+"""Run the side-by-side performance benchmarks and regenerate the performance table of docs/performance.md.
 
     python bench/run_all.py                 # train_step, mixed_tasks, generation; ZeRO-3 results as recorded
     python bench/run_all.py --with-zero3    # also rerun bench/zero3_scale.py (about 10 minutes more)
@@ -106,9 +106,9 @@ def main(argv=None) -> int:
     text = table()
     print("\n" + text)
     if C.device().type == "cpu":
-        from quality import update_readme
+        from quality_results import write_between_markers
 
-        update_readme("perf-table", text)
+        write_between_markers(C.ROOT / "docs" / "performance.md", "perf-table", text)
     return 0
 
 

@@ -12,7 +12,7 @@ library's normal path computes: ours asks the model for logits only where a labe
 PEFT gets ``logits_to_keep=1`` for classification too (it passes it through to the model) and
 computes its loss from ``labels`` for generation (logits at every position, virtual ones included).
 
-Ours runs as ``pstar_plugins.train`` does, padding-free (``PStarModel.packing``, ``core/packing.py``:
+Ours runs as ``pstar_plugins.train`` does, padding-free (``PStarModel.packing``, ``mechanisms/packing.py``:
 the frozen model computes real positions only); ``ours_padded`` is the same model with packing
 off, to show what that part is worth.
 
@@ -65,7 +65,7 @@ class Workload:
     PEFT and the floor (the plain template); the loss each side computes."""
 
     def __init__(self, name: str, tokenizer, batch_size: int) -> None:
-        from pstar_plugins.tasks.template import Template
+        from pstar_plugins.mechanisms.template import Template
 
         self.name, self.tokenizer = name, tokenizer
         self.template = C.SST2_TEMPLATE if name == "sst2" else C.E2E_TEMPLATE
@@ -108,7 +108,9 @@ class Workload:
         return F.cross_entropy(scores, self.plain["gold"])
 
     def peft_loss(self, model) -> torch.Tensor:
-        inputs = {k: v for k, v in self.plain["inputs"].items() if k != "prompt_index"}
+        from pstar_plugins.mechanisms.template import TEMPLATE_SLOTS
+
+        inputs = {k: v for k, v in self.plain["inputs"].items() if k != TEMPLATE_SLOTS}
         if self.name == "sst2":
             return self.label_word_loss(model, **inputs)
         return model(**inputs).loss
@@ -164,7 +166,7 @@ def run_method(method: str, work: Workload, m: int, repeats: int, warmup: int, d
     from peft import get_peft_model
 
     from pstar_plugins import build_model
-    from pstar_plugins.tasks.template import Template
+    from pstar_plugins.mechanisms.template import Template
 
     base_ours, tokenizer = C.smollm2(dtype)
     options = ours_options(method, m, work.template)

@@ -23,10 +23,12 @@ from dataclasses import dataclass
 
 import torch
 
-from pstar_plugins.errors import ConfigError
-from pstar_plugins.hookspecs import hookimpl
-from pstar_plugins.methods.base import PromptMethod
-from pstar_plugins.methods.spec import MethodConfig, MethodPlugin, MethodSpec, Preset
+from pstar_plugins.contract.errors import ConfigError
+from pstar_plugins.contract.hookspecs import hookimpl
+from pstar_plugins.contract.capabilities import OnePassContinuations
+from pstar_plugins.contract.method import PromptMethod
+from pstar_plugins.contract.spec import MethodConfig, MethodPlugin, MethodSpec, Preset
+from pstar_plugins.mechanisms.base_calls import call_base, generate_base
 
 NAME = "whole-model"
 
@@ -42,7 +44,7 @@ class WholeModelConfig(MethodConfig):
                               "pass --num-tasks 1 (or a prompt method for several tasks in one batch).")
 
 
-class WholeModel(PromptMethod):
+class WholeModel(PromptMethod, OnePassContinuations):
     """The base model's own forward pass; its weights are the trainable parameters (the hook below)."""
 
     # nothing is added to the input, so label-word continuations may be scored from the input's cache
@@ -64,11 +66,11 @@ class WholeModel(PromptMethod):
 
     def run(self, base_model, inputs, task_ids):
         self.check_task_ids(task_ids, inputs["input_ids"].shape[0])
-        return self.call_base(base_model, inputs)
+        return call_base(self, base_model, inputs)
 
     def generate(self, base_model, inputs, task_ids, **kwargs):
         self.check_task_ids(task_ids, inputs["input_ids"].shape[0])
-        return self.generate_base(base_model, inputs, **kwargs)
+        return generate_base(self, base_model, inputs, **kwargs)
 
 
 class WholeModelPlugin(MethodPlugin):

@@ -50,8 +50,8 @@ def worker(args) -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from pstar_plugins import build_model, param_groups
-    from pstar_plugins.core import distributed
-    from pstar_plugins.core.adapter_io import save_adapter
+    from pstar_plugins.mechanisms import distributed
+    from pstar_plugins.mechanisms.adapter_io import save_adapter
 
     ds_config = json.loads((ROOT / "integrations" / "deepspeed" / "zero3.json").read_text())
     zero = ds_config["zero_optimization"]

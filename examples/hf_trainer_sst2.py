@@ -31,7 +31,8 @@ rows = read_examples(path)
 labels = labels_of(rows, "label", path, WORDS)
 # label word after the template's prompt, loss on it only (p-tuning: its template's soft slots too)
 template = getattr(model.method_config, "template", TEMPLATE)
-train = Dataset.from_list([encode_example(template, tokenizer, r, WORDS[y], max_length=128) for r, y in zip(rows, labels)])
+train = Dataset.from_list([encode_example(template, tokenizer, r, WORDS[y], max_length=128, slot_input=model.method.slot_input)
+                           for r, y in zip(rows, labels)])
 trainer = PStarTrainer(
     model=model, train_dataset=train, data_collator=PStarDataCollator(tokenizer), processing_class=tokenizer,
     args=tf.TrainingArguments(args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=16,

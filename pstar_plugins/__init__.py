@@ -11,27 +11,36 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "PStarError": "pstar_plugins.errors",
-    "PStarModel": "pstar_plugins.core.model",
-    "build_model": "pstar_plugins.core.build",
-    "get_plugin_manager": "pstar_plugins.plugins",
-    "hookimpl": "pstar_plugins.hookspecs",
-    "load_adapter": "pstar_plugins.core.loading",
-    "make_optimizer": "pstar_plugins.core.build",
-    "param_groups": "pstar_plugins.core.build",
-    "save_adapter": "pstar_plugins.core.adapter_io",
+    # the method contract (docs/method_contract.md)
+    "MethodConfig": "pstar_plugins.contract.spec",
+    "MethodPlugin": "pstar_plugins.contract.spec",
+    "MethodSpec": "pstar_plugins.contract.spec",
+    "Preset": "pstar_plugins.contract.spec",
+    "PromptMethod": "pstar_plugins.contract.method",
+    # building, training and loading
+    "PStarError": "pstar_plugins.contract.errors",
+    "PStarModel": "pstar_plugins.assembly.model",
+    "build_model": "pstar_plugins.assembly.build",
+    "get_plugin_manager": "pstar_plugins.assembly.registry",
+    "hookimpl": "pstar_plugins.contract.hookspecs",
+    "load_adapter": "pstar_plugins.assembly.loading",
+    "make_optimizer": "pstar_plugins.assembly.build",
+    "param_groups": "pstar_plugins.assembly.build",
+    "save_adapter": "pstar_plugins.mechanisms.adapter_io",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from pstar_plugins.core.adapter_io import save_adapter
-    from pstar_plugins.core.loading import load_adapter
-    from pstar_plugins.core.build import build_model, make_optimizer, param_groups
-    from pstar_plugins.core.model import PStarModel
-    from pstar_plugins.errors import PStarError
-    from pstar_plugins.hookspecs import hookimpl
-    from pstar_plugins.plugins import get_plugin_manager
+    from pstar_plugins.contract.method import PromptMethod
+    from pstar_plugins.contract.spec import MethodConfig, MethodPlugin, MethodSpec, Preset
+    from pstar_plugins.mechanisms.adapter_io import save_adapter
+    from pstar_plugins.assembly.loading import load_adapter
+    from pstar_plugins.assembly.build import build_model, make_optimizer, param_groups
+    from pstar_plugins.assembly.model import PStarModel
+    from pstar_plugins.contract.errors import PStarError
+    from pstar_plugins.contract.hookspecs import hookimpl
+    from pstar_plugins.assembly.registry import get_plugin_manager
 
 
 def __getattr__(name: str) -> Any:

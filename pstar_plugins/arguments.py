@@ -15,7 +15,8 @@ import types
 import typing
 from typing import Any, Callable
 
-from pstar_plugins.errors import ConfigError, PluginError
+from pstar_plugins.contract.errors import ConfigError, PluginError
+from pstar_plugins.mechanisms.template import check_label_words  # noqa: F401 (part of the command-line checks)
 
 #: task flags that fill a method config field of the same name instead of being a second flag:
 #: P-tuning places its soft tokens in the task's ``--template``, prompt tuning initialises from
@@ -43,7 +44,7 @@ class RawDescriptionDefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter, 
 
 class StrictParser(argparse.ArgumentParser):
     """``argparse`` without prefix matching; usage errors raise :class:`ConfigError` (exit 2 through
-    :func:`pstar_plugins.errors.run_reporting_errors`) and an unknown flag names the nearest one."""
+    :func:`pstar_plugins.contract.errors.run_reporting_errors`) and an unknown flag names the nearest one."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("allow_abbrev", False)
@@ -71,8 +72,8 @@ def add_plugin_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def load_plugins(modules: list[str]) -> None:
-    """Register the ``-p`` modules (:meth:`~pstar_plugins.plugins.PStarPluginManager.load_module`)."""
-    from pstar_plugins.plugins import get_plugin_manager
+    """Register the ``-p`` modules (:meth:`~pstar_plugins.assembly.registry.PStarPluginManager.load_module`)."""
+    from pstar_plugins.assembly.registry import get_plugin_manager
 
     pm = get_plugin_manager()
     for module in modules:
@@ -110,20 +111,6 @@ def positive_float(flag: str, value: float) -> None:
 def non_negative_float(flag: str, value: float) -> None:
     if value is None or not math.isfinite(value) or value < 0:
         raise ConfigError(f"{flag} {value}: expected a finite number ≥ 0.")
-
-
-def check_label_words(words: list[str]) -> None:
-    """Label words must be real, distinct words (they become the classes, in order)."""
-    blank = [w for w in words if not w.strip()]
-    if blank:
-        raise ConfigError(f"--label-words {words!r}: {len(blank)} empty or blank word(s); give one real word per class.")
-    stripped = [w.strip() for w in words]
-    repeated = sorted({w for w in stripped if stripped.count(w) > 1})
-    if repeated:
-        raise ConfigError(f"--label-words {words!r}: {repeated} appear more than once, so two classes could not be told "
-                          "apart; give one distinct word per class.")
-    if len(words) < 2:
-        raise ConfigError(f"--label-words {words!r}: a classifier needs at least two label words.")
 
 
 # --------------------------------------------------------------------------- method config fields

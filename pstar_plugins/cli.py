@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from pstar_plugins.arguments import StrictParser, add_plugin_argument, load_plugins
-from pstar_plugins.errors import run_reporting_errors
+from pstar_plugins.contract.errors import run_reporting_errors
 
 
 def _plugins(args) -> int:
-    from pstar_plugins.plugins import get_plugin_manager
+    from pstar_plugins.assembly.registry import get_plugin_manager
 
     pm = get_plugin_manager()
     for info in pm.describe():
@@ -22,7 +21,7 @@ def _plugins(args) -> int:
 
 
 def _methods(args) -> int:
-    from pstar_plugins.plugins import get_plugin_manager
+    from pstar_plugins.assembly.registry import get_plugin_manager
 
     pm = get_plugin_manager()
     width = max(len(n) for n in pm.methods) if pm.methods else 0
@@ -38,7 +37,7 @@ def _methods(args) -> int:
 
 def _print_method_options(method: str) -> None:
     """The method's flags as ``pstar train --method NAME --help`` shows them."""
-    from pstar_plugins.train import parse_args
+    from pstar_plugins.train.cli import parse_args
 
     import contextlib
     import io
@@ -58,7 +57,7 @@ def _print_method_options(method: str) -> None:
 
 def _export_target(output: str, overwrite: bool) -> None:
     """Refuse to write an adapter over another folder's files."""
-    from pstar_plugins.errors import ConfigError
+    from pstar_plugins.contract.errors import ConfigError
 
     path = Path(output)
     if path.exists() and not path.is_dir():
@@ -81,8 +80,8 @@ def _load_base(name: str, gguf_file: str | None):
 def _export(args) -> int:
     from pstar_plugins.interop.peft import export_peft
 
-    from pstar_plugins.core.adapter_io import read_adapter
-    from pstar_plugins.plugins import get_plugin_manager
+    from pstar_plugins.mechanisms.adapter_io import read_adapter
+    from pstar_plugins.assembly.registry import get_plugin_manager
 
     load_plugins(args.plugin)
     contents = read_adapter(args.adapter)  # a bad adapter, or one of an unknown method, fails before the model loads

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from pstar_plugins.arguments import (RawDescriptionDefaultsHelpFormatter, StrictParser, add_plugin_argument, check_label_words,
                                      load_plugins)
-from pstar_plugins.errors import ConfigError, run_reporting_errors
-from pstar_plugins.eval_scoring import score_rows  # noqa: F401  (part of this module's interface)
-from pstar_plugins.tasks.template import DEFAULT_TEMPLATE as CLASSIFICATION_TEMPLATE
+from pstar_plugins.contract.errors import ConfigError, run_reporting_errors
+from pstar_plugins.tasks.scoring import score_rows  # noqa: F401  (part of this module's interface)
+from pstar_plugins.mechanisms.template import DEFAULT_TEMPLATE as CLASSIFICATION_TEMPLATE
 
 # flag defaults when neither the command line nor the adapter's recorded task gives a value
 FALLBACKS = {"label_column": "label", "label_words": ["negative", "positive"], "target_column": "ref",
@@ -79,7 +79,7 @@ def main(argv=None, prog: str = "python -m pstar_plugins.evaluate") -> int:
 def resolve_task(args, recorded: dict | None) -> None:
     """Fill the flags left unset from the adapter's recorded task (when it is the task asked for),
     then from :data:`FALLBACKS`."""
-    from pstar_plugins.tasks.template import from_command_line
+    from pstar_plugins.mechanisms.template import from_command_line
 
     recorded = recorded or {}
     if getattr(args, "model", None) is None:  # the model the adapter was trained on, else the default
@@ -116,7 +116,7 @@ def resolve_task(args, recorded: dict | None) -> None:
 
 def check_adapter_base(meta: dict, model: str, gguf_file: str | None) -> None:
     """Refuse an adapter whose recorded hidden size differs from ``model``'s, reading only the config."""
-    from pstar_plugins.errors import AdapterError
+    from pstar_plugins.contract.errors import AdapterError
     from pstar_plugins.models import resolve
 
     saved = meta.get("base_model", {}).get("hidden_size")
@@ -137,8 +137,8 @@ def check_adapter_base(meta: dict, model: str, gguf_file: str | None) -> None:
 def _main(argv, prog: str = "pstar eval"):
     """Read and check everything, load the model, score the adapter or the baselines, report."""
     args = parse_args(argv, prog)
-    from pstar_plugins.core.adapter_io import read_adapter
-    from pstar_plugins.eval_scoring import make_scoring
+    from pstar_plugins.mechanisms.adapter_io import read_adapter
+    from pstar_plugins.tasks.scoring import make_scoring
     from pstar_plugins.models import check_attn_implementation, check_quantization, check_source, load, quantization_config
     from pstar_plugins.tasks.data import load_split, parse_column_mapping
 
@@ -146,7 +146,7 @@ def _main(argv, prog: str = "pstar eval"):
     load_plugins(args.plugin)
     adapter = read_adapter(args.adapter) if args.adapter else None  # a bad adapter fails before any load
     if adapter:
-        from pstar_plugins.plugins import get_plugin_manager
+        from pstar_plugins.assembly.registry import get_plugin_manager
 
         get_plugin_manager().adapter_method(adapter[0], args.adapter)  # so does one of an unknown method
     resolve_task(args, _recorded_task(adapter))
@@ -187,8 +187,8 @@ def _recorded_task(adapter) -> dict | None:
 
 def _adapter_run(args, adapter, base, tokenizer, scoring) -> dict:
     """Score a tuned adapter with the template it was trained with."""
-    from pstar_plugins.core.loading import load_adapter
-    from pstar_plugins.tasks.template import Template
+    from pstar_plugins.assembly.loading import load_adapter
+    from pstar_plugins.mechanisms.template import Template
 
     model = load_adapter(base, args.adapter, tokenizer=tokenizer, trainable=False, contents=adapter).eval()
     model.packing = args.packing
@@ -206,7 +206,7 @@ def _baseline_runs(args, scoring, base, columns) -> list[dict]:
     """The frozen model with the discrete template: zero-shot and k-shot, mean ± std over seeds."""
     from pstar_plugins.models import packaged_data
     from pstar_plugins.tasks.data import load_split
-    from pstar_plugins.tasks.template import Template
+    from pstar_plugins.mechanisms.template import Template
 
     template = Template.parse(args.template)
     if any(k > 0 for k in args.shots):

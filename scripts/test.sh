@@ -10,4 +10,7 @@ fi
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1
+# the pinned formatter and linter first (seconds): `ruff format .` and `ruff check --fix .` repair most
+ruff format --check --quiet . || { echo "ruff format --check failed: run ruff format ." >&2; exit 1; }
+ruff check --quiet .
 python -m pytest -q "$@"

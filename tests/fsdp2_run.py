@@ -27,7 +27,7 @@ def main(out: Path, method: str) -> None:
     from torch.distributed.tensor import DTensor
 
     from pstar_plugins import build_model
-    from pstar_plugins.core import distributed
+    from pstar_plugins.mechanisms import distributed
     from pstar_plugins.testing.architectures import tiny_model
     from tests.helpers import METHOD_OPTIONS, random_batch
 

@@ -47,15 +47,23 @@ def run(arch: str, method: str):
 
 
 def _fast_path(report, arch: str) -> str:
+    """How the cell's calls ran (padding-free, or padded and why) and, on a causal LM, how its
+    multi-token label words are scored (in one pass, or per class and why)."""
     from pstar_plugins.testing.architectures import KIND
 
     detail = report.outcome("packed_equals_padded").detail
     if "call: packed" in detail:
-        return "padding-free"
-    found = re.search(r"padded \((.*)\)", detail)
-    if found:
-        return f"padded: {found.group(1)}"
-    return "padded: " + {"masked-lm": "encoder-only model", "seq2seq-lm": "encoder-decoder model"}.get(KIND[arch], "direct call")
+        calls = "padding-free"
+    elif found := re.search(r"padded \((.*)\)", detail):
+        calls = f"padded: {found.group(1)}"
+    else:
+        calls = "padded: " + {"masked-lm": "encoder-only model", "seq2seq-lm": "encoder-decoder model"}.get(KIND[arch], "direct call")
+    scoring = report.outcome("one_pass_scoring")
+    if scoring.status == "passed":
+        return f"{calls}; one-pass scoring"
+    if scoring.detail.startswith("scored per class: "):
+        return f"{calls}; {scoring.detail}"
+    return calls
 
 
 def observe(arch: str, method: str, report) -> dict:
@@ -122,9 +130,11 @@ outputs; only the method's tensors train; padded rows equal rows alone; packed e
 (values and gradients); inference fast paths equal the plain call; folding, save/load and
 greedy `generate()` (step-by-step reference, packed prefill included) agree; checkpointed
 gradients equal plain ones; mixed-task rows equal single-task rows; a second build and a
-refused load leave the base model usable. *Fast path* says whether training and scoring calls
-run padding-free on that family (an allow-list, `core.packing.PADDING_FREE_FAMILIES`, of the
-families verified here) or padded, and why. A refused cell is refused when the model is built,
+refused load leave the base model usable; one-pass label-word scores equal the per-class loop.
+*Fast path* says whether training and scoring calls
+run padding-free on that family (an allow-list, `mechanisms.fast_paths.PADDING_FREE_FAMILIES`, of the
+families verified here) or padded, and why, and on a causal LM whether multi-token label words
+are scored in one pass (checked against the per-class loop) or per class, and why. A refused cell is refused when the model is built,
 with the message shown; no cell builds and then gives wrong numbers.
 
 Prefix tuning and P-tuning v2 are refused on BLOOM, MPT and DeBERTa-v2: these families compute

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from pstar_plugins import load_adapter
-from pstar_plugins.core.adapter_io import read_adapter
-from pstar_plugins.errors import AdapterError, ConfigError
+from pstar_plugins.mechanisms.adapter_io import read_adapter
+from pstar_plugins.contract.errors import AdapterError, ConfigError
 from pstar_plugins.testing import tiny_model
 from tests.helpers import CASES, inputs_for, make
 
@@ -168,7 +168,8 @@ def test_pstar_train_continues_an_adapter_with_the_retired_label_words_field(tmp
     from safetensors.torch import save_file
 
     from pstar_plugins.testing import save_tiny_pretrained
-    from pstar_plugins.train import _plan, parse_args
+    from pstar_plugins.train.cli import parse_args
+    from pstar_plugins.train.plan import make_plan
 
     model_dir = tmp_path / "model"
     save_tiny_pretrained(model_dir)
@@ -186,14 +187,14 @@ def test_pstar_train_continues_an_adapter_with_the_retired_label_words_field(tmp
     meta["method_config"]["label_words"] = ["negative", "positive"]
     save_file(load_file(weights), str(weights), metadata={**metadata, "pstar_adapter_config": json.dumps(meta)})
     (adapter / "adapter_config.json").write_text(json.dumps(meta))
-    plan = _plan(parse_args(["--method", "p-tuning", "--model", str(model_dir), "--output-dir", str(tmp_path / "out"),
+    plan = make_plan(parse_args(["--method", "p-tuning", "--model", str(model_dir), "--output-dir", str(tmp_path / "out"),
                              "--init-from-adapter", str(adapter)]))
     assert not hasattr(plan.config, "label_words")
 
 
 def test_an_adapter_of_a_method_no_plugin_registers_names_it_and_how_to_load_it(tmp_path, capsys):
     from pstar_plugins import build_model
-    from pstar_plugins.errors import UnknownMethodError
+    from pstar_plugins.contract.errors import UnknownMethodError
     from pstar_plugins.testing import registered_plugin
     from tests.plugin_fixture import plugin
 
@@ -223,8 +224,8 @@ def test_an_adapter_of_a_method_no_plugin_registers_names_it_and_how_to_load_it(
 
 def test_an_adapter_records_the_plugin_of_its_method_and_the_error_says_how_to_load_it(tmp_path):
     from pstar_plugins import build_model
-    from pstar_plugins.errors import UnknownMethodError
-    from pstar_plugins.plugins import get_plugin_manager
+    from pstar_plugins.contract.errors import UnknownMethodError
+    from pstar_plugins.assembly.registry import get_plugin_manager
 
     pm = get_plugin_manager()
     name = pm.load_module("tests.plugin_fixture")
@@ -246,7 +247,7 @@ def test_an_adapter_records_the_plugin_of_its_method_and_the_error_says_how_to_l
                                                  r"PSTAR_BLOCK_PLUGINS keeps out: remove 'prompt-tuning' from it"):
         with pytest.MonkeyPatch.context() as env:
             env.setenv("PSTAR_BLOCK_PLUGINS", "prompt-tuning")
-            from pstar_plugins.plugins import create_plugin_manager
+            from pstar_plugins.assembly.registry import create_plugin_manager
 
             load_adapter(tiny_model("llama"), tmp_path / "builtin", plugin_manager=create_plugin_manager(autoload=False))
     older = {"name": "prompt-tuning", "loaded_by": "built-in", "version": "0.0.9"}  # a method this version lacks

@@ -94,7 +94,7 @@ def test_padded_prefix_batches_extend_the_mask_once_per_forward(calls, method, p
 def test_lower_right_pattern_equals_torchs_causal_lower_right():
     from torch.nn.attention.bias import causal_lower_right
 
-    from pstar_plugins.core.attention import lower_right_causal
+    from pstar_plugins.mechanisms.attention_kernels import lower_right_causal
 
     for q, kv, m in [(10, 10, 3), (1, 7, 2), (4, 9, 5)]:
         ours = lower_right_causal(q, kv, m, torch.device("cpu"))[0, 0]

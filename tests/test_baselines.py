@@ -9,7 +9,7 @@ import torch
 
 from pstar_plugins.tasks.baselines import (
     accuracy_and_macro_f1, balanced_demonstrations, calibrate, in_context_template, render_demonstration)
-from pstar_plugins.tasks.template import Template
+from pstar_plugins.mechanisms.template import Template
 from pstar_plugins.tasks.verbalizer import Verbalizer
 from pstar_plugins.testing import tiny_model
 from tests.test_tasks import CharTokenizer

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pstar_plugins.core.build import build_model
-from pstar_plugins.errors import ConfigError
+from pstar_plugins.assembly.build import build_model
+from pstar_plugins.contract.errors import ConfigError
 from pstar_plugins.testing import registered_plugin, tiny_model
 from tests.test_train_entry_point import _train, needs_model, saved_adapter
 

@@ -5,11 +5,12 @@ from typing import Optional
 
 import pytest
 
-from pstar_plugins.errors import ConfigError, PluginError
-from pstar_plugins.methods.spec import MethodConfig, MethodPlugin, MethodSpec
-from pstar_plugins.plugins import create_plugin_manager
+from pstar_plugins.contract.errors import ConfigError, PluginError
+from pstar_plugins.contract.spec import MethodConfig, MethodPlugin, MethodSpec
+from pstar_plugins.assembly.registry import create_plugin_manager, get_plugin_manager
 from pstar_plugins.testing import registered_plugin
-from pstar_plugins.train import _method_config, parse_args
+from pstar_plugins.train.cli import parse_args
+from pstar_plugins.train.plan import _method_config
 
 
 @dataclass
@@ -23,7 +24,7 @@ class OptionalFieldsConfig(MethodConfig):
 
 class OptionalFieldsPlugin(MethodPlugin):
     spec = MethodSpec("optional-fields", OptionalFieldsConfig, "a method with optional and union fields (test)",
-                      method_class="pstar_plugins.methods.base:PromptMethod")
+                      method_class="pstar_plugins.contract.method:PromptMethod")
 
 
 def _args(*argv):
@@ -59,7 +60,7 @@ def test_a_field_named_like_a_script_flag_is_refused_by_pstar_train(name):
     config = dataclass(type("Clashing", (MethodConfig,), {"__annotations__": {name: int}, name: field(default=1)}))
 
     class Clashing(MethodPlugin):
-        spec = MethodSpec("clashing", config, "shadows a flag", method_class="pstar_plugins.methods.base:PromptMethod")
+        spec = MethodSpec("clashing", config, "shadows a flag", method_class="pstar_plugins.contract.method:PromptMethod")
 
     flag = "--" + name.replace("_", "-")
     with registered_plugin(Clashing(), name="clash-plugin"):
@@ -68,7 +69,7 @@ def test_a_field_named_like_a_script_flag_is_refused_by_pstar_train(name):
 
 
 def test_task_flags_fill_the_fields_they_share_on_purpose():
-    from pstar_plugins.plugins import get_plugin_manager
+    from pstar_plugins.assembly.registry import get_plugin_manager
 
     pm = get_plugin_manager()
     args = parse_args(["--method", "p-tuning", "--template", "{soft:2} T: {sentence}\\nS:{answer}", "--output-dir", "x"])
@@ -117,7 +118,7 @@ def test_methods_verbose_lists_each_methods_options(capsys):
 def test_generation_summary_gives_both_scores_with_their_scale_a_sample_and_the_files(tmp_path):
     from argparse import Namespace
 
-    from pstar_plugins.train import _smooth, _summary
+    from pstar_plugins.train.report import _smooth, _summary
 
     results = {"generation_scores": {"zero-shot eval": {"bleu": 1.234, "rouge_l": 10.0, "example": ["x"]},
                                      "final eval": {"bleu": 12.345, "rouge_l": 40.5, "example": ["a pub near the river", "b"]}}}
@@ -134,7 +135,7 @@ def test_generation_summary_gives_both_scores_with_their_scale_a_sample_and_the_
 def test_a_default_template_follows_the_datas_one_text_column():
     from argparse import Namespace
 
-    from pstar_plugins.train import _default_template_for
+    from pstar_plugins.train.data import _default_template_for
 
     args = Namespace(label_column="label", target_column="ref", task="classification")
     preset = "{soft:3} Review: {sentence} {soft:3} Sentiment:{answer}"
@@ -157,3 +158,17 @@ def test_help_listing_and_argument_errors_never_import_torch(argv):
             "print('heavy:', heavy)")
     result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
     assert result.stdout.strip().endswith("heavy: []"), result.stdout[-500:] + result.stderr[-2000:]
+
+
+def test_the_typed_config_holds_exactly_the_flags_of_pstar_train():
+    """``TrainConfig`` is what a run is asked for: one field per flag of the parser (which keeps the
+    defaults and the help), the method's own flags in ``method_options``."""
+    import dataclasses
+
+    from pstar_plugins.train.cli import TrainConfig, build_parser
+
+    parser = build_parser(get_plugin_manager().methods, "p-tuning")
+    dests = {a.dest for a in parser._actions if a.dest != "help"}
+    assert dests | {"method_options"} == {f.name for f in dataclasses.fields(TrainConfig)}
+    args = parse_args(["--method", "prompt-tuning", "--output-dir", "out", "--num-virtual-tokens", "7", "--batch-size", "4"])
+    assert isinstance(args, TrainConfig) and args.method_options == {"num_virtual_tokens": 7} and args.batch_size == 4

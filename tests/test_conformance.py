@@ -36,7 +36,7 @@ def test_weights_a_plugin_unfreezes_are_saved_and_loaded(pstar_register, tmp_pat
 
 def test_the_suite_sees_plugin_weights_that_are_not_saved(pstar_register, monkeypatch):
     pstar_register(NormTrainer())
-    from pstar_plugins.core.model import PStarModel
+    from pstar_plugins.assembly.model import PStarModel
 
     monkeypatch.setattr(PStarModel, "extra_trainable_parameters", lambda self: [])  # the old behaviour
     report = check_method(lambda: tiny_model("llama"), "prompt-tuning", METHOD_OPTIONS["prompt-tuning"],

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pstar_plugins.errors import ConfigError, DataError
+from pstar_plugins.contract.errors import ConfigError, DataError
 from pstar_plugins.tasks.data import load_split, parse_column_mapping, read_dataset
 from tests.test_train_entry_point import _train, needs_model
 

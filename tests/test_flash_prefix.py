@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from pstar_plugins import build_model
-from pstar_plugins.core import packing
-from pstar_plugins.core.attention import UNVERIFIED_KERNELS_ENV
-from pstar_plugins.errors import IncompatibleModelError
+from pstar_plugins.mechanisms import fast_paths, packing
+from pstar_plugins.mechanisms.attention_kernels import UNVERIFIED_KERNELS_ENV
+from pstar_plugins.contract.errors import IncompatibleModelError
 from pstar_plugins.testing.architectures import tiny_model
 from tests.helpers import METHOD_OPTIONS, random_batch, soft_index
 
@@ -222,7 +222,7 @@ def test_flash_packing_is_refused_until_verified(monkeypatch):
     base = tiny_model("llama")
     base.config._attn_implementation = "flash_attention_2"
     assert "flash_attention_2 packing (one row, transformers' variable-length path) is not yet verified on a GPU" in (
-        packing.kernel_reason(base))
+        fast_paths.kernel_reason(base))
 
 
 def test_a_row_packed_by_position_ids_alone_keeps_each_example_to_its_prefix(flash):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pstar_plugins import build_model
-from pstar_plugins.core import packing
+from pstar_plugins.mechanisms import fast_paths, packing
 from pstar_plugins.testing.architectures import tiny_model
 from tests.helpers import METHOD_OPTIONS, random_batch, soft_index
 
@@ -155,8 +155,8 @@ def test_flex_calls_get_one_block_mask_per_forward(monkeypatch):
 
 def test_flex_packing_is_allow_listed_by_family():
     base = tiny_model("mistral", attn_implementation="flex_attention")
-    assert "flex_attention packing is verified for ['llama', 'qwen2'] only" in packing.kernel_reason(base)
-    assert packing.kernel_reason(tiny_model("llama", attn_implementation="flex_attention")) is None
+    assert "flex_attention packing is verified for ['llama', 'qwen2'] only" in fast_paths.kernel_reason(base)
+    assert fast_paths.kernel_reason(tiny_model("llama", attn_implementation="flex_attention")) is None
 
 
 def _sliding_qwen2(impl: str):

@@ -1,4 +1,4 @@
-"""``core.distributed.recording_gathers``: what ``gathered`` materialises is recorded inside a
+"""``mechanisms.distributed.recording_gathers``: what ``gathered`` materialises is recorded inside a
 recording block only (the ZeRO-3 runs report it; nothing accumulates outside one)."""
 
 import contextlib
@@ -7,7 +7,7 @@ import types
 
 import torch
 
-from pstar_plugins.core import distributed
+from pstar_plugins.mechanisms import distributed
 
 
 def _partitioned(n: int) -> list[torch.nn.Parameter]:

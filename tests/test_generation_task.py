@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pstar_plugins.tasks.generation import bleu_rouge, group_references, training_batch
-from pstar_plugins.tasks.template import Template
+from pstar_plugins.mechanisms.template import Template
 from tests.test_tasks import CharTokenizer
 from tests.test_train_entry_point import _train, needs_model
 

@@ -10,8 +10,10 @@ from datasets import Dataset
 from safetensors import safe_open
 
 from pstar_plugins import PStarModel, build_model, load_adapter, param_groups
-from pstar_plugins.core.adapter_io import read_adapter
-from pstar_plugins.errors import AdapterError
+from pstar_plugins.mechanisms.adapter_io import read_adapter
+from pstar_plugins.assembly.registry import get_plugin_manager
+from pstar_plugins.contract.errors import AdapterError, ConfigError
+from pstar_plugins.testing import tiny_model
 from pstar_plugins.hf_trainer import PStarDataCollator, PStarTrainer, encode_example
 from tests.test_train_entry_point import needs_model
 
@@ -38,7 +40,7 @@ def rows(n=16):
 
 def features(method, tokenizer, n=16):
     """A datasets.Dataset as a user would build it: a raw text column Trainer must drop, and the
-    method's inputs (labels, prompt_index, task_ids) that must survive."""
+    method's inputs (labels, its template slots, task_ids) that must survive."""
     out = []
     for i, row in enumerate(rows(n)):
         if method == "p-tuning-v2":  # the linear head takes the class index as label
@@ -46,7 +48,8 @@ def features(method, tokenizer, n=16):
             feature = {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": row["label"]}
         else:
             template = OPTIONS[method].get("template", "Review: {sentence} Sentiment:{answer}")
-            feature = encode_example(template, tokenizer, row, WORDS[row["label"]], task_id=i % 2 if method == "prompt-tuning" else None)
+            feature = encode_example(template, tokenizer, row, WORDS[row["label"]], task_id=i % 2 if method == "prompt-tuning" else None,
+                                     slot_input=get_plugin_manager().method(method).resolve_class().slot_input)
         out.append({**feature, "sentence": row["sentence"]})
     return Dataset.from_list(out)
 
@@ -108,7 +111,7 @@ def assert_adapter_only(folder: Path, model: PStarModel):
 def test_plain_trainer_with_default_arguments_gets_labels_and_method_inputs(tiny_dir, tokenizer, tmp_path, method):
     model = make_model(tiny_dir, tokenizer, method)
     data = features(method, tokenizer, n=8)
-    collator = PStarDataCollator(tokenizer)
+    collator = PStarDataCollator(tokenizer, input_pads=model.method.input_pads)  # a plain Trainer: the method's pads passed
     args = tf.TrainingArguments(str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
                                 per_device_eval_batch_size=8)
     trainer = tf.Trainer(model=model, args=args, train_dataset=data, eval_dataset=data, data_collator=collator)
@@ -141,7 +144,7 @@ def test_checkpoints_and_save_model_write_the_adapter_only(tiny_dir, tokenizer, 
     # loading onto a fresh base model reproduces the trained model's outputs
     reloaded = load_adapter(tf.AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "final", trainable=False).eval()
     assert not any(p.requires_grad for p in reloaded.parameters())
-    batch = PStarDataCollator(tokenizer)([{k: v for k, v in f.items() if k != "sentence"} for f in features(method, tokenizer, n=4)])
+    batch = trainer.data_collator([{k: v for k, v in f.items() if k != "sentence"} for f in features(method, tokenizer, n=4)])
     batch.pop("labels")
     model.eval()
     with torch.no_grad():
@@ -186,22 +189,38 @@ def test_load_best_model_at_end_restores_the_best_checkpoint(tiny_dir, tokenizer
 
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_collator_pads_every_input_with_its_neutral_value(tokenizer, side):
-    short = encode_example("{soft:2} {sentence}:{answer}", tokenizer, {"sentence": "ok"}, "yes", task_id=1)
-    long = encode_example("{soft:2} {sentence}:{answer}", tokenizer, {"sentence": "a much longer review text"}, "no", task_id=0)
-    batch = PStarDataCollator(tokenizer, padding_side=side)([short, long])
+    template = "{soft:2} {sentence}:{answer}"
+    short = encode_example(template, tokenizer, {"sentence": "ok"}, "yes", task_id=1, slot_input="slots")
+    long = encode_example(template, tokenizer, {"sentence": "a much longer review text"}, "no", task_id=0, slot_input="slots")
+    batch = PStarDataCollator(tokenizer, padding_side=side, input_pads={"slots": -1})([short, long])
     n, width = len(short["input_ids"]), len(long["input_ids"])
     assert n < width and batch["input_ids"].shape == (2, width)
     real = slice(0, n) if side == "right" else slice(width - n, width)
     pad = slice(n, width) if side == "right" else slice(0, width - n)
-    for name, value in [("input_ids", tokenizer.pad_token_id), ("attention_mask", 0), ("labels", -100), ("prompt_index", -1)]:
+    for name, value in [("input_ids", tokenizer.pad_token_id), ("attention_mask", 0), ("labels", -100), ("slots", -1)]:
         assert batch[name][0, real].tolist() == short[name]
         assert set(batch[name][0, pad].tolist()) == {value}, name
         assert batch[name][1].tolist() == long[name]
     assert batch["task_ids"].tolist() == [1, 0]
-    # the labels cover the target only (its tokens and EOS), prompt_index the two soft tokens
+    # the labels cover the target only (its tokens and EOS), the slots the two soft tokens
     target = tokenizer(" yes", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert [t for t in short["labels"] if t != -100] == target
-    assert sorted(i for i in short["prompt_index"] if i >= 0) == [0, 1]
+    assert sorted(i for i in short["slots"] if i >= 0) == [0, 1]
+
+
+def test_a_methods_own_inputs_are_named_by_the_method_not_guessed(tokenizer):
+    """Soft slots go to the input the method declares; without one they are refused, and a column
+    with no declared pad value is refused rather than padded with a number that means something."""
+    with pytest.raises(ConfigError, match="has \\{soft\\} slots: pass slot_input=model.method.slot_input"):
+        encode_example("{soft:2} {sentence}:{answer}", tokenizer, {"sentence": "ok"}, "yes")
+    features = [encode_example("{soft:2} {sentence}:{answer}", tokenizer, {"sentence": s}, "yes", slot_input="slots")
+                for s in ("ok", "longer text")]
+    with pytest.raises(ValueError, match="'slots' has no known pad value"):
+        PStarDataCollator(tokenizer)(features)
+    model = build_model(tiny_model("llama"), "p-tuning", template="{soft:2} {sentence}:{answer}")
+    trainer = PStarTrainer(model=model, data_collator=PStarDataCollator(tokenizer),
+                           args=tf.TrainingArguments("unused", report_to=[], use_cpu=True))
+    assert trainer.data_collator.input_pads == {"prompt_index": -1} == dict(model.method.input_pads)
 
 
 def test_resuming_from_another_methods_checkpoint_is_refused(tiny_dir, tokenizer, tmp_path):
@@ -238,7 +257,7 @@ def test_plain_trainer_checkpoints_hold_no_frozen_weight_and_resume_exactly(tiny
         args = tf.TrainingArguments(str(out), max_steps=4, save_steps=2, per_device_train_batch_size=4,
                                     learning_rate=1e-2, warmup_steps=1, report_to=[])
         trainer = tf.Trainer(model=model, args=args, train_dataset=features(method, tokenizer, n=16),
-                             data_collator=PStarDataCollator(tokenizer))
+                             data_collator=PStarDataCollator(tokenizer, input_pads=model.method.input_pads))
         trainer.train(resume_from_checkpoint=resume)
         return trainer, model
 

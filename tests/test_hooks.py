@@ -9,10 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from pstar_plugins import build_model, hookimpl, hookspecs, param_groups
-from pstar_plugins.errors import PluginError
-from pstar_plugins.methods.base import MethodConfig, MethodPlugin, MethodSpec
-from pstar_plugins.plugins import REMOVED_HOOKS, create_plugin_manager
+from pstar_plugins import build_model
+from pstar_plugins import hookimpl
+from pstar_plugins.contract import hookspecs
+from pstar_plugins import param_groups
+from pstar_plugins.contract.errors import PluginError
+from pstar_plugins.contract.method import MethodConfig, MethodPlugin, MethodSpec
+from pstar_plugins.assembly.registry import REMOVED_HOOKS, create_plugin_manager
 from pstar_plugins.testing import registered_plugin, tiny_model
 from tests.helpers import UnfreezeNorms
 
@@ -62,7 +65,7 @@ def test_hook_pstar_trainable_parameters():
     """The method's own parameters come from the method; the hook adds other plugins' names."""
     with registered_plugin(UnfreezeNorms(), name="norms"):
         model = _model()
-        contributed = {n for result in model._pm.hook.pstar_trainable_parameters(model=model) for n in (result or [])}
+        contributed = {n for result in model.plugin_manager.hook.pstar_trainable_parameters(model=model) for n in (result or [])}
         assert contributed == {"base_model.model.norm.weight"}
         own = {"method." + n for n in model.method.trainable_parameter_names()}
         assert own and all(n.startswith("method.tables.self.") for n in own)
@@ -72,7 +75,7 @@ def test_hook_pstar_trainable_parameters():
 def test_hook_pstar_param_groups():
     with registered_plugin(UnfreezeNorms(), name="norms"):
         model = _model()
-        groups = [g for r in model._pm.hook.pstar_param_groups(model=model, learning_rate=0.1, weight_decay=0.01) for g in (r or [])]
+        groups = [g for r in model.plugin_manager.hook.pstar_param_groups(model=model, learning_rate=0.1, weight_decay=0.01) for g in (r or [])]
         assert [g["name"] for g in groups] == ["norms"] and groups[0]["lr"] == 0.01
         by_name = {g["name"]: g for g in param_groups(model, 0.1, 0.01)}  # the method's groups, then the plugins'
     assert set(by_name) == {"prefix", "prefix-projection", "norms"}
@@ -90,7 +93,7 @@ def test_a_plugin_implementing_a_removed_hook_is_refused_naming_the_replacement(
 
 def test_a_method_plugin_overriding_create_is_refused():
     class OldPlugin(MethodPlugin):
-        spec = MethodSpec("old", MethodConfig, "built by create()", method_class="pstar_plugins.methods.base:PromptMethod")
+        spec = MethodSpec("old", MethodConfig, "built by create()", method_class="pstar_plugins.contract.method:PromptMethod")
 
         def create(self, base_model, config, tokenizer):
             raise AssertionError("never called")

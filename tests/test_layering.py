@@ -128,8 +128,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_import_graph_of_the_package_has_no_cycle():
     graph = import_graph()
-    assert graph["pstar_plugins.core.loading"] >= {"pstar_plugins.core.build", "pstar_plugins.core.adapter_io"}
-    assert "pstar_plugins.core.loading" in graph["pstar_plugins"]  # through the lazy export table
+    assert graph["pstar_plugins.assembly.loading"] >= {"pstar_plugins.assembly.build", "pstar_plugins.mechanisms.adapter_io"}
+    assert "pstar_plugins.assembly.loading" in graph["pstar_plugins"]  # through the lazy export table
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
@@ -141,28 +141,59 @@ def test_the_cycle_finder_reports_a_function_local_cycle():
     assert [n.module for n in _imports(tree)] == ["pstar_plugins.core"]
 
 
-#: the layers of docs/design.md ("Architecture"), bottom first; a module belongs to the entry
-#: with the longest matching prefix and imports only from its own layer or below
+#: the layers of docs/design.md ("Layers"), bottom first. Each entry is a package (all its
+#: modules) or one module, named exactly: there is no catch-all, and a module in none of them
+#: fails :func:`test_every_module_is_in_exactly_one_layer`. A module imports only from its own
+#: layer or below.
 LAYERS = [
-    ("contract", ["pstar_plugins.errors", "pstar_plugins.hookspecs", "pstar_plugins.methods.spec",
-                  "pstar_plugins.methods.builtin"]),
-    ("plugins", ["pstar_plugins.plugins"]),
-    ("mechanisms", ["pstar_plugins.core", "pstar_plugins.tasks.template"]),
+    ("contract", ["pstar_plugins.contract"]),
+    ("mechanisms", ["pstar_plugins.mechanisms"]),
     ("methods", ["pstar_plugins.methods"]),
-    ("adapter files", ["pstar_plugins.core.adapter_io"]),
-    ("wrapped model", ["pstar_plugins.core.model", "pstar_plugins.core.build"]),
-    ("loading", ["pstar_plugins.core.loading"]),
-    ("tasks and interop", ["pstar_plugins.tasks", "pstar_plugins.interop", "pstar_plugins.arguments",
-                           "pstar_plugins.models", "pstar_plugins.run_dir", "pstar_plugins.tracking"]),
-    ("scripts", ["pstar_plugins"]),
+    ("assembly", ["pstar_plugins.assembly"]),
+    ("tasks and scoring", ["pstar_plugins.tasks"]),
+    ("scripts and integrations", ["pstar_plugins", "pstar_plugins.cli", "pstar_plugins.arguments", "pstar_plugins.models",
+                                  "pstar_plugins.evaluate", "pstar_plugins.hf_trainer", "pstar_plugins.trl_sft",
+                                  "pstar_plugins.train", "pstar_plugins.interop", "pstar_plugins.testing"]),
 ]
 
 
+def _units() -> dict[str, str]:
+    """Layer entry (package or module) → its layer's name."""
+    return {unit: name for name, units in LAYERS for unit in units}
+
+
+def unit_of(module: str) -> str | None:
+    """The layer entry a module belongs to: itself, or the package entry it lies in (the top-level
+    package ``pstar_plugins`` is an entry for its own ``__init__`` only)."""
+    units = _units()
+    if module in units:
+        return module
+    parts = module.split(".")
+    for cut in range(len(parts) - 1, 1, -1):
+        prefix = ".".join(parts[:cut])
+        if prefix in units:
+            return prefix
+    return None
+
+
 def layer_of(module: str) -> int:
-    best = max(((len(prefix), index) for index, (_, prefixes) in enumerate(LAYERS) for prefix in prefixes
-                if module == prefix or module.startswith(prefix + ".")), default=None)
-    assert best is not None, f"{module} is in no layer"
-    return best[1]
+    unit = unit_of(module)
+    assert unit is not None, f"{module} is in no layer: add it to LAYERS (tests/test_layering.py) and docs/design.md"
+    return [name for name, _ in LAYERS].index(_units()[unit])
+
+
+def test_every_module_is_in_exactly_one_layer():
+    unassigned = sorted(m for m in MODULES if unit_of(m) is None)
+    assert not unassigned, f"modules in no layer (add them to LAYERS and to docs/design.md): {unassigned}"
+    units = [unit for _, layer in LAYERS for unit in layer]
+    assert len(units) == len(set(units)), "an entry is in two layers"
+    assert all(unit in MODULES for unit in units), sorted(set(units) - set(MODULES))
+
+
+def test_a_new_top_level_module_is_in_no_layer():
+    assert unit_of("pstar_plugins.newly_added") is None
+    assert unit_of("pstar_plugins.train.loop") == "pstar_plugins.train"
+    assert unit_of("pstar_plugins.mechanisms.packing") == "pstar_plugins.mechanisms"
 
 
 def test_every_import_goes_to_the_same_layer_or_below():
@@ -170,35 +201,67 @@ def test_every_import_goes_to_the_same_layer_or_below():
     upward = sorted(f"{m} ({LAYERS[layer_of(m)][0]}) -> {t} ({LAYERS[layer_of(t)][0]})"
                     for m, targets in graph.items() for t in targets if layer_of(t) > layer_of(m))
     assert not upward, "imports of a higher layer:\n" + "\n".join(upward)
-    assert layer_of("pstar_plugins.methods.spec") == 0 and layer_of("pstar_plugins.methods.base") == 3
-    assert layer_of("pstar_plugins.core.packing") == 2 and layer_of("pstar_plugins.train") == len(LAYERS) - 1
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The module graph seen at the level of layer entries (packages and top-level modules)."""
+    units: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        source = unit_of(module) or module
+        units.setdefault(source, set()).update((unit_of(t) or t) for t in targets)
+        units[source].discard(source)
+    return units
+
+
+def test_the_packages_import_each_other_without_a_cycle():
+    """Acyclic modules can still form a knot of packages (a imports b.x, b.y imports a.z); the
+    folders are the layers only when the package-level graph has no cycle either."""
+    cycle = find_cycle(package_graph(import_graph()))
+    assert cycle is None, "package import cycle: " + " -> ".join(cycle)
+
+
+def test_the_package_cycle_check_sees_a_knot_of_acyclic_modules():
+    graph = {"pstar_plugins.mechanisms.a": {"pstar_plugins.methods.b"},
+             "pstar_plugins.methods.c": {"pstar_plugins.mechanisms.d"}}
+    assert find_cycle(graph) is None
+    assert find_cycle(package_graph(graph)) == ["pstar_plugins.mechanisms", "pstar_plugins.methods", "pstar_plugins.mechanisms"]
+
+
+#: what lower layers must not touch: the plugin registry lives in assembly, and what a mechanism
+#: or a method needs from it is passed down at build time (``PStarModel.plugin_origin``)
+REGISTRY_ATTRIBUTES = {"plugin_manager", "hook", "_pm"}
+
+
+def test_no_layer_below_assembly_reaches_the_plugin_registry():
+    below = [m for m in MODULES if layer_of(m) < layer_of("pstar_plugins.assembly.registry")]
+    hits = sorted(f"{m}:{node.lineno} .{node.attr}" for m in below for node in ast.walk(ast.parse(MODULES[m].read_text()))
+                  if isinstance(node, ast.Attribute) and node.attr in REGISTRY_ATTRIBUTES)
+    assert not hits, f"calls back up to the plugin registry: {hits}"
+    assert "pstar_plugins.contract.hookspecs" in below and "pstar_plugins.methods.prompt_tuning.module" in below
 
 
 def test_contract_types_import_no_wrapped_model():
-    """The bottom layer (spec, hook specs, plugin manager, method base classes) imports nothing
-    from the wrapped model or above."""
+    """The contract (spec, hook specs, method base classes) reaches nothing else of the package."""
     graph = import_graph()
-    above = {"pstar_plugins.core.model", "pstar_plugins.core.build", "pstar_plugins.core.loading",
-             "pstar_plugins.train", "pstar_plugins.evaluate", "pstar_plugins.cli"}
-    for module in ("pstar_plugins.methods.spec", "pstar_plugins.hookspecs", "pstar_plugins.plugins",
-                   "pstar_plugins.methods.base", "pstar_plugins.methods.embedding_prompt"):
+    for module in [m for m in MODULES if unit_of(m) == "pstar_plugins.contract"]:
         reachable, todo = set(), [module]
         while todo:
             for succ in graph[todo.pop()] - reachable:
                 reachable.add(succ)
                 todo.append(succ)
-        assert not reachable & above, (module, sorted(reachable & above))
+        outside = sorted(r for r in reachable if unit_of(r) != "pstar_plugins.contract")
+        assert not outside, (module, outside)
 
 
 # --------------------------------------------------------------------------- method names
 METHOD_NAME = re.compile(r"(?<![\w-])(prompt-tuning|prefix-tuning|p-tuning|p-tuning-v2)(?![\w-])")
 #: (file, text the literal starts with) → why a method name may appear there
 NAME_ALLOWED = {
-    ("pstar_plugins/core/attention.py", ") computes attention in its own code"):
+    ("pstar_plugins/mechanisms/attention.py", ") computes attention in its own code"):
         "an error message suggesting methods that need no attention routing; nothing is decided by it",
-    ("pstar_plugins/core/attention.py", "; prefix methods need one shape per kind"):
+    ("pstar_plugins/mechanisms/attention.py", "; prefix methods need one shape per kind"):
         "an error message suggesting an alternative method; nothing is decided by it",
-    ("pstar_plugins/tasks/template.py", ": {soft} tokens are only for the p-tuning method"):
+    ("pstar_plugins/mechanisms/template.py", ": {soft} tokens are only for the p-tuning method"):
         "an error message naming the method whose templates take {soft} tokens; nothing is decided by it",
 }
 
@@ -213,9 +276,9 @@ def _docstrings(tree: ast.AST) -> set[int]:
     return found
 
 
-def method_name_literals(root: Path = PACKAGE) -> list[tuple[str, int, str]]:
-    """String literals naming a built-in method in code outside ``methods/`` (docstrings and
-    comments excluded; f-string parts included)."""
+def literals_outside_methods(pattern: re.Pattern, root: Path = PACKAGE) -> list[tuple[str, int, str]]:
+    """String literals matching ``pattern`` in code outside ``methods/`` (docstrings and comments
+    excluded; f-string parts included)."""
     hits = []
     for path in sorted(root.rglob("*.py")):
         if "methods" in path.relative_to(root).parts:
@@ -224,9 +287,14 @@ def method_name_literals(root: Path = PACKAGE) -> list[tuple[str, int, str]]:
         docs = _docstrings(tree)
         for node in ast.walk(tree):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs \
-                    and METHOD_NAME.search(node.value):
+                    and pattern.search(node.value):
                 hits.append((path.relative_to(root.parent).as_posix(), node.lineno, node.value))
     return hits
+
+
+def method_name_literals(root: Path = PACKAGE) -> list[tuple[str, int, str]]:
+    """String literals naming a built-in method in code outside ``methods/``."""
+    return literals_outside_methods(METHOD_NAME, root)
 
 
 def test_no_method_name_in_code_outside_methods():
@@ -247,20 +315,44 @@ def test_the_method_name_check_catches_a_branch(tmp_path):
     assert method_name_literals(pkg) == [("pstar_plugins/core.py", 4, "p-tuning-v2")]
 
 
+def owned_input_literals(names: set[str], root: Path = PACKAGE) -> list[tuple[str, int, str]]:
+    """String literals outside ``methods/`` that name one of ``names``, inputs a method owns."""
+    return literals_outside_methods(re.compile("|".join(rf"(?<!\w){re.escape(n)}(?!\w)" for n in sorted(names))), root)
+
+
+def test_inputs_a_method_owns_are_named_only_by_the_method():
+    """P-tuning's ``prompt_index`` and any other method's own inputs reach it through what the
+    method declares (``input_pads``, ``slot_input``); no module outside ``methods/`` names them."""
+    from pstar_plugins.assembly.registry import get_plugin_manager
+
+    owned = {name for spec in get_plugin_manager().methods.values() for name in spec.resolve_class().input_pads}
+    assert "prompt_index" in owned
+    hits = owned_input_literals(owned)
+    assert not hits, "a method's own inputs named outside pstar_plugins/methods/: " + json.dumps(hits, indent=1)
+
+
+def test_the_owned_input_check_catches_a_literal(tmp_path):
+    pkg = tmp_path / "pstar_plugins"
+    (pkg / "methods").mkdir(parents=True)
+    (pkg / "collate.py").write_text('"""Pads prompt_index."""\nPADS = {"prompt_index": -1}\n')
+    (pkg / "methods" / "m.py").write_text('input_pads = {"prompt_index": -1}\n')
+    assert owned_input_literals({"prompt_index"}, pkg) == [("pstar_plugins/collate.py", 2, "prompt_index")]
+
+
 # --------------------------------------------------------------------------- function length
 MAX_FUNCTION_LINES = 80
 #: (file, function) → why it may be longer
 LONG_ALLOWED: dict[tuple[str, str], str] = {}  # (file, function) -> why it stays long
 
 
-def long_functions(root: Path = PACKAGE, limit: int = MAX_FUNCTION_LINES) -> dict[tuple[str, str], int]:
+def long_functions(package: Path = PACKAGE, limit: int = MAX_FUNCTION_LINES, root: Path = ROOT) -> dict[tuple[str, str], int]:
     found = {}
-    for path in sorted(root.rglob("*.py")):
+    for path in sorted(package.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 lines = node.end_lineno - node.lineno + 1
                 if lines > limit:
-                    found[(path.relative_to(ROOT).as_posix(), node.name)] = lines
+                    found[(path.relative_to(root).as_posix(), node.name)] = lines
     return found
 
 
@@ -272,10 +364,12 @@ def test_no_function_is_longer_than_80_lines():
     assert not stale, f"these are no longer long: remove them from LONG_ALLOWED: {stale}"
 
 
-def test_the_length_check_counts_a_long_function():
-    assert long_functions(limit=10_000) == {}
-    short = long_functions(limit=20)
-    assert short[("pstar_plugins/core/loading.py", "load_adapter")] > 20
+def test_the_length_check_counts_a_long_function(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    body = "".join(f"    x{i} = {i}\n" for i in range(30))
+    (tmp_path / "pkg" / "m.py").write_text("def short():\n    return 1\n\n\ndef long():\n" + body)
+    found = long_functions(tmp_path / "pkg", limit=20, root=tmp_path)
+    assert found == {("pkg/m.py", "long"): 31}
 
 
 # --------------------------------------------------------------------------- import cost and side effects
@@ -284,7 +378,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 
 def test_importing_the_package_imports_no_torch():
-    result = _run("import sys, pstar_plugins, pstar_plugins.plugins, pstar_plugins.methods.spec, pstar_plugins.hookspecs\n"
+    result = _run("import sys, pstar_plugins, pstar_plugins.assembly.registry, pstar_plugins.contract.spec, pstar_plugins.contract.hookspecs\n"
                   "import pstar_plugins.methods.builtin, pstar_plugins.cli\n"
                   "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     assert result.returncode == 0, result.stderr
@@ -304,7 +398,8 @@ def test_the_pytest_entry_point_module_imports_no_torch():
 
 def test_importing_every_module_changes_nothing_in_transformers_or_the_environment():
     """Registration with transformers happens when a prefix method is first built, not at import."""
-    modules = sorted(m for m in MODULES if not m.startswith(("pstar_plugins.trl_sft", "pstar_plugins.testing.conformance")))
+    modules = sorted(m for m in MODULES if not m.startswith(("pstar_plugins.trl_sft", "pstar_plugins.testing.conformance"))
+                     and not m.endswith(".__main__"))  # running it is what importing it does
     code = (
         "import json, os, importlib\n"
         "from transformers import AttentionInterface\n"
@@ -322,8 +417,22 @@ def test_importing_every_module_changes_nothing_in_transformers_or_the_environme
     assert json.loads(result.stdout.splitlines()[-1]) == {"env": [], "registry": [], "built": ["pstar_prefix"]}
 
 
-def test_import_time_is_under_a_second():
-    result = subprocess.run([sys.executable, "-X", "importtime", "-c", "import pstar_plugins"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=60)
-    total = [int(line.split("|")[1]) for line in result.stderr.splitlines() if line.rstrip().endswith("| pstar_plugins")]
-    assert total and total[-1] < 1_000_000, result.stderr[-2000:]  # microseconds, cumulative
+# --------------------------------------------------------------------------- module length
+MAX_MODULE_LINES = 500
+
+
+def long_modules(package: Path = PACKAGE, limit: int = MAX_MODULE_LINES) -> dict[str, int]:
+    lengths = {path.relative_to(package.parent).as_posix(): len(path.read_text().splitlines())
+               for path in sorted(package.rglob("*.py"))}
+    return {name: n for name, n in lengths.items() if n > limit}
+
+
+def test_no_module_is_longer_than_500_lines():
+    assert not long_modules(), f"modules over {MAX_MODULE_LINES} lines (split them by what they do): {long_modules()}"
+
+
+def test_the_module_length_check_counts_lines(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "short.py").write_text("x = 1\n")
+    (tmp_path / "pkg" / "long.py").write_text("x = 1\n" * 501)
+    assert long_modules(tmp_path / "pkg") == {"pkg/long.py": 501}

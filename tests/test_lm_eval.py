@@ -9,7 +9,7 @@ import torch
 import transformers as tf
 
 from pstar_plugins import build_model
-from pstar_plugins.errors import AdapterError
+from pstar_plugins.contract.errors import AdapterError
 from tests.test_train_entry_point import needs_model
 
 pytest.importorskip("lm_eval", reason="lm-eval is installed by scripts/setup.sh ([lm-eval])")

@@ -1,5 +1,6 @@
-"""The method contract (docs/method_contract.md): every member of ``PromptMethod``, its spec and
-its config is documented, and the core asks the class, never the name, for what differs."""
+"""The method contract (docs/method_contract.md): what a method must implement, may override, may
+call and may opt into, each documented where it belongs; the smallest method passes the
+conformance suite; the core asks the class, never the name, for what differs."""
 
 import dataclasses
 import json
@@ -11,33 +12,80 @@ import torch
 from safetensors.torch import save_file
 
 from pstar_plugins import build_model
-from pstar_plugins.errors import AdapterError
+from pstar_plugins.contract.errors import AdapterError
 from pstar_plugins.interop.peft import PEFT_CONFIG, PEFT_WEIGHTS, export_peft, import_peft
-from pstar_plugins.methods.base import MethodConfig, MethodPlugin, MethodSpec, PromptMethod
+from pstar_plugins.contract.capabilities import CheckpointContext, OnePassContinuations, PeftExport, PromptCache, TokenizerCheck
+from pstar_plugins.contract.method import MethodConfig, MethodPlugin, MethodSpec, PromptMethod
+from pstar_plugins.contract.spec import ClassifierHead
+from pstar_plugins.mechanisms import base_calls, inputs
+from pstar_plugins.methods.embedding_prompt import EmbeddingPromptMethod
+from pstar_plugins.testing.conformance import assert_conforms
 from pstar_plugins.methods.prompt_tuning import PromptTuning, PromptTuningConfig
-from pstar_plugins.plugins import create_plugin_manager
+from pstar_plugins.assembly.registry import create_plugin_manager
 from pstar_plugins.testing import random_batch, registered_plugin, tiny_model
 from tests.plugin_fixture import plugin as temperature_plugin
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "method_contract.md"
+FIXTURE = Path(__file__).resolve().parent / "plugin_fixture.py"
 
 
-def _sections() -> set[str]:
-    return {name.replace("\\_", "_") for name in re.findall(r"^### (\S+)$", DOC.read_text(), re.M)}
+def _sections() -> dict[str, set[str]]:
+    """``## part`` → the ``### member`` headings under it."""
+    parts: dict[str, set[str]] = {}
+    part = None
+    for line in DOC.read_text().splitlines():
+        if line.startswith("## "):
+            part = parts.setdefault(line[3:].strip(), set())
+        elif line.startswith("### ") and part is not None:
+            part.add(line[4:].strip().replace("\\_", "_"))
+    return parts
 
 
-def _own_public(cls, base) -> set[str]:
+def _own_public(cls, base=object) -> set[str]:
     return {n for n in vars(cls) if not n.startswith("_") and n not in vars(base)}
 
 
-def test_every_member_of_the_contract_is_documented():
-    documented = _sections()
-    members = (_own_public(PromptMethod, torch.nn.Module) | {"__init__"}
-               | {f.name for f in dataclasses.fields(MethodSpec) if f.name != "plugin"} | (_own_public(MethodSpec, object) - {"plugin"})
-               | _own_public(MethodConfig, object) - {f.name for f in dataclasses.fields(MethodConfig)})
-    missing = sorted(members - documented)
-    assert not missing, f"undocumented in {DOC.name}: {missing}"
-    assert not documented - members, f"documented but not on the contract: {sorted(documented - members)}"
+CAPABILITIES = [OnePassContinuations, PeftExport, PromptCache, TokenizerCheck, CheckpointContext, ClassifierHead]
+#: what a method must implement; everything else on PromptMethod has a default
+MUST = {"__init__", "run"}
+MAY_CALL = {"contributing", "disabled", "check_task_ids", "packing", "call_base", "generate_base", "fill_position_ids"}
+
+
+def test_the_contract_doc_separates_must_may_and_opt_in():
+    parts = _sections()
+    method = _own_public(PromptMethod, torch.nn.Module) | {"packing"}
+    assert parts["Must"] == MUST
+    assert parts["May call"] == MAY_CALL
+    assert parts["May override"] == method - MUST - MAY_CALL, "every other member of PromptMethod is a documented default"
+    assert {"call_base", "generate_base"} <= set(vars(base_calls)) and "fill_position_ids" in vars(inputs)
+    opt_in = {c.__name__ for c in CAPABILITIES} | {"EmbeddingPromptMethod"}
+    opt_in |= {m for c in CAPABILITIES for m in _own_public(c)}
+    opt_in |= _own_public(EmbeddingPromptMethod, PromptMethod) - {"peft_embedding_config", "run", "generate"}
+    assert parts["Opt-in capabilities"] == opt_in
+    spec = {f.name for f in dataclasses.fields(MethodSpec) if f.name != "plugin"} | (_own_public(MethodSpec) - {"plugin"})
+    assert parts["The spec: `MethodSpec`"] == spec
+    config = _own_public(MethodConfig) - {f.name for f in dataclasses.fields(MethodConfig)}
+    assert parts["The config: `MethodConfig`"] == config
+
+
+def test_must_members_have_no_default_and_may_members_do():
+    method = PromptMethod(MethodConfig())
+    with pytest.raises(NotImplementedError):
+        method.run(None, {}, None)
+    assert method.adapter_geometry() == {} and method.folded and method.input_pads == {} and method.slot_input is None
+
+
+def test_the_documented_smallest_method_is_the_test_fixture():
+    block = re.search(r"## The smallest complete method.*?```python\n(.*?)```", DOC.read_text(), re.S).group(1)
+    assert block == FIXTURE.read_text(), "docs/method_contract.md shows tests/plugin_fixture.py: copy the file into the doc"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_smallest_method_passes_the_conformance_suite(arch):
+    with registered_plugin(temperature_plugin, name="temperature-plugin"):
+        report = assert_conforms(lambda: tiny_model(arch), "temperature", {"initial": 1.7})
+    passed = {o.check for o in report.outcomes if o.status == "passed"}
+    assert {"disabled_equals_base", "trains_only_method_tensors", "save_load_roundtrip"} <= passed, report.summary()
 
 
 def test_a_method_without_a_peft_layout_is_refused_on_export_by_its_class(tmp_path):
@@ -106,3 +154,21 @@ def test_the_core_calls_the_method_for_state_and_folding():
         with torch.no_grad():
             model(input_ids=random_batch(1, 4))
     assert calls == ["state", "load", "fold"]
+
+
+def test_a_methods_own_inputs_are_named_by_forward_and_a_deep_copy_is_a_model_of_its_own():
+    """``transformers.Trainer`` keeps the dataset columns ``forward`` names: P-tuning's declared
+    input is among them, and a deep copy (TRL's reference model) calls its own method."""
+    import copy
+    import inspect
+
+    model = build_model(tiny_model("llama"), "p-tuning", template="{soft:2} {sentence}:{answer}")
+    assert set(model.method.input_pads) <= set(inspect.signature(model.forward).parameters)
+    assert "prompt_index" not in inspect.signature(build_model(tiny_model("llama"), "prompt-tuning").forward).parameters
+    twin = copy.deepcopy(model)
+    assert twin.forward.__self__ is twin and twin.plugin_manager is model.plugin_manager
+    with torch.no_grad():
+        twin.method.encoder.embedding.add_(1.0)
+        ids = random_batch(2, 6)
+        slots = torch.tensor([[0, 1, -1, -1, -1, -1]] * 2)
+        assert not torch.equal(model(input_ids=ids, prompt_index=slots).logits, twin(input_ids=ids, prompt_index=slots).logits)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from pstar_plugins import build_model
-from pstar_plugins.errors import ConfigError, IncompatibleModelError
-from pstar_plugins.tasks.template import Template
+from pstar_plugins.contract.errors import ConfigError, IncompatibleModelError
+from pstar_plugins.mechanisms.template import Template
 from pstar_plugins.tasks.verbalizer import Verbalizer
 from pstar_plugins.testing import random_batch, tiny_model
 from tests.test_tasks import CharTokenizer

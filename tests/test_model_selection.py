@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from pstar_plugins.data_templates import soft_prompt_template, text_columns, worded_template
-from pstar_plugins.selection import Selection, split_off
-from pstar_plugins.train import _template_text, parse_args, resolve_schedule
+from pstar_plugins.mechanisms.data_templates import soft_prompt_template, text_columns, worded_template
+from pstar_plugins.train.selection import Selection, split_off
+from pstar_plugins.train.cli import parse_args, resolve_schedule
+from pstar_plugins.train.data import _template_text
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "PSTAR_DISABLE_PLUGIN_AUTOLOAD": "1"}
@@ -79,8 +80,8 @@ def _pairs_args(method, *flags):
 
 
 def test_a_template_method_gets_soft_tokens_around_each_text_column():
-    from pstar_plugins.plugins import get_plugin_manager
-    from pstar_plugins.train import _method_config
+    from pstar_plugins.assembly.registry import get_plugin_manager
+    from pstar_plugins.train.plan import _method_config
 
     args = _pairs_args("p-tuning")
     config, _ = _method_config(args, get_plugin_manager().method("p-tuning"))
@@ -93,10 +94,10 @@ def test_a_template_method_gets_soft_tokens_around_each_text_column():
 
 
 def test_the_worded_default_follows_one_text_column_and_its_suggestion_for_several_parses():
-    from pstar_plugins.tasks.template import Template, from_command_line
+    from pstar_plugins.mechanisms.template import Template, from_command_line
 
-    from pstar_plugins.plugins import get_plugin_manager
-    from pstar_plugins.train import _method_config
+    from pstar_plugins.assembly.registry import get_plugin_manager
+    from pstar_plugins.train.plan import _method_config
 
     args = _pairs_args("prompt-tuning")
     config, _ = _method_config(args, get_plugin_manager().method("prompt-tuning"))
@@ -147,7 +148,7 @@ def test_select_best_saves_the_best_steps_state_and_a_resumed_run_ends_with_the_
     assert (tmp_path / "part" / "checkpoint-3" / "best-adapter").is_dir() and not (tmp_path / "part" / "adapter").exists()
     _run(tiny_dir, tmp_path / "part", *flags, "--resume-from-checkpoint", "latest")
     resumed = json.loads((tmp_path / "part" / "metrics.json").read_text())
-    from pstar_plugins.core.adapter_io import read_adapter
+    from pstar_plugins.mechanisms.adapter_io import read_adapter
 
     (meta, ended), (meta_whole, ended_whole) = read_adapter(tmp_path / "part" / "adapter"), read_adapter(tmp_path / "whole" / "adapter")
     assert meta == meta_whole and ended.keys() == ended_whole.keys()
@@ -170,7 +171,7 @@ def test_early_stopping_ends_the_run_after_patience_evaluations_without_improvem
 
 
 def test_a_generation_split_keeps_every_source_on_one_side():
-    from pstar_plugins.train import _split_off
+    from pstar_plugins.train.data import _split_off
 
     rows = [{"mr": f"name[{i % 7}]", "ref": f"text {i}"} for i in range(70)]  # 7 sources, 10 references each
     args = Namespace(validation_split_percentage=30, seed=42, task="generation", target_column="ref")
@@ -183,8 +184,8 @@ def test_a_generation_split_keeps_every_source_on_one_side():
 
 
 def test_a_resume_under_other_data_flags_is_refused_before_the_model_loads(tmp_path):
-    from pstar_plugins.errors import ConfigError
-    from pstar_plugins.train import _check_same_data_plan, data_plan
+    from pstar_plugins.contract.errors import ConfigError
+    from pstar_plugins.train.data import _check_same_data_plan, data_plan
 
     args = Namespace(seed=42, max_train_samples=None, validation_split_percentage=10, select_best="last")
     checkpoint = tmp_path / "checkpoint-4"
@@ -197,7 +198,7 @@ def test_a_resume_under_other_data_flags_is_refused_before_the_model_loads(tmp_p
 
 
 def test_a_selection_split_that_is_never_evaluated_is_refused():
-    from pstar_plugins.errors import ConfigError
+    from pstar_plugins.contract.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--validation-split-percentage 10 with --eval-steps 0 would hold out"):
         parse_args(["--method", "prompt-tuning", "--train-file", "t.tsv", "--validation-file", "v.tsv",

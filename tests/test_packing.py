@@ -1,4 +1,4 @@
-"""Padding-free calls (``core.packing``): same outputs and gradients as the padded call, on fewer
+"""Padding-free calls (``mechanisms.packing``): same outputs and gradients as the padded call, on fewer
 positions."""
 
 import contextlib
@@ -9,9 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pstar_plugins import build_model
-from pstar_plugins.core import packing
+from pstar_plugins.contract.spec import has_classifier_head
+from pstar_plugins.mechanisms import fast_paths, pack_plan, packing
 from pstar_plugins.tasks.generation import target_token_loss, training_batch
-from pstar_plugins.tasks.template import Template
+from pstar_plugins.mechanisms.template import Template
 from pstar_plugins.testing import tiny_model
 from tests.helpers import METHOD_OPTIONS
 from tests.test_tasks import CharTokenizer
@@ -41,11 +42,11 @@ def masks(draw):
 @settings(max_examples=60, deadline=None)
 @given(masks())
 def test_plan_places_every_real_token_once_in_order_and_never_grows_the_batch(mask):
-    p = packing.plan(mask, attention_pair_cost=0.01)
+    p = pack_plan.plan(mask, attention_pair_cost=0.01)
     B, L = mask.shape
     R, C = p.shape
     assert p.tokens == int(mask.sum())
-    assert R <= B and p.cost <= packing.cost(B, L, 0.01) + 1e-9  # never dearer than the padded call
+    assert R <= B and p.cost <= pack_plan.cost(B, L, 0.01) + 1e-9  # never dearer than the padded call
     slots = set(zip(p.bin.tolist(), p.offset.tolist()))
     assert len(slots) == p.tokens  # no two tokens share a slot
     for b in range(B):
@@ -56,21 +57,21 @@ def test_plan_places_every_real_token_once_in_order_and_never_grows_the_batch(ma
         assert (offsets[1:] - offsets[:-1] == 1).all()  # contiguous and in the original order
         assert (p.segment[bins.item(), offsets] == b + 1).all()
     values = torch.randn(B, L, 3)
-    back = packing.unpack(p, packing.pack(p, values))
+    back = pack_plan.unpack(p, pack_plan.pack(p, values))
     assert torch.equal(back, values * mask[..., None])
 
 
 def test_block_mask_keeps_examples_apart_and_causal():
     mask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 0, 1]])
-    p = packing.plan(mask)
-    allowed = packing.block_mask(p, torch.float32, boolean=True)[:, 0]
+    p = pack_plan.plan(mask)
+    allowed = pack_plan.block_mask(p, torch.float32, boolean=True)[:, 0]
     for r in range(p.shape[0]):
         seg = p.segment[r]
         for q in range(p.shape[1]):
             for k in range(p.shape[1]):
                 expected = (k == q) or (k < q and seg[q] == seg[k] and seg[k] != 0)
                 assert bool(allowed[r, q, k]) == expected
-    additive = packing.block_mask(p, torch.float32, boolean=False)[:, 0]
+    additive = pack_plan.block_mask(p, torch.float32, boolean=False)[:, 0]
     assert torch.equal(additive == 0, allowed)
 
 
@@ -85,6 +86,20 @@ def _model(arch, method, options, attn="sdpa"):
     torch.manual_seed(0)
     base = tiny_model(arch, attn_implementation=attn)
     return build_model(base, method, **{**METHOD_OPTIONS[method], **options})
+
+
+def _columns_of_padded_call(model, inputs, extra) -> int:
+    """Columns of the frozen model's padded call on ``inputs`` (the method's virtual tokens included)."""
+    columns = []
+    hook = model.base_model.base_model.register_forward_hook(lambda m, i, o: columns.append(o.last_hidden_state.shape[1]))
+    packing, model.packing = model.packing, False
+    try:
+        with torch.no_grad():
+            model(**inputs, **extra)
+    finally:
+        hook.remove()
+        model.packing = packing
+    return columns[0]
 
 
 @contextlib.contextmanager
@@ -140,7 +155,7 @@ def test_packed_last_position_scores_equal_padded(arch, attn, method, options):
     weights = torch.randn(inputs["attention_mask"].shape[0], 1000)
 
     def score():
-        if method == "p-tuning-v2" and options["head"] != "none":
+        if has_classifier_head(model.method_config):
             return (model(**inputs).logits * weights[:, :2]).sum()
         logits = model(**inputs, logits_to_keep=1).logits[:, -1]
         return (logits * weights[:, : logits.shape[-1]]).sum()
@@ -271,8 +286,8 @@ def test_generate_with_packed_prefill_equals_padded_generate(arch, method, optio
     assert torch.equal(packed, padded), (packed, padded)
     # prefill packed (with prompt tuning's virtual tokens: more columns, fewer real positions),
     # then generate() runs the last prompt column alone
-    virtual = {"prompt-tuning": model.method.config.num_virtual_tokens, "p-tuning": 3}.get(method, 0)
-    assert seen[0] < B * (L + virtual - 1) and seen[1] == B
+    columns = _columns_of_padded_call(model, prompts, extra)  # the prompts' and any virtual tokens'
+    assert seen[0] < B * (columns - 1) and seen[1] == B
 
 
 def test_generate_that_cannot_use_a_packed_prefill_says_why():
@@ -293,7 +308,7 @@ def test_generate_that_cannot_use_a_packed_prefill_says_why():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_prefill_cache_equals_the_padded_forward_cache_at_real_positions(arch):
-    from pstar_plugins.core.inputs import positions_from_mask
+    from pstar_plugins.mechanisms.inputs import positions_from_mask
 
     base = tiny_model(arch)
     with torch.no_grad():  # weights large enough that attention is far from uniform
@@ -378,7 +393,7 @@ def test_a_packed_call_that_keeps_its_cache_equals_the_padded_call(arch):
     """``use_cache=True``: the packed call's logits and its cache (in the padded layout) equal the
     padded call's at every real position, and one more token run from either cache gives the same
     logits, on every family that packs; the others run padded and say why."""
-    from pstar_plugins.core.inputs import positions_from_mask
+    from pstar_plugins.mechanisms.inputs import positions_from_mask
     from pstar_plugins.testing.architectures import tiny_model as family_model
 
     base = family_model(arch)
@@ -395,7 +410,7 @@ def test_a_packed_call_that_keeps_its_cache_equals_the_padded_call(arch):
         with packing.recording() as calls:
             mine = packing.call(base, dict(inputs), packing=True)
         theirs = base(**inputs)
-    if packing.family_reason(base) is not None or packing.has_sliding_layers(base.config):
+    if fast_paths.family_reason(base) is not None or fast_paths.has_sliding_layers(base.config):
         assert expected is not None and calls == [f"call: padded ({expected})"]
         return
     assert expected is None and calls == ["call: packed"]

@@ -9,7 +9,7 @@ import torch
 peft = pytest.importorskip("peft")
 
 from pstar_plugins import build_model, load_adapter, make_optimizer
-from pstar_plugins.errors import AdapterError, IncompatibleModelError
+from pstar_plugins.contract.errors import AdapterError, IncompatibleModelError
 from pstar_plugins.interop.peft import export_peft, import_peft
 from pstar_plugins.testing import random_batch, tiny_model
 from tests.test_train_entry_point import needs_model

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from pstar_plugins import build_model, get_plugin_manager, hookimpl, param_groups
-from pstar_plugins.errors import PluginError, UnknownMethodError
-from pstar_plugins.methods.base import MethodConfig, MethodPlugin, MethodSpec, PromptMethod
-from pstar_plugins.plugins import create_plugin_manager
+from pstar_plugins.contract.errors import PluginError, UnknownMethodError
+from pstar_plugins.contract.method import MethodConfig, MethodPlugin, MethodSpec, PromptMethod
+from pstar_plugins.assembly.registry import create_plugin_manager
 from pstar_plugins.testing import random_batch, registered_plugin, tiny_model
 from tests.helpers import UnfreezeNorms
 
@@ -175,8 +175,8 @@ def test_author_kit_fixture_unregisters_after_each_test(pytester):
     """Two tests in a plugin author's suite: what the first registers is gone in the second."""
     pytester.makepyfile(
         """
-        from pstar_plugins.methods.base import MethodPlugin, MethodSpec, MethodConfig
-        from pstar_plugins.plugins import get_plugin_manager
+        from pstar_plugins.contract.method import MethodPlugin, MethodSpec, MethodConfig
+        from pstar_plugins.assembly.registry import get_plugin_manager
 
         class Throwaway(MethodPlugin):
             spec = MethodSpec("throwaway-method", MethodConfig, "for one test", method_class="torch.nn:Module")

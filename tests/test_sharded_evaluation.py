@@ -7,8 +7,8 @@ import argparse
 import pytest
 import torch
 
-from pstar_plugins.core import distributed
-from pstar_plugins.script_tasks import ClassificationTask, Split
+from pstar_plugins.mechanisms import distributed
+from pstar_plugins.train.tasks import ClassificationTask, Split
 
 
 @pytest.mark.parametrize("items, world", [(7, 2), (6, 3), (1, 4), (0, 2), (5, 1)])

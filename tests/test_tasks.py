@@ -6,9 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pstar_plugins import build_model
-from pstar_plugins.errors import ConfigError, DataError, PStarError
+from pstar_plugins.contract.errors import ConfigError, DataError, PStarError
 from pstar_plugins.tasks.data import labels_of, read_examples
-from pstar_plugins.tasks.template import Answer, Field, Literal, Soft, Template
+from pstar_plugins.mechanisms.template import Answer, Field, Literal, Soft, Template
 from pstar_plugins.tasks.verbalizer import Verbalizer
 from pstar_plugins.testing import tiny_model
 
@@ -62,7 +62,7 @@ def test_encode_marks_soft_positions_and_answer():
     t = Template.parse("{soft:2}ab{sentence}{soft}c {answer}")
     enc = t.encode({"sentence": "xy"}, tok, answer_ids=[9], stop_at_answer=False)
     # BOS, 2 soft, "abxy", 1 soft, "c" (trailing space moved into the answer), answer
-    assert enc.prompt_index == [-1, 0, 1, -1, -1, -1, -1, 2, -1, -1]
+    assert enc.slots == [-1, 0, 1, -1, -1, -1, -1, 2, -1, -1]
     assert enc.answer_index == 9 and enc.input_ids[9] == 9
     with pytest.raises(DataError, match="not a column"):
         t.encode({"text": "x"}, tok)

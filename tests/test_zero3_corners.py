@@ -4,7 +4,7 @@ when the shard lives in CPU memory (offload_param), and the rows it assembles.""
 import pytest
 import torch
 
-from pstar_plugins.core import distributed
+from pstar_plugins.mechanisms import distributed
 
 
 class _Accelerator:

@@ -17,7 +17,7 @@ import transformers as tf
 from datasets import Dataset
 
 from pstar_plugins import build_model
-from pstar_plugins.core import distributed
+from pstar_plugins.mechanisms import distributed
 from pstar_plugins.hf_trainer import PStarDataCollator, PStarTrainer, deepspeed_without_gpu, encode_example
 
 

@@ -22,12 +22,13 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from pstar_plugins.core.adapter_io import _atomic_write
-from pstar_plugins.core.build import build_model
-from pstar_plugins.core.loading import load_adapter
-from pstar_plugins.core.inputs import is_encoder_decoder
-from pstar_plugins.errors import AdapterError, IncompatibleModelError
-from pstar_plugins.plugins import get_plugin_manager
+from pstar_plugins.mechanisms.adapter_io import _atomic_write
+from pstar_plugins.assembly.build import build_model
+from pstar_plugins.assembly.loading import load_adapter
+from pstar_plugins.mechanisms.inputs import is_encoder_decoder
+from pstar_plugins.contract.capabilities import PeftExport
+from pstar_plugins.contract.errors import AdapterError, IncompatibleModelError
+from pstar_plugins.assembly.registry import get_plugin_manager
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -50,7 +51,7 @@ def _peft_config(kind: str, m: int, name_or_path: str, extra: dict) -> dict:
 
 def export_peft(adapter_dir, base_model, output_dir, contents=None) -> dict:
     """Write the adapter in ``adapter_dir`` (trained on ``base_model``) in PEFT's layout; the
-    method says what that layout holds (``PromptMethod.peft_export``) or why it has none.
+    method says what that layout holds (``PeftExport.peft_export``) or why it has none.
     ``contents``: what ``read_adapter(adapter_dir)`` already returned."""
     if is_encoder_decoder(base_model):
         raise IncompatibleModelError("PEFT export covers decoder-only models; this one is encoder-decoder.")
@@ -59,6 +60,8 @@ def export_peft(adapter_dir, base_model, output_dir, contents=None) -> dict:
     if extra:
         raise AdapterError(f"the adapter also holds base-model weights a plugin trained ({extra[:3]}); a PEFT "
                            "prompt-learning adapter has no place for them. Use the pstar adapter itself.")
+    if not isinstance(model.method, PeftExport):
+        raise AdapterError(f"{type(model.method).__name__} has no PEFT equivalent; export the pstar adapter itself.")
     model.fold()
     exported = model.method.peft_export(base_model)
     embeddings = exported.embeddings
@@ -102,7 +105,11 @@ def import_peft(peft_dir, base_model, tokenizer=None, plugin_manager=None, conte
     :func:`read_peft` already returned for ``peft_dir``."""
     pm = plugin_manager or get_plugin_manager()
     spec, config, embeddings = contents if contents is not None else read_peft(peft_dir, pm)
-    options = spec.resolve_class().peft_options(config)
+    method_class = spec.resolve_class()
+    if not issubclass(method_class, PeftExport):
+        raise AdapterError(f"method {spec.name!r} lists PEFT type {config.get('peft_type')!r} in peft_types, but its class "
+                           f"{method_class.__name__} does not subclass PeftExport; it cannot be built from a PEFT adapter.")
+    options = method_class.peft_options(config)
     model = build_model(base_model, spec.name, tokenizer=tokenizer, plugin_manager=pm, **options)
     model.load_trainable_state(model.method.state_from_peft(base_model, embeddings))
     return model

@@ -1,7 +1,7 @@
 """The built-in methods: registration name → plugin object (``module:attribute``).
 
 They are registered through the same path as third-party plugins
-(:func:`pstar_plugins.plugins.create_plugin_manager`).
+(:func:`pstar_plugins.assembly.registry.create_plugin_manager`).
 """
 
 from __future__ import annotations

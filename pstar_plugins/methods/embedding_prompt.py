@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pstar_plugins.core.inputs import (
+from pstar_plugins.mechanisms.inputs import (
     IGNORE_INDEX,
     accepts,
     fill_position_ids,
@@ -18,9 +18,10 @@ from pstar_plugins.core.inputs import (
     insert_block,
     is_encoder_decoder,
 )
-from pstar_plugins.core.geometry import hidden_size
-from pstar_plugins.errors import ConfigError
-from pstar_plugins.methods.base import PromptMethod
+from pstar_plugins.mechanisms.geometry import hidden_size
+from pstar_plugins.contract.errors import ConfigError
+from pstar_plugins.contract.method import PromptMethod
+from pstar_plugins.mechanisms.base_calls import call_base, generate_base
 
 
 class EmbeddingPromptMethod(PromptMethod):
@@ -76,7 +77,7 @@ class EmbeddingPromptMethod(PromptMethod):
             embeds = self.fill_slots(embeds, inputs)
             block = self.virtual_block(B, task_ids)
         else:  # the bare model's call: the method's own inputs are dropped, nothing is inserted
-            for name in self.generate_input_names():
+            for name in self.input_pads:
                 inputs.pop(name, None)
             block = None
         info: dict[str, Any] = {"user_index": None, "at_start": True, "length": L}
@@ -107,7 +108,7 @@ class EmbeddingPromptMethod(PromptMethod):
         if is_encoder_decoder(base_model):
             return base_model(**inputs)  # labels belong to the decoder
         if user_index is None:
-            return self.call_base(base_model, inputs)  # sequence length unchanged
+            return call_base(self, base_model, inputs)  # sequence length unchanged
         keep = inputs.get("logits_to_keep")
         if info["at_start"] and accepts(base_model, "logits_to_keep") and (keep is None or isinstance(keep, int) and 0 < keep <= info["length"]):
             # the user's real tokens are the last L positions: no logits (and no loss) at virtual
@@ -115,13 +116,13 @@ class EmbeddingPromptMethod(PromptMethod):
             inputs["logits_to_keep"] = keep or info["length"]
             if labels is not None:
                 inputs["labels"] = labels.masked_fill(info["user_mask"].to(labels.device) == 0, IGNORE_INDEX)
-            return self.call_base(base_model, inputs)
+            return call_base(self, base_model, inputs)
         if labels is not None:
             # virtual positions get IGNORE_INDEX: they never enter the loss
             padded = labels.new_full(inputs["inputs_embeds"].shape[:2], IGNORE_INDEX)
             inputs["labels"] = padded.scatter(1, user_index, labels)
         inputs.pop("logits_to_keep", None)  # columns of the user's sequence: applied after realignment
-        out = base_model(**inputs)
+        out = call_base(self, base_model, inputs, packable=False)  # logits of every column: realigned below
         if getattr(out, "logits", None) is not None:
             out.logits = gather_positions(out.logits, self._prediction_index(base_model, user_index))
             if isinstance(keep, int) and keep > 0:
@@ -143,16 +144,12 @@ class EmbeddingPromptMethod(PromptMethod):
 
     def generate(self, base_model, inputs, task_ids, **kwargs):
         input_ids = inputs.get("input_ids")
-        for name in self.generate_input_names():
+        for name in self.input_pads:
             if name in kwargs:
                 inputs[name] = kwargs.pop(name)
         self._embed(base_model, inputs, task_ids)
-        out = self.generate_base(base_model, {"inputs_embeds": inputs["inputs_embeds"], "attention_mask": inputs["attention_mask"]},
+        out = generate_base(self, base_model, {"inputs_embeds": inputs["inputs_embeds"], "attention_mask": inputs["attention_mask"]},
                                  **kwargs)
         if is_encoder_decoder(base_model) or input_ids is None:
             return out
         return torch.cat([input_ids, out.to(input_ids.device)], dim=1)
-
-    def generate_input_names(self) -> tuple[str, ...]:
-        """Extra inputs the method reads in generate() (e.g. ``prompt_index``)."""
-        return ()

@@ -8,12 +8,15 @@ contextual calibration divides the class probabilities by those of a content-fre
 
 from __future__ import annotations
 
+
 import random
 from typing import Any
 
 import torch
 
-from pstar_plugins.tasks.template import Answer, Field, Literal, Soft, Template
+from pstar_plugins.contract.capabilities import OnePassContinuations
+from pstar_plugins.contract.method import CONTINUATION
+from pstar_plugins.mechanisms.template import Answer, Field, Literal, Soft, Template
 
 
 def render_demonstration(template: Template, example: dict[str, Any], label_word: str) -> str:
@@ -106,12 +109,13 @@ def common_prefix(sequences: list[list[int]], margin: int = 2) -> list[int]:
     return first[: max(0, n - margin)]
 
 
-class SharedPrefixModel(torch.nn.Module):
+class SharedPrefixModel(torch.nn.Module, OnePassContinuations):
     """A causal LM for rows that all start with the same tokens (the demonstrations of in-context
     learning): the prefix's key/value cache is computed once and reused by every batch, so each
     row runs only its own tokens. Called like the model with left-padded ``input_ids``; the rows
     see exactly the tokens, positions and attention they would see in full (tested), and a batch
-    whose rows do not all start with the prefix runs in full.
+    whose rows do not all start with the prefix runs in full. Inside :meth:`continuing`, one-pass
+    label-word scoring continues every class from each call's cache, the prefix's included.
     """
 
     def __init__(self, model: torch.nn.Module, prefix_ids: list[int]) -> None:
@@ -119,7 +123,7 @@ class SharedPrefixModel(torch.nn.Module):
         self.model = model
         self.prefix = torch.tensor(prefix_ids, dtype=torch.long)
         device = next(model.parameters()).device
-        from pstar_plugins.core.inputs import accepts
+        from pstar_plugins.mechanisms.inputs import accepts
 
         # transformers 5 renamed ``past_key_values`` to ``cache`` in later minor versions
         self._cache_argument = "cache" if accepts(model, "cache") else "past_key_values"
@@ -145,7 +149,7 @@ class SharedPrefixModel(torch.nn.Module):
         if kwargs or P == 0 or any(len(r) <= P or not torch.equal(r[:P], prefix) for r in rows):
             if use_cache is not None:
                 kwargs["use_cache"] = use_cache
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep, **kwargs)
+            return self._call(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep, **kwargs)
         # the prefix's call always uses a cache (``use_cache`` asks for one: the verbalizer's
         # one-pass scoring continues from it, and finds the prefix's keys/values there too)
         B, S = len(rows), max(len(r) for r in rows) - P
@@ -158,7 +162,14 @@ class SharedPrefixModel(torch.nn.Module):
         full_mask = torch.cat([attention_mask.new_ones((B, P)), suffix_mask], 1)
         cache = self._cache_for(B)
         try:
-            return self.model(input_ids=suffix, attention_mask=full_mask, position_ids=positions, use_cache=True,
+            return self._call(input_ids=suffix, attention_mask=full_mask, position_ids=positions, use_cache=True,
                               logits_to_keep=logits_to_keep, **{self._cache_argument: cache})
         finally:
             cache.crop(P - cache.get_seq_length())  # negative: drop this batch's tokens, keep the prefix
+
+    def _call(self, **call):
+        output = self.model(**call)
+        continuation = self.__dict__.get(CONTINUATION)
+        if continuation is not None:  # before the prefix's cache is cropped back
+            continuation(self.model, call, output)
+        return output

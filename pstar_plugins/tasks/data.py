@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pstar_plugins.errors import DataError
+from pstar_plugins.contract.errors import DataError
 
 
 def read_examples(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
@@ -110,7 +110,7 @@ def rename_columns(rows: list[dict[str, Any]], mapping: dict[str, str], source: 
 
 def parse_column_mapping(pairs: list[str]) -> dict[str, str]:
     """``["text=sentence", "y=label"]`` → ``{"text": "sentence", "y": "label"}``."""
-    from pstar_plugins.errors import ConfigError
+    from pstar_plugins.contract.errors import ConfigError
 
     mapping = {}
     for pair in pairs or []:

@@ -10,14 +10,14 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from pstar_plugins.core.inputs import IGNORE_INDEX
-from pstar_plugins.errors import DataError
-from pstar_plugins.tasks.template import Template
+from pstar_plugins.mechanisms.inputs import IGNORE_INDEX
+from pstar_plugins.contract.errors import DataError
+from pstar_plugins.mechanisms.template import SLOT_PAD, TEMPLATE_SLOTS, Template, bind_slots
 
 
 def _prompt(template: Template, tokenizer, example: dict[str, Any], pad_id: int):
     enc = template.encode(example, tokenizer, placeholder_id=pad_id, stop_at_answer=True, add_special_tokens=True)
-    ids, index = enc.input_ids, enc.prompt_index
+    ids, index = enc.input_ids, enc.slots
     if enc.answer_index is not None:  # the answer slot ends the prompt (drop trailing special tokens)
         ids, index = ids[:enc.answer_index], index[:enc.answer_index]
     return ids, index
@@ -55,16 +55,16 @@ def training_batch(template: Template, tokenizer, rows: list[dict], target_colum
         "input_ids": torch.full((B, length), pad, dtype=torch.long),
         "attention_mask": torch.zeros(B, length, dtype=torch.long),
         "labels": torch.full((B, length), IGNORE_INDEX, dtype=torch.long),
-        "prompt_index": torch.full((B, length), -1, dtype=torch.long),
+        TEMPLATE_SLOTS: torch.full((B, length), SLOT_PAD, dtype=torch.long),
     }
     for i, (ids, index, target) in enumerate(seqs):
         start, end = prompt_width - len(ids), prompt_width + len(target)
         out["input_ids"][i, start:end] = torch.tensor(ids + target)
         out["attention_mask"][i, start:end] = 1
         out["labels"][i, prompt_width:end] = torch.tensor(target, dtype=torch.long)
-        out["prompt_index"][i, start:prompt_width] = torch.tensor(index, dtype=torch.long)
-    if not (out["prompt_index"] >= 0).any():
-        del out["prompt_index"]
+        out[TEMPLATE_SLOTS][i, start:prompt_width] = torch.tensor(index, dtype=torch.long)
+    if not (out[TEMPLATE_SLOTS] != SLOT_PAD).any():
+        del out[TEMPLATE_SLOTS]
     return out
 
 
@@ -76,7 +76,7 @@ def target_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     the model's own loss with ``labels`` (tested).
     """
     labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = bind_slots(model, {k: v for k, v in batch.items() if k != "labels"})
     labelled = (labels != IGNORE_INDEX).any(0).nonzero()
     if labelled.numel() == 0:
         raise DataError("no row of this batch has a target token; check --target-column and --max-length.")
@@ -113,12 +113,12 @@ def generate(model, template: Template, tokenizer, sources: list[dict], max_new_
         length = max(len(p[0]) for p in prompts)
         ids = torch.full((len(prompts), length), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        index = torch.full_like(ids, -1)
+        index = torch.full_like(ids, SLOT_PAD)
         for i, (p, idx) in enumerate(prompts):
             ids[i, length - len(p):] = torch.tensor(p)
             mask[i, length - len(p):] = 1
             index[i, length - len(p):] = torch.tensor(idx)
-        kwargs = {"prompt_index": index.to(device)} if (index >= 0).any() else {}
+        kwargs = bind_slots(model, {TEMPLATE_SLOTS: index.to(device)} if (index != SLOT_PAD).any() else {})
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
                              **({"synced_gpus": True} if synced_gpus else {}), **kwargs)

@@ -18,9 +18,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pstar_plugins.core.recording import Recorder
-from pstar_plugins.errors import ConfigError, IncompatibleModelError
-from pstar_plugins.tasks.template import Template
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from pstar_plugins.mechanisms import fast_paths
+from pstar_plugins.mechanisms.fast_paths import has_sliding_layers
+from pstar_plugins.mechanisms.inputs import cache_argument
+from pstar_plugins.mechanisms.recording import Recorder
+from pstar_plugins.contract.errors import ConfigError, IncompatibleModelError
+from pstar_plugins.mechanisms.template import SLOT_PAD, TEMPLATE_SLOTS, Template, bind_slots, check_label_words
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +43,6 @@ class Verbalizer:
             raise ConfigError(f"template {template.text!r} has no {{answer}} slot; add one where the label word goes.")
         if not masked_lm:
             template.check_answer_last()
-        from pstar_plugins.arguments import check_label_words
 
         check_label_words(list(label_words))
         self.tokenizer = tokenizer
@@ -57,13 +62,28 @@ class Verbalizer:
             raise ConfigError("a masked-LM verbalizer needs a tokenizer with a mask token.")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
+    @classmethod
+    def of_token_ids(cls, words: list[list[int]], pad_id: int = 0) -> "Verbalizer":
+        """A causal-LM scorer for label words already tokenised (one list of token ids per class),
+        for batches built elsewhere (:meth:`scores`, :meth:`scores_one_pass`,
+        :meth:`scores_per_class`); it has no template, so it encodes nothing itself."""
+        if len({tuple(w) for w in words}) != len(words) or not all(words):
+            raise ConfigError(f"label words {words}: expected one distinct, non-empty token list per class.")
+        scorer = cls.__new__(cls)
+        scorer.tokenizer = scorer.template = scorer.mask_id = None
+        scorer.masked_lm = False
+        scorer.words = [list(w) for w in words]
+        scorer.single_token = all(len(w) == 1 for w in words)
+        scorer.pad_id = pad_id
+        return scorer
+
     def encode(self, examples: list[dict[str, Any]], labels: list[int] | None = None, max_length: int = 256) -> EncodedBatch:
         rows = []
         for ex in examples:
             answer = [self.mask_id] * max(len(w) for w in self.words) if self.masked_lm else None
             enc = self.template.encode(ex, self.tokenizer, answer_ids=answer, placeholder_id=self.pad_id,
                                        stop_at_answer=not self.masked_lm, add_special_tokens=True)
-            ids, index, at = enc.input_ids, enc.prompt_index, enc.answer_index
+            ids, index, at = enc.input_ids, enc.slots, enc.answer_index
             if not self.masked_lm:  # drop special tokens appended after the text (they follow the answer)
                 ids, index = ids[:at], index[:at]
             if len(ids) > max_length:  # keep the end, where the answer is
@@ -74,7 +94,7 @@ class Verbalizer:
         B = len(rows)
         input_ids = torch.full((B, length), self.pad_id, dtype=torch.long)
         mask = torch.zeros(B, length, dtype=torch.long)
-        prompt_index = torch.full((B, length), -1, dtype=torch.long)
+        slots = torch.full((B, length), SLOT_PAD, dtype=torch.long)
         answer_index = []
         for i, (ids, index, at) in enumerate(rows):
             # causal LMs: left padding, so every row's answer slot is the end (one logit per row);
@@ -82,18 +102,18 @@ class Verbalizer:
             start = length - len(ids) if not self.masked_lm else 0
             input_ids[i, start:start + len(ids)] = torch.tensor(ids)
             mask[i, start:start + len(ids)] = 1
-            prompt_index[i, start:start + len(ids)] = torch.tensor(index)
+            slots[i, start:start + len(ids)] = torch.tensor(index)
             answer_index.append(start + at)
         inputs = {"input_ids": input_ids, "attention_mask": mask}
-        if (prompt_index >= 0).any():
-            inputs["prompt_index"] = prompt_index
+        if (slots != SLOT_PAD).any():
+            inputs[TEMPLATE_SLOTS] = slots
         return EncodedBatch(inputs, torch.tensor(answer_index), torch.tensor(labels) if labels is not None else None)
 
     def class_scores(self, model, batch: EncodedBatch, linear_head: bool) -> torch.Tensor:
         """``(B, C)`` class scores: a classification head's logits, or the label words' log-probabilities."""
         if linear_head:
             device = next(model.parameters()).device
-            return model(**{k: v.to(device) for k, v in batch.inputs.items()}).logits.float()
+            return model(**bind_slots(model, {k: v.to(device) for k, v in batch.inputs.items()})).logits.float()
         return self.scores(model, batch)
 
     def scores(self, model, batch: EncodedBatch) -> torch.Tensor:
@@ -108,14 +128,14 @@ class Verbalizer:
         at = batch.answer_index.to(device)
         rows = torch.arange(at.shape[0], device=device)
         if self.masked_lm:
-            logp = F.log_softmax(model(**inputs).logits.float(), dim=-1)
+            logp = F.log_softmax(model(**bind_slots(model, inputs)).logits.float(), dim=-1)
             out = []
             for word in self.words:
                 per = [logp[rows, at + k, tok] for k, tok in enumerate(word)]
                 out.append(torch.stack(per, -1).mean(-1))
             return torch.stack(out, -1)
         if self.single_token:
-            logits = model(**inputs, logits_to_keep=1).logits[:, -1]  # the answer slot ends every row
+            logits = model(**bind_slots(model, inputs), logits_to_keep=1).logits[:, -1]  # the answer slot ends every row
             return F.log_softmax(logits.float(), dim=-1)[:, [w[0] for w in self.words]]
         reason = one_pass_unsupported_reason(model)
         if reason is None:
@@ -159,8 +179,9 @@ class Verbalizer:
             extended = dict(inputs)
             extended["input_ids"] = torch.cat([inputs["input_ids"], word_t], 1)
             extended["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(word_t)], 1)
-            if "prompt_index" in inputs:
-                extended["prompt_index"] = torch.cat([inputs["prompt_index"], torch.full_like(word_t, -1)], 1)
+            if TEMPLATE_SLOTS in inputs:
+                extended[TEMPLATE_SLOTS] = torch.cat([inputs[TEMPLATE_SLOTS], torch.full_like(word_t, SLOT_PAD)], 1)
+            extended = bind_slots(model, extended)
             logits = model(**extended, logits_to_keep=k + 1).logits[:, :-1]  # positions predicting the word
             logp = F.log_softmax(logits.float(), dim=-1)
             out.append(logp.gather(2, word_t.unsqueeze(-1)).squeeze(-1).sum(-1))
@@ -169,19 +190,22 @@ class Verbalizer:
     def _one_pass(self, model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, str | None]:
         """Scores from the input's pass and one continuation pass, or ``(None, reason)`` when the
         frozen model's call turned out not to allow it (then nothing is left to undo)."""
-        from pstar_plugins.core import packing
-
-        lm = _frozen_lm(model)[0]
+        lm, holder, _ = _frozen_lm(model)
         B = inputs["input_ids"].shape[0]
         continuation = _Continuation(lm, self.words, self.pad_id, B, inputs["input_ids"].device)
-        handle = lm.register_forward_hook(continuation, with_kwargs=True)
-        try:
-            # the input's call is packed when the method packs its calls (core.packing returns its
-            # cache in the padded layout and hands the call to the observer, not to the hook)
-            with packing.observing_cached_calls(continuation):
-                first = model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]  # (B, V): each word's first token
-        finally:
-            handle.remove()
+        call = dict(bind_slots(model, inputs), use_cache=True, logits_to_keep=1)
+        if has_sliding_layers(lm.config):
+            # a cache of whole layers: the model's own sliding-window masks keep each query to its
+            # window over it, in the input's call and in the continuation's alike, where a sliding
+            # layer's own cache would drop the keys a full layer still needs (the call runs padded)
+            call[cache_argument(lm)] = DynamicCache()
+        if holder is None:  # the frozen model itself: continue from what it returns
+            output = model(**call)
+            continuation(lm, call, output)
+        else:  # a method, or the shared-prefix cache: each continues inside its own call of the frozen model
+            with holder.continuing(continuation):
+                output = model(**call)
+        first = output.logits[:, -1]  # (B, V): each word's first token
         if continuation.failure is None and continuation.logits is None:
             continuation.failure = "the method did not call the frozen model on the input"
         if continuation.failure is not None:
@@ -213,14 +237,12 @@ class Verbalizer:
 # in ``[input; word]``, so the log-probabilities and their gradients (through the cache to the
 # prompt) equal the per-class loop's up to float rounding (tests/test_label_words.py).
 #
-# With packing on, the input's call runs padding-free like any training call: core.packing packs
-# it, returns its cache in the padded layout and hands the call to core.packing.observing_cached_calls
-# (the hook would not see it as the padded call), which runs the same continuation, still inside
-# the method's call.
-
-#: families whose one-pass scores and gradients tests/test_label_words.py checks against the
-#: per-class loop; every other family is scored per class (their cache or positions may differ)
-ONE_PASS_FAMILIES = frozenset({"llama", "gpt2", "qwen2", "qwen3", "gemma", "gpt_neox", "opt", "phi"})
+# The scorer asks for the continuation explicitly: a method that declares it
+# (:class:`~pstar_plugins.contract.capabilities.OnePassContinuations`) runs it after its call of
+# the frozen model, packed or not (the packed call hands over its cache in the padded layout);
+# the shared-prefix cache of in-context learning does the same; a bare model is continued from
+# what it returns. Whether the path applies is the model's record
+# (:mod:`pstar_plugins.mechanisms.fast_paths`), decided once.
 
 _PATHS = Recorder()
 _logged: set[str] = set()
@@ -240,70 +262,51 @@ def _record(reason: str | None) -> None:
 
 
 def _frozen_lm(model) -> tuple[nn.Module | None, Any, str | None]:
-    """The frozen Hugging Face model that ``model`` finally calls, the method wrapped around it
-    (or ``None``), or a reason why neither can be found."""
+    """The frozen Hugging Face model that ``model`` finally calls, what continues from its cache
+    inside its own call (the method, or the shared-prefix cache; ``None`` for the bare model), and
+    the method (for the record), or a reason why none of it can be found."""
     from transformers import PreTrainedModel
 
-    from pstar_plugins.core.model import PStarModel
+    from pstar_plugins.assembly.model import PStarModel
     from pstar_plugins.tasks.baselines import SharedPrefixModel
 
-    method = None
+    holder = None
     while not isinstance(model, PreTrainedModel):
         if isinstance(model, PStarModel):
-            method, model = model.method, model.base_model
+            holder, model = model.method, model.base_model
         elif isinstance(model, SharedPrefixModel):
-            model = model.model
+            holder, model = model, model.model
         elif isinstance(getattr(model, "module", None), nn.Module):  # DistributedDataParallel, DeepSpeed's engine
             model = model.module
         else:
             return None, None, f"{type(model).__name__} is not a model of this library or of transformers"
-    return model, method, None
-
-
-def _method_reason(method) -> str | None:
-    # a subclass could change the continuation's own tokens, which the continuation pass would
-    # not see: only the class that declares the promise is trusted (PromptMethod.one_pass_continuations)
-    if not vars(type(method)).get("one_pass_continuations", False):
-        return f"method {type(method).__name__} does not declare one_pass_continuations"
-    if method.config.has_classifier_head():
-        return f"{type(method).__name__} with a classification head scores through its head"
-    return None
+    return model, holder, None
 
 
 def one_pass_unsupported_reason(model) -> str | None:
-    """Why multi-token label words cannot be scored in one pass on ``model``, or ``None``.
-
-    Depends on the model only, never on a batch: under ZeRO-3 every rank must run the same calls.
-    """
-    lm, method, reason = _frozen_lm(model)
+    """Why multi-token label words cannot be scored in one pass on ``model``, or ``None``: the
+    frozen model's record (:func:`pstar_plugins.mechanisms.fast_paths.of`), then whether it trains
+    with gradient checkpointing now. Depends on the model only, never on a batch: under ZeRO-3
+    every rank must run the same calls."""
+    lm, holder, reason = _frozen_lm(model)
     if reason is not None:
         return reason
-    from pstar_plugins.core.distributed import is_partitioned
-    from pstar_plugins.core.inputs import is_encoder_decoder
-    from pstar_plugins.core.packing import has_sliding_layers
-
-    config = lm.config
-    if is_encoder_decoder(lm) or not lm.can_generate():
-        return "not a decoder-only causal LM"
-    if config.model_type not in ONE_PASS_FAMILIES:
-        return f"model type {config.model_type!r} is not verified for one-pass scoring"
-    if has_sliding_layers(config):
-        return "sliding-window attention layers (their cache keeps only the window)"
-    if method is not None:
-        reason = _method_reason(method)
-        if reason is not None:
-            return reason
+    decided = fast_paths.of(lm, _method_of(holder)).one_pass_scoring
+    if decided is not None:
+        return decided
     if lm.training and torch.is_grad_enabled() and getattr(lm, "is_activation_checkpointing", False):
         return "gradient checkpointing (the frozen model keeps no cache while it trains)"
-    if any(is_partitioned(p) for p in lm.parameters()):
-        # the continuation pass runs inside a module's forward hook, which ZeRO-3's own
-        # parameter-fetching hooks are not known to allow
-        return "ZeRO-3 partitioned weights"
     return None
 
 
+def _method_of(holder):
+    from pstar_plugins.contract.method import PromptMethod
+
+    return holder if isinstance(holder, PromptMethod) else None
+
+
 class _Continuation:
-    """Forward hook of the frozen model for one :meth:`Verbalizer._one_pass`: after the model's
+    """The continuation of one :meth:`Verbalizer._one_pass`: called after the frozen model's
     call on the input (with its cache), runs every multi-token class's continuation from it."""
 
     def __init__(self, lm: nn.Module, words: list[list[int]], pad_id: int, batch: int, device: torch.device) -> None:
@@ -320,28 +323,18 @@ class _Continuation:
         self.logits: torch.Tensor | None = None
         self.failure: str | None = None
         self.calls = 0
-        self.running = False
 
-    def __call__(self, module, args, kwargs, output):
-        from pstar_plugins.core import packing
-
-        if module is not self.lm or self.running or packing.packed_call_running(module):
-            return None  # another model's call, the continuation's own, or a packed call's inner one
+    def __call__(self, module, kwargs, output) -> None:
+        """After ``module``'s call with ``kwargs`` (the padded call's) that returned ``output``."""
+        if module is not self.lm:
+            return  # another model's call (a backbone, an encoder): not the frozen LM's input
         self.calls += 1
         if self.calls > 1:
             self.logits, self.failure = None, "the method called the frozen model more than once"
-            return None
-        self.failure = self._continue(module, args, kwargs, output)
-        return None
+            return
+        self.failure = self._continue(module, kwargs, output)
 
-    def _continue(self, module, args, kwargs, output) -> str | None:
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
-        from pstar_plugins.core.inputs import accepts
-
-        if args:
-            return "the frozen model was called with positional arguments"
+    def _continue(self, module, kwargs, output) -> str | None:
         mask = kwargs.get("attention_mask")
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
             return "the frozen model was called without a 2D attention mask"
@@ -351,19 +344,17 @@ class _Continuation:
         if cache.get_seq_length() != mask.shape[1]:
             return "the frozen model's cache does not cover its attention mask"
         source = self.source.to(mask.device)
-        expanded = DynamicCache(config=module.config)  # a new cache: the call's own (a caller's) is left as it is
+        # a new cache of whole layers (the call's own, or a caller's, is left as it is): windowed
+        # layers get their window from the model's masks, as in the input's call
+        expanded = DynamicCache()
         for index, layer in enumerate(cache.layers):
             expanded.update(layer.keys.index_select(0, source), layer.values.index_select(0, source), index)
         T = self.ids.shape[1]
         call: dict[str, Any] = {"input_ids": self.ids.to(mask.device),
                                 "attention_mask": torch.cat([mask[source], self.mask.to(mask.dtype)], 1),
-                                "use_cache": True, ("cache" if accepts(module, "cache") else "past_key_values"): expanded}
+                                "use_cache": True, cache_argument(module): expanded}
         positions = kwargs.get("position_ids")
         if positions is not None:  # the positions the word's tokens get in [input; word]: after the last one
             call["position_ids"] = positions[source, -1:] + 1 + torch.arange(T, device=positions.device)
-        self.running = True
-        try:
-            self.logits = module(**call).logits  # (B * C', T, V)
-        finally:
-            self.running = False
+        self.logits = module(**call).logits  # (B * C', T, V)
         return None

@@ -76,7 +76,7 @@ def random_batch(n: int, length: int, seed: int = 0, low: int = 3) -> "torch.Ten
 @contextlib.contextmanager
 def registered_plugin(plugin: Any, name: str | None = None, plugin_manager=None) -> Iterator[str]:
     """Register ``plugin`` for the duration of the block, then unregister it (also on error)."""
-    from pstar_plugins.plugins import get_plugin_manager
+    from pstar_plugins.assembly.registry import get_plugin_manager
 
     pm = plugin_manager or get_plugin_manager()
     name = name or f"throwaway-{next(_counter)}"
@@ -130,7 +130,7 @@ if pytest is not None:
     @pytest.fixture
     def pstar_register():
         """``pstar_register(plugin)`` registers a plugin for this test only; it is unregistered afterwards."""
-        from pstar_plugins.plugins import get_plugin_manager
+        from pstar_plugins.assembly.registry import get_plugin_manager
 
         pm = get_plugin_manager()
         names: list[str] = []

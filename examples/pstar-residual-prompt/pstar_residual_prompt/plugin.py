@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pstar_plugins.methods.base import MethodPlugin, MethodSpec, positive_int
+from pstar_plugins.contract.method import MethodPlugin, MethodSpec, positive_int
 from pstar_plugins.methods.prompt_tuning import PromptTuning, PromptTuningConfig
 
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from pstar_plugins.errors import ConfigError
-from pstar_plugins.methods.spec import MethodConfig, one_of
-from pstar_plugins.tasks.template import Template
+from pstar_plugins.contract.errors import ConfigError
+from pstar_plugins.contract.spec import MethodConfig, one_of
+from pstar_plugins.mechanisms.template import Template
 
 ENCODERS = ("lstm", "mlp", "none")
 

@@ -9,18 +9,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pstar_plugins.core.distributed import embedding_rows, embedding_shape, embedding_std
+from pstar_plugins.mechanisms.distributed import embedding_rows, embedding_shape, embedding_std
 from pstar_plugins.methods.embedding_prompt import EmbeddingPromptMethod
-from pstar_plugins.core.inputs import IGNORE_INDEX, is_encoder_decoder
-from pstar_plugins.errors import AdapterError, ConfigError
-from pstar_plugins.methods.base import PeftPrompt
+from pstar_plugins.mechanisms.inputs import IGNORE_INDEX, is_encoder_decoder
+from pstar_plugins.contract.errors import AdapterError, ConfigError
+from pstar_plugins.contract.capabilities import OnePassContinuations, PeftExport
+from pstar_plugins.contract.method import PeftPrompt
 from pstar_plugins.methods.p_tuning.config import PTuningConfig
 from pstar_plugins.methods.p_tuning.encoder import PromptEncoder
-from pstar_plugins.tasks.template import Template
+from pstar_plugins.mechanisms.template import Template
 
 
-class PTuning(EmbeddingPromptMethod):
-    one_pass_continuations = True  # see PromptMethod
+class PTuning(EmbeddingPromptMethod, OnePassContinuations, PeftExport):
+    one_pass_continuations = True  # see OnePassContinuations
+    input_pads = {"prompt_index": -1}  # the template's soft-token number at each position, -1 elsewhere
+    slot_input = "prompt_index"
+
     def __init__(self, config: PTuningConfig, base_model: nn.Module, tokenizer=None) -> None:
         super().__init__(config)
         self.template = Template.parse(config.template)
@@ -83,9 +87,6 @@ class PTuning(EmbeddingPromptMethod):
         rank = real.long().cumsum(1) - 1
         n = self.template.num_soft_tokens
         return {"prompt_index": torch.where(real & (rank < n), rank, torch.full_like(rank, -1))}
-
-    def generate_input_names(self):
-        return ("prompt_index",)
 
     def param_groups(self, learning_rate, weight_decay):
         embedding = [self.encoder.embedding]

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pstar_plugins.errors import ConfigError
-from pstar_plugins.methods.spec import one_of, positive_int
+from pstar_plugins.contract.errors import ConfigError
+from pstar_plugins.contract.spec import ClassifierHead, one_of, positive_int
 from pstar_plugins.methods.prefix_tuning.config import PrefixTuningConfig
 
 HEADS = ("sequence-classification", "token-classification", "none")
@@ -12,7 +12,7 @@ HEAD_INITS = ("auto", "label-words", "random")
 
 
 @dataclass
-class PTuningV2Config(PrefixTuningConfig):
+class PTuningV2Config(PrefixTuningConfig, ClassifierHead):
     """Deep prompts (per-layer key/value prefixes) and a linear classification head.
 
     Defaults follow the paper: no reparameterisation (its benefit is task-dependent, §4.3), a

@@ -12,11 +12,13 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.modeling_outputs import SequenceClassifierOutput, TokenClassifierOutput
 
-from pstar_plugins.core.inputs import IGNORE_INDEX, fill_position_ids, first_real_index, is_encoder_decoder
-from pstar_plugins.errors import AdapterError, ConfigError, IncompatibleModelError
+from pstar_plugins.mechanisms.inputs import IGNORE_INDEX, fill_position_ids, first_real_index, is_encoder_decoder
+from pstar_plugins.contract.errors import AdapterError, ConfigError, IncompatibleModelError
 from pstar_plugins.methods.p_tuning_v2.config import PTuningV2Config
-from pstar_plugins.core.geometry import hidden_size
+from pstar_plugins.mechanisms.geometry import hidden_size
+from pstar_plugins.contract.capabilities import TokenizerCheck
 from pstar_plugins.methods.prefix_tuning.module import PrefixTuning
+from pstar_plugins.mechanisms.base_calls import call_base
 
 
 def last_real_index(mask: torch.Tensor) -> torch.Tensor:
@@ -25,8 +27,8 @@ def last_real_index(mask: torch.Tensor) -> torch.Tensor:
     return (positions * (mask > 0)).argmax(dim=-1)
 
 
-class PTuningV2(PrefixTuning):
-    one_pass_continuations = True  # see PromptMethod
+class PTuningV2(PrefixTuning, TokenizerCheck):
+    one_pass_continuations = True  # see OnePassContinuations
     def __init__(self, config: PTuningV2Config, base_model: nn.Module, tokenizer=None) -> None:
         if config.head != "none" and is_encoder_decoder(base_model):
             raise IncompatibleModelError(
@@ -101,7 +103,7 @@ class PTuningV2(PrefixTuning):
         return tokens[0]
 
     def _init_head_from_label_words(self, base_model, tokenizer) -> None:
-        from pstar_plugins.core.distributed import embedding_rows, gathered
+        from pstar_plugins.mechanisms.distributed import embedding_rows, gathered
 
         ids = [self._first_token(tokenizer, word) for word in self.config.label_words]
         output = base_model.get_output_embeddings()
@@ -133,7 +135,7 @@ class PTuningV2(PrefixTuning):
         fill_position_ids(backbone, inputs)
         mask = inputs.get("attention_mask")
         with self.injector.activate_tasks(task_ids, self.prefixes) as while_packed:
-            out = self.call_base(backbone, inputs, causal_lm=False, packable=self.decoder_only, while_packed=while_packed)
+            out = call_base(self, backbone, inputs, causal_lm=False, packable=self.decoder_only, while_packed=while_packed)
         hidden = out.last_hidden_state.float()
         if mask is None:
             mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)

@@ -1,7 +1,7 @@
 """The p-tuning-v2 plugin."""
 
 from pstar_plugins.methods.p_tuning_v2.config import PTuningV2Config
-from pstar_plugins.methods.spec import MethodPlugin, MethodSpec, Preset
+from pstar_plugins.contract.spec import MethodPlugin, MethodSpec, Preset
 
 spec = MethodSpec("p-tuning-v2", PTuningV2Config, "deep prompts on every layer with a linear classification head (Liu et al. 2022)",
                   preset=Preset({"num_virtual_tokens": 16}, 5e-3),

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pstar_plugins.errors import ConfigError
-from pstar_plugins.methods.spec import MethodConfig, one_of, positive_int
+from pstar_plugins.contract.errors import ConfigError
+from pstar_plugins.contract.spec import MethodConfig, one_of, positive_int
 
 INITS = ("random", "text")
 

@@ -13,14 +13,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from pstar_plugins.core.attention import PrefixInjector
-from pstar_plugins.core.geometry import attention_geometry, hidden_size
-from pstar_plugins.core.inputs import fill_position_ids, is_encoder_decoder
-from pstar_plugins.core.rotary import rotate_keys
-from pstar_plugins.errors import AdapterError, ConfigError, IncompatibleModelError
-from pstar_plugins.methods.base import PeftPrompt, PromptMethod
+from pstar_plugins.mechanisms.attention import PrefixInjector
+from pstar_plugins.mechanisms.geometry import attention_geometry, hidden_size
+from pstar_plugins.mechanisms.inputs import fill_position_ids, is_encoder_decoder
+from pstar_plugins.mechanisms.rotary import rotate_keys
+from pstar_plugins.contract.errors import AdapterError, ConfigError, IncompatibleModelError
+from pstar_plugins.contract.capabilities import CheckpointContext, OnePassContinuations, PeftExport
+from pstar_plugins.contract.method import PeftPrompt, PromptMethod
 from pstar_plugins.methods.prefix_tuning.config import PrefixTuningConfig
 from pstar_plugins.methods.prefix_tuning.table import PrefixTable
+from pstar_plugins.mechanisms.base_calls import call_base, generate_base
 
 
 def _declared_layers(config, kind: str) -> int | None:
@@ -30,12 +32,12 @@ def _declared_layers(config, kind: str) -> int | None:
         return None
 
 
-class PrefixTuning(PromptMethod):
+class PrefixTuning(PromptMethod, OnePassContinuations, PeftExport, CheckpointContext):
     """``tables[kind]`` holds ``(T, m, ...)`` prefixes for every site of that kind.
 
     ``layers`` (used by P-tuning v2) restricts prefixes to a subset of layer indices.
     """
-    one_pass_continuations = True  # see PromptMethod
+    one_pass_continuations = True  # see OnePassContinuations
 
     def __init__(self, config: PrefixTuningConfig, base_model: nn.Module, layers: list[int] | None = None,
                  tokenizer=None) -> None:
@@ -99,7 +101,7 @@ class PrefixTuning(PromptMethod):
         training = base_model.training
         base_model.eval()  # no dropout in the activations we keep
         try:
-            from pstar_plugins.core.distributed import gathered_module_by_module
+            from pstar_plugins.mechanisms.distributed import gathered_module_by_module
 
             with self.injector.capture() as captured, gathered_module_by_module(base_model):
                 base_model(**inputs)
@@ -138,13 +140,13 @@ class PrefixTuning(PromptMethod):
         # a mixed-task batch computes each distinct task's prefix once (prefix dropout is drawn
         # per task and call); packed rows may hold several tasks, each query seeing its own
         with self.injector.activate_tasks(task_ids, self.prefixes) as while_packed:
-            return self.call_base(base_model, inputs, while_packed=while_packed)
+            return call_base(self, base_model, inputs, while_packed=while_packed)
 
     def generate(self, base_model, inputs, task_ids, **kwargs):
         task_ids = self.check_task_ids(task_ids, self._batch_size(inputs))
         # computed once: every decoding step reuses the same static prefix
         with torch.no_grad(), self.injector.activate_tasks(task_ids, self.prefixes) as while_packed:
-            return self.generate_base(base_model, inputs, while_packed, **kwargs)
+            return generate_base(self, base_model, inputs, while_packed, **kwargs)
 
     def detach(self, base_model) -> None:
         self.injector.detach()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pstar_plugins.core.geometry import AttentionGeometry
+from pstar_plugins.mechanisms.geometry import AttentionGeometry
 
 
 class PrefixTable(nn.Module):

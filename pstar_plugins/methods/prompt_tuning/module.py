@@ -7,7 +7,7 @@ Serving from the prompts' cache: in a causal decoder the virtual tokens come fir
 each other, so their keys and values in every layer depend on the prompt alone. At inference
 (no gradient, ``packing`` on) each distinct prompt of the batch is run once, its per-layer
 keys/values are captured, and the user's tokens run without virtual positions, attending to
-those keys/values as a prefix (``core.attention``) at the positions they would have had after
+those keys/values as a prefix (``mechanisms.attention``) at the positions they would have had after
 the prompt. Same outputs as ``[P; E]`` (tested); ``m`` fewer positions per row.
 """
 
@@ -18,14 +18,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from pstar_plugins.core import packing
-from pstar_plugins.core.attention import SELF, PrefixInjector
-from pstar_plugins.core.distributed import embedding_rows, embedding_shape, embedding_std, is_partitioned
+from pstar_plugins.mechanisms import fast_paths, packing
+from pstar_plugins.mechanisms.attention import SELF, PrefixInjector
+from pstar_plugins.mechanisms.distributed import embedding_rows, embedding_shape, embedding_std
 from pstar_plugins.methods.embedding_prompt import EmbeddingPromptMethod
-from pstar_plugins.core.inputs import first_real_index, is_encoder_decoder, positions_from_mask
-from pstar_plugins.errors import AdapterError, ConfigError, IncompatibleModelError
-from pstar_plugins.methods.base import PeftPrompt
+from pstar_plugins.mechanisms.inputs import first_real_index, positions_from_mask
+from pstar_plugins.contract.errors import AdapterError, ConfigError, IncompatibleModelError
+from pstar_plugins.contract.capabilities import OnePassContinuations, PeftExport, PromptCache
+from pstar_plugins.contract.method import PeftPrompt
 from pstar_plugins.methods.prompt_tuning.config import PromptTuningConfig
+from pstar_plugins.mechanisms.base_calls import call_base
 
 _SERVING_INJECTOR = "_serving_injector"
 # what serving from the prompts' cache stands in for: the cache path runs only where these are
@@ -68,13 +70,13 @@ def initial_prompt(config: PromptTuningConfig, embedding: nn.Module, tokenizer, 
     return torch.stack(rows)
 
 
-class PromptTuning(EmbeddingPromptMethod):
+class PromptTuning(EmbeddingPromptMethod, OnePassContinuations, PeftExport, PromptCache):
     """Inserts ``prompt[task]`` (``(m, hidden)``) before the input embeddings (encoder side for
     encoder-decoder models), or right after BOS with ``position='after_bos'``.
 
     Outputs line up with the user's tokens: logits are ``(B, L, vocab)`` for ``L`` input tokens.
     """
-    one_pass_continuations = True  # see PromptMethod
+    one_pass_continuations = True  # see OnePassContinuations
 
     def __init__(self, config: PromptTuningConfig, base_model: nn.Module, tokenizer=None) -> None:
         super().__init__(config)
@@ -115,22 +117,17 @@ class PromptTuning(EmbeddingPromptMethod):
 
     def _prompt_cache_reason(self, base_model: nn.Module, inputs: dict[str, Any]) -> str | None:
         """Why this call keeps the virtual tokens in the sequence, or ``None`` when the prompts'
-        keys/values can stand in for them."""
+        keys/values can stand in for them: the model's record (``fast_paths.of``, which asked
+        :meth:`prompt_cache_reason` once), then what this call passes."""
         if not self.packing:
             return "packing is off"
         if not self.contributing:
             return "the method is disabled"
-        overridden = [name for name in _CACHE_STANDS_IN_FOR if getattr(type(self), name) is not getattr(PromptTuning, name)]
-        if overridden:
-            # the cache path re-implements what these compute; a subclass that changes them keeps
-            # the virtual tokens in the sequence, where its own code runs
-            return f"{type(self).__name__} overrides {', '.join(overridden)}"
+        decided = fast_paths.of(base_model, self).prompt_cache
+        if decided is not None:
+            return decided
         if torch.is_grad_enabled():
             return "training (the prompt's gradient flows through its positions)"
-        if is_encoder_decoder(base_model) or not base_model.can_generate():
-            return "not a decoder-only causal LM"
-        if self.config.position != "start":
-            return f"position={self.config.position!r} (the prompt is not first)"
         if inputs.get("position_ids") is not None:
             return "the caller passes position_ids"
         if inputs.get("input_ids") is None:
@@ -141,17 +138,20 @@ class PromptTuning(EmbeddingPromptMethod):
             return "labels are passed"
         if packing.uses_cache(inputs):
             return "a KV cache is in use"
-        if any(is_partitioned(p) for p in base_model.parameters()):
-            # not verified under ZeRO-3 (the conformance matrix runs one process), like the packed prefill
-            return "ZeRO-3 partitioned weights"
-        family = packing.family_reason(base_model)
-        if family is not None:
-            return family
-        if getattr(base_model.config, "sliding_window", None) or "sliding_attention" in (getattr(base_model.config, "layer_types", None) or ()):
-            # in [P; E] the virtual tokens leave a query's window like any token; a prefix never does
-            return "sliding-window attention"
-        if self._injector(base_model) is None:
+        if self._injector(base_model) is None:  # probed on the first call that gets this far
             return "the model's attention cannot take a prefix"
+        return None
+
+    def prompt_cache_reason(self, base_model: nn.Module) -> str | None:
+        """What this method and config say about serving from the prompts' cache on
+        ``base_model`` (the model's family, sliding windows and ZeRO-3 are the record's)."""
+        overridden = [name for name in _CACHE_STANDS_IN_FOR if getattr(type(self), name) is not getattr(PromptTuning, name)]
+        if overridden:
+            # the cache path re-implements what these compute; a subclass that changes them keeps
+            # the virtual tokens in the sequence, where its own code runs
+            return f"{type(self).__name__} overrides {', '.join(overridden)}"
+        if self.config.position != "start":
+            return f"position={self.config.position!r} (the prompt is not first)"
         return None
 
     def _injector(self, base_model: nn.Module) -> PrefixInjector | None:
@@ -195,7 +195,7 @@ class PromptTuning(EmbeddingPromptMethod):
             return {SELF: self.prompt_keys_values(base_model, prompts)}
 
         with self.__dict__[_SERVING_INJECTOR].activate_tasks(task_ids, prefixes_of) as while_packed:
-            return self.call_base(base_model, inputs, while_packed=while_packed)
+            return call_base(self, base_model, inputs, while_packed=while_packed)
 
     def detach(self, base_model) -> None:
         injector = self.__dict__.pop(_SERVING_INJECTOR, None)

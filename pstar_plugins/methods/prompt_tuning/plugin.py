@@ -1,7 +1,7 @@
 """The prompt-tuning plugin: registered through the same path as third-party plugins."""
 
 from pstar_plugins.methods.prompt_tuning.config import PromptTuningConfig
-from pstar_plugins.methods.spec import MethodPlugin, MethodSpec, Preset
+from pstar_plugins.contract.spec import MethodPlugin, MethodSpec, Preset
 
 # a folded P-tuning adapter is virtual-token embeddings in front of the input: prompt tuning's layout
 spec = MethodSpec("prompt-tuning", PromptTuningConfig, "m trainable vectors before the input embeddings (Lester et al. 2021)",

@@ -1,1 +1,0 @@
-"""Method-independent machinery: wrapping, freezing, attention injection, adapter files."""

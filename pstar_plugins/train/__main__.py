@@ -1,0 +1,3 @@
+from pstar_plugins.train import main
+
+raise SystemExit(main())
