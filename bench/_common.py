@@ -45,8 +45,12 @@ def device() -> torch.device:
 
 
 def machine() -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     try:
         pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         info["memory_gib"] = round(pages / 2**30, 1)
@@ -70,8 +74,13 @@ def versions() -> dict:
 
 def write_result(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    record = {"benchmark": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine(), "versions": versions(), **payload}
+    record = {
+        "benchmark": name,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "versions": versions(),
+        **payload,
+    }
     path = RESULTS / (f"{name}_{device().type}.json" if device().type != "cpu" else f"{name}.json")
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
@@ -105,7 +114,7 @@ def sst2_rows(n: int, offset: int = 0) -> list[dict]:
     from pstar_plugins.models import packaged_data
     from pstar_plugins.tasks.data import read_examples
 
-    return read_examples(packaged_data("sst2_dev.tsv"))[offset:offset + n]
+    return read_examples(packaged_data("sst2_dev.tsv"))[offset : offset + n]
 
 
 def e2e_rows(n: int, offset: int = 0) -> list[dict]:
@@ -114,11 +123,17 @@ def e2e_rows(n: int, offset: int = 0) -> list[dict]:
 
     path = SHARED_DATA / "e2e" / "trainset.csv"
     if path.is_file():
-        return read_examples(path, limit=offset + n)[offset:offset + n]
-    base = [{"mr": "name[The Eagle], eatType[coffee shop], food[French], priceRange[moderate], area[riverside]",
-             "ref": "The Eagle is a moderately priced French coffee shop by the riverside."},
-            {"mr": "name[Alimentum], food[Chinese], area[city centre], familyFriendly[no]",
-             "ref": "Alimentum serves Chinese food in the city centre and is not family-friendly."}]
+        return read_examples(path, limit=offset + n)[offset : offset + n]
+    base = [
+        {
+            "mr": "name[The Eagle], eatType[coffee shop], food[French], priceRange[moderate], area[riverside]",
+            "ref": "The Eagle is a moderately priced French coffee shop by the riverside.",
+        },
+        {
+            "mr": "name[Alimentum], food[Chinese], area[city centre], familyFriendly[no]",
+            "ref": "Alimentum serves Chinese food in the city centre and is not family-friendly.",
+        },
+    ]
     return [base[i % 2] for i in range(offset, offset + n)]
 
 
@@ -195,7 +210,9 @@ def add_common_arguments(parser, repeats: int = 7, warmup: int = 2) -> None:
     parser.add_argument("--virtual-tokens", type=int, default=10, help="prompt length m, the same on both sides")
     parser.add_argument("--repeats", type=int, default=repeats, help="timed rounds (medians are reported)")
     parser.add_argument("--warmup", type=int, default=warmup, help="untimed rounds first")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="frozen weights' dtype (bf16 for GPUs)")
+    parser.add_argument(
+        "--dtype", default="fp32", choices=["fp32", "bf16"], help="frozen weights' dtype (bf16 for GPUs)"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only (trial runs)")
 
 

@@ -98,8 +98,8 @@ def batches(tokenizer, n: int) -> dict:
     ids = torch.full((n, width), tokenizer.pad_token_id)
     mask = torch.zeros((n, width), dtype=torch.long)
     for i, e in enumerate(encoded):
-        ids[i, width - len(e):] = torch.tensor(e)
-        mask[i, width - len(e):] = 1
+        ids[i, width - len(e) :] = torch.tensor(e)
+        mask[i, width - len(e) :] = 1
     return {"unpadded": (unpadded, torch.ones_like(unpadded), target), "padded": (ids, mask, target)}
 
 
@@ -132,10 +132,12 @@ def main() -> None:
 
     path, gguf = resolve("smollm2")
     folder = dequantized_gguf(AutoModelForCausalLM, path, gguf)
-    revision = subprocess.run(["git", "rev-parse", "--short", args.before], cwd=ROOT, check=True, capture_output=True,
-                              text=True).stdout.strip()
-    current = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True, capture_output=True,
-                             text=True).stdout.strip()
+    revision = subprocess.run(
+        ["git", "rev-parse", "--short", args.before], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.strip()
+    current = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.strip()
     with tempfile.TemporaryDirectory() as tmp:
         before = Path(tmp) / "before"
         before.mkdir()
@@ -147,9 +149,23 @@ def main() -> None:
         samples: dict[str, dict[str, list[float]]] = {"before": {}, "after": {}}
         for round_ in range(args.rounds):
             for side, tree in trees.items():
-                cmd = [sys.executable, __file__, "--worker", "--tree", str(tree), "--folder", str(folder), "--batches",
-                       str(batch_file), "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--threads",
-                       str(args.threads)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    "--tree",
+                    str(tree),
+                    "--folder",
+                    str(folder),
+                    "--batches",
+                    str(batch_file),
+                    "--repeats",
+                    str(args.repeats),
+                    "--warmup",
+                    str(args.warmup),
+                    "--threads",
+                    str(args.threads),
+                ]
                 env = {**os.environ, "PYTHONPATH": str(tree)}
                 done = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
                 result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
@@ -157,19 +173,38 @@ def main() -> None:
                     samples[side].setdefault(cell, []).extend(times)
                 print(f"round {round_ + 1}/{args.rounds}: {side} done", flush=True)
     cells = {}
-    print(f"\nstep time, median of {args.rounds * args.repeats} steps per cell ({revision} = before, {current} = after)")
+    print(
+        f"\nstep time, median of {args.rounds * args.repeats} steps per cell ({revision} = before, {current} = after)"
+    )
     print(f"{'method':14} {'batch':9} {'before':>9} {'after':>9} {'after/before':>13}")
     for cell in samples["after"]:
         b, a = statistics.median(samples["before"][cell]), statistics.median(samples["after"][cell])
         method, kind = cell.split("/")
-        cells[cell] = {"method": method, "batch": kind, "before_seconds": b, "after_seconds": a, "ratio": a / b,
-                       "before_samples": samples["before"][cell], "after_samples": samples["after"][cell]}
+        cells[cell] = {
+            "method": method,
+            "batch": kind,
+            "before_seconds": b,
+            "after_seconds": a,
+            "ratio": a / b,
+            "before_samples": samples["before"][cell],
+            "after_samples": samples["after"][cell],
+        }
         print(f"{method:14} {kind:9} {b:8.3f}s {a:8.3f}s {a / b:12.2f}x")
     if not args.no_write:
-        path = C.write_result("attention_before_after", {
-            "before": revision, "after": current, "model": "SmolLM2-135M-Instruct", "batch": args.batch,
-            "rounds": args.rounds, "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads,
-            "cells": cells})
+        path = C.write_result(
+            "attention_before_after",
+            {
+                "before": revision,
+                "after": current,
+                "model": "SmolLM2-135M-Instruct",
+                "batch": args.batch,
+                "rounds": args.rounds,
+                "repeats": args.repeats,
+                "warmup": args.warmup,
+                "threads": args.threads,
+                "cells": cells,
+            },
+        )
         print(f"wrote {path}")
 
 

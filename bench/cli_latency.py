@@ -22,7 +22,15 @@ COMMANDS = {
     "pstar train --help": ["train", "--help"],
     "pstar train --method prompt-tuning --help": ["train", "--method", "prompt-tuning", "--help"],
     "pstar eval --help": ["eval", "--help"],
-    "argument error (--learnig-rate)": ["train", "--method", "prompt-tuning", "--learnig-rate", "0.1", "--output-dir", "unused"],
+    "argument error (--learnig-rate)": [
+        "train",
+        "--method",
+        "prompt-tuning",
+        "--learnig-rate",
+        "0.1",
+        "--output-dir",
+        "unused",
+    ],
 }
 
 
@@ -31,7 +39,9 @@ def time_command(argv: list[str], runs: int) -> tuple[list[float], int]:
     times, code = [], 0
     for _ in range(runs):
         start = time.perf_counter()
-        result = subprocess.run([sys.executable, "-m", "pstar_plugins.cli", *argv], capture_output=True, env=env, cwd=ROOT)
+        result = subprocess.run(
+            [sys.executable, "-m", "pstar_plugins.cli", *argv], capture_output=True, env=env, cwd=ROOT
+        )
         times.append(time.perf_counter() - start)
         code = result.returncode
     return times, code

@@ -26,10 +26,40 @@ import _common as C  # noqa: E402
 
 
 def run(config: str, out: Path, rows: int, batch: int) -> dict:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "integrations" / "accelerate" / f"{config}.yaml"),
-           "--mixed_precision", "no", "--num_cpu_threads_per_process", "1", "-m", "pstar_plugins.train",
-           "--method", "prompt-tuning", "--model", "smollm2", "--output-dir", str(out), "--max-steps", "1", "--batch-size", "2", "--learning-rate", "1e-12",
-           "--eval-steps", "0", "--no-zero-shot", "--plot", "", "--max-eval-samples", str(rows), "--eval-batch-size", str(batch)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "integrations" / "accelerate" / f"{config}.yaml"),
+        "--mixed_precision",
+        "no",
+        "--num_cpu_threads_per_process",
+        "1",
+        "-m",
+        "pstar_plugins.train",
+        "--method",
+        "prompt-tuning",
+        "--model",
+        "smollm2",
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--learning-rate",
+        "1e-12",
+        "--eval-steps",
+        "0",
+        "--no-zero-shot",
+        "--plot",
+        "",
+        "--max-eval-samples",
+        str(rows),
+        "--eval-batch-size",
+        str(batch),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode:
@@ -47,12 +77,19 @@ def main(argv=None) -> int:
         one = run("single_process", Path(tmp) / "one", args.rows, args.eval_batch_size)
         two = run("ddp", Path(tmp) / "two", args.rows, args.eval_batch_size)
     ratio = two["final_eval_seconds"] / one["final_eval_seconds"]
-    print(f"final evaluation of {args.rows} rows: 1 process {one['final_eval_seconds']:.1f} s, 2 processes "
-          f"{two['final_eval_seconds']:.1f} s ({ratio:.2f}x); accuracy {one['tuned_accuracy']:.4f} vs {two['tuned_accuracy']:.4f}")
-    payload = {"rows": args.rows, "eval_batch_size": args.eval_batch_size, "threads_per_process": 1,
-               "one_process": {"seconds": one["final_eval_seconds"], "accuracy": one["tuned_accuracy"]},
-               "two_processes": {"seconds": two["final_eval_seconds"], "accuracy": two["tuned_accuracy"]},
-               "time_ratio": ratio, "identical_accuracy": one["tuned_accuracy"] == two["tuned_accuracy"]}
+    print(
+        f"final evaluation of {args.rows} rows: 1 process {one['final_eval_seconds']:.1f} s, 2 processes "
+        f"{two['final_eval_seconds']:.1f} s ({ratio:.2f}x); accuracy {one['tuned_accuracy']:.4f} vs {two['tuned_accuracy']:.4f}"
+    )
+    payload = {
+        "rows": args.rows,
+        "eval_batch_size": args.eval_batch_size,
+        "threads_per_process": 1,
+        "one_process": {"seconds": one["final_eval_seconds"], "accuracy": one["tuned_accuracy"]},
+        "two_processes": {"seconds": two["final_eval_seconds"], "accuracy": two["tuned_accuracy"]},
+        "time_ratio": ratio,
+        "identical_accuracy": one["tuned_accuracy"] == two["tuned_accuracy"],
+    }
     if not args.no_write:
         print("wrote", C.write_result("eval_split", payload))
     return 0

@@ -35,8 +35,8 @@ def prompts(tokenizer, batch: int, offset: int = 0) -> dict:
     ids = torch.full((batch, length), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, e in enumerate(encoded):
-        ids[i, length - len(e):] = torch.tensor(e)
-        mask[i, length - len(e):] = 1
+        ids[i, length - len(e) :] = torch.tensor(e)
+        mask[i, length - len(e) :] = 1
     return {"input_ids": ids.to(C.device()), "attention_mask": mask.to(C.device())}
 
 
@@ -58,8 +58,12 @@ def main(argv=None) -> int:
         trained = build_model(base, "prefix-tuning", num_virtual_tokens=m, projection=True, projection_hidden_size=512)
         trained.fold().save_adapter(Path(tmp) / "ours")
         base_p, _ = C.smollm2(dtype)
-        peft_trained = get_peft_model(base_p, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=m,
-                                                                 prefix_projection=True, encoder_hidden_size=512))
+        peft_trained = get_peft_model(
+            base_p,
+            PrefixTuningConfig(
+                task_type="CAUSAL_LM", num_virtual_tokens=m, prefix_projection=True, encoder_hidden_size=512
+            ),
+        )
         peft_trained.save_pretrained(Path(tmp) / "peft")
         del trained, peft_trained, base, base_p
         ours = load_adapter(C.smollm2(dtype)[0], Path(tmp) / "ours").eval()
@@ -76,32 +80,55 @@ def main(argv=None) -> int:
         def gen(model, n):
             def call():
                 with torch.no_grad():
-                    return model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                          pad_token_id=pad, eos_token_id=eos)
+                    return model.generate(
+                        **inputs,
+                        max_new_tokens=n,
+                        min_new_tokens=n,
+                        do_sample=False,
+                        pad_token_id=pad,
+                        eos_token_id=eos,
+                    )
+
             return call
 
         contenders = {"ours": ours, "peft": peft_model, "no prefix": plain, "ours padded": ours_padded}
         first = C.alternate({name: gen(model, 1) for name, model in contenders.items()}, args.repeats, args.warmup)
-        full = C.alternate({name: gen(model, args.new_tokens) for name, model in contenders.items()},
-                           max(3, args.repeats // 2), 1)
+        full = C.alternate(
+            {name: gen(model, args.new_tokens) for name, model in contenders.items()}, max(3, args.repeats // 2), 1
+        )
         row = {}
         for name in first:
             ttft, total = C.median(first[name]), C.median(full[name])
-            row[name] = {"ttft_seconds": ttft, "total_seconds": total,
-                         "tokens_per_second": batch * args.new_tokens / total,
-                         "decode_tokens_per_second": batch * (args.new_tokens - 1) / max(1e-9, total - ttft)}
+            row[name] = {
+                "ttft_seconds": ttft,
+                "total_seconds": total,
+                "tokens_per_second": batch * args.new_tokens / total,
+                "decode_tokens_per_second": batch * (args.new_tokens - 1) / max(1e-9, total - ttft),
+            }
         row["ttft_speedup_vs_peft"] = row["peft"]["ttft_seconds"] / row["ours"]["ttft_seconds"]
         row["tokens_per_second_vs_peft"] = row["ours"]["tokens_per_second"] / row["peft"]["tokens_per_second"]
         results[f"batch_{batch}"] = row
-        print(f"batch {batch:2}: TTFT ours {row['ours']['ttft_seconds'] * 1e3:6.1f} ms, peft {row['peft']['ttft_seconds'] * 1e3:6.1f} ms,"
-              f" no prefix {row['no prefix']['ttft_seconds'] * 1e3:6.1f} ms, ours padded {row['ours padded']['ttft_seconds'] * 1e3:6.1f} ms"
-              f" -> {row['ttft_speedup_vs_peft']:.2f}x |"
-              f" tokens/s ours {row['ours']['tokens_per_second']:6.1f}, peft {row['peft']['tokens_per_second']:6.1f},"
-              f" no prefix {row['no prefix']['tokens_per_second']:6.1f} -> {row['tokens_per_second_vs_peft']:.2f}x", flush=True)
-    padding = {f"batch_{b}": float(1 - prompts(tokenizer, b)["attention_mask"].float().mean()) for b in args.batch_sizes}
-    payload = {"dtype": args.dtype, "model": "SmolLM2-135M-Instruct", "virtual_tokens": m, "new_tokens": args.new_tokens,
-               "prompt_padding_fraction": padding,
-               "goal": {"ttft_speedup_vs_peft": ">= 1.2"}, "repeats": args.repeats, "results": results}
+        print(
+            f"batch {batch:2}: TTFT ours {row['ours']['ttft_seconds'] * 1e3:6.1f} ms, peft {row['peft']['ttft_seconds'] * 1e3:6.1f} ms,"
+            f" no prefix {row['no prefix']['ttft_seconds'] * 1e3:6.1f} ms, ours padded {row['ours padded']['ttft_seconds'] * 1e3:6.1f} ms"
+            f" -> {row['ttft_speedup_vs_peft']:.2f}x |"
+            f" tokens/s ours {row['ours']['tokens_per_second']:6.1f}, peft {row['peft']['tokens_per_second']:6.1f},"
+            f" no prefix {row['no prefix']['tokens_per_second']:6.1f} -> {row['tokens_per_second_vs_peft']:.2f}x",
+            flush=True,
+        )
+    padding = {
+        f"batch_{b}": float(1 - prompts(tokenizer, b)["attention_mask"].float().mean()) for b in args.batch_sizes
+    }
+    payload = {
+        "dtype": args.dtype,
+        "model": "SmolLM2-135M-Instruct",
+        "virtual_tokens": m,
+        "new_tokens": args.new_tokens,
+        "prompt_padding_fraction": padding,
+        "goal": {"ttft_speedup_vs_peft": ">= 1.2"},
+        "repeats": args.repeats,
+        "results": results,
+    }
     if not args.no_write:
         print("wrote", C.write_result("generation", payload))
     return 0

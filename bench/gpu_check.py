@@ -60,11 +60,19 @@ def conformance(device: torch.device, dry_run: bool) -> list[dict]:
 
         report = check_method(factory, method, options(family, method), name=f"{method} on {family} ({backend})")
         result = "refused" if report.refused is not None else ("passes" if report.ok else "fails")
-        row = {"family": family, "method": method, "backend": backend, "dtype": str(dtype).removeprefix("torch."),
-               "result": result, "seconds": round(time.perf_counter() - start, 1),
-               "detail": report.refused or "; ".join(f"{o.check}: {o.detail}" for o in report.failures)}
+        row = {
+            "family": family,
+            "method": method,
+            "backend": backend,
+            "dtype": str(dtype).removeprefix("torch."),
+            "result": result,
+            "seconds": round(time.perf_counter() - start, 1),
+            "detail": report.refused or "; ".join(f"{o.check}: {o.detail}" for o in report.failures),
+        }
         rows.append(row)
-        print(f"{family:6} {method:14} {backend:18} {result:8} {row['seconds']:6.1f} s  {row['detail'][:160]}", flush=True)
+        print(
+            f"{family:6} {method:14} {backend:18} {result:8} {row['seconds']:6.1f} s  {row['detail'][:160]}", flush=True
+        )
     return rows
 
 
@@ -76,23 +84,49 @@ def train_step_bench(device: torch.device, dry_run: bool) -> dict:
     from pstar_plugins import build_model
 
     if dry_run:
-        config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+        config = LlamaConfig(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        )
         dtype, batch, length, steps, warmup = torch.float32, 2, 16, 1, 0
     else:  # about 1.1B parameters, SmolLM2-1.7B/TinyLlama-like shapes
-        config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                             num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
+        config = LlamaConfig(
+            vocab_size=32000,
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            max_position_embeddings=2048,
+        )
         dtype, batch, length, steps, warmup = torch.bfloat16, 8, 256, 10, 3
     m = 20
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, config.vocab_size, (batch, length), generator=g).to(device)
-    results = {"config": {"parameters_billion": None, "dtype": str(dtype).removeprefix("torch."), "batch": batch,
-                          "length": length, "virtual_tokens": m, "steps": steps}}
+    results = {
+        "config": {
+            "parameters_billion": None,
+            "dtype": str(dtype).removeprefix("torch."),
+            "batch": batch,
+            "length": length,
+            "virtual_tokens": m,
+            "steps": steps,
+        }
+    }
     sides = {
-        "prompt-tuning": (lambda base: build_model(base, "prompt-tuning", num_virtual_tokens=m, init="random"),
-                          lambda base: get_peft_model(base, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=m))),
-        "prefix-tuning": (lambda base: build_model(base, "prefix-tuning", num_virtual_tokens=m, projection=False),
-                          lambda base: get_peft_model(base, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=m))),
+        "prompt-tuning": (
+            lambda base: build_model(base, "prompt-tuning", num_virtual_tokens=m, init="random"),
+            lambda base: get_peft_model(base, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=m)),
+        ),
+        "prefix-tuning": (
+            lambda base: build_model(base, "prefix-tuning", num_virtual_tokens=m, projection=False),
+            lambda base: get_peft_model(base, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=m)),
+        ),
     }
     for method, (ours_of, peft_of) in sides.items():
         row = {}
@@ -118,8 +152,11 @@ def train_step_bench(device: torch.device, dry_run: bool) -> dict:
                     torch.cuda.synchronize()
                 if step >= warmup:
                     times.append(time.perf_counter() - start)
-            row[side] = {"median_seconds": C.median(times), "loss": float(loss),
-                         "peak_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None}
+            row[side] = {
+                "median_seconds": C.median(times),
+                "loss": float(loss),
+                "peak_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+            }
             del model, base, optimizer
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -127,16 +164,21 @@ def train_step_bench(device: torch.device, dry_run: bool) -> dict:
         if row["ours"]["peak_bytes"]:
             row["memory_vs_peft"] = row["ours"]["peak_bytes"] / row["peft"]["peak_bytes"]
         results[method] = row
-        print(f"train step {method:14} ours {row['ours']['median_seconds'] * 1e3:8.1f} ms  peft "
-              f"{row['peft']['median_seconds'] * 1e3:8.1f} ms  time/peft {row['time_vs_peft']:.2f}"
-              + (f"  memory/peft {row['memory_vs_peft']:.2f}" if "memory_vs_peft" in row else ""), flush=True)
+        print(
+            f"train step {method:14} ours {row['ours']['median_seconds'] * 1e3:8.1f} ms  peft "
+            f"{row['peft']['median_seconds'] * 1e3:8.1f} ms  time/peft {row['time_vs_peft']:.2f}"
+            + (f"  memory/peft {row['memory_vs_peft']:.2f}" if "memory_vs_peft" in row else ""),
+            flush=True,
+        )
     return results
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="the first cell and one bench step, tiny, on the CPU")
-    parser.add_argument("--out", type=Path, default=None, help="where the JSON goes (default: bench/results/gpu_check_cuda.json)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where the JSON goes (default: bench/results/gpu_check_cuda.json)"
+    )
     args = parser.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         print("bench/gpu_check.sh needs a CUDA device; on a CPU run it with --dry-run", file=sys.stderr)
@@ -148,9 +190,16 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     cells = conformance(device, args.dry_run)
     bench = train_step_bench(device, args.dry_run)
-    record = {"benchmark": "gpu_check", "dry_run": args.dry_run, "machine": C.machine(), "versions": C.versions(),
-              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "conformance": cells, "train_step": bench, "seconds": round(time.perf_counter() - started, 1)}
+    record = {
+        "benchmark": "gpu_check",
+        "dry_run": args.dry_run,
+        "machine": C.machine(),
+        "versions": C.versions(),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "conformance": cells,
+        "train_step": bench,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     out = args.out or C.RESULTS / "gpu_check_cuda.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")

@@ -69,8 +69,10 @@ def main(argv=None) -> int:
     multi = Verbalizer(tokenizer, template, MULTI, masked_lm=False)
     multi_all = Verbalizer(tokenizer, template, MULTI_ALL, masked_lm=False)
     assert all(len(ids) > 1 for ids in multi_all.words), "multi_all must hold only multi-token words"
-    batches = {name: v.encode(rows, labels, max_length=256)
-               for name, v in (("single", single), ("multi", multi), ("multi_all", multi_all))}
+    batches = {
+        name: v.encode(rows, labels, max_length=256)
+        for name, v in (("single", single), ("multi", multi), ("multi_all", multi_all))
+    }
     lengths = batches["single"].inputs["attention_mask"].sum(1)
 
     def loss_of(verbalizer, batch, per_class: bool):
@@ -88,8 +90,11 @@ def main(argv=None) -> int:
 
         return step
 
-    contenders = {"single": stepper(single, "single", True), "multi": stepper(multi, "multi", True),
-                  "multi_all": stepper(multi_all, "multi_all", True)}
+    contenders = {
+        "single": stepper(single, "single", True),
+        "multi": stepper(multi, "multi", True),
+        "multi_all": stepper(multi_all, "multi_all", True),
+    }
     if args.padded:
         contenders.update(single_padded=stepper(single, "single", False), multi_padded=stepper(multi, "multi", False))
     model.packing = True
@@ -102,20 +107,28 @@ def main(argv=None) -> int:
         times = C.alternate(contenders, args.repeats, args.warmup)
     paths = paths + step_paths
     # the old path, a model call per class: timed after the others, which warmed the process up
-    times.update(C.alternate({"multi_per_class": stepper(multi, "multi", True, per_class=True)}, args.per_class_repeats, 0))
+    times.update(
+        C.alternate({"multi_per_class": stepper(multi, "multi", True, per_class=True)}, args.per_class_repeats, 0)
+    )
     medians = {name: C.median(t) for name, t in times.items()}
-    ratios = {"multi_vs_single": medians["multi"] / medians["single"],
-              "multi_all_vs_single": medians["multi_all"] / medians["single"],
-              "multi_per_class_vs_single": medians["multi_per_class"] / medians["single"]}
+    ratios = {
+        "multi_vs_single": medians["multi"] / medians["single"],
+        "multi_all_vs_single": medians["multi_all"] / medians["single"],
+        "multi_per_class_vs_single": medians["multi_per_class"] / medians["single"],
+    }
     if args.padded:
         ratios["multi_padded_vs_single_padded"] = medians["multi_padded"] / medians["single_padded"]
     words = {w: len(ids) for w, ids in zip(SINGLE + MULTI + MULTI_ALL, single.words + multi.words + multi_all.words)}
-    print(f"SmolLM2-135M-Instruct, prompt tuning (m={args.virtual_tokens}), {args.batch} RTE rows of "
-          f"{int(lengths.min())}-{int(lengths.max())} tokens ({int(lengths.sum())} in all), {args.dtype}")
+    print(
+        f"SmolLM2-135M-Instruct, prompt tuning (m={args.virtual_tokens}), {args.batch} RTE rows of "
+        f"{int(lengths.min())}-{int(lengths.max())} tokens ({int(lengths.sum())} in all), {args.dtype}"
+    )
     print("label-word tokens:", ", ".join(f"{w} {n}" for w, n in words.items()))
     print("scoring paths:", ", ".join(sorted(set(paths))))
-    print(f"initial loss: one pass {one_pass:.6f}, per class {per_class:.6f} ({' '.join(MULTI)}); "
-          f"one pass {one_pass_all:.6f}, per class {per_class_all:.6f} ({' '.join(MULTI_ALL)})")
+    print(
+        f"initial loss: one pass {one_pass:.6f}, per class {per_class:.6f} ({' '.join(MULTI)}); "
+        f"one pass {one_pass_all:.6f}, per class {per_class_all:.6f} ({' '.join(MULTI_ALL)})"
+    )
     for name, value in medians.items():
         print(f"  {name:16} {value * 1e3:8.1f} ms per step (median of {len(times[name])})")
     print(f"multi / single (packing on):  {ratios['multi_vs_single']:.2f}  (goal <= {GOAL})")
@@ -123,17 +136,33 @@ def main(argv=None) -> int:
     print(f"per-class loop / single:      {ratios['multi_per_class_vs_single']:.2f}")
     if args.padded:
         print(f"multi / single (packing off): {ratios['multi_padded_vs_single_padded']:.2f}")
-    payload = {"model": "SmolLM2-135M-Instruct", "method": "prompt-tuning", "virtual_tokens": args.virtual_tokens,
-               "dtype": args.dtype, "repeats": args.repeats, "warmup": args.warmup,
-               "per_class_repeats": args.per_class_repeats, "template": TEMPLATE,
-               "batch": {"rows": args.batch, "real_tokens": int(lengths.sum()), "longest": int(lengths.max()),
-                         "shortest": int(lengths.min())},
-               "label_word_tokens": words, "scoring_paths": sorted(set(paths)),
-               "initial_loss": {"one_pass": one_pass, "per_class": per_class,
-                                "one_pass_all": one_pass_all, "per_class_all": per_class_all},
-               "goal": {"multi_vs_single": f"<= {GOAL}", "multi_all_vs_single": f"<= {GOAL}"},
-               "steps": {name: {"median_seconds": medians[name], "seconds": times[name]} for name in times},
-               **ratios}
+    payload = {
+        "model": "SmolLM2-135M-Instruct",
+        "method": "prompt-tuning",
+        "virtual_tokens": args.virtual_tokens,
+        "dtype": args.dtype,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "per_class_repeats": args.per_class_repeats,
+        "template": TEMPLATE,
+        "batch": {
+            "rows": args.batch,
+            "real_tokens": int(lengths.sum()),
+            "longest": int(lengths.max()),
+            "shortest": int(lengths.min()),
+        },
+        "label_word_tokens": words,
+        "scoring_paths": sorted(set(paths)),
+        "initial_loss": {
+            "one_pass": one_pass,
+            "per_class": per_class,
+            "one_pass_all": one_pass_all,
+            "per_class_all": per_class_all,
+        },
+        "goal": {"multi_vs_single": f"<= {GOAL}", "multi_all_vs_single": f"<= {GOAL}"},
+        "steps": {name: {"median_seconds": medians[name], "seconds": times[name]} for name in times},
+        **ratios,
+    }
     if not args.no_write:
         print("wrote", C.write_result("label_words", payload))
     return 0

@@ -18,7 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 
-def full_finetune_minilm(train_rows, train_labels, dev_rows, dev_labels, steps, batch_size, lr, seed, template, pooling) -> dict:
+def full_finetune_minilm(
+    train_rows, train_labels, dev_rows, dev_labels, steps, batch_size, lr, seed, template, pooling
+) -> dict:
     """Every weight of MiniLM trained, with the same inputs (the verbalizer's encoding of the
     template), the same pooling and a linear head, at the same example budget."""
     import torch
@@ -37,7 +39,9 @@ def full_finetune_minilm(train_rows, train_labels, dev_rows, dev_labels, steps, 
     params = list(encoder.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 10)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
+    )
     verbalizer = Verbalizer(tokenizer, Template.parse(template), C.LABEL_WORDS, masked_lm=True)
     rng = random.Random(seed)
     order: list[int] = []
@@ -71,6 +75,10 @@ def full_finetune_minilm(train_rows, train_labels, dev_rows, dev_labels, steps, 
     correct = 0
     with torch.no_grad():
         for i in range(0, len(dev_rows), 64):
-            pred = logits(dev_rows[i:i + 64]).argmax(-1)
-            correct += int((pred == torch.tensor(dev_labels[i:i + 64])).sum())
-    return {"accuracy": correct / len(dev_rows), "trainable_parameters": sum(p.numel() for p in params), "learning_rate": lr}
+            pred = logits(dev_rows[i : i + 64]).argmax(-1)
+            correct += int((pred == torch.tensor(dev_labels[i : i + 64])).sum())
+    return {
+        "accuracy": correct / len(dev_rows),
+        "trainable_parameters": sum(p.numel() for p in params),
+        "learning_rate": lr,
+    }

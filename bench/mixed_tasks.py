@@ -79,16 +79,22 @@ def run(method: str, rows: int, m: int, repeats: int, warmup: int, dtype) -> dic
 
     times = C.alternate({"ours": ours_pass, "peft": peft_loop}, repeats, warmup)
     ours_s, peft_s = C.median(times["ours"]), C.median(times["peft"])
-    return {"rows": rows, "tasks": TASKS, "virtual_tokens": m,
-            "ours": {"median_seconds": ours_s, "rows_per_second": rows / ours_s, "seconds": times["ours"]},
-            "peft": {"median_seconds": peft_s, "rows_per_second": rows / peft_s, "seconds": times["peft"]},
-            "throughput_ratio": peft_s / ours_s}
+    return {
+        "rows": rows,
+        "tasks": TASKS,
+        "virtual_tokens": m,
+        "ours": {"median_seconds": ours_s, "rows_per_second": rows / ours_s, "seconds": times["ours"]},
+        "peft": {"median_seconds": peft_s, "rows_per_second": rows / peft_s, "seconds": times["peft"]},
+        "throughput_ratio": peft_s / ours_s,
+    }
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=32)
-    p.add_argument("--methods", nargs="+", default=["prompt-tuning", "p-tuning-v2"], choices=["prompt-tuning", "p-tuning-v2"])
+    p.add_argument(
+        "--methods", nargs="+", default=["prompt-tuning", "p-tuning-v2"], choices=["prompt-tuning", "p-tuning-v2"]
+    )
     C.add_common_arguments(p, repeats=7)
     args = p.parse_args(argv)
     dtype = C.dtype_of(args)
@@ -96,10 +102,19 @@ def main(argv=None) -> int:
     for method in args.methods:
         r = run(method, args.rows, args.virtual_tokens, args.repeats, args.warmup, dtype)
         results[method] = r
-        print(f"{method:14} ours {r['ours']['rows_per_second']:7.1f} rows/s  peft loop {r['peft']['rows_per_second']:7.1f} rows/s"
-              f"  -> {r['throughput_ratio']:.2f}x", flush=True)
-    payload = {"dtype": args.dtype, "model": "SmolLM2-135M-Instruct", "goal": {"throughput_ratio": ">= 3"},
-               "repeats": args.repeats, "warmup": args.warmup, "methods": results}
+        print(
+            f"{method:14} ours {r['ours']['rows_per_second']:7.1f} rows/s  peft loop {r['peft']['rows_per_second']:7.1f} rows/s"
+            f"  -> {r['throughput_ratio']:.2f}x",
+            flush=True,
+        )
+    payload = {
+        "dtype": args.dtype,
+        "model": "SmolLM2-135M-Instruct",
+        "goal": {"throughput_ratio": ">= 3"},
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "methods": results,
+    }
     if not args.no_write:
         print("wrote", C.write_result("mixed_tasks", payload))
     return 0

@@ -61,12 +61,37 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 import minilm_reference  # noqa: E402
-from quality_results import (QUALITY_DOC, RTE_LABEL_WORDS, RTE_TEMPLATE, SENTENCES_FILE, TABLE_MARKER,  # noqa: E402
-                             DEV_SIZES, cli_text, curves, mean_and_std, minilm_variants, quality_table, seed_variants,
-                             seeds_selection_accuracy, targets, write_between_markers)
+from quality_results import (
+    QUALITY_DOC,
+    RTE_LABEL_WORDS,
+    RTE_TEMPLATE,
+    SENTENCES_FILE,
+    TABLE_MARKER,  # noqa: E402
+    DEV_SIZES,
+    cli_text,
+    curves,
+    mean_and_std,
+    minilm_variants,
+    quality_table,
+    seed_variants,
+    seeds_selection_accuracy,
+    targets,
+    write_between_markers,
+)
 
-PARTS = ("icl", "sst2-methods", "sst2-seeds", "minilm", "rte-prompting", "rte-methods", "rte-seeds", "rte-longer", "rte-reference",
-         "e2e", "e2e-prompting")
+PARTS = (
+    "icl",
+    "sst2-methods",
+    "sst2-seeds",
+    "minilm",
+    "rte-prompting",
+    "rte-methods",
+    "rte-seeds",
+    "rte-longer",
+    "rte-reference",
+    "e2e",
+    "e2e-prompting",
+)
 METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "p-tuning-v2")
 # per-method settings for SmolLM2 on SST-2 (docs/recipes.md explains the choices)
 SST2_METHODS = {method: [] for method in METHODS}
@@ -104,8 +129,17 @@ def rel(path) -> str:
 
 
 def train_command(train_args: list[str]) -> list[str]:
-    return ["accelerate", "launch", "--num_processes", "1", "--num_cpu_threads_per_process", str(os.cpu_count() or 1),
-            "-m", "pstar_plugins.train", *train_args]
+    return [
+        "accelerate",
+        "launch",
+        "--num_processes",
+        "1",
+        "--num_cpu_threads_per_process",
+        str(os.cpu_count() or 1),
+        "-m",
+        "pstar_plugins.train",
+        *train_args,
+    ]
 
 
 def eval_command(eval_args: list[str]) -> list[str]:
@@ -171,11 +205,17 @@ def selection_flags(percentage: int) -> list[str]:
 
 def check_train_supports(flag: str) -> None:
     """Stop before any run when this checkout's ``pstar train`` lacks ``flag``."""
-    text = subprocess.run([sys.executable, "-m", "pstar_plugins.train", "--method", "prompt-tuning", "--help"],
-                          capture_output=True, text=True, cwd=C.ROOT).stdout
+    text = subprocess.run(
+        [sys.executable, "-m", "pstar_plugins.train", "--method", "prompt-tuning", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=C.ROOT,
+    ).stdout
     if flag not in text:
-        raise SystemExit(f"pstar train here has no {flag}; pass --selection-percentage 0 to train without model "
-                         "selection (the rows then record that), or update the checkout.")
+        raise SystemExit(
+            f"pstar train here has no {flag}; pass --selection-percentage 0 to train without model "
+            "selection (the rows then record that), or update the checkout."
+        )
 
 
 # ------------------------------------------------------------------------------ data
@@ -246,20 +286,55 @@ def e2e_files() -> tuple[Path, Path]:
 
 def icl_steps(args, work: Path) -> list[Step]:
     base = ["--model", "smollm2", "--seeds", str(args.seeds)]
-    return [Step("SST-2 ICL", eval_command([*base, "--shots", "0", "4", "8", "--output", rel(work / "icl.json")]), work / "icl.json"),
-            # contextual calibration (Zhao et al. 2021) of the same draws: small models' in-context
-            # predictions lean towards one label, which calibration is meant to undo
-            Step("SST-2 ICL calibrated", eval_command([*base, "--shots", "4", "8", "--calibrate", "--output",
-                                                       rel(work / "icl-calibrated.json")]), work / "icl-calibrated.json")]
+    return [
+        Step(
+            "SST-2 ICL",
+            eval_command([*base, "--shots", "0", "4", "8", "--output", rel(work / "icl.json")]),
+            work / "icl.json",
+        ),
+        # contextual calibration (Zhao et al. 2021) of the same draws: small models' in-context
+        # predictions lean towards one label, which calibration is meant to undo
+        Step(
+            "SST-2 ICL calibrated",
+            eval_command([*base, "--shots", "4", "8", "--calibrate", "--output", rel(work / "icl-calibrated.json")]),
+            work / "icl-calibrated.json",
+        ),
+    ]
 
 
-def sst2_train_args(args, method: str, run_dir: Path, steps: int, seed: int, extra: list[str], selection: int) -> list[str]:
+def sst2_train_args(
+    args, method: str, run_dir: Path, steps: int, seed: int, extra: list[str], selection: int
+) -> list[str]:
     dev = sst2_files()[1]
     train = sst2_train_file(args, run_dir.parent)
-    return ["--method", method, "--model", "smollm2", "--train-file", rel(train), "--validation-file", rel(dev),
-            *selection_flags(selection), "--max-steps", str(steps), "--batch-size", str(args.batch_size),
-            "--warmup-steps", str(steps // 10), "--eval-steps", str(steps // 3), "--eval-subset-size", "200",
-            "--no-zero-shot", "--output-dir", rel(run_dir), "--overwrite", "--seed", str(seed), *extra]
+    return [
+        "--method",
+        method,
+        "--model",
+        "smollm2",
+        "--train-file",
+        rel(train),
+        "--validation-file",
+        rel(dev),
+        *selection_flags(selection),
+        "--max-steps",
+        str(steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--warmup-steps",
+        str(steps // 10),
+        "--eval-steps",
+        str(steps // 3),
+        "--eval-subset-size",
+        "200",
+        "--no-zero-shot",
+        "--output-dir",
+        rel(run_dir),
+        "--overwrite",
+        "--seed",
+        str(seed),
+        *extra,
+    ]
 
 
 SST2_TEMPLATE = "Review: {sentence} Sentiment:{answer}"  # the discrete template of every SST-2 row
@@ -273,19 +348,41 @@ def method_extra(args, method: str) -> list[str]:
 
 
 def sst2_method_steps(args, work: Path) -> list[Step]:
-    return [Step(f"SST-2 {method}", train_command(sst2_train_args(args, method, work / f"sst2-{method}", args.steps, args.seed,
-                                                                  method_extra(args, method), 0)), work / f"sst2-{method}")
-            for method in args.methods]
+    return [
+        Step(
+            f"SST-2 {method}",
+            train_command(
+                sst2_train_args(
+                    args, method, work / f"sst2-{method}", args.steps, args.seed, method_extra(args, method), 0
+                )
+            ),
+            work / f"sst2-{method}",
+        )
+        for method in args.methods
+    ]
 
 
 def sst2_seed_steps(args, work: Path) -> list[Step]:
     method = args.seeds_method
     rows = "sentences-" if args.sst2_rows == "sentences" else ""
-    return [Step(f"SST-2 {method} seed {seed}",
-                 train_command(sst2_train_args(args, method, work / f"sst2-seeds-{rows}{method}-{seed}", args.seeds_steps, seed,
-                                               method_extra(args, method), args.selection_percentage)),
-                 work / f"sst2-seeds-{rows}{method}-{seed}")
-            for seed in args.seed_list]
+    return [
+        Step(
+            f"SST-2 {method} seed {seed}",
+            train_command(
+                sst2_train_args(
+                    args,
+                    method,
+                    work / f"sst2-seeds-{rows}{method}-{seed}",
+                    args.seeds_steps,
+                    seed,
+                    method_extra(args, method),
+                    args.selection_percentage,
+                )
+            ),
+            work / f"sst2-seeds-{rows}{method}-{seed}",
+        )
+        for seed in args.seed_list
+    ]
 
 
 MINILM_TEMPLATE = "Review: {sentence} Sentiment:{answer}"
@@ -295,40 +392,120 @@ def minilm_steps(args, work: Path) -> list[Step]:
     train, dev = sst2_train_file(args, work), sst2_files()[1]
     rows = "-sentences" if args.sst2_rows == "sentences" else ""
     steps, run_dir = args.minilm_steps, work / f"minilm-p-tuning-v2{rows}"
-    cmd = ["--method", "p-tuning-v2", "--model", "minilm", "--model-kind", "masked-lm", "--train-file", rel(train),
-           "--validation-file", rel(dev), "--max-train-samples", str(args.minilm_examples), "--max-steps", str(steps),
-           "--batch-size", str(args.batch_size), "--warmup-steps", str(steps // 10), "--eval-steps", "0",
-           "--output-dir", rel(run_dir), "--overwrite", "--seed", str(args.seed), "--template", MINILM_TEMPLATE,
-           "--learning-rate", str(args.minilm_lr), "--num-virtual-tokens", str(args.minilm_virtual_tokens),
-           # all-MiniLM-L6-v2 was trained to give sentence embeddings by mean pooling (its 1_Pooling config)
-           "--pooling", "mean"]
-    return [Step("MiniLM p-tuning-v2 (then full fine-tuning in this process: full_finetune_minilm)", train_command(cmd), run_dir)]
+    cmd = [
+        "--method",
+        "p-tuning-v2",
+        "--model",
+        "minilm",
+        "--model-kind",
+        "masked-lm",
+        "--train-file",
+        rel(train),
+        "--validation-file",
+        rel(dev),
+        "--max-train-samples",
+        str(args.minilm_examples),
+        "--max-steps",
+        str(steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--warmup-steps",
+        str(steps // 10),
+        "--eval-steps",
+        "0",
+        "--output-dir",
+        rel(run_dir),
+        "--overwrite",
+        "--seed",
+        str(args.seed),
+        "--template",
+        MINILM_TEMPLATE,
+        "--learning-rate",
+        str(args.minilm_lr),
+        "--num-virtual-tokens",
+        str(args.minilm_virtual_tokens),
+        # all-MiniLM-L6-v2 was trained to give sentence embeddings by mean pooling (its 1_Pooling config)
+        "--pooling",
+        "mean",
+    ]
+    return [
+        Step(
+            "MiniLM p-tuning-v2 (then full fine-tuning in this process: full_finetune_minilm)",
+            train_command(cmd),
+            run_dir,
+        )
+    ]
 
 
 def rte_prompting_steps(args, work: Path) -> list[Step]:
     train, dev = rte_files()
-    base = ["--model", "smollm2", "--validation-file", rel(dev), "--demonstration-file", rel(train),
-            "--template", cli_text(RTE_TEMPLATE), "--label-words", *RTE_LABEL_WORDS, "--seeds", str(args.seeds)]
+    base = [
+        "--model",
+        "smollm2",
+        "--validation-file",
+        rel(dev),
+        "--demonstration-file",
+        rel(train),
+        "--template",
+        cli_text(RTE_TEMPLATE),
+        "--label-words",
+        *RTE_LABEL_WORDS,
+        "--seeds",
+        str(args.seeds),
+    ]
     shots = ["--shots", "0", str(args.rte_shots)]
     calibrated = ["--shots", *map(str, args.rte_calibrated_shots)]
-    return [Step("RTE prompting", eval_command([*base, *shots, "--output", rel(work / "rte-prompting.json")]),
-                 work / "rte-prompting.json"),
-            Step("RTE prompting calibrated", eval_command([*base, *calibrated, "--calibrate", "--output",
-                                                           rel(work / "rte-prompting-calibrated.json")]),
-                 work / "rte-prompting-calibrated.json")]
+    return [
+        Step(
+            "RTE prompting",
+            eval_command([*base, *shots, "--output", rel(work / "rte-prompting.json")]),
+            work / "rte-prompting.json",
+        ),
+        Step(
+            "RTE prompting calibrated",
+            eval_command([*base, *calibrated, "--calibrate", "--output", rel(work / "rte-prompting-calibrated.json")]),
+            work / "rte-prompting-calibrated.json",
+        ),
+    ]
 
 
-def rte_train_args(args, method: str, run_dir: Path, budget: list[str], eval_steps: int, seed: int | None = None) -> list[str]:
+def rte_train_args(
+    args, method: str, run_dir: Path, budget: list[str], eval_steps: int, seed: int | None = None
+) -> list[str]:
     """A ``pstar train`` on RTE with the table's template and label words; ``budget`` sets its length,
     ``seed`` its seed (default ``--seed``)."""
     train, dev = rte_files()
     template = p_tuning_template(RTE_TEMPLATE) if method == "p-tuning" else RTE_TEMPLATE
-    return ["--method", method, "--model", "smollm2", "--train-file", rel(train), "--validation-file", rel(dev),
-            *selection_flags(args.selection_percentage), "--template", cli_text(template),
-            "--label-words", *RTE_LABEL_WORDS, "--max-length", str(RTE_MAX_LENGTH), *budget,
-            "--batch-size", str(args.batch_size), "--eval-steps", str(eval_steps),
-            "--eval-subset-size", str(DEV_SIZES["rte"]), "--no-zero-shot", "--output-dir", rel(run_dir), "--overwrite",
-            "--seed", str(args.seed if seed is None else seed)]
+    return [
+        "--method",
+        method,
+        "--model",
+        "smollm2",
+        "--train-file",
+        rel(train),
+        "--validation-file",
+        rel(dev),
+        *selection_flags(args.selection_percentage),
+        "--template",
+        cli_text(template),
+        "--label-words",
+        *RTE_LABEL_WORDS,
+        "--max-length",
+        str(RTE_MAX_LENGTH),
+        *budget,
+        "--batch-size",
+        str(args.batch_size),
+        "--eval-steps",
+        str(eval_steps),
+        "--eval-subset-size",
+        str(DEV_SIZES["rte"]),
+        "--no-zero-shot",
+        "--output-dir",
+        rel(run_dir),
+        "--overwrite",
+        "--seed",
+        str(args.seed if seed is None else seed),
+    ]
 
 
 def rte_budget(args) -> tuple[list[str], int]:
@@ -340,37 +517,58 @@ def rte_budget(args) -> tuple[list[str], int]:
 
 def rte_method_steps(args, work: Path) -> list[Step]:
     budget, eval_steps = rte_budget(args)
-    return [Step(f"RTE {method}", train_command(rte_train_args(args, method, work / f"rte-{method}", budget, eval_steps)),
-                 work / f"rte-{method}")
-            for method in args.rte_methods]
+    return [
+        Step(
+            f"RTE {method}",
+            train_command(rte_train_args(args, method, work / f"rte-{method}", budget, eval_steps)),
+            work / f"rte-{method}",
+        )
+        for method in args.rte_methods
+    ]
 
 
 def rte_seed_steps(args, work: Path) -> list[Step]:
     """``rte-methods``' command for ``--rte-seeds-method``, once per seed of ``--seed-list``."""
     budget, eval_steps = rte_budget(args)
     method = args.rte_seeds_method
-    return [Step(f"RTE {method} seed {seed}",
-                 train_command(rte_train_args(args, method, work / f"rte-seeds-{method}-{seed}", budget, eval_steps, seed)),
-                 work / f"rte-seeds-{method}-{seed}")
-            for seed in args.seed_list]
+    return [
+        Step(
+            f"RTE {method} seed {seed}",
+            train_command(rte_train_args(args, method, work / f"rte-seeds-{method}-{seed}", budget, eval_steps, seed)),
+            work / f"rte-seeds-{method}-{seed}",
+        )
+        for seed in args.seed_list
+    ]
 
 
 def rte_reference_steps(args, work: Path) -> list[Step]:
     """Full fine-tuning with ``rte-methods``' budget, template, label words and selection split."""
     budget, eval_steps = rte_budget(args)
     run_dir = work / "rte-full-fine-tuning"
-    cmd = ["-p", "bench.whole_model", *rte_train_args(args, "whole-model", run_dir, budget, eval_steps),
-           "--learning-rate", f"{args.rte_reference_lr:g}"]
+    cmd = [
+        "-p",
+        "bench.whole_model",
+        *rte_train_args(args, "whole-model", run_dir, budget, eval_steps),
+        "--learning-rate",
+        f"{args.rte_reference_lr:g}",
+    ]
     return [Step("RTE full fine-tuning (reference)", train_command(cmd), run_dir)]
 
 
 def rte_longer_steps(args, work: Path) -> list[Step]:
     budget = ["--num-train-epochs", f"{args.rte_epochs:g}", "--warmup-ratio", "0.1"]
-    return [Step(f"RTE {method}, {args.rte_epochs:g} epochs",
-                 train_command(rte_train_args(args, method, work / f"rte-{method}-{args.rte_epochs:g}-epochs", budget,
-                                              args.rte_longer_eval_steps)),
-                 work / f"rte-{method}-{args.rte_epochs:g}-epochs")
-            for method in args.rte_longer_methods]
+    return [
+        Step(
+            f"RTE {method}, {args.rte_epochs:g} epochs",
+            train_command(
+                rte_train_args(
+                    args, method, work / f"rte-{method}-{args.rte_epochs:g}-epochs", budget, args.rte_longer_eval_steps
+                )
+            ),
+            work / f"rte-{method}-{args.rte_epochs:g}-epochs",
+        )
+        for method in args.rte_longer_methods
+    ]
 
 
 def e2e_method_steps(args, work: Path) -> list[Step]:
@@ -378,11 +576,40 @@ def e2e_method_steps(args, work: Path) -> list[Step]:
     out = []
     for method in ("prefix-tuning", "prompt-tuning"):
         run_dir = work / f"e2e-{method}"
-        cmd = ["--task", "generation", "--method", method, "--model", "smollm2", "--train-file", rel(train),
-               "--validation-file", rel(dev), "--template", cli_text(C.E2E_TEMPLATE), "--target-column", "ref",
-               "--max-steps", str(args.e2e_steps), "--batch-size", "8", "--warmup-steps", str(args.e2e_steps // 10),
-               "--eval-steps", "0", "--max-eval-samples", str(args.e2e_eval_rows), "--max-new-tokens", str(args.e2e_new_tokens),
-               "--output-dir", rel(run_dir), "--overwrite", "--seed", str(args.seed), "--no-zero-shot"]
+        cmd = [
+            "--task",
+            "generation",
+            "--method",
+            method,
+            "--model",
+            "smollm2",
+            "--train-file",
+            rel(train),
+            "--validation-file",
+            rel(dev),
+            "--template",
+            cli_text(C.E2E_TEMPLATE),
+            "--target-column",
+            "ref",
+            "--max-steps",
+            str(args.e2e_steps),
+            "--batch-size",
+            "8",
+            "--warmup-steps",
+            str(args.e2e_steps // 10),
+            "--eval-steps",
+            "0",
+            "--max-eval-samples",
+            str(args.e2e_eval_rows),
+            "--max-new-tokens",
+            str(args.e2e_new_tokens),
+            "--output-dir",
+            rel(run_dir),
+            "--overwrite",
+            "--seed",
+            str(args.seed),
+            "--no-zero-shot",
+        ]
         out.append(Step(f"E2E {method}", train_command(cmd), run_dir))
     return out
 
@@ -390,20 +617,56 @@ def e2e_method_steps(args, work: Path) -> list[Step]:
 def e2e_prompting_steps(args, work: Path) -> list[Step]:
     """Zero-shot and k-shot prompting on the rows and decoding of the ``e2e`` part's final evaluation."""
     train, dev = e2e_files()
-    cmd = ["--task", "generation", "--model", "smollm2", "--validation-file", rel(dev), "--demonstration-file", rel(train),
-           "--template", cli_text(C.E2E_TEMPLATE), "--target-column", "ref", "--max-new-tokens", str(args.e2e_new_tokens),
-           "--max-eval-samples", str(args.e2e_eval_rows), "--shots", "0", str(args.e2e_shots), "--seeds", str(args.seeds),
-           "--output", rel(work / "e2e-prompting.json")]
+    cmd = [
+        "--task",
+        "generation",
+        "--model",
+        "smollm2",
+        "--validation-file",
+        rel(dev),
+        "--demonstration-file",
+        rel(train),
+        "--template",
+        cli_text(C.E2E_TEMPLATE),
+        "--target-column",
+        "ref",
+        "--max-new-tokens",
+        str(args.e2e_new_tokens),
+        "--max-eval-samples",
+        str(args.e2e_eval_rows),
+        "--shots",
+        "0",
+        str(args.e2e_shots),
+        "--seeds",
+        str(args.seeds),
+        "--output",
+        rel(work / "e2e-prompting.json"),
+    ]
     return [Step("E2E prompting", eval_command(cmd), work / "e2e-prompting.json")]
 
 
-STEPS = {"icl": icl_steps, "sst2-methods": sst2_method_steps, "sst2-seeds": sst2_seed_steps, "minilm": minilm_steps,
-         "rte-prompting": rte_prompting_steps, "rte-methods": rte_method_steps, "rte-seeds": rte_seed_steps,
-         "rte-longer": rte_longer_steps,
-         "rte-reference": rte_reference_steps,
-         "e2e": e2e_method_steps,
-         "e2e-prompting": e2e_prompting_steps}
-NEEDS = {"rte-prompting": rte_files, "rte-methods": rte_files, "rte-seeds": rte_files, "rte-longer": rte_files, "rte-reference": rte_files, "e2e": e2e_files, "e2e-prompting": e2e_files}
+STEPS = {
+    "icl": icl_steps,
+    "sst2-methods": sst2_method_steps,
+    "sst2-seeds": sst2_seed_steps,
+    "minilm": minilm_steps,
+    "rte-prompting": rte_prompting_steps,
+    "rte-methods": rte_method_steps,
+    "rte-seeds": rte_seed_steps,
+    "rte-longer": rte_longer_steps,
+    "rte-reference": rte_reference_steps,
+    "e2e": e2e_method_steps,
+    "e2e-prompting": e2e_prompting_steps,
+}
+NEEDS = {
+    "rte-prompting": rte_files,
+    "rte-methods": rte_files,
+    "rte-seeds": rte_files,
+    "rte-longer": rte_files,
+    "rte-reference": rte_files,
+    "e2e": e2e_files,
+    "e2e-prompting": e2e_files,
+}
 
 
 # ------------------------------------------------------------------------------ running the parts
@@ -421,7 +684,9 @@ def prompting_rows(steps: list[Step], work: Path) -> tuple[dict, float]:
             if key in record:
                 result[key] = record[key]
         # the seconds are the whole command's, which may measure several rows
-        result["runs"] += [{**r, "command": step.command, "date": now(), "command_seconds": seconds} for r in record["runs"]]
+        result["runs"] += [
+            {**r, "command": step.command, "date": now(), "command_seconds": seconds} for r in record["runs"]
+        ]
     result["seconds"] = total
     return result, total
 
@@ -444,15 +709,26 @@ def trained_row(step: Step, seconds: float, **extra) -> dict:
     selection = metrics.get("selection") or {}
     value = selection.get(f"{selection.get('select')}_{selection.get('metric', 'accuracy')}")
     kept = {"selection_accuracy": value} if value is not None else {}
-    return {"accuracy": metrics["tuned_accuracy"], "trainable_parameters": metrics["trainable_parameters"],
-            **curves(metrics), **kept, "metrics": scalars, "command": step.command, "date": now(), "seconds": seconds, **extra}
+    return {
+        "accuracy": metrics["tuned_accuracy"],
+        "trainable_parameters": metrics["trainable_parameters"],
+        **curves(metrics),
+        **kept,
+        "metrics": scalars,
+        "command": step.command,
+        "date": now(),
+        "seconds": seconds,
+        **extra,
+    }
 
 
 def run_sst2_methods(args, work: Path) -> dict:
     results = dict(args.previous.get("sst2_methods", {}))  # methods not rerun keep their results
     for method, step in zip(args.methods, sst2_method_steps(args, work)):
         seconds = run_step(step, work / f"sst2-{method}.log")
-        results[method] = trained_row(step, seconds, steps=args.steps, batch_size=args.batch_size, options=method_extra(args, method))
+        results[method] = trained_row(
+            step, seconds, steps=args.steps, batch_size=args.batch_size, options=method_extra(args, method)
+        )
         print(f"  {method}: {results[method]['accuracy']:.4f}", flush=True)
     return results
 
@@ -477,9 +753,18 @@ def run_sst2_seeds(args, work: Path) -> dict:
     runs, mean, std = seed_runs(args, sst2_seed_steps(args, work), work)
     results = seed_variants(args.previous.get("sst2_seeds"))  # other rows and methods keep theirs
     results.setdefault(args.sst2_rows, {})[args.seeds_method] = {
-        "method": args.seeds_method, "steps": args.seeds_steps, "batch_size": args.batch_size, "train_rows": args.sst2_rows,
-        "options": method_extra(args, args.seeds_method), "selection_percentage": args.selection_percentage,
-        "seeds": list(args.seed_list), "accuracy": mean, "accuracy_std": std, "date": now(), "runs": runs}
+        "method": args.seeds_method,
+        "steps": args.seeds_steps,
+        "batch_size": args.batch_size,
+        "train_rows": args.sst2_rows,
+        "options": method_extra(args, args.seeds_method),
+        "selection_percentage": args.selection_percentage,
+        "seeds": list(args.seed_list),
+        "accuracy": mean,
+        "accuracy_std": std,
+        "date": now(),
+        "runs": runs,
+    }
     selection = seeds_selection_accuracy(runs)
     if selection is not None:
         results[args.sst2_rows][args.seeds_method]["selection_accuracy"] = selection
@@ -496,9 +781,16 @@ def run_rte_seeds(args, work: Path) -> dict:
     runs, mean, std = seed_runs(args, rte_seed_steps(args, work), work)
     results = dict(args.previous.get("rte_seeds") or {})
     results[args.rte_seeds_method] = {
-        "method": args.rte_seeds_method, "steps": args.rte_steps, "batch_size": args.batch_size,
-        "selection_percentage": args.selection_percentage, "seeds": list(args.seed_list), "accuracy": mean,
-        "accuracy_std": std, "date": now(), "runs": runs}
+        "method": args.rte_seeds_method,
+        "steps": args.rte_steps,
+        "batch_size": args.batch_size,
+        "selection_percentage": args.selection_percentage,
+        "seeds": list(args.seed_list),
+        "accuracy": mean,
+        "accuracy_std": std,
+        "date": now(),
+        "runs": runs,
+    }
     return results
 
 
@@ -509,7 +801,9 @@ def run_rte_longer(args, work: Path) -> dict:
 
 
 def run_rte_reference(args, work: Path) -> dict:
-    return _rte_rows(args, {}, [REFERENCE_ROW], rte_reference_steps(args, work), work, learning_rate=args.rte_reference_lr)
+    return _rte_rows(
+        args, {}, [REFERENCE_ROW], rte_reference_steps(args, work), work, learning_rate=args.rte_reference_lr
+    )
 
 
 REFERENCE_ROW = "full fine-tuning"
@@ -527,7 +821,9 @@ def _rte_rows(args, recorded: dict, names: list[str], steps: list[Step], work: P
     results = recorded
     for name, step in zip(names, steps):
         seconds = run_step(step, work / f"{step.output.name}.log")
-        row = trained_row(step, seconds, batch_size=args.batch_size, selection_percentage=args.selection_percentage, **extra)
+        row = trained_row(
+            step, seconds, batch_size=args.batch_size, selection_percentage=args.selection_percentage, **extra
+        )
         results[name] = {**row, "steps": row["metrics"]["max_steps"]}  # the planned length (an early stop ends sooner)
         print(f"  {name}: {results[name]['accuracy']:.4f}", flush=True)
     return results
@@ -543,28 +839,53 @@ def run_minilm(args, work: Path) -> dict:
     steps, examples = args.minilm_steps, args.minilm_examples
     seconds = run_step(step, work / f"{step.output.name}.log")
     metrics = json.loads((step.output / "metrics.json").read_text())
-    ours = {"accuracy": metrics["tuned_accuracy"], "trainable_parameters": metrics["trainable_parameters"],
-            "command": step.command, "date": now(), "seconds": seconds}
+    ours = {
+        "accuracy": metrics["tuned_accuracy"],
+        "trainable_parameters": metrics["trainable_parameters"],
+        "command": step.command,
+        "date": now(),
+        "seconds": seconds,
+    }
     print(f"  p-tuning-v2: {ours['accuracy']:.4f}; full fine-tuning ...", flush=True)
     train_rows = read_examples(train)[:examples]  # the same labelled examples --max-train-samples keeps
     dev_rows = read_examples(dev)
     started = time.perf_counter()
-    full = minilm_reference.full_finetune_minilm(train_rows, labels_of(train_rows, "label", train, C.LABEL_WORDS), dev_rows,
-                                                 labels_of(dev_rows, "label", dev, C.LABEL_WORDS), steps, args.batch_size,
-                                                 args.full_finetune_lr, args.seed, MINILM_TEMPLATE, pooling="mean")
+    full = minilm_reference.full_finetune_minilm(
+        train_rows,
+        labels_of(train_rows, "label", train, C.LABEL_WORDS),
+        dev_rows,
+        labels_of(dev_rows, "label", dev, C.LABEL_WORDS),
+        steps,
+        args.batch_size,
+        args.full_finetune_lr,
+        args.seed,
+        MINILM_TEMPLATE,
+        pooling="mean",
+    )
     full["seconds"] = time.perf_counter() - started
     rows = f" --sst2-rows {args.sst2_rows}" if args.sst2_rows != "phrases" else ""
-    full["command"] = f"python bench/quality.py --only minilm{rows} (full_finetune_minilm, lr {args.full_finetune_lr:g})"
+    full["command"] = (
+        f"python bench/quality.py --only minilm{rows} (full_finetune_minilm, lr {args.full_finetune_lr:g})"
+    )
     full["date"] = now()
     print(f"  full fine-tuning: {full['accuracy']:.4f}", flush=True)
     recorded = args.previous.get("minilm")
     results = minilm_variants(recorded)  # the other training rows keep theirs
     if recorded and "gap_points" in recorded:  # a record from before the variants: its date was the part's
-        results["phrases"].setdefault("date", (args.previous.get("part_dates") or {}).get("minilm") or args.previous.get("date"))
+        results["phrases"].setdefault(
+            "date", (args.previous.get("part_dates") or {}).get("minilm") or args.previous.get("date")
+        )
     results[args.sst2_rows] = {
-        "steps": steps, "batch_size": args.batch_size, "training_examples": len(train_rows), "train_rows": args.sst2_rows,
-        "epochs": steps * args.batch_size / len(train_rows), "date": now(),
-        "p-tuning-v2": ours, "full-finetuning": full, "gap_points": 100 * (full["accuracy"] - ours["accuracy"])}
+        "steps": steps,
+        "batch_size": args.batch_size,
+        "training_examples": len(train_rows),
+        "train_rows": args.sst2_rows,
+        "epochs": steps * args.batch_size / len(train_rows),
+        "date": now(),
+        "p-tuning-v2": ours,
+        "full-finetuning": full,
+        "gap_points": 100 * (full["accuracy"] - ours["accuracy"]),
+    }
     return results
 
 
@@ -575,18 +896,37 @@ def run_e2e(args, work: Path) -> dict:
         seconds = run_step(step, work / f"e2e-{method}.log")
         metrics = json.loads((step.output / "metrics.json").read_text())
         scores = metrics["generation_scores"]["final eval"]
-        results[method] = {"bleu": scores["bleu"], "rouge_l": scores["rouge_l"], "sources": scores["sources"],
-                           "example": scores["example"][:2], "steps": args.e2e_steps, "batch_size": 8,
-                           "command": step.command, "date": now(), "seconds": seconds}
-        print(f"  {method}: BLEU {scores['bleu']:.2f} ROUGE-L {scores['rouge_l']:.2f} over {scores['sources']} MRs", flush=True)
+        results[method] = {
+            "bleu": scores["bleu"],
+            "rouge_l": scores["rouge_l"],
+            "sources": scores["sources"],
+            "example": scores["example"][:2],
+            "steps": args.e2e_steps,
+            "batch_size": 8,
+            "command": step.command,
+            "date": now(),
+            "seconds": seconds,
+        }
+        print(
+            f"  {method}: BLEU {scores['bleu']:.2f} ROUGE-L {scores['rouge_l']:.2f} over {scores['sources']} MRs",
+            flush=True,
+        )
     return results
 
 
-RUNNERS = {"icl": run_icl, "sst2-methods": run_sst2_methods, "sst2-seeds": run_sst2_seeds, "minilm": run_minilm,
-           "rte-seeds": run_rte_seeds,
-           "rte-prompting": run_rte_prompting, "rte-methods": run_rte_methods, "rte-longer": run_rte_longer,
-           "rte-reference": run_rte_reference, "e2e": run_e2e,
-           "e2e-prompting": run_e2e_prompting}
+RUNNERS = {
+    "icl": run_icl,
+    "sst2-methods": run_sst2_methods,
+    "sst2-seeds": run_sst2_seeds,
+    "minilm": run_minilm,
+    "rte-seeds": run_rte_seeds,
+    "rte-prompting": run_rte_prompting,
+    "rte-methods": run_rte_methods,
+    "rte-longer": run_rte_longer,
+    "rte-reference": run_rte_reference,
+    "e2e": run_e2e,
+    "e2e-prompting": run_e2e_prompting,
+}
 
 
 def _method_args(text: str) -> tuple[str, list[str]]:
@@ -605,41 +945,101 @@ def _percentage(text: str) -> int:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), metavar="PART", help=f"parts to run: {', '.join(PARTS)}")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=PARTS,
+        default=list(PARTS),
+        metavar="PART",
+        help=f"parts to run: {', '.join(PARTS)}",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the parts' commands; run and write nothing")
     p.add_argument("--steps", type=int, default=300, help="SST-2 optimizer steps per method on SmolLM2")
-    p.add_argument("--methods", nargs="+", choices=list(SST2_METHODS), default=list(SST2_METHODS),
-                   help="SST-2 methods to (re)run; the others keep their recorded results")
-    p.add_argument("--method-args", action="append", default=[], type=_method_args, metavar="METHOD=FLAGS",
-                   help="extra train flags for one SST-2 method, e.g. 'prompt-tuning=--num-virtual-tokens 20' (repeatable; recorded)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(SST2_METHODS),
+        default=list(SST2_METHODS),
+        help="SST-2 methods to (re)run; the others keep their recorded results",
+    )
+    p.add_argument(
+        "--method-args",
+        action="append",
+        default=[],
+        type=_method_args,
+        metavar="METHOD=FLAGS",
+        help="extra train flags for one SST-2 method, e.g. 'prompt-tuning=--num-virtual-tokens 20' (repeatable; recorded)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seeds", type=int, default=3, help="demonstration draws per k")
-    p.add_argument("--seeds-method", choices=list(SST2_METHODS), default="prompt-tuning",
-                   help="sst2-seeds: the method run over --seed-list (its own row; other methods keep theirs)")
-    p.add_argument("--sst2-rows", choices=["phrases", "sentences"], default="phrases",
-                   help="sst2-seeds, minilm: train on GLUE's SST-2 file as it is (the treebank's phrases) or on "
-                        "its whole sentences only, the shape of SST-2 dev (written to WORK/sst2-train-sentences.tsv)")
+    p.add_argument(
+        "--seeds-method",
+        choices=list(SST2_METHODS),
+        default="prompt-tuning",
+        help="sst2-seeds: the method run over --seed-list (its own row; other methods keep theirs)",
+    )
+    p.add_argument(
+        "--sst2-rows",
+        choices=["phrases", "sentences"],
+        default="phrases",
+        help="sst2-seeds, minilm: train on GLUE's SST-2 file as it is (the treebank's phrases) or on "
+        "its whole sentences only, the shape of SST-2 dev (written to WORK/sst2-train-sentences.tsv)",
+    )
     p.add_argument("--seed-list", type=int, nargs="+", default=[1, 2, 3], help="sst2-seeds, rte-seeds: training seeds")
     p.add_argument("--seeds-steps", type=int, default=300, help="sst2-seeds: optimizer steps per seed")
-    p.add_argument("--selection-percentage", type=_percentage, default=10, metavar="P",
-                   help="sst2-seeds, rte-methods, rte-seeds, rte-longer, rte-reference: keep the best state as judged on P%% of the training file "
-                        "(pstar train --validation-split-percentage P --select-best best); 0: the last state")
-    p.add_argument("--rte-reference-lr", type=float, default=2e-5,
-                   help="rte-reference: learning rate of full fine-tuning (the low end of Devlin et al. 2019's GLUE search)")
-    p.add_argument("--rte-steps", type=int, default=150,
-                   help="rte-methods, rte-seeds, rte-reference: optimizer steps of every run (150 × 16 is about one epoch of the "
-                        "2,241 pairs left to train on beside the 10%% selection split)")
-    p.add_argument("--rte-methods", nargs="+", choices=list(METHODS), default=list(METHODS),
-                   help="RTE methods to (re)run; the others keep their recorded results")
-    p.add_argument("--rte-seeds-method", choices=list(METHODS), default="p-tuning-v2",
-                   help="rte-seeds: the method run over --seed-list with rte-methods' budget (the best rte-methods row)")
-    p.add_argument("--rte-longer-methods", nargs="+", choices=list(METHODS), default=["p-tuning-v2"],
-                   help="rte-longer: methods trained for --rte-epochs")
+    p.add_argument(
+        "--selection-percentage",
+        type=_percentage,
+        default=10,
+        metavar="P",
+        help="sst2-seeds, rte-methods, rte-seeds, rte-longer, rte-reference: keep the best state as judged on P%% of the training file "
+        "(pstar train --validation-split-percentage P --select-best best); 0: the last state",
+    )
+    p.add_argument(
+        "--rte-reference-lr",
+        type=float,
+        default=2e-5,
+        help="rte-reference: learning rate of full fine-tuning (the low end of Devlin et al. 2019's GLUE search)",
+    )
+    p.add_argument(
+        "--rte-steps",
+        type=int,
+        default=150,
+        help="rte-methods, rte-seeds, rte-reference: optimizer steps of every run (150 × 16 is about one epoch of the "
+        "2,241 pairs left to train on beside the 10%% selection split)",
+    )
+    p.add_argument(
+        "--rte-methods",
+        nargs="+",
+        choices=list(METHODS),
+        default=list(METHODS),
+        help="RTE methods to (re)run; the others keep their recorded results",
+    )
+    p.add_argument(
+        "--rte-seeds-method",
+        choices=list(METHODS),
+        default="p-tuning-v2",
+        help="rte-seeds: the method run over --seed-list with rte-methods' budget (the best rte-methods row)",
+    )
+    p.add_argument(
+        "--rte-longer-methods",
+        nargs="+",
+        choices=list(METHODS),
+        default=["p-tuning-v2"],
+        help="rte-longer: methods trained for --rte-epochs",
+    )
     p.add_argument("--rte-epochs", type=float, default=4, help="rte-longer: epochs of the training split")
-    p.add_argument("--rte-longer-eval-steps", type=int, default=70, help="rte-longer: steps between selection evaluations")
+    p.add_argument(
+        "--rte-longer-eval-steps", type=int, default=70, help="rte-longer: steps between selection evaluations"
+    )
     p.add_argument("--rte-shots", type=int, default=4, help="rte-prompting: demonstrations of the in-context rows")
-    p.add_argument("--rte-calibrated-shots", type=int, nargs="+", default=[0],
-                   help="rte-prompting: the rows with contextual calibration (0: zero-shot; add 4 for calibrated 4-shot)")
+    p.add_argument(
+        "--rte-calibrated-shots",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="rte-prompting: the rows with contextual calibration (0: zero-shot; add 4 for calibrated 4-shot)",
+    )
     p.add_argument("--e2e-steps", type=int, default=200)
     p.add_argument("--e2e-eval-rows", type=int, default=400, help="first N E2E dev rows (grouped by MR)")
     p.add_argument("--e2e-new-tokens", type=int, default=48, help="E2E greedy decoding length")
@@ -647,10 +1047,18 @@ def parse_args(argv=None):
     p.add_argument("--full-finetune-lr", type=float, default=5e-5)
     p.add_argument("--minilm-lr", type=float, default=2e-2, help="P-tuning v2 learning rate on MiniLM")
     p.add_argument("--minilm-virtual-tokens", type=int, default=16)
-    p.add_argument("--minilm-examples", type=int, default=9600,
-                   help="labelled SST-2 examples both MiniLM contenders train on (at most: the sentences are 6,885)")
-    p.add_argument("--minilm-steps", type=int, default=1800,
-                   help="optimizer steps of both MiniLM contenders (1800 × 16 = 3 epochs of 9,600 phrases, 4.2 of the sentences)")
+    p.add_argument(
+        "--minilm-examples",
+        type=int,
+        default=9600,
+        help="labelled SST-2 examples both MiniLM contenders train on (at most: the sentences are 6,885)",
+    )
+    p.add_argument(
+        "--minilm-steps",
+        type=int,
+        default=1800,
+        help="optimizer steps of both MiniLM contenders (1800 × 16 = 3 epochs of 9,600 phrases, 4.2 of the sentences)",
+    )
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--work-dir", default=str(C.ROOT / "runs" / "bench-quality"))
     return p.parse_args(argv)
@@ -661,9 +1069,11 @@ def main(argv=None) -> int:
     work = Path(args.work_dir).resolve()
     selected = [part for part in PARTS if part in args.only]
     if args.sst2_rows != "phrases" and "sst2-methods" in selected:
-        raise SystemExit(f"--sst2-rows {args.sst2_rows} is for the sst2-seeds and minilm parts, whose rows are kept by "
-                         "training rows; sst2-methods rows are the training file as it is. Run --only sst2-seeds or "
-                         "--only minilm with it.")
+        raise SystemExit(
+            f"--sst2-rows {args.sst2_rows} is for the sst2-seeds and minilm parts, whose rows are kept by "
+            "training rows; sst2-methods rows are the training file as it is. Run --only sst2-seeds or "
+            "--only minilm with it."
+        )
     if args.dry_run:
         for part in selected:
             print(f"# {part}")
@@ -678,8 +1088,13 @@ def main(argv=None) -> int:
     # when each part was measured: a part that is not rerun keeps its date
     part_dates = dict(previous.get("part_dates") or {k: previous["date"] for k in result})
     args.previous = previous
-    result.update(steps=args.steps, batch_size=args.batch_size, e2e_steps=args.e2e_steps, seed=args.seed,
-                  sst2_train_file=rel(sst2_files()[0]))
+    result.update(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        e2e_steps=args.e2e_steps,
+        seed=args.seed,
+        sst2_train_file=rel(sst2_files()[0]),
+    )
     for part in selected:
         missing = [str(f) for f in NEEDS[part]() if not f.is_file()] if part in NEEDS else []
         if missing:
@@ -689,7 +1104,9 @@ def main(argv=None) -> int:
         result[part_key(part)] = RUNNERS[part](args, work)
         part_dates[part_key(part)] = now()
         result["part_dates"] = part_dates
-        result.setdefault("part_seconds", dict(previous.get("part_seconds", {})))[part_key(part)] = time.perf_counter() - started
+        result.setdefault("part_seconds", dict(previous.get("part_seconds", {})))[part_key(part)] = (
+            time.perf_counter() - started
+        )
         C.write_result("quality", result)  # each finished part is kept if a later one fails
     result["targets"] = targets(result)
     written = C.write_result("quality", result)

@@ -45,7 +45,16 @@ TARGET_MODEL, TARGET_DEV_FILE = "smollm2", "sst2_dev.tsv"
 # which rows of the training file train and select, and whether a best state is kept
 DATA_PLAN_FLAGS = ("seed", "max_train_samples", "validation_split_percentage", "select_best")
 # what besides the data plan decides which rows a run trained and selected on, and which it was scored on
-RUN_ROWS_FLAGS = ("model", "train_file", "dataset", "dataset_config", "train_split", "column", "validation_file", "max_eval_samples")
+RUN_ROWS_FLAGS = (
+    "model",
+    "train_file",
+    "dataset",
+    "dataset_config",
+    "train_split",
+    "column",
+    "validation_file",
+    "max_eval_samples",
+)
 
 
 def cli_text(template: str) -> str:
@@ -111,7 +120,7 @@ def run_data_plan(run: dict) -> dict | None:
     if "pstar_plugins.train" not in argv:
         return None
     try:
-        args, _ = _rows_parser().parse_known_args(argv[argv.index("pstar_plugins.train") + 1:])
+        args, _ = _rows_parser().parse_known_args(argv[argv.index("pstar_plugins.train") + 1 :])
     except _Unreadable:
         return None
     plan = {name: getattr(args, name) for name in DATA_PLAN_FLAGS + RUN_ROWS_FLAGS}
@@ -178,7 +187,9 @@ def by_train_rows(recorded: dict | None, flat_key: str) -> dict:
 def seed_variants(recorded: dict | None) -> dict:
     """``sst2_seeds`` by training rows, then by method: ``{rows: {method: record}}``. Older records
     read the same: one flat record (the phrases one), or one record per training rows."""
-    return {rows: ({v["method"]: v} if "method" in v else dict(v)) for rows, v in by_train_rows(recorded, "method").items()}
+    return {
+        rows: ({v["method"]: v} if "method" in v else dict(v)) for rows, v in by_train_rows(recorded, "method").items()
+    }
 
 
 def minilm_variants(recorded: dict | None) -> dict:
@@ -202,10 +213,23 @@ def target_splits(rows: str) -> list:
     (``phrases``) or on its whole sentences (``sentences``) and scored on the whole of SST-2 dev,
     over :data:`TARGET_SEEDS` with :data:`TARGET_PERCENTAGE` of the training rows held out and the
     best state on them kept (``--select-best best``)."""
-    return [{"seed": seed, "max_train_samples": None, "validation_split_percentage": TARGET_PERCENTAGE, "select_best": "best",
-             "model": TARGET_MODEL, "train_file": TARGET_TRAIN_FILES[rows], "dataset": None, "dataset_config": None,
-             "train_split": "train", "column": [], "validation_file": TARGET_DEV_FILE, "max_eval_samples": None}
-            for seed in TARGET_SEEDS]
+    return [
+        {
+            "seed": seed,
+            "max_train_samples": None,
+            "validation_split_percentage": TARGET_PERCENTAGE,
+            "select_best": "best",
+            "model": TARGET_MODEL,
+            "train_file": TARGET_TRAIN_FILES[rows],
+            "dataset": None,
+            "dataset_config": None,
+            "train_split": "train",
+            "column": [],
+            "validation_file": TARGET_DEV_FILE,
+            "max_eval_samples": None,
+        }
+        for seed in TARGET_SEEDS
+    ]
 
 
 def counted_rows(variants: dict) -> str:
@@ -244,9 +268,17 @@ def counted_seeds(variants: dict) -> tuple[str | None, dict | None, dict]:
     choice: dict = {"rule": "best mean selection accuracy of the kept states, on the target's selection splits"}
     if scored:
         choice["candidates"] = {m: scores[m] for m in scored}
-    choice.update({key: names for key, names in (("other_splits", [m for m in methods if plans[m] is not None and m not in on_target]),
-                                                  ("unreadable", [m for m in methods if plans[m] is None]),
-                                                  ("not_scored", [m for m in on_target if m not in scored])) if names})
+    choice.update(
+        {
+            key: names
+            for key, names in (
+                ("other_splits", [m for m in methods if plans[m] is not None and m not in on_target]),
+                ("unreadable", [m for m in methods if plans[m] is None]),
+                ("not_scored", [m for m in on_target if m not in scored]),
+            )
+            if names
+        }
+    )
     if not scored:
         return rows, None, choice
     return rows, methods[max(scored, key=lambda m: round(scores[m], 9))], choice
@@ -278,38 +310,65 @@ def targets(result: dict) -> dict:
     rows, seeds, choice = counted_seeds(seed_variants(result.get("sst2_seeds")))
     if seeds:
         out["sst2_mean_of_seeds_at_least_0.88"] = {
-            "method": seeds["method"], "train_rows": rows, "seeds": seeds["seeds"], "accuracy": seeds["accuracy"],
-            "accuracy_std": seeds["accuracy_std"], "chosen": choice, "met": seeds["accuracy"] >= 0.88}
+            "method": seeds["method"],
+            "train_rows": rows,
+            "seeds": seeds["seeds"],
+            "accuracy": seeds["accuracy"],
+            "accuracy_std": seeds["accuracy_std"],
+            "chosen": choice,
+            "met": seeds["accuracy"] >= 0.88,
+        }
     else:  # no rows yet (None), or rows of which none was run as the target asks (unmet, saying why)
-        out["sst2_mean_of_seeds_at_least_0.88"] = {"method": None, "train_rows": rows, "chosen": choice, "met": False} if rows else None
+        out["sst2_mean_of_seeds_at_least_0.88"] = (
+            {"method": None, "train_rows": rows, "chosen": choice, "met": False} if rows else None
+        )
     rte_runs = (result.get("rte_prompting") or {}).get("runs", [])
     methods = rte_counted_rows(result)
     zero, icl = _zero_and_icl(rte_runs)
     if methods and zero and icl:
         best = max(methods, key=lambda m: methods[m]["accuracy"])
         acc = methods[best]["accuracy"]
-        seeds = {"seeds": methods[best]["seeds"], "accuracy_std": methods[best]["accuracy_std"]} if "seeds" in methods[best] else {}
+        seeds = (
+            {"seeds": methods[best]["seeds"], "accuracy_std": methods[best]["accuracy_std"]}
+            if "seeds" in methods[best]
+            else {}
+        )
         out["rte_best_method_at_least_zero_shot_plus_5_and_best_icl"] = {
-            "method": best, "accuracy": acc, **seeds, "best_zero_shot": {"name": zero["name"], "accuracy": zero["accuracy"]},
+            "method": best,
+            "accuracy": acc,
+            **seeds,
+            "best_zero_shot": {"name": zero["name"], "accuracy": zero["accuracy"]},
             "best_icl": {"name": icl["name"], "accuracy": icl["accuracy"]},
-            "met": acc >= zero["accuracy"] + 0.05 and acc >= icl["accuracy"]}
+            "met": acc >= zero["accuracy"] + 0.05 and acc >= icl["accuracy"],
+        }
     else:
         out["rte_best_method_at_least_zero_shot_plus_5_and_best_icl"] = None
     prefix = (result.get("e2e") or {}).get("prefix-tuning")
     shots = [r for r in (result.get("e2e_prompting") or {}).get("runs", []) if r["shots"] > 0]
     if prefix and shots:
         k_shot = max(shots, key=lambda r: r["bleu"])
-        out["e2e_prefix_tuning_bleu_at_least_k_shot"] = {"prefix_tuning_bleu": prefix["bleu"], "prompting": k_shot["name"],
-                                                         "prompting_bleu": k_shot["bleu"], "met": prefix["bleu"] >= k_shot["bleu"]}
+        out["e2e_prefix_tuning_bleu_at_least_k_shot"] = {
+            "prefix_tuning_bleu": prefix["bleu"],
+            "prompting": k_shot["name"],
+            "prompting_bleu": k_shot["bleu"],
+            "met": prefix["bleu"] >= k_shot["bleu"],
+        }
     else:
         out["e2e_prefix_tuning_bleu_at_least_k_shot"] = None
     variants = minilm_variants(result.get("minilm"))
     minilm = counted_variant(variants)  # both contenders trained on the same rows
     # the issue asks an unmet gap to be recorded at its best too; it never decides "met"
     best = min(variants, key=lambda rows: variants[rows]["gap_points"], default=None)
-    out["minilm_within_2_points"] = None if not minilm else {
-        "gap_points": minilm["gap_points"], "train_rows": minilm.get("train_rows", "phrases"), "met": minilm["gap_points"] <= 2.0,
-        "best_measured": {"gap_points": variants[best]["gap_points"], "train_rows": best}}
+    out["minilm_within_2_points"] = (
+        None
+        if not minilm
+        else {
+            "gap_points": minilm["gap_points"],
+            "train_rows": minilm.get("train_rows", "phrases"),
+            "met": minilm["gap_points"] <= 2.0,
+            "best_measured": {"gap_points": variants[best]["gap_points"], "train_rows": best},
+        }
+    )
     return out
 
 
@@ -318,7 +377,9 @@ def targets(result: dict) -> dict:
 
 def _prompting_name(run: dict) -> str:
     k = run["shots"]
-    name = "zero-shot prompt" if k == 0 else f"{k}-shot in-context ({run['seeds']} draw{'s' if run['seeds'] > 1 else ''})"
+    name = (
+        "zero-shot prompt" if k == 0 else f"{k}-shot in-context ({run['seeds']} draw{'s' if run['seeds'] > 1 else ''})"
+    )
     if "calibrated" in run["name"]:
         name += ", contextual calibration"
     return name
@@ -333,14 +394,18 @@ def _pm(run: dict, key: str) -> str:
 def _noise(task: str, accuracy: float) -> str:
     n = DEV_SIZES[task]
     se = 100 * binomial_standard_error(accuracy, n)
-    return (f"Noise: one run's accuracy on {n} examples has a binomial standard error of √(p(1−p)/{n}) = {se:.1f} points "
-            f"at p = {100 * accuracy:.0f}%, and the difference of two runs one of {math.sqrt(2) * se:.1f} points; gaps smaller "
-            "than that are not read as differences.")
+    return (
+        f"Noise: one run's accuracy on {n} examples has a binomial standard error of √(p(1−p)/{n}) = {se:.1f} points "
+        f"at p = {100 * accuracy:.0f}%, and the difference of two runs one of {math.sqrt(2) * se:.1f} points; gaps smaller "
+        "than that are not read as differences."
+    )
 
 
 def _kept_state(row: dict, sep: str) -> str:
     """How a trained row chose the state it scored, for its label; empty for the last state."""
-    return f"{sep}kept state chosen on {row['selection_percentage']}% of train" if row.get("selection_percentage") else ""
+    return (
+        f"{sep}kept state chosen on {row['selection_percentage']}% of train" if row.get("selection_percentage") else ""
+    )
 
 
 def _sst2_lines(result: dict, when) -> list[str]:
@@ -350,32 +415,47 @@ def _sst2_lines(result: dict, when) -> list[str]:
         lines.append(f"| {_prompting_name(r)} | {_pm(r, 'accuracy')} | {when('icl')} |")
     for method, r in result.get("sst2_methods", {}).items():
         options = "; " + " ".join(r["options"]) if r.get("options") else ""
-        lines.append(f"| {method} ({r.get('steps', result['steps'])} steps × {r.get('batch_size', result['batch_size'])}{options}) "
-                     f"| {100 * r['accuracy']:.1f} | {r['date'][:10] if r.get('date') else when('sst2_methods')} |")
+        lines.append(
+            f"| {method} ({r.get('steps', result['steps'])} steps × {r.get('batch_size', result['batch_size'])}{options}) "
+            f"| {100 * r['accuracy']:.1f} | {r['date'][:10] if r.get('date') else when('sst2_methods')} |"
+        )
         sst2.append(r["accuracy"])
-    for rows, s in ((rows, s) for rows, methods in seed_variants(result.get("sst2_seeds")).items() for s in methods.values()):
+    for rows, s in (
+        (rows, s) for rows, methods in seed_variants(result.get("sst2_seeds")).items() for s in methods.values()
+    ):
         options = "; " + " ".join(s["options"]) if s.get("options") else ""
         chosen = _kept_state(s, ", ") or ", last state"
         train_rows = {r["metrics"]["train_rows"] for r in s.get("runs", []) if "train_rows" in r.get("metrics", {})}
-        trained_on = ("; trained on whole sentences only" + (f" ({train_rows.pop():,} rows)" if len(train_rows) == 1 else "")
-                      if rows == "sentences" else "")
+        trained_on = (
+            "; trained on whole sentences only" + (f" ({train_rows.pop():,} rows)" if len(train_rows) == 1 else "")
+            if rows == "sentences"
+            else ""
+        )
         date = (s.get("date") or (s["runs"][-1].get("date") if s.get("runs") else None) or when("sst2_seeds"))[:10]
-        lines.append(f"| {s['method']} ({s['steps']} steps × {s['batch_size']}{options}{chosen}{trained_on}), seeds "
-                     f"{', '.join(map(str, s['seeds']))} | {100 * s['accuracy']:.1f} ± {100 * s['accuracy_std']:.1f} | {date} |")
+        lines.append(
+            f"| {s['method']} ({s['steps']} steps × {s['batch_size']}{options}{chosen}{trained_on}), seeds "
+            f"{', '.join(map(str, s['seeds']))} | {100 * s['accuracy']:.1f} ± {100 * s['accuracy_std']:.1f} | {date} |"
+        )
         sst2.append(s["accuracy"])
     if sst2:
         lines += ["", _noise("sst2", max(sst2))]
     for rows, m in minilm_variants(result.get("minilm")).items():
-        budget = (f"{m['training_examples']:,} labelled examples, {m['steps']} steps × {m['batch_size']} ({m['epochs']:.1f} epochs) each"
-                  if "training_examples" in m else f"{m['examples_seen']} examples")
+        budget = (
+            f"{m['training_examples']:,} labelled examples, {m['steps']} steps × {m['batch_size']} ({m['epochs']:.1f} epochs) each"
+            if "training_examples" in m
+            else f"{m['examples_seen']} examples"
+        )
         trained_on = "whole sentences of SST-2 train" if rows == "sentences" else "SST-2 train as it is"
         date = lambda row: (row.get("date") or m.get("date") or when("minilm"))[:10]  # noqa: E731
-        lines += ["", f"| SST-2 dev, all-MiniLM-L6-v2, {trained_on}: {budget} | accuracy | trained parameters | measured |",
-                  "|---|---|---|---|",
-                  f"| P-tuning v2 + linear head (frozen encoder) | {100 * m['p-tuning-v2']['accuracy']:.1f} | "
-                  f"{m['p-tuning-v2']['trainable_parameters']:,} | {date(m['p-tuning-v2'])} |",
-                  f"| full fine-tuning | {100 * m['full-finetuning']['accuracy']:.1f} | {m['full-finetuning']['trainable_parameters']:,} "
-                  f"| {date(m['full-finetuning'])} |"]
+        lines += [
+            "",
+            f"| SST-2 dev, all-MiniLM-L6-v2, {trained_on}: {budget} | accuracy | trained parameters | measured |",
+            "|---|---|---|---|",
+            f"| P-tuning v2 + linear head (frozen encoder) | {100 * m['p-tuning-v2']['accuracy']:.1f} | "
+            f"{m['p-tuning-v2']['trainable_parameters']:,} | {date(m['p-tuning-v2'])} |",
+            f"| full fine-tuning | {100 * m['full-finetuning']['accuracy']:.1f} | {m['full-finetuning']['trainable_parameters']:,} "
+            f"| {date(m['full-finetuning'])} |",
+        ]
     return lines
 
 
@@ -385,21 +465,33 @@ def _rte_lines(result: dict, when) -> list[str]:
     if not (rte.get("runs") or rte_methods):
         return []
     words = " / ".join(rte.get("label_words") or RTE_LABEL_WORDS)
-    lines = ["", f"| RTE dev (277), frozen SmolLM2-135M-Instruct; template `{cli_text(rte.get('template') or RTE_TEMPLATE)}`, "
-                 f"label words {words} | accuracy | measured |", "|---|---|---|"]
+    lines = [
+        "",
+        f"| RTE dev (277), frozen SmolLM2-135M-Instruct; template `{cli_text(rte.get('template') or RTE_TEMPLATE)}`, "
+        f"label words {words} | accuracy | measured |",
+        "|---|---|---|",
+    ]
     lines += [f"| {_prompting_name(r)} | {_pm(r, 'accuracy')} | {when('rte_prompting')} |" for r in rte.get("runs", [])]
     for name, r in rte_methods.items():
         method, epochs = (name.split(", ")[0], f", {r['epochs']:g} epochs") if "epochs" in r else (name, "")
-        lines.append(f"| {method} ({r['steps']} steps × {r['batch_size']}{epochs}{_kept_state(r, '; ')}) | {100 * r['accuracy']:.1f} | "
-                     f"{r['date'][:10] if r.get('date') else when('rte_methods')} |")
+        lines.append(
+            f"| {method} ({r['steps']} steps × {r['batch_size']}{epochs}{_kept_state(r, '; ')}) | {100 * r['accuracy']:.1f} | "
+            f"{r['date'][:10] if r.get('date') else when('rte_methods')} |"
+        )
     for method, r in (result.get("rte_seeds") or {}).items():
-        lines.append(f"| {method} ({r['steps']} steps × {r['batch_size']}{_kept_state(r, '; ')}), seeds "
-                     f"{', '.join(map(str, r['seeds']))} | {100 * r['accuracy']:.1f} ± {100 * r['accuracy_std']:.1f} | "
-                     f"{r['date'][:10]} |")
+        lines.append(
+            f"| {method} ({r['steps']} steps × {r['batch_size']}{_kept_state(r, '; ')}), seeds "
+            f"{', '.join(map(str, r['seeds']))} | {100 * r['accuracy']:.1f} ± {100 * r['accuracy_std']:.1f} | "
+            f"{r['date'][:10]} |"
+        )
     for name, r in (result.get("rte_reference") or {}).items():
-        lines.append(f"| {name}, every weight: a reference, not a prompt method ({r['steps']} steps × {r['batch_size']}, "
-                     f"learning rate {r['learning_rate']:g}{_kept_state(r, '; ')}) | {100 * r['accuracy']:.1f} | {r['date'][:10]} |")
-    accuracies = [r["accuracy"] for r in rte.get("runs", [])] + [r["accuracy"] for r in rte_counted_rows(result).values()]
+        lines.append(
+            f"| {name}, every weight: a reference, not a prompt method ({r['steps']} steps × {r['batch_size']}, "
+            f"learning rate {r['learning_rate']:g}{_kept_state(r, '; ')}) | {100 * r['accuracy']:.1f} | {r['date'][:10]} |"
+        )
+    accuracies = [r["accuracy"] for r in rte.get("runs", [])] + [
+        r["accuracy"] for r in rte_counted_rows(result).values()
+    ]
     return lines + ["", _noise("rte", max(accuracies))]
 
 
@@ -410,9 +502,15 @@ def _e2e_lines(result: dict, when) -> list[str]:
         return []
     sources = ep.get("sources") or next(iter(e.values()))["sources"]
     lines = ["", f"| E2E dev ({sources} MRs, greedy), SmolLM2 | BLEU | ROUGE-L | measured |", "|---|---|---|---|"]
-    lines += [f"| {_prompting_name(r)} | {_pm(r, 'bleu')} | {_pm(r, 'rouge_l')} | {when('e2e_prompting')} |" for r in ep.get("runs", [])]
-    return lines + [f"| {method} ({r.get('steps', result.get('e2e_steps'))} steps × {r.get('batch_size', 8)}) | {r['bleu']:.1f} | "
-                    f"{r['rouge_l']:.1f} | {when('e2e')} |" for method, r in e.items()]
+    lines += [
+        f"| {_prompting_name(r)} | {_pm(r, 'bleu')} | {_pm(r, 'rouge_l')} | {when('e2e_prompting')} |"
+        for r in ep.get("runs", [])
+    ]
+    return lines + [
+        f"| {method} ({r.get('steps', result.get('e2e_steps'))} steps × {r.get('batch_size', 8)}) | {r['bleu']:.1f} | "
+        f"{r['rouge_l']:.1f} | {when('e2e')} |"
+        for method, r in e.items()
+    ]
 
 
 def quality_table(result: dict) -> str:
@@ -420,9 +518,12 @@ def quality_table(result: dict) -> str:
     (a row's own, else its part's, else the record's) and the noise of the best one."""
     dates = {k: v[:10] for k, v in result.get("part_dates", {}).items()}
     when = lambda key: dates.get(key, result["date"][:10])  # noqa: E731
-    lines = [f"Measured by `python bench/quality.py` on {result['machine']['cpus']} CPU cores; the last column gives the "
-             "date of each row, bench/results/quality.json its command (`python bench/quality.py --dry-run --only PART` "
-             "prints them).", ""]
+    lines = [
+        f"Measured by `python bench/quality.py` on {result['machine']['cpus']} CPU cores; the last column gives the "
+        "date of each row, bench/results/quality.json its command (`python bench/quality.py --dry-run --only PART` "
+        "prints them).",
+        "",
+    ]
     lines += _sst2_lines(result, when) + _rte_lines(result, when) + _e2e_lines(result, when)
     return "\n".join(lines)
 

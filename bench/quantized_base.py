@@ -47,8 +47,13 @@ def base(kind: str):
 
     from pstar_plugins.models import load, quantization_config
 
-    flags = SimpleNamespace(load_in_4bit=kind == "4bit", load_in_8bit=kind == "8bit", bnb_4bit_quant_type=None,
-                            bnb_4bit_compute_dtype=None, dtype="fp32")
+    flags = SimpleNamespace(
+        load_in_4bit=kind == "4bit",
+        load_in_8bit=kind == "8bit",
+        bnb_4bit_quant_type=None,
+        bnb_4bit_compute_dtype=None,
+        dtype="fp32",
+    )
     quantized = quantization_config(flags)
     dtype = {"fp32": "fp32", "bf16": "bf16"}.get(kind, "fp32")
     extra = {"quantization_config": quantized, "device_map": {"": str(C.device())}} if quantized else {}
@@ -58,7 +63,9 @@ def base(kind: str):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kinds", nargs="+", default=["fp32", "bf16", "8bit", "4bit"], choices=["fp32", "bf16", "8bit", "4bit"])
+    parser.add_argument(
+        "--kinds", nargs="+", default=["fp32", "bf16", "8bit", "4bit"], choices=["fp32", "bf16", "8bit", "4bit"]
+    )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -95,13 +102,27 @@ def main(argv=None) -> int:
     results = {}
     for kind in args.kinds:
         median = C.median(times[kind])
-        results[kind] = {"frozen_bytes": sizes[kind], "median_step_seconds": median, "seconds": times[kind],
-                         "bytes_vs_fp32": sizes[kind] / sizes.get("fp32", sizes[args.kinds[0]]),
-                         "time_vs_first": median / reference}
-        print(f"{kind:5} {sizes[kind] / 2**20:8.1f} MiB ({results[kind]['bytes_vs_fp32']:.2f}x)  step {median * 1e3:8.1f} ms "
-              f"({results[kind]['time_vs_first']:.2f}x {args.kinds[0]})", flush=True)
-    payload = {"model": "SmolLM2-135M-Instruct", "method": "prompt-tuning", "virtual_tokens": 10, "batch": args.batch_size,
-               "repeats": args.repeats, "warmup": args.warmup, "kinds": results}
+        results[kind] = {
+            "frozen_bytes": sizes[kind],
+            "median_step_seconds": median,
+            "seconds": times[kind],
+            "bytes_vs_fp32": sizes[kind] / sizes.get("fp32", sizes[args.kinds[0]]),
+            "time_vs_first": median / reference,
+        }
+        print(
+            f"{kind:5} {sizes[kind] / 2**20:8.1f} MiB ({results[kind]['bytes_vs_fp32']:.2f}x)  step {median * 1e3:8.1f} ms "
+            f"({results[kind]['time_vs_first']:.2f}x {args.kinds[0]})",
+            flush=True,
+        )
+    payload = {
+        "model": "SmolLM2-135M-Instruct",
+        "method": "prompt-tuning",
+        "virtual_tokens": 10,
+        "batch": args.batch_size,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "kinds": results,
+    }
     if not args.no_write:
         print("wrote", C.write_result("quantized_base", payload))
     return 0

@@ -44,7 +44,12 @@ def ours_options(method: str, m: int, template: str) -> dict:
     return {
         "prompt-tuning": {"num_virtual_tokens": m, "init": "random"},
         "prefix-tuning": {"num_virtual_tokens": m, "projection": True, "projection_hidden_size": 512},
-        "p-tuning": {"template": f"{{soft:{m}}} " + template, "encoder": "lstm", "encoder_hidden_size": 576, "init": "random"},
+        "p-tuning": {
+            "template": f"{{soft:{m}}} " + template,
+            "encoder": "lstm",
+            "encoder_hidden_size": 576,
+            "init": "random",
+        },
         "p-tuning-v2": {"num_virtual_tokens": m, "projection": False, "head": "none"},
     }[method]
 
@@ -54,8 +59,12 @@ def peft_config(method: str, m: int):
 
     return {
         "prompt-tuning": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=m),
-        "prefix-tuning": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=m, prefix_projection=True, encoder_hidden_size=512),
-        "p-tuning": lambda: PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=m, encoder_reparameterization_type="LSTM", encoder_hidden_size=576),
+        "prefix-tuning": lambda: PrefixTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=m, prefix_projection=True, encoder_hidden_size=512
+        ),
+        "p-tuning": lambda: PromptEncoderConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=m, encoder_reparameterization_type="LSTM", encoder_hidden_size=576
+        ),
         "p-tuning-v2": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=m, prefix_projection=False),
     }[method]()
 
@@ -90,7 +99,11 @@ class Workload:
 
     def tokens(self) -> dict:
         ids = self.plain["inputs"]["input_ids"]
-        return {"rows": ids.shape[0], "length": ids.shape[1], "real_tokens": int(self.plain["inputs"]["attention_mask"].sum())}
+        return {
+            "rows": ids.shape[0],
+            "length": ids.shape[1],
+            "real_tokens": int(self.plain["inputs"]["attention_mask"].sum()),
+        }
 
     # ------------------------------------------------------------------ losses
     def ours_loss(self, model, encoded: dict) -> torch.Tensor:
@@ -179,10 +192,12 @@ def run_method(method: str, work: Workload, m: int, repeats: int, warmup: int, d
     peft_params = [p for p in peft_model.parameters() if p.requires_grad]
 
     extra = m if method in LONGER_INPUT else 0
+
     def ours_loss(packing: bool):
         def loss():
             ours.packing = packing
             return work.ours_loss(ours, encoded)
+
         return loss
 
     contenders = {
@@ -196,10 +211,14 @@ def run_method(method: str, work: Workload, m: int, repeats: int, warmup: int, d
         padded_loss0 = float(ours_loss(False)())
     result = measure(contenders, repeats, warmup)
     ours.activation_checkpointing_enable()
-    result["ours_checkpointed"] = measure({"ours_checkpointed": contenders["ours"]}, max(3, repeats // 2), 1)["ours_checkpointed"]
+    result["ours_checkpointed"] = measure({"ours_checkpointed": contenders["ours"]}, max(3, repeats // 2), 1)[
+        "ours_checkpointed"
+    ]
     return {
-        "ours_trainable": sum(p.numel() for p in ours_params), "peft_trainable": sum(p.numel() for p in peft_params),
-        "floor_extra_positions": extra, "initial_loss": {"ours": ours_loss0, "ours_padded": padded_loss0, "peft": peft_loss0},
+        "ours_trainable": sum(p.numel() for p in ours_params),
+        "peft_trainable": sum(p.numel() for p in peft_params),
+        "floor_extra_positions": extra,
+        "initial_loss": {"ours": ours_loss0, "ours_padded": padded_loss0, "peft": peft_loss0},
         **result,
         "time_vs_peft": result["ours"]["median_seconds"] / result["peft"]["median_seconds"],
         "time_vs_floor": result["ours"]["median_seconds"] / result["floor"]["median_seconds"],
@@ -228,16 +247,28 @@ def main(argv=None) -> int:
         for method in args.methods:
             r = run_method(method, work, args.virtual_tokens, args.repeats, args.warmup, dtype)
             results[wname]["methods"][method] = r
-            print(f"{wname:5} {method:14} ours {r['ours']['median_seconds'] * 1e3:7.1f} ms  peft {r['peft']['median_seconds'] * 1e3:7.1f} ms"
-                  f"  floor {r['floor']['median_seconds'] * 1e3:7.1f} ms | time/peft {r['time_vs_peft']:.2f}  time/floor {r['time_vs_floor']:.2f}"
-                  f" | mem ours {C.fmt_bytes(r['ours']['peak_bytes'])} peft {C.fmt_bytes(r['peft']['peak_bytes'])}"
-                  f" ckpt {C.fmt_bytes(r['ours_checkpointed']['peak_bytes'])} ({r['memory_vs_peft']:.2f}x, ckpt {r['checkpointed_memory_vs_peft']:.2f}x)"
-                  f" | padded: time/peft {r['padded_time_vs_peft']:.2f} mem/peft {r['padded_memory_vs_peft']:.2f}",
-                  flush=True)
-    payload = {"dtype": args.dtype, "virtual_tokens": args.virtual_tokens, "repeats": args.repeats, "warmup": args.warmup,
-               "model": "SmolLM2-135M-Instruct", "goals": {"time_vs_peft": "<= 0.9", "time_vs_floor": "<= 1.05",
-                                                           "memory_vs_peft": "<= 0.7", "checkpointed_memory_vs_peft": "<= 0.4"},
-               "workloads": results}
+            print(
+                f"{wname:5} {method:14} ours {r['ours']['median_seconds'] * 1e3:7.1f} ms  peft {r['peft']['median_seconds'] * 1e3:7.1f} ms"
+                f"  floor {r['floor']['median_seconds'] * 1e3:7.1f} ms | time/peft {r['time_vs_peft']:.2f}  time/floor {r['time_vs_floor']:.2f}"
+                f" | mem ours {C.fmt_bytes(r['ours']['peak_bytes'])} peft {C.fmt_bytes(r['peft']['peak_bytes'])}"
+                f" ckpt {C.fmt_bytes(r['ours_checkpointed']['peak_bytes'])} ({r['memory_vs_peft']:.2f}x, ckpt {r['checkpointed_memory_vs_peft']:.2f}x)"
+                f" | padded: time/peft {r['padded_time_vs_peft']:.2f} mem/peft {r['padded_memory_vs_peft']:.2f}",
+                flush=True,
+            )
+    payload = {
+        "dtype": args.dtype,
+        "virtual_tokens": args.virtual_tokens,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "model": "SmolLM2-135M-Instruct",
+        "goals": {
+            "time_vs_peft": "<= 0.9",
+            "time_vs_floor": "<= 1.05",
+            "memory_vs_peft": "<= 0.7",
+            "checkpointed_memory_vs_peft": "<= 0.4",
+        },
+        "workloads": results,
+    }
     if not args.no_write:
         print("wrote", C.write_result("train_step", payload))
     return 0

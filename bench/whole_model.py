@@ -40,8 +40,10 @@ class WholeModelConfig(MethodConfig):
     def validate(self) -> None:
         super().validate()
         if self.num_tasks != 1:
-            raise ConfigError(f"num_tasks={self.num_tasks}: {NAME} trains one model's weights, which hold one task; "
-                              "pass --num-tasks 1 (or a prompt method for several tasks in one batch).")
+            raise ConfigError(
+                f"num_tasks={self.num_tasks}: {NAME} trains one model's weights, which hold one task; "
+                "pass --num-tasks 1 (or a prompt method for several tasks in one batch)."
+            )
 
 
 class WholeModel(PromptMethod, OnePassContinuations):
@@ -60,8 +62,10 @@ class WholeModel(PromptMethod, OnePassContinuations):
 
     @contextlib.contextmanager
     def disabled(self):
-        raise ConfigError(f"{NAME} trains the base model's own weights, so there is no bare model to switch back to; "
-                          "compare against a separately loaded base model.")
+        raise ConfigError(
+            f"{NAME} trains the base model's own weights, so there is no bare model to switch back to; "
+            "compare against a separately loaded base model."
+        )
         yield  # pragma: no cover
 
     def run(self, base_model, inputs, task_ids):
@@ -76,8 +80,13 @@ class WholeModel(PromptMethod, OnePassContinuations):
 class WholeModelPlugin(MethodPlugin):
     # the learning rate of BERT-sized models fine-tuned on GLUE's small tasks (Devlin et al. 2019 search
     # 2e-5 to 5e-5); a reference run should pass its own --learning-rate anyway
-    spec = MethodSpec(NAME, WholeModelConfig, "every weight of the base model trained (a reference, not a prompt method)",
-                      preset=Preset(learning_rate=2e-5), method_class=WholeModel)
+    spec = MethodSpec(
+        NAME,
+        WholeModelConfig,
+        "every weight of the base model trained (a reference, not a prompt method)",
+        preset=Preset(learning_rate=2e-5),
+        method_class=WholeModel,
+    )
 
     @hookimpl
     def pstar_trainable_parameters(self, model):

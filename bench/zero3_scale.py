@@ -57,9 +57,13 @@ def worker(args) -> None:
     zero = ds_config["zero_optimization"]
     # keep only a few layers gathered at a time (DeepSpeed's defaults allow up to 1e9 live parameters)
     budget = args.gather_budget
-    zero.update(stage3_max_live_parameters=budget, stage3_prefetch_bucket_size=budget, stage3_max_reuse_distance=budget,
-                stage3_param_persistence_threshold=1e4,
-                stage3_gather_16bit_weights_on_model_save=True)  # needed by the get_state_dict baseline only
+    zero.update(
+        stage3_max_live_parameters=budget,
+        stage3_prefetch_bucket_size=budget,
+        stage3_max_reuse_distance=budget,
+        stage3_param_persistence_threshold=1e4,
+        stage3_gather_16bit_weights_on_model_save=True,
+    )  # needed by the get_state_dict baseline only
     ds_config["bf16"] = {"enabled": args.dtype == "bf16"}  # bf16: DeepSpeed keeps fp32 masters of the prompt
     ds_config["fp16"] = {"enabled": False}
     ds_config["train_micro_batch_size_per_gpu"] = args.batch_size
@@ -70,15 +74,33 @@ def worker(args) -> None:
     rank = accelerator.process_index
 
     if args.baseline:  # the same script around a model of next to no parameters: what a process costs by itself
-        config = LlamaConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False)
+        config = LlamaConfig(
+            vocab_size=32000,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            tie_word_embeddings=False,
+        )
     else:
-        config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=args.layers,
-                             num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=False)
+        config = LlamaConfig(
+            vocab_size=32000,
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=args.layers,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=2048,
+            tie_word_embeddings=False,
+        )
     t0 = time.perf_counter()
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    base = AutoModelForCausalLM.from_config(config, dtype=dtype)  # built inside deepspeed.zero.Init: already partitioned
+    base = AutoModelForCausalLM.from_config(
+        config, dtype=dtype
+    )  # built inside deepspeed.zero.Init: already partitioned
     build_seconds = time.perf_counter() - t0
     numel = sum(getattr(p, "ds_numel", p.numel()) for p in base.parameters())
     local_numel = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in base.parameters())
@@ -129,8 +151,12 @@ def worker(args) -> None:
     del full
 
     report = {
-        "rank": rank, "peak_rss_after_construction": after_construction, "peak_rss_train_and_save": peak_before_baseline,
-        "peak_rss_after_full_gather": peak_rss_bytes(), "local_numel": local_numel, "rss_after_each_step": step_rss,
+        "rank": rank,
+        "peak_rss_after_construction": after_construction,
+        "peak_rss_train_and_save": peak_before_baseline,
+        "peak_rss_after_full_gather": peak_rss_bytes(),
+        "local_numel": local_numel,
+        "rss_after_each_step": step_rss,
     }
     reports = [None] * accelerator.num_processes
     dist.all_gather_object(reports, report)
@@ -139,34 +165,68 @@ def worker(args) -> None:
         result = {
             "benchmark": "zero3_scale",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                        "cpus": os.cpu_count(), "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-                        "accelerator": "cpu (DS_ACCELERATOR=cpu, gloo)"},
-            "versions": {"torch": torch.__version__, "deepspeed": __import__("deepspeed").__version__,
-                         "transformers": __import__("transformers").__version__, "accelerate": __import__("accelerate").__version__},
+            "machine": {
+                "platform": platform.platform(),
+                "processor": platform.processor() or platform.machine(),
+                "cpus": os.cpu_count(),
+                "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+                "accelerator": "cpu (DS_ACCELERATOR=cpu, gloo)",
+            },
+            "versions": {
+                "torch": torch.__version__,
+                "deepspeed": __import__("deepspeed").__version__,
+                "transformers": __import__("transformers").__version__,
+                "accelerate": __import__("accelerate").__version__,
+            },
             "processes": accelerator.num_processes,
             "frozen_dtype": args.dtype,
             "gather_budget": args.gather_budget,
-            "model": {"parameters": numel, "layers": args.layers, "full_fp32_bytes": full_fp32, "build_seconds": round(build_seconds, 2)},
+            "model": {
+                "parameters": numel,
+                "layers": args.layers,
+                "full_fp32_bytes": full_fp32,
+                "build_seconds": round(build_seconds, 2),
+            },
             "prompt": {"num_virtual_tokens": args.prompt_length, "init_gather_calls": init_gathers},
-            "train": {"steps": args.steps, "batch_per_rank": args.batch_size, "seq_len": args.seq_len,
-                      "median_step_seconds": sorted(step_seconds)[len(step_seconds) // 2]},
+            "train": {
+                "steps": args.steps,
+                "batch_per_rank": args.batch_size,
+                "seq_len": args.seq_len,
+                "median_step_seconds": sorted(step_seconds)[len(step_seconds) // 2],
+            },
             "ranks": reports,
-            "memory": {"max_peak_rss_train_and_save": max(r["peak_rss_train_and_save"] for r in reports),
-                       "ratio_to_full_fp32": max(r["peak_rss_train_and_save"] for r in reports) / full_fp32, "goal": "<= 0.6"},
-            "save": {"ours_seconds": ours_seconds, "ours_bytes_gathered": ours_bytes, "ours_frozen_parameters_gathered": frozen_gathered,
-                     "get_state_dict_seconds": baseline_seconds, "get_state_dict_bytes_gathered": baseline_bytes,
-                     "speedup": baseline_seconds / ours_seconds, "goal": ">= 20x"},
+            "memory": {
+                "max_peak_rss_train_and_save": max(r["peak_rss_train_and_save"] for r in reports),
+                "ratio_to_full_fp32": max(r["peak_rss_train_and_save"] for r in reports) / full_fp32,
+                "goal": "<= 0.6",
+            },
+            "save": {
+                "ours_seconds": ours_seconds,
+                "ours_bytes_gathered": ours_bytes,
+                "ours_frozen_parameters_gathered": frozen_gathered,
+                "get_state_dict_seconds": baseline_seconds,
+                "get_state_dict_bytes_gathered": baseline_bytes,
+                "speedup": baseline_seconds / ours_seconds,
+                "goal": ">= 20x",
+            },
         }
         Path(args.result_file).write_text(json.dumps(result, indent=2))
         gib = 2**30
-        print(f"\nZeRO-3 ({args.dtype} frozen weights), {accelerator.num_processes} processes, random-init Llama {numel / 1e9:.2f}B params (fp32 {full_fp32 / gib:.2f} GiB)")
+        print(
+            f"\nZeRO-3 ({args.dtype} frozen weights), {accelerator.num_processes} processes, random-init Llama {numel / 1e9:.2f}B params (fp32 {full_fp32 / gib:.2f} GiB)"
+        )
         for r in reports:
-            print(f"  rank {r['rank']}: peak RSS {r['peak_rss_train_and_save'] / gib:.2f} GiB during build/train/save "
-                  f"({r['peak_rss_train_and_save'] / full_fp32:.2f}x full fp32), {r['peak_rss_after_full_gather'] / gib:.2f} GiB after the full gather")
-        print(f"  adapter save  : {ours_seconds * 1e3:9.1f} ms, {ours_bytes / 1e3:10.1f} kB gathered, frozen params gathered: {frozen_gathered}")
+            print(
+                f"  rank {r['rank']}: peak RSS {r['peak_rss_train_and_save'] / gib:.2f} GiB during build/train/save "
+                f"({r['peak_rss_train_and_save'] / full_fp32:.2f}x full fp32), {r['peak_rss_after_full_gather'] / gib:.2f} GiB after the full gather"
+            )
+        print(
+            f"  adapter save  : {ours_seconds * 1e3:9.1f} ms, {ours_bytes / 1e3:10.1f} kB gathered, frozen params gathered: {frozen_gathered}"
+        )
         print(f"  get_state_dict: {baseline_seconds * 1e3:9.1f} ms, {baseline_bytes / 1e3:10.1f} kB gathered")
-        print(f"  speedup {baseline_seconds / ours_seconds:.0f}x; median train step {result['train']['median_step_seconds']:.2f} s")
+        print(
+            f"  speedup {baseline_seconds / ours_seconds:.0f}x; median train step {result['train']['median_step_seconds']:.2f} s"
+        )
     accelerator.end_training()
 
 
@@ -178,15 +238,27 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2, help="rows per rank")
     parser.add_argument("--seq-len", type=int, default=32, help="tokens per row")
     parser.add_argument("--prompt-length", type=int, default=20, help="virtual tokens")
-    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4], help="process counts to launch, one run each")
-    parser.add_argument("--gather-budget", type=float, default=5e7, metavar="PARAMS",
-                        help="stage3_max_live_parameters, prefetch bucket and reuse distance (parameters)")
+    parser.add_argument(
+        "--processes", type=int, nargs="+", default=[1, 2, 4], help="process counts to launch, one run each"
+    )
+    parser.add_argument(
+        "--gather-budget",
+        type=float,
+        default=5e7,
+        metavar="PARAMS",
+        help="stage3_max_live_parameters, prefetch bucket and reuse distance (parameters)",
+    )
     parser.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both", help="dtype of the frozen model")
     parser.add_argument("--result-file", default="", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="/tmp/pstar-zero3-scale", help="where the adapter is written")
-    parser.add_argument("--from-runs", nargs="+", type=Path, metavar="DIR",
-                        help="only rebuild the table from the per-run records in DIR(s) (e.g. bench/results/zero3_scale_runs)")
+    parser.add_argument(
+        "--from-runs",
+        nargs="+",
+        type=Path,
+        metavar="DIR",
+        help="only rebuild the table from the per-run records in DIR(s) (e.g. bench/results/zero3_scale_runs)",
+    )
     args, rest = parser.parse_known_args()
     if args.worker:
         worker(args)
@@ -194,7 +266,12 @@ def main() -> None:
     if args.from_runs:
         write_table(args.from_runs)
         return
-    env = {**os.environ, **MALLOC_ENV, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        **MALLOC_ENV,
+        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+        "OMP_NUM_THREADS": "1",
+    }
     skip = {"--dtype", "--processes"}
     forwarded, drop = [], False
     for a in sys.argv[1:]:  # everything but the loops' own flags and values
@@ -209,14 +286,28 @@ def main() -> None:
     def launch(dtype: str, processes: int, baseline: bool) -> None:
         part = Path(args.out) / f"result-{dtype}-{processes}{'-baseline' if baseline else ''}.json"
         part.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", "29541",
-               __file__, "--worker", "--dtype", dtype, "--result-file", str(part), *(["--baseline"] if baseline else []),
-               *forwarded]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_port",
+            "29541",
+            __file__,
+            "--worker",
+            "--dtype",
+            dtype,
+            "--result-file",
+            str(part),
+            *(["--baseline"] if baseline else []),
+            *forwarded,
+        ]
         code = subprocess.call(cmd, env=env)
         if code:
             raise SystemExit(code)
 
-    for dtype in (["fp32", "bf16"] if args.dtype == "both" else [args.dtype]):
+    for dtype in ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]:
         for n in args.processes:
             launch(dtype, n, baseline=False)
             launch(dtype, n, baseline=True)
@@ -229,12 +320,20 @@ def row(run: dict, base: dict) -> dict:
     model_bytes = run["model"]["parameters"] * (2 if dtype == "bf16" else 4)
     peak = run["memory"]["max_peak_rss_train_and_save"]
     baseline = base["memory"]["max_peak_rss_train_and_save"]
-    return {"frozen_dtype": dtype, "processes": n, "model_bytes": model_bytes, "peak_rss_per_rank": peak,
-            "peak_rss_after_build": max(r["peak_rss_after_construction"] for r in run["ranks"]),
-            "baseline_rss_per_rank": baseline, "share_bytes": model_bytes / n,
-            "ratio_above_baseline_to_share": (peak - baseline) / (model_bytes / n),
-            "train": run["train"], "median_step_seconds": run["train"]["median_step_seconds"], "save": run["save"],
-            "run_date": run["date"]}
+    return {
+        "frozen_dtype": dtype,
+        "processes": n,
+        "model_bytes": model_bytes,
+        "peak_rss_per_rank": peak,
+        "peak_rss_after_build": max(r["peak_rss_after_construction"] for r in run["ranks"]),
+        "baseline_rss_per_rank": baseline,
+        "share_bytes": model_bytes / n,
+        "ratio_above_baseline_to_share": (peak - baseline) / (model_bytes / n),
+        "train": run["train"],
+        "median_step_seconds": run["train"]["median_step_seconds"],
+        "save": run["save"],
+        "run_date": run["date"],
+    }
 
 
 def write_table(folders: list[Path]) -> None:
@@ -250,17 +349,31 @@ def write_table(folders: list[Path]) -> None:
                 rows.append(row(json.loads(path.read_text()), json.loads(base.read_text())))
     rows.sort(key=lambda r: (r["frozen_dtype"] != "fp32", r["processes"]))
     RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps({"benchmark": "zero3_scale", "goal": "(peak - baseline) / (model bytes / N) <= 1.1",
-                                  "runs": [str(f) for f in folders], "rows": rows}, indent=2))
+    RESULT.write_text(
+        json.dumps(
+            {
+                "benchmark": "zero3_scale",
+                "goal": "(peak - baseline) / (model bytes / N) <= 1.1",
+                "runs": [str(f) for f in folders],
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     gib = 2**30
-    print("\n| frozen | N | share (model / N) | peak RSS per rank | after the build | baseline | (peak − baseline) / share | steps × rows×tokens per rank |")
+    print(
+        "\n| frozen | N | share (model / N) | peak RSS per rank | after the build | baseline | (peak − baseline) / share | steps × rows×tokens per rank |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         t = r["train"]
-        print(f"| {r['frozen_dtype']} | {r['processes']} | {r['share_bytes'] / gib:.2f} GiB | {r['peak_rss_per_rank'] / gib:.2f} GiB "
-              f"| {r['peak_rss_after_build'] / gib:.2f} GiB | {r['baseline_rss_per_rank'] / gib:.2f} GiB "
-              f"| {r['ratio_above_baseline_to_share']:.2f} | {t['steps']} × {t['batch_per_rank']}×{t['seq_len']} tokens |")
+        print(
+            f"| {r['frozen_dtype']} | {r['processes']} | {r['share_bytes'] / gib:.2f} GiB | {r['peak_rss_per_rank'] / gib:.2f} GiB "
+            f"| {r['peak_rss_after_build'] / gib:.2f} GiB | {r['baseline_rss_per_rank'] / gib:.2f} GiB "
+            f"| {r['ratio_above_baseline_to_share']:.2f} | {t['steps']} × {t['batch_per_rank']}×{t['seq_len']} tokens |"
+        )
     print(f"wrote {RESULT}")
+
 
 if __name__ == "__main__":
     main()

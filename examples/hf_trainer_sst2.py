@@ -1,7 +1,7 @@
 """Prompt tuning with transformers.Trainer on the packaged SST-2 sample; adapter-only checkpoints.
 
-    python examples/hf_trainer_sst2.py --method prompt-tuning --output-dir runs/trainer --max-steps 100
-    pstar eval --adapter runs/trainer/adapter
+python examples/hf_trainer_sst2.py --method prompt-tuning --output-dir runs/trainer --max-steps 100
+pstar eval --adapter runs/trainer/adapter
 """
 
 import argparse
@@ -31,13 +31,35 @@ rows = read_examples(path)
 labels = labels_of(rows, "label", path, WORDS)
 # label word after the template's prompt, loss on it only (p-tuning: its template's soft slots too)
 template = getattr(model.method_config, "template", TEMPLATE)
-train = Dataset.from_list([encode_example(template, tokenizer, r, WORDS[y], max_length=128, slot_input=model.method.slot_input)
-                           for r, y in zip(rows, labels)])
+train = Dataset.from_list(
+    [
+        encode_example(template, tokenizer, r, WORDS[y], max_length=128, slot_input=model.method.slot_input)
+        for r, y in zip(rows, labels)
+    ]
+)
 trainer = PStarTrainer(
-    model=model, train_dataset=train, data_collator=PStarDataCollator(tokenizer), processing_class=tokenizer,
-    args=tf.TrainingArguments(args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=16,
-                              learning_rate=args.learning_rate, warmup_steps=min(10, args.max_steps), save_steps=50))
+    model=model,
+    train_dataset=train,
+    data_collator=PStarDataCollator(tokenizer),
+    processing_class=tokenizer,
+    args=tf.TrainingArguments(
+        args.output_dir,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=16,
+        learning_rate=args.learning_rate,
+        warmup_steps=min(10, args.max_steps),
+        save_steps=50,
+    ),
+)
 trainer.train()  # checkpoint-N/: adapter.safetensors, optimizer.pt, scheduler.pt, ... (no frozen weight)
 # the adapter records its task, so `pstar eval --adapter` scores it with this template and these words
-model.save_pretrained(f"{args.output_dir}/adapter", task={"kind": "classification", "template": template, "label_words": WORDS,
-                                                            "label_column": "label", "max_length": 128})
+model.save_pretrained(
+    f"{args.output_dir}/adapter",
+    task={
+        "kind": "classification",
+        "template": template,
+        "label_words": WORDS,
+        "label_column": "label",
+        "max_length": 128,
+    },
+)

@@ -67,8 +67,14 @@ class StrictParser(argparse.ArgumentParser):
 def add_plugin_argument(parser: argparse.ArgumentParser) -> None:
     """``-p MODULE[:OBJECT]``, repeatable: a plugin module to load for this command only (one
     not installed under the entry points, such as the one a run was trained with)."""
-    parser.add_argument("-p", "--plugin", action="append", default=[], metavar="MODULE[:OBJECT]",
-                        help="extra plugin module for this command (module or module:object); repeatable")
+    parser.add_argument(
+        "-p",
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE[:OBJECT]",
+        help="extra plugin module for this command (module or module:object); repeatable",
+    )
 
 
 def load_plugins(modules: list[str]) -> None:
@@ -86,7 +92,9 @@ def unknown_flag_message(unknown: list[str], known: list[str]) -> str:
     if not flag.startswith("-"):
         return f"unexpected argument {first!r}; every option is a --flag VALUE pair (see --help)."
     near = difflib.get_close_matches(flag, [k for k in known if k.startswith("--")], n=1, cutoff=0.6)
-    hint = f"; did you mean {near[0]}?" if near else "; see --help for the flags (method options: --method NAME --help)."
+    hint = (
+        f"; did you mean {near[0]}?" if near else "; see --help for the flags (method options: --method NAME --help)."
+    )
     return f"unknown option {flag}{hint}"
 
 
@@ -176,7 +184,9 @@ def field_argument(hint: Any) -> dict[str, Any]:
         raise argparse.ArgumentTypeError(f"expected {names}{' or none' if optional else ''}, got {text!r}")
 
     convert.__name__ = " | ".join(getattr(m, "__name__", str(m)) for m in members) + (" | None" if optional else "")
-    metavar = "|".join(_METAVARS.get(m, getattr(m, "__name__", "VALUE").upper()) for m in members) + ("|none" if optional else "")
+    metavar = "|".join(_METAVARS.get(m, getattr(m, "__name__", "VALUE").upper()) for m in members) + (
+        "|none" if optional else ""
+    )
     return {"type": convert, "nargs": nargs, "metavar": metavar}
 
 
@@ -204,7 +214,9 @@ def check_method_fields(config_class, method: str, plugin: str, script_flags: se
             ) from None
 
 
-def add_method_arguments(parser: argparse.ArgumentParser, config_class, method: str, defaults: dict[str, Any]) -> list[str]:
+def add_method_arguments(
+    parser: argparse.ArgumentParser, config_class, method: str, defaults: dict[str, Any]
+) -> list[str]:
     """Add a flag per field of ``config_class`` (except :data:`SHARED_TASK_FLAGS`, which the task's
     flags fill); return the field names. Unset flags leave no attribute (``argparse.SUPPRESS``),
     so ``--x none`` can set a field to None. ``defaults``: the values this run would use (the
@@ -217,7 +229,12 @@ def add_method_arguments(parser: argparse.ArgumentParser, config_class, method: 
             continue
         default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
         help_text = f.metadata.get("help", "")
-        group.add_argument(flag_of(f.name), dest=f"m_{f.name}", default=argparse.SUPPRESS,
-                           help=f"{help_text} (default: {default!r})", **field_argument(hints[f.name]))
+        group.add_argument(
+            flag_of(f.name),
+            dest=f"m_{f.name}",
+            default=argparse.SUPPRESS,
+            help=f"{help_text} (default: {default!r})",
+            **field_argument(hints[f.name]),
+        )
         names.append(f.name)
     return names

@@ -49,7 +49,7 @@ def _print_method_options(method: str) -> None:
     start = next((i for i, line in enumerate(lines) if line.startswith(f"{method} options")), None)
     if start is None:
         return
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if line and not line.startswith(" "):
             break
         print("  " + line if line else "")
@@ -66,8 +66,10 @@ def _export_target(output: str, overwrite: bool) -> None:
         present = sorted(p.name for p in path.iterdir())
         if present:
             shown = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
-            raise ConfigError(f"--output {path} is not empty ({shown}); choose an empty or new folder, or pass --overwrite "
-                              "to write the adapter's files into it.")
+            raise ConfigError(
+                f"--output {path} is not empty ({shown}); choose an empty or new folder, or pass --overwrite "
+                "to write the adapter's files into it."
+            )
 
 
 def _load_base(name: str, gguf_file: str | None):
@@ -102,7 +104,9 @@ def _import(args) -> int:
     base, tokenizer = _load_base(args.model, args.gguf_file)
     model = import_peft(args.peft_adapter, base, tokenizer, contents=contents)
     model.save_adapter(args.output)
-    print(f"wrote a pstar {model.method_name} adapter to {args.output}; continue training with --init-from-adapter {args.output}")
+    print(
+        f"wrote a pstar {model.method_name} adapter to {args.output}; continue training with --init-from-adapter {args.output}"
+    )
     return 0
 
 
@@ -120,20 +124,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(argv: list[str]) -> int:
-    parser = StrictParser(prog="pstar", description="P*-tuning plugins for transformers/Accelerate/DeepSpeed",
-                          epilog="pstar train --help lists the training flags; pstar train --method NAME --help adds "
-                                 "that method's options (pstar methods --verbose lists all of them).")
+    parser = StrictParser(
+        prog="pstar",
+        description="P*-tuning plugins for transformers/Accelerate/DeepSpeed",
+        epilog="pstar train --help lists the training flags; pstar train --method NAME --help adds "
+        "that method's options (pstar methods --verbose lists all of them).",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=StrictParser)
     sub.add_parser("plugins", help="list loaded plugins with their hooks and versions").set_defaults(func=_plugins)
     methods = sub.add_parser("methods", help="list method names with their help (--verbose: and their options)")
-    methods.add_argument("--verbose", "-v", action="store_true", help="also list each method's options with their defaults")
+    methods.add_argument(
+        "--verbose", "-v", action="store_true", help="also list each method's options with their defaults"
+    )
     methods.set_defaults(func=_methods)
     sub.add_parser("train", help="train a method (pstar train --help; same flags as python -m pstar_plugins.train)")
     sub.add_parser("eval", help="zero-shot / in-context baselines or a tuned adapter (pstar eval --help)")
     export = sub.add_parser("export", help="write an adapter in another library's layout")
     export.add_argument("adapter", help="a pstar adapter directory")
     export.add_argument("--format", default="peft", choices=["peft"], help="target layout")
-    export.add_argument("--model", required=True, help="the base model the adapter was trained on (alias, folder or hub id)")
+    export.add_argument(
+        "--model", required=True, help="the base model the adapter was trained on (alias, folder or hub id)"
+    )
     export.add_argument("--gguf-file", default=None, help="GGUF file inside --model's folder")
     export.add_argument("--output", required=True, help="directory to write (new or empty)")
     export.add_argument("--overwrite", action="store_true", help="write into a non-empty --output")

@@ -18,58 +18,124 @@ import json
 import statistics
 from pathlib import Path
 
-from pstar_plugins.arguments import (RawDescriptionDefaultsHelpFormatter, StrictParser, add_plugin_argument, check_label_words,
-                                     load_plugins)
+from pstar_plugins.arguments import (
+    RawDescriptionDefaultsHelpFormatter,
+    StrictParser,
+    add_plugin_argument,
+    check_label_words,
+    load_plugins,
+)
 from pstar_plugins.contract.errors import ConfigError, run_reporting_errors
 from pstar_plugins.tasks.scoring import score_rows  # noqa: F401  (part of this module's interface)
 from pstar_plugins.mechanisms.template import DEFAULT_TEMPLATE as CLASSIFICATION_TEMPLATE
 
 # flag defaults when neither the command line nor the adapter's recorded task gives a value
-FALLBACKS = {"label_column": "label", "label_words": ["negative", "positive"], "target_column": "ref",
-             "max_new_tokens": 64, "max_length": 1024}
+FALLBACKS = {
+    "label_column": "label",
+    "label_words": ["negative", "positive"],
+    "target_column": "ref",
+    "max_new_tokens": 64,
+    "max_length": 1024,
+}
 
 
 def parse_args(argv=None, prog: str = "pstar eval"):
-    from pstar_plugins.models import add_loading_arguments, packaged_data
+    from pstar_plugins.models import add_loading_arguments
 
     p = StrictParser(prog=prog, description=__doc__, formatter_class=RawDescriptionDefaultsHelpFormatter)
-    p.add_argument("--model", default=None,
-                   help="offline alias (smollm2, minilm), a local folder, or any hub model id "
-                        "(default: with --adapter, the model it was trained on; else smollm2)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="offline alias (smollm2, minilm), a local folder, or any hub model id "
+        "(default: with --adapter, the model it was trained on; else smollm2)",
+    )
     p.add_argument("--gguf-file", default=None, help="GGUF file inside --model's folder")
-    p.add_argument("--model-kind", default=None, choices=["causal-lm", "masked-lm"],
-                   help="which head to load (default: with --adapter, the kind it was trained with; else causal-lm)")
+    p.add_argument(
+        "--model-kind",
+        default=None,
+        choices=["causal-lm", "masked-lm"],
+        help="which head to load (default: with --adapter, the kind it was trained with; else causal-lm)",
+    )
     p.add_argument("--adapter", default=None, help="a tuned adapter directory to evaluate instead of the baselines")
     add_loading_arguments(p)
     add_plugin_argument(p)  # the plugin of an adapter's method, when no entry point registers it
-    p.add_argument("--validation-file", default=packaged_data("sst2_dev.tsv"), help="evaluation data (.csv, .tsv, .jsonl)")
-    p.add_argument("--dataset", default=None, help="a Hugging Face datasets id or local dataset folder instead of the files")
+    _add_data_arguments(p)
+    _add_scoring_arguments(p)
+    p.add_argument("--output", default=None, help="write results JSON here")
+    return p.parse_args(argv)
+
+
+def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+    from pstar_plugins.models import packaged_data
+
+    p.add_argument(
+        "--validation-file", default=packaged_data("sst2_dev.tsv"), help="evaluation data (.csv, .tsv, .jsonl)"
+    )
+    p.add_argument(
+        "--dataset", default=None, help="a Hugging Face datasets id or local dataset folder instead of the files"
+    )
     p.add_argument("--dataset-config", default=None, help="the dataset's configuration (e.g. sst2 for glue)")
     p.add_argument("--validation-split", default="validation", help="--dataset split to evaluate on")
     p.add_argument("--demonstration-split", default="train", help="--dataset split the demonstrations come from")
-    p.add_argument("--column", action="append", default=[], metavar="DATA_COLUMN=NAME",
-                   help="rename a data column to the name the template or --label-column uses (repeatable)")
-    p.add_argument("--task", default=None, choices=["classification", "generation"],
-                   help="what to score (default: the adapter's recorded task, else classification)")
-    p.add_argument("--demonstration-file", default=None,
-                   help="where in-context demonstrations come from (default for classification: the packaged SST-2 sample)")
-    p.add_argument("--template", default=None, help=f"template with {{column}} slots and one {{answer}} slot (classification default: {CLASSIFICATION_TEMPLATE!r})")
+    p.add_argument(
+        "--column",
+        action="append",
+        default=[],
+        metavar="DATA_COLUMN=NAME",
+        help="rename a data column to the name the template or --label-column uses (repeatable)",
+    )
+    p.add_argument(
+        "--task",
+        default=None,
+        choices=["classification", "generation"],
+        help="what to score (default: the adapter's recorded task, else classification)",
+    )
+    p.add_argument(
+        "--demonstration-file",
+        default=None,
+        help="where in-context demonstrations come from (default for classification: the packaged SST-2 sample)",
+    )
+    p.add_argument(
+        "--template",
+        default=None,
+        help=f"template with {{column}} slots and one {{answer}} slot (classification default: {CLASSIFICATION_TEMPLATE!r})",
+    )
     p.add_argument("--label-column", default=None, help="classification: column with the class (default: label)")
-    p.add_argument("--label-words", nargs="+", default=None, help="classification: one word per class, in class order (default: negative positive)")
+    p.add_argument(
+        "--label-words",
+        nargs="+",
+        default=None,
+        help="classification: one word per class, in class order (default: negative positive)",
+    )
     p.add_argument("--target-column", default=None, help="generation: column with the reference text (default: ref)")
+
+
+def _add_scoring_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, help="generation: tokens to decode (default: 64)")
-    p.add_argument("--shots", type=int, nargs="+", default=[0], help="numbers of in-context demonstrations (0: zero-shot)")
+    p.add_argument(
+        "--shots", type=int, nargs="+", default=[0], help="numbers of in-context demonstrations (0: zero-shot)"
+    )
     p.add_argument("--seeds", type=int, default=3, help="demonstration draws per k > 0 (mean ± std over them)")
     p.add_argument("--calibrate", action="store_true", help="contextual calibration with a content-free input")
     p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
-    p.add_argument("--no-prefix-cache", action="store_true",
-                   help="run the demonstrations with every batch instead of computing their key/value cache once")
-    p.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
-                   help="with --adapter: score on real tokens only, rows packed padding-free (same scores)")
+    p.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="run the demonstrations with every batch instead of computing their key/value cache once",
+    )
+    p.add_argument(
+        "--packing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --adapter: score on real tokens only, rows packed padding-free (same scores)",
+    )
     p.add_argument("--max-eval-samples", type=int, default=None, help="use only the first N rows")
-    p.add_argument("--max-length", type=int, default=None, help="truncate prompts to this many tokens, from the left (default: 1024)")
-    p.add_argument("--output", default=None, help="write results JSON here")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="truncate prompts to this many tokens, from the left (default: 1024)",
+    )
 
 
 def main(argv=None, prog: str = "python -m pstar_plugins.evaluate") -> int:
@@ -100,14 +166,23 @@ def resolve_task(args, recorded: dict | None) -> None:
     elif args.task == "classification":
         args.template = CLASSIFICATION_TEMPLATE
     else:
-        raise ConfigError("--task generation needs --template, with the source columns and an {answer} slot at the end, "
-                          "e.g. --template 'Data: {mr}\\nText:{answer}'.")
+        raise ConfigError(
+            "--task generation needs --template, with the source columns and an {answer} slot at the end, "
+            "e.g. --template 'Data: {mr}\\nText:{answer}'."
+        )
     if args.task == "generation" and args.calibrate:
         raise ConfigError("--calibrate rescales class probabilities; it has no meaning for --task generation. Drop it.")
-    if (args.task == "generation" and not args.adapter and any(k > 0 for k in args.shots)
-            and args.demonstration_file is None and args.dataset is None):
-        raise ConfigError(f"--shots {' '.join(map(str, args.shots))} with --task generation needs --demonstration-file: "
-                          f"rows with the template's columns and the target column {args.target_column!r}.")
+    if (
+        args.task == "generation"
+        and not args.adapter
+        and any(k > 0 for k in args.shots)
+        and args.demonstration_file is None
+        and args.dataset is None
+    ):
+        raise ConfigError(
+            f"--shots {' '.join(map(str, args.shots))} with --task generation needs --demonstration-file: "
+            f"rows with the template's columns and the target column {args.target_column!r}."
+        )
     if args.task == "generation" and args.model_kind == "masked-lm":
         raise ConfigError("--task generation decodes text with a causal LM; use --model-kind causal-lm.")
     if args.task == "classification":
@@ -130,8 +205,10 @@ def check_adapter_base(meta: dict, model: str, gguf_file: str | None) -> None:
     hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
     if hidden is not None and hidden != saved:
         trained_on = meta.get("task", {}).get("model") or meta["base_model"].get("name_or_path")
-        raise AdapterError(f"--adapter was trained on a model with hidden size {saved} ({trained_on!r}), but --model {model} "
-                           f"has {hidden}; pass --model {trained_on} (or leave --model out to use it).")
+        raise AdapterError(
+            f"--adapter was trained on a model with hidden size {saved} ({trained_on!r}), but --model {model} "
+            f"has {hidden}; pass --model {trained_on} (or leave --model out to use it)."
+        )
 
 
 def _main(argv, prog: str = "pstar eval"):
@@ -139,7 +216,13 @@ def _main(argv, prog: str = "pstar eval"):
     args = parse_args(argv, prog)
     from pstar_plugins.mechanisms.adapter_io import read_adapter
     from pstar_plugins.tasks.scoring import make_scoring
-    from pstar_plugins.models import check_attn_implementation, check_quantization, check_source, load, quantization_config
+    from pstar_plugins.models import (
+        check_attn_implementation,
+        check_quantization,
+        check_source,
+        load,
+        quantization_config,
+    )
     from pstar_plugins.tasks.data import load_split, parse_column_mapping
 
     check_quantization(args)
@@ -156,16 +239,30 @@ def _main(argv, prog: str = "pstar eval"):
         check_adapter_base(adapter[0], args.model, args.gguf_file)
     scoring = make_scoring(args)
     columns = parse_column_mapping(args.column)
-    rows, source = load_split(args.validation_file, args.dataset, args.dataset_config, args.validation_split,
-                              args.max_eval_samples, columns)
+    rows, source = load_split(
+        args.validation_file, args.dataset, args.dataset_config, args.validation_split, args.max_eval_samples, columns
+    )
     scoring.read(rows, source)  # labels or references: checked before the model loads
     quantized = quantization_config(args)
-    base, tokenizer = load(args.model, kind=args.model_kind, gguf_file=args.gguf_file, dtype=args.dtype,
-                           attn_implementation=args.attn_implementation, **({"quantization_config": quantized} if quantized else {}))
+    base, tokenizer = load(
+        args.model,
+        kind=args.model_kind,
+        gguf_file=args.gguf_file,
+        dtype=args.dtype,
+        attn_implementation=args.attn_implementation,
+        **({"quantization_config": quantized} if quantized else {}),
+    )
     base.eval()
     scoring.bind(tokenizer)
-    results = {"model": args.model, "task": args.task, "template": args.template, "validation_data": source,
-               "examples": len(rows), "runs": [], **scoring.describe()}
+    results = {
+        "model": args.model,
+        "task": args.task,
+        "template": args.template,
+        "validation_data": source,
+        "examples": len(rows),
+        "runs": [],
+        **scoring.describe(),
+    }
     if args.adapter:
         results["runs"].append(_adapter_run(args, adapter, base, tokenizer, scoring))
     else:
@@ -211,8 +308,9 @@ def _baseline_runs(args, scoring, base, columns) -> list[dict]:
     template = Template.parse(args.template)
     if any(k > 0 for k in args.shots):
         demo_file = args.demonstration_file or packaged_data("sst2_train_sample.tsv")
-        demo_rows, demo_source = load_split(demo_file, args.dataset, args.dataset_config, args.demonstration_split,
-                                            None, columns)
+        demo_rows, demo_source = load_split(
+            demo_file, args.dataset, args.dataset_config, args.demonstration_split, None, columns
+        )
         scoring.set_demonstrations(demo_rows, demo_source, template)
     runs = []
     for k in args.shots:

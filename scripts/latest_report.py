@@ -84,7 +84,9 @@ def main() -> int:
     versions = version_changes(args.python)
     print("\n".join(f"  {line}" for line in versions) if versions else "  no version differs from the pins")
     failed, counts = failed_tests(args.junit)
-    print(f"\n== tests: {counts.get('passed', 0)} passed, {counts.get('failed', 0)} failed, {counts.get('skipped', 0)} skipped ==")
+    print(
+        f"\n== tests: {counts.get('passed', 0)} passed, {counts.get('failed', 0)} failed, {counts.get('skipped', 0)} skipped =="
+    )
     print("\n".join(f"  FAILED {line}" for line in failed) if failed else "  no test failed")
     moves, ran = matrix_moves(args.matrix)
     print(f"\n== matrix: {ran} cells ran; verdicts against tests/matrix_record.json ==")

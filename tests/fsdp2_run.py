@@ -60,8 +60,9 @@ def main(out: Path, method: str) -> None:
     labels = torch.arange(8) % 3 if method == "p-tuning-v2" else ids  # its head takes classes
     losses = []
     for _ in range(3):
-        loss = model(input_ids=ids[mine], attention_mask=torch.ones_like(ids[mine]), labels=labels[mine],
-                     task_ids=task_ids[mine]).loss
+        loss = model(
+            input_ids=ids[mine], attention_mask=torch.ones_like(ids[mine]), labels=labels[mine], task_ids=task_ids[mine]
+        ).loss
         loss.backward()  # FSDP2 reduce-scatters the gradients (their mean over the ranks)
         optimizer.step()
         optimizer.zero_grad()
@@ -100,11 +101,20 @@ def main(out: Path, method: str) -> None:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in state.items()}, str(out / "adapter.safetensors"))
-        (out / "run.json").write_text(json.dumps({
-            "world": world, "losses": losses, "gathered": len(gathered_shards),
-            "gathered_frozen": len(set(gathered_shards) & frozen_shards),
-            "gathered_trainable": len(set(gathered_shards) & trainable_shards), "trainable": len(trainable),
-            "rows_exact": rows_exact, "reload_exact": reload_exact}))
+        (out / "run.json").write_text(
+            json.dumps(
+                {
+                    "world": world,
+                    "losses": losses,
+                    "gathered": len(gathered_shards),
+                    "gathered_frozen": len(set(gathered_shards) & frozen_shards),
+                    "gathered_trainable": len(set(gathered_shards) & trainable_shards),
+                    "trainable": len(trainable),
+                    "rows_exact": rows_exact,
+                    "reload_exact": reload_exact,
+                }
+            )
+        )
     dist.barrier()
     dist.destroy_process_group()
 

@@ -13,7 +13,12 @@ SOFT_LAYOUT = (0, 1, -1, -1, -1, 2, -1, -1, -1)
 METHOD_OPTIONS = {
     "prompt-tuning": {"num_virtual_tokens": 4, "init": "random"},
     "prefix-tuning": {"num_virtual_tokens": 3, "projection_hidden_size": 16},
-    "p-tuning": {"template": "{soft:2} {text} {soft} {text2}", "encoder": "lstm", "encoder_hidden_size": 16, "init": "random"},
+    "p-tuning": {
+        "template": "{soft:2} {text} {soft} {text2}",
+        "encoder": "lstm",
+        "encoder_hidden_size": 16,
+        "init": "random",
+    },
     "p-tuning-v2": {"num_virtual_tokens": 3, "num_labels": 3, "classifier_dropout": 0.0},
 }
 

@@ -57,7 +57,9 @@ def _fast_path(report, arch: str) -> str:
     elif found := re.search(r"padded \((.*)\)", detail):
         calls = f"padded: {found.group(1)}"
     else:
-        calls = "padded: " + {"masked-lm": "encoder-only model", "seq2seq-lm": "encoder-decoder model"}.get(KIND[arch], "direct call")
+        calls = "padded: " + {"masked-lm": "encoder-only model", "seq2seq-lm": "encoder-decoder model"}.get(
+            KIND[arch], "direct call"
+        )
     scoring = report.outcome("one_pass_scoring")
     if scoring.status == "passed":
         return f"{calls}; one-pass scoring"
@@ -102,7 +104,11 @@ def moved(observed: dict, record: dict | None) -> str | None:
     """How a cell's observation differs from its record, or ``None``."""
     if record is None:
         return f"{observed['architecture']} × {observed['method']}: not recorded, now {observed['result']}"
-    if (observed["result"], observed["detail"], observed.get("backend")) == (record["result"], record["detail"], record.get("backend")):
+    if (observed["result"], observed["detail"], observed.get("backend")) == (
+        record["result"],
+        record["detail"],
+        record.get("backend"),
+    ):
         return None
     what = f"{record['result']} → {observed['result']}"
     if observed["result"] == record["result"]:

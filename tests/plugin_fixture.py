@@ -39,5 +39,6 @@ class Temperature(PromptMethod):
         return out
 
 
-plugin = MethodPlugin(MethodSpec("temperature", TemperatureConfig, "learned logit temperature (test plugin)",
-                                 method_class=Temperature))
+plugin = MethodPlugin(
+    MethodSpec("temperature", TemperatureConfig, "learned logit temperature (test plugin)", method_class=Temperature)
+)

@@ -26,7 +26,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, arch, method):
             p.add_(torch.randn_like(p))
     model.save_adapter(tmp_path)
     saved = load_file(tmp_path / "adapter.safetensors")
-    trainable = {n[len("method."):]: p for n, p in model.trainable_named_parameters()}
+    trainable = {n[len("method.") :]: p for n, p in model.trainable_named_parameters()}
     assert set(saved) == set(trainable)  # only trainable tensors, nothing frozen
     for name, tensor in saved.items():
         assert tensor.shape == trainable[name].shape
@@ -178,8 +178,9 @@ def test_pstar_train_continues_an_adapter_with_the_retired_label_words_field(tmp
     from pstar_plugins import build_model
 
     adapter = tmp_path / "adapter"
-    build_model(AutoModelForCausalLM.from_pretrained(model_dir), "p-tuning",
-                tokenizer=AutoTokenizer.from_pretrained(model_dir)).save_adapter(adapter)
+    build_model(
+        AutoModelForCausalLM.from_pretrained(model_dir), "p-tuning", tokenizer=AutoTokenizer.from_pretrained(model_dir)
+    ).save_adapter(adapter)
     weights = adapter / "adapter.safetensors"
     with safe_open(str(weights), framework="pt") as fh:
         metadata = fh.metadata()
@@ -187,8 +188,20 @@ def test_pstar_train_continues_an_adapter_with_the_retired_label_words_field(tmp
     meta["method_config"]["label_words"] = ["negative", "positive"]
     save_file(load_file(weights), str(weights), metadata={**metadata, "pstar_adapter_config": json.dumps(meta)})
     (adapter / "adapter_config.json").write_text(json.dumps(meta))
-    plan = make_plan(parse_args(["--method", "p-tuning", "--model", str(model_dir), "--output-dir", str(tmp_path / "out"),
-                             "--init-from-adapter", str(adapter)]))
+    plan = make_plan(
+        parse_args(
+            [
+                "--method",
+                "p-tuning",
+                "--model",
+                str(model_dir),
+                "--output-dir",
+                str(tmp_path / "out"),
+                "--init-from-adapter",
+                str(adapter),
+            ]
+        )
+    )
     assert not hasattr(plan.config, "label_words")
 
 
@@ -200,10 +213,12 @@ def test_an_adapter_of_a_method_no_plugin_registers_names_it_and_how_to_load_it(
 
     with registered_plugin(plugin):
         build_model(tiny_model("llama"), "temperature").save_adapter(tmp_path / "adapter")
-    message = (r"adapter: this adapter was saved by method 'temperature', which no loaded plugin registers .*'pstar_plugins' "
-               r"entry points; PSTAR_DISABLE_PLUGIN_AUTOLOAD, PSTAR_PLUGINS and PSTAR_BLOCK_PLUGINS can keep an installed one "
-               r"out\), pass -p MODULE \(pstar train, pstar eval, pstar export, pstar import\), or from Python call "
-               r"get_plugin_manager\(\).load_module\(MODULE\) first\.")
+    message = (
+        r"adapter: this adapter was saved by method 'temperature', which no loaded plugin registers .*'pstar_plugins' "
+        r"entry points; PSTAR_DISABLE_PLUGIN_AUTOLOAD, PSTAR_PLUGINS and PSTAR_BLOCK_PLUGINS can keep an installed one "
+        r"out\), pass -p MODULE \(pstar train, pstar eval, pstar export, pstar import\), or from Python call "
+        r"get_plugin_manager\(\).load_module\(MODULE\) first\."
+    )
     with pytest.raises(UnknownMethodError, match=message):
         load_adapter(tiny_model("llama"), tmp_path / "adapter")
     # the commands say so before any model loads (pstar train: before advising --method)
@@ -211,11 +226,21 @@ def test_an_adapter_of_a_method_no_plugin_registers_names_it_and_how_to_load_it(
 
     from pstar_plugins.cli import main as pstar
 
-    for command, argv in ((evaluate.main, ["--adapter", str(tmp_path / "adapter"), "--model", "/no/such/model"]),
-                          (train.main, ["--method", "prompt-tuning", "--init-from-adapter", str(tmp_path / "adapter"),
-                                        "--output-dir", str(tmp_path / "out")]),
-                          (pstar, ["export", str(tmp_path / "adapter"), "--model", "/no/such/model", "--output",
-                                   str(tmp_path / "peft")])):
+    for command, argv in (
+        (evaluate.main, ["--adapter", str(tmp_path / "adapter"), "--model", "/no/such/model"]),
+        (
+            train.main,
+            [
+                "--method",
+                "prompt-tuning",
+                "--init-from-adapter",
+                str(tmp_path / "adapter"),
+                "--output-dir",
+                str(tmp_path / "out"),
+            ],
+        ),
+        (pstar, ["export", str(tmp_path / "adapter"), "--model", "/no/such/model", "--output", str(tmp_path / "peft")]),
+    ):
         assert command(argv) == 2
         import re
 
@@ -240,23 +265,37 @@ def test_an_adapter_records_the_plugin_of_its_method_and_the_error_says_how_to_l
     recorded = read_adapter(tmp_path / "builtin")[0]["plugin"]
     spec = pm.method("prompt-tuning")
     assert recorded["name"] == spec.plugin and recorded["loaded_by"] == pm.sources[spec.plugin][1]
-    with pytest.raises(UnknownMethodError, match=r"registered by plugin module 'tests.plugin_fixture:plugin', loaded with "
-                                                 r"-p: pass -p tests.plugin_fixture:plugin \(pstar train, pstar eval"):
+    with pytest.raises(
+        UnknownMethodError,
+        match=r"registered by plugin module 'tests.plugin_fixture:plugin', loaded with "
+        r"-p: pass -p tests.plugin_fixture:plugin \(pstar train, pstar eval",
+    ):
         load_adapter(tiny_model("llama"), tmp_path / "adapter")
-    with pytest.raises(UnknownMethodError, match=r"built into pstar-plugins \(plugin 'prompt-tuning'\), which "
-                                                 r"PSTAR_BLOCK_PLUGINS keeps out: remove 'prompt-tuning' from it"):
+    with pytest.raises(
+        UnknownMethodError,
+        match=r"built into pstar-plugins \(plugin 'prompt-tuning'\), which "
+        r"PSTAR_BLOCK_PLUGINS keeps out: remove 'prompt-tuning' from it",
+    ):
         with pytest.MonkeyPatch.context() as env:
             env.setenv("PSTAR_BLOCK_PLUGINS", "prompt-tuning")
             from pstar_plugins.assembly.registry import create_plugin_manager
 
-            load_adapter(tiny_model("llama"), tmp_path / "builtin", plugin_manager=create_plugin_manager(autoload=False))
+            load_adapter(
+                tiny_model("llama"), tmp_path / "builtin", plugin_manager=create_plugin_manager(autoload=False)
+            )
     older = {"name": "prompt-tuning", "loaded_by": "built-in", "version": "0.0.9"}  # a method this version lacks
-    with pytest.raises(UnknownMethodError, match=r"built into pstar-plugins 0\.0\.9 \(plugin 'prompt-tuning'\), and this "
-                                                 r"pstar-plugins \S+ has no such method: load the adapter with the version"):
+    with pytest.raises(
+        UnknownMethodError,
+        match=r"built into pstar-plugins 0\.0\.9 \(plugin 'prompt-tuning'\), and this "
+        r"pstar-plugins \S+ has no such method: load the adapter with the version",
+    ):
         pm.method("retired-method", adapter=tmp_path / "builtin", plugin=older)
     entry_point = {"name": "their-methods", "loaded_by": "entry point", "package": "their-pkg", "version": "1.0"}
-    with pytest.raises(UnknownMethodError, match=r"registered by the plugin installed under the 'pstar_plugins' entry point "
-                                                 r"'their-methods': install their-pkg==1\.0 \(pip install 'their-pkg==1\.0'\)"):
+    with pytest.raises(
+        UnknownMethodError,
+        match=r"registered by the plugin installed under the 'pstar_plugins' entry point "
+        r"'their-methods': install their-pkg==1\.0 \(pip install 'their-pkg==1\.0'\)",
+    ):
         pm.method("temperature", adapter=tmp_path / "adapter", plugin=entry_point)
     with pytest.raises(UnknownMethodError, match=r"Load the plugin that provides it"):  # a hand-edited record
         pm.method("temperature", adapter=tmp_path / "adapter", plugin="not a record")

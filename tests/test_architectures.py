@@ -7,7 +7,15 @@ import functools
 import pytest
 import torch
 
-from pstar_plugins.testing.architectures import ARCHITECTURES, ATTN_FALLBACK, KIND, MISSING, VOCAB, tiny_config, tiny_model
+from pstar_plugins.testing.architectures import (
+    ARCHITECTURES,
+    ATTN_FALLBACK,
+    KIND,
+    MISSING,
+    VOCAB,
+    tiny_config,
+    tiny_model,
+)
 
 BATCH, LENGTH = 3, 12
 # Families whose released configs use a sliding window; their tiny window must bite on LENGTH tokens.
@@ -52,8 +60,14 @@ def test_padded_forward_gives_finite_logits_over_the_tiny_vocabulary(arch):
 def test_config_is_the_family_own_and_model_matches_kind(arch):
     auto, config = tiny_config(arch)
     assert config.model_type.replace("-", "_") == arch.replace("-", "_")
-    assert auto.__name__ == {"causal-lm": "AutoModelForCausalLM", "masked-lm": "AutoModelForMaskedLM",
-                             "seq2seq-lm": "AutoModelForSeq2SeqLM"}[KIND[arch]]
+    assert (
+        auto.__name__
+        == {
+            "causal-lm": "AutoModelForCausalLM",
+            "masked-lm": "AutoModelForMaskedLM",
+            "seq2seq-lm": "AutoModelForSeq2SeqLM",
+        }[KIND[arch]]
+    )
     model = _model(arch)
     assert model.config.model_type == config.model_type
     assert not model.training

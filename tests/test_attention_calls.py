@@ -37,8 +37,16 @@ def calls(monkeypatch):
 
     def spy(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         seen.append(Call(attn_mask, is_causal, enable_gqa, query.shape[1], key.shape[1], key.shape[2], query.shape[2]))
-        return real(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                    enable_gqa=enable_gqa)
+        return real(
+            query,
+            key,
+            value,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=enable_gqa,
+        )
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     return seen
@@ -121,8 +129,9 @@ def test_layers_of_different_types_keep_one_mask_each(calls):
     config.num_hidden_layers, config.use_sliding_window, config.sliding_window = 4, True, 3
     config.layer_types = ["full_attention", "sliding_attention"] * 2
     torch.manual_seed(0)
-    model = build_model(auto.from_config(config, attn_implementation="sdpa").eval(), "prefix-tuning",
-                        **METHOD_OPTIONS["prefix-tuning"])
+    model = build_model(
+        auto.from_config(config, attn_implementation="sdpa").eval(), "prefix-tuning", **METHOD_OPTIONS["prefix-tuning"]
+    )
     model.packing = False
     inputs = inputs_for("qwen2", "prefix-tuning", n=3, length=10)
     inputs["attention_mask"][0, :4] = 0

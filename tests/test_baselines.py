@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from pstar_plugins.tasks.baselines import (
-    accuracy_and_macro_f1, balanced_demonstrations, calibrate, in_context_template, render_demonstration)
+    accuracy_and_macro_f1,
+    balanced_demonstrations,
+    calibrate,
+    in_context_template,
+    render_demonstration,
+)
 from pstar_plugins.mechanisms.template import Template
 from pstar_plugins.tasks.verbalizer import Verbalizer
 from pstar_plugins.testing import tiny_model
@@ -22,7 +27,10 @@ def test_demonstration_rendering_and_in_context_template():
     icl = in_context_template(t, [({"sentence": "bad"}, "negative"), ({"sentence": "fine"}, "positive")])
     tok = CharTokenizer()
     got = icl.encode({"sentence": "ok"}, tok, stop_at_answer=True, add_special_tokens=False).input_ids
-    expected = tok("Review: bad Sentiment: negative\n\nReview: fine Sentiment: positive\n\nReview: ok Sentiment:", add_special_tokens=False)["input_ids"]
+    expected = tok(
+        "Review: bad Sentiment: negative\n\nReview: fine Sentiment: positive\n\nReview: ok Sentiment:",
+        add_special_tokens=False,
+    )["input_ids"]
     assert got == expected
 
 
@@ -69,8 +77,24 @@ def test_in_context_scores_equal_scoring_the_whole_prompt():
 @needs_model
 def test_eval_command_reports_zero_and_few_shot(tiny_dir, tmp_path):
     out = tmp_path / "eval.json"
-    cmd = [sys.executable, "-m", "pstar_plugins.cli", "eval", "--model", str(tiny_dir), "--shots", "0", "2",
-           "--seeds", "2", "--max-eval-samples", "8", "--output", str(out), "--calibrate"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pstar_plugins.cli",
+        "eval",
+        "--model",
+        str(tiny_dir),
+        "--shots",
+        "0",
+        "2",
+        "--seeds",
+        "2",
+        "--max-eval-samples",
+        "8",
+        "--output",
+        str(out),
+        "--calibrate",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = json.loads(out.read_text())["runs"]
@@ -97,7 +121,9 @@ def test_shared_prefix_cache_gives_the_scores_of_full_prompts(words):
     cached = SharedPrefixModel(model, prefix)
     with torch.no_grad():
         for batch in (rows[:3], rows[3:], rows):
-            torch.testing.assert_close(v.scores(cached, v.encode(batch)), v.scores(model, v.encode(batch)), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                v.scores(cached, v.encode(batch)), v.scores(model, v.encode(batch)), rtol=1e-5, atol=1e-5
+            )
 
 
 def test_rows_scored_in_length_order_get_their_own_predictions_back():
@@ -117,7 +143,11 @@ def test_rows_scored_in_length_order_get_their_own_predictions_back():
     labels = [0] * len(rows)
     with torch.no_grad():  # scores, not argmaxes, so that a misplaced row cannot pass by chance
         one_by_one = [v.scores(model, v.encode([r]))[0] for r in rows]
-        batched = torch.cat([v.scores(model, v.encode([rows[i] for i in order[j:j + 3]])) for j in range(0, len(rows), 3)])
-    torch.testing.assert_close(torch.stack(in_original_order(list(batched), order)), torch.stack(one_by_one), rtol=1e-5, atol=1e-5)
+        batched = torch.cat(
+            [v.scores(model, v.encode([rows[i] for i in order[j : j + 3]])) for j in range(0, len(rows), 3)]
+        )
+    torch.testing.assert_close(
+        torch.stack(in_original_order(list(batched), order)), torch.stack(one_by_one), rtol=1e-5, atol=1e-5
+    )
     preds = score_rows(model, v, [rows[i] for i in order], [labels[i] for i in order], 3, 64)
     assert in_original_order(preds, order) == [int(s.argmax()) for s in one_by_one]

@@ -1,5 +1,5 @@
 """Each rank's rows of a training step (``train.loop._next_rows``) and the refusal of a training split
-smaller than one step (``train.cli.check_batch_fits``)."""
+smaller than one step (``train.checks.check_batch_fits``)."""
 
 import random
 from types import SimpleNamespace
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from pstar_plugins import train
-from pstar_plugins.train import cli, loop
+from pstar_plugins.train import checks, cli, loop
 from pstar_plugins.train import data as train_data
 from pstar_plugins.contract.errors import ConfigError
 from pstar_plugins.train.tasks import Split
@@ -15,10 +15,16 @@ from pstar_plugins.train.tasks import Split
 
 def _runs(rows: int, batch_size: int, world: int, seed: int = 0):
     split = Split([{"sentence": str(i)} for i in range(rows)], list(range(rows)), "test")
-    return [SimpleNamespace(args=SimpleNamespace(batch_size=batch_size),
-                            accelerator=SimpleNamespace(num_processes=world, process_index=rank),
-                            plan=SimpleNamespace(train=split), order=[], rng=random.Random(seed))
-            for rank in range(world)]
+    return [
+        SimpleNamespace(
+            args=SimpleNamespace(batch_size=batch_size),
+            accelerator=SimpleNamespace(num_processes=world, process_index=rank),
+            plan=SimpleNamespace(train=split),
+            order=[],
+            rng=random.Random(seed),
+        )
+        for rank in range(world)
+    ]
 
 
 def test_ranks_split_each_epoch_without_overlap():
@@ -30,47 +36,64 @@ def test_ranks_split_each_epoch_without_overlap():
 
 
 def test_a_training_split_smaller_than_one_step_is_refused_with_the_batch_that_fits():
-    cli.check_batch_fits(32, 16, 2)  # exactly one step
-    with pytest.raises(ConfigError, match=r"has 31 rows, fewer than the 32 one step takes \(--batch-size 16 on each of 2 "
-                                          r"processes\); pass --batch-size 15 or fewer"):
-        cli.check_batch_fits(31, 16, 2)
-    with pytest.raises(ConfigError, match=r"has 10 rows, fewer than the 16 one step takes \(--batch-size 16\); pass "
-                                          r"--batch-size 10 or fewer"):
-        cli.check_batch_fits(10, 16, 1)
+    checks.check_batch_fits(32, 16, 2)  # exactly one step
+    with pytest.raises(
+        ConfigError,
+        match=r"has 31 rows, fewer than the 32 one step takes \(--batch-size 16 on each of 2 "
+        r"processes\); pass --batch-size 15 or fewer",
+    ):
+        checks.check_batch_fits(31, 16, 2)
+    with pytest.raises(
+        ConfigError,
+        match=r"has 10 rows, fewer than the 16 one step takes \(--batch-size 16\); pass "
+        r"--batch-size 10 or fewer",
+    ):
+        checks.check_batch_fits(10, 16, 1)
     for batch_size in (1, 4):  # fewer rows than processes: the fix needs both flags
         with pytest.raises(ConfigError, match="launch at most 3 processes with --batch-size 1"):
-            cli.check_batch_fits(3, batch_size, 4)
-    cli.check_batch_fits(3, 1, 3)
+            checks.check_batch_fits(3, batch_size, 4)
+    checks.check_batch_fits(3, 1, 3)
 
 
 def test_the_refusal_names_the_flags_that_left_the_split_short():
     args = SimpleNamespace(max_train_samples=20, validation_split_percentage=50)
-    limits = cli.data_limits(args, rows_read=20, available=100, needed=16)
-    with pytest.raises(ConfigError, match=r"has 10 rows \(what --max-train-samples 20 and --validation-split-percentage 50 "
-                                          r"left\), fewer than the 16 .*or train on more rows \(a larger --max-train-samples "
-                                          r"or a smaller --validation-split-percentage\)\."):
-        cli.check_batch_fits(10, 16, 1, limits)
+    limits = checks.data_limits(args, rows_read=20, available=100, needed=16)
+    with pytest.raises(
+        ConfigError,
+        match=r"has 10 rows \(what --max-train-samples 20 and --validation-split-percentage 50 "
+        r"left\), fewer than the 16 .*or train on more rows \(a larger --max-train-samples "
+        r"or a smaller --validation-split-percentage\)\.",
+    ):
+        checks.check_batch_fits(10, 16, 1, limits)
     # a file of exactly --max-train-samples rows: the flag cut nothing and is not named
-    assert cli.data_limits(args, rows_read=20, available=20, needed=16) == (
-        ("--validation-split-percentage 50", "a smaller --validation-split-percentage"),)
+    assert checks.data_limits(args, rows_read=20, available=20, needed=16) == (
+        ("--validation-split-percentage 50", "a smaller --validation-split-percentage"),
+    )
 
 
 def test_the_refusal_offers_only_changes_that_can_fill_a_step():
     pct = SimpleNamespace(max_train_samples=None, validation_split_percentage=10)
     # 12 rows in all, 11 left to train on: no smaller percentage makes the 16 of one step
-    limits = cli.data_limits(pct, 12, 12, 16)
+    limits = checks.data_limits(pct, 12, 12, 16)
     assert limits == (("--validation-split-percentage 10", None),)
-    with pytest.raises(ConfigError, match=r"has 11 rows \(what --validation-split-percentage 10 left\), fewer than the 16 "
-                                          r".*or train on more rows\.$"):
-        cli.check_batch_fits(11, 16, 1, limits)
+    with pytest.raises(
+        ConfigError,
+        match=r"has 11 rows \(what --validation-split-percentage 10 left\), fewer than the 16 "
+        r".*or train on more rows\.$",
+    ):
+        checks.check_batch_fits(11, 16, 1, limits)
     # 16 rows: every percentage holds out a row, so 15 at most train
-    assert cli.data_limits(pct, 16, 16, 16) == (("--validation-split-percentage 10", None),)
-    assert cli.data_limits(pct, 17, 17, 16) == (("--validation-split-percentage 10", "a smaller --validation-split-percentage"),)
+    assert checks.data_limits(pct, 16, 16, 16) == (("--validation-split-percentage 10", None),)
+    assert checks.data_limits(pct, 17, 17, 16) == (
+        ("--validation-split-percentage 10", "a smaller --validation-split-percentage"),
+    )
     # --max-train-samples 10 of a 12-row file: a larger value cannot make 16 rows either
     cut = SimpleNamespace(max_train_samples=10, validation_split_percentage=None)
-    assert cli.data_limits(cut, 10, 12, 16) == (("--max-train-samples 10", None),)
-    assert cli.data_limits(cut, 10, 40, 16) == (("--max-train-samples 10", "a larger --max-train-samples"),)
-    assert cli.data_limits(cut, 10, None, 16) == (("--max-train-samples 10", "a larger --max-train-samples"),)  # unknown
+    assert checks.data_limits(cut, 10, 12, 16) == (("--max-train-samples 10", None),)
+    assert checks.data_limits(cut, 10, 40, 16) == (("--max-train-samples 10", "a larger --max-train-samples"),)
+    assert checks.data_limits(cut, 10, None, 16) == (
+        ("--max-train-samples 10", "a larger --max-train-samples"),
+    )  # unknown
 
 
 def _rows_file(tmp_path, rows: int, tail: str = "") -> str:
@@ -81,8 +104,19 @@ def _rows_file(tmp_path, rows: int, tail: str = "") -> str:
 
 def _refusal(tmp_path, capsys, rows: int, *flags) -> str:
     data = _rows_file(tmp_path, rows)
-    code = train.main(["--method", "prompt-tuning", "--train-file", data, "--validation-file", data,
-                       "--output-dir", str(tmp_path / "out"), *flags])
+    code = train.main(
+        [
+            "--method",
+            "prompt-tuning",
+            "--train-file",
+            data,
+            "--validation-file",
+            data,
+            "--output-dir",
+            str(tmp_path / "out"),
+            *flags,
+        ]
+    )
     assert code == 2
     return capsys.readouterr().err
 
@@ -99,8 +133,20 @@ def test_the_cli_names_max_train_samples_only_when_it_cut_rows(tmp_path, capsys)
 def test_a_bad_row_past_max_train_samples_is_never_read(tmp_path):
     data = _rows_file(tmp_path, 20, tail="broken row\n")
     good = _rows_file(tmp_path, 8)
-    args = cli.parse_args(["--method", "prompt-tuning", "--train-file", data, "--validation-file", good,
-                             "--max-train-samples", "20", "--output-dir", str(tmp_path / "out")])
+    args = cli.parse_args(
+        [
+            "--method",
+            "prompt-tuning",
+            "--train-file",
+            data,
+            "--validation-file",
+            good,
+            "--max-train-samples",
+            "20",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert len(train_data._data(args)[0]) == 20
 
 

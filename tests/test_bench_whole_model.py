@@ -62,7 +62,9 @@ def _tiny_weights(tiny_dir):
 @pytest.mark.slow
 @needs_model
 def test_every_base_weight_trains_and_is_saved_with_the_adapter(tiny_dir, tmp_path):
-    result = _train(tiny_dir, tmp_path / "run", "-p", "bench.whole_model", "--method", "whole-model", "--learning-rate", "1e-3")
+    result = _train(
+        tiny_dir, tmp_path / "run", "-p", "bench.whole_model", "--method", "whole-model", "--learning-rate", "1e-3"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     saved = saved_adapter(tmp_path / "run")
     before = _tiny_weights(tiny_dir)

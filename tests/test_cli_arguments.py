@@ -23,8 +23,12 @@ class OptionalFieldsConfig(MethodConfig):
 
 
 class OptionalFieldsPlugin(MethodPlugin):
-    spec = MethodSpec("optional-fields", OptionalFieldsConfig, "a method with optional and union fields (test)",
-                      method_class="pstar_plugins.contract.method:PromptMethod")
+    spec = MethodSpec(
+        "optional-fields",
+        OptionalFieldsConfig,
+        "a method with optional and union fields (test)",
+        method_class="pstar_plugins.contract.method:PromptMethod",
+    )
 
 
 def _args(*argv):
@@ -34,7 +38,9 @@ def _args(*argv):
 def test_optional_and_union_fields_are_flags_that_take_their_values():
     with registered_plugin(OptionalFieldsPlugin()):
         assert _args().method_options == {}  # unset flags leave the config's defaults
-        given = _args("--width", "64", "--depth", "none", "--scale", "0.5", "--flags", "1", "2", "--tied", "true").method_options
+        given = _args(
+            "--width", "64", "--depth", "none", "--scale", "0.5", "--flags", "1", "2", "--tied", "true"
+        ).method_options
         assert given == {"width": 64, "depth": None, "scale": 0.5, "flags": [1, 2], "tied": True}
         assert type(given["width"]) is int and type(given["scale"]) is float
         assert _args("--scale", "auto", "--width", "none").method_options == {"scale": "auto", "width": None}
@@ -60,11 +66,16 @@ def test_a_field_named_like_a_script_flag_is_refused_by_pstar_train(name):
     config = dataclass(type("Clashing", (MethodConfig,), {"__annotations__": {name: int}, name: field(default=1)}))
 
     class Clashing(MethodPlugin):
-        spec = MethodSpec("clashing", config, "shadows a flag", method_class="pstar_plugins.contract.method:PromptMethod")
+        spec = MethodSpec(
+            "clashing", config, "shadows a flag", method_class="pstar_plugins.contract.method:PromptMethod"
+        )
 
     flag = "--" + name.replace("_", "-")
     with registered_plugin(Clashing(), name="clash-plugin"):
-        with pytest.raises(PluginError, match=f"plugin 'clash-plugin': method 'clashing' has a config field '{name}', whose flag {flag}"):
+        with pytest.raises(
+            PluginError,
+            match=f"plugin 'clash-plugin': method 'clashing' has a config field '{name}', whose flag {flag}",
+        ):
             parse_args(["--method", "prompt-tuning", "--output-dir", "unused"])
 
 
@@ -72,7 +83,9 @@ def test_task_flags_fill_the_fields_they_share_on_purpose():
     from pstar_plugins.assembly.registry import get_plugin_manager
 
     pm = get_plugin_manager()
-    args = parse_args(["--method", "p-tuning", "--template", "{soft:2} T: {sentence}\\nS:{answer}", "--output-dir", "x"])
+    args = parse_args(
+        ["--method", "p-tuning", "--template", "{soft:2} T: {sentence}\\nS:{answer}", "--output-dir", "x"]
+    )
     config, _ = _method_config(args, pm.method("p-tuning"))
     assert config.template == "{soft:2} T: {sentence}\nS:{answer}"  # converted once, here
     args = parse_args(["--method", "prompt-tuning", "--label-words", "bad", "good", "--output-dir", "x"])
@@ -92,7 +105,10 @@ def test_argument_errors_exit_2_without_a_traceback(capsys, tmp_path):
     assert main(["train", "--method", "prompt-tuning", "--learnig-rate", "1", "--output-dir", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err == "error: unknown option --learnig-rate; did you mean --learning-rate?\n"
     assert main(["export", "adapter", "--model", "m", "--output", str(tmp_path), "--format", "lora"]) == 2
-    assert "argument --format: invalid choice: 'lora' (choose from 'peft'). See pstar export --help." in capsys.readouterr().err
+    assert (
+        "argument --format: invalid choice: 'lora' (choose from 'peft'). See pstar export --help."
+        in capsys.readouterr().err
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -101,7 +117,9 @@ def test_help_shows_the_defaults_a_method_uses(capsys):
         parse_args(["--method", "prompt-tuning", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     options = out.split("prompt-tuning options (PromptTuningConfig):", 1)[1]
-    assert "--num-virtual-tokens N prompt length m (Lester et al. use 20-100) (default: 10)" in options  # the preset, not 20
+    assert (
+        "--num-virtual-tokens N prompt length m (Lester et al. use 20-100) (default: 10)" in options
+    )  # the preset, not 20
     assert "base learning rate (default: 0.03, this method's preset)" in out
     assert "--batch-size N per-process training batch size (default: 16)" in out
     assert "pstar train --method NAME --help lists them" in out
@@ -120,10 +138,16 @@ def test_generation_summary_gives_both_scores_with_their_scale_a_sample_and_the_
 
     from pstar_plugins.train.report import _smooth, _summary
 
-    results = {"generation_scores": {"zero-shot eval": {"bleu": 1.234, "rouge_l": 10.0, "example": ["x"]},
-                                     "final eval": {"bleu": 12.345, "rouge_l": 40.5, "example": ["a pub near the river", "b"]}}}
+    results = {
+        "generation_scores": {
+            "zero-shot eval": {"bleu": 1.234, "rouge_l": 10.0, "example": ["x"]},
+            "final eval": {"bleu": 12.345, "rouge_l": 40.5, "example": ["a pub near the river", "b"]},
+        }
+    }
     (tmp_path / "adapter").mkdir()
-    text = _summary(Namespace(method="prefix-tuning", model="m"), results, "bleu", [tmp_path / "adapter", tmp_path / "metrics.json"])
+    text = _summary(
+        Namespace(method="prefix-tuning", model="m"), results, "bleu", [tmp_path / "adapter", tmp_path / "metrics.json"]
+    )
     assert "  zero-shot dev  : BLEU 1.23, ROUGE-L 10.00 (both 0-100)" in text
     assert "  tuned dev      : BLEU 12.35, ROUGE-L 40.50 (both 0-100)" in text
     assert "sample output          : 'a pub near the river'" in text
@@ -139,23 +163,35 @@ def test_a_default_template_follows_the_datas_one_text_column():
 
     args = Namespace(label_column="label", target_column="ref", task="classification")
     preset = "{soft:3} Review: {sentence} {soft:3} Sentiment:{answer}"
-    assert _default_template_for(preset, {"text": "fine", "label": "1"}, args) == "{soft:3} Review: {text} {soft:3} Sentiment:{answer}"
+    assert (
+        _default_template_for(preset, {"text": "fine", "label": "1"}, args)
+        == "{soft:3} Review: {text} {soft:3} Sentiment:{answer}"
+    )
     assert _default_template_for(preset, {"sentence": "fine", "label": "1"}, args) == preset  # already fits
     # two candidate columns: no guess, the slot check then names --template and --column
     assert _default_template_for(preset, {"title": "a", "body": "b", "label": "1"}, args) == preset
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["methods"], ["train", "--method", "p-tuning", "--help"],
-                                  ["train", "--method", "prompt-tuning", "--batch-size", "0", "--output-dir", "unused"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["methods"],
+        ["train", "--method", "p-tuning", "--help"],
+        ["train", "--method", "prompt-tuning", "--batch-size", "0", "--output-dir", "unused"],
+    ],
+)
 def test_help_listing_and_argument_errors_never_import_torch(argv):
     """What keeps these commands well under two seconds (bench/cli_latency.py measures it)."""
     import subprocess
     import sys
 
-    code = ("import sys; from pstar_plugins.cli import main\n"
-            "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
-            "heavy = sorted(m for m in ('torch', 'transformers', 'deepspeed', 'accelerate') if m in sys.modules)\n"
-            "print('heavy:', heavy)")
+    code = (
+        "import sys; from pstar_plugins.cli import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'deepspeed', 'accelerate') if m in sys.modules)\n"
+        "print('heavy:', heavy)"
+    )
     result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
     assert result.stdout.strip().endswith("heavy: []"), result.stdout[-500:] + result.stderr[-2000:]
 
@@ -170,5 +206,7 @@ def test_the_typed_config_holds_exactly_the_flags_of_pstar_train():
     parser = build_parser(get_plugin_manager().methods, "p-tuning")
     dests = {a.dest for a in parser._actions if a.dest != "help"}
     assert dests | {"method_options"} == {f.name for f in dataclasses.fields(TrainConfig)}
-    args = parse_args(["--method", "prompt-tuning", "--output-dir", "out", "--num-virtual-tokens", "7", "--batch-size", "4"])
+    args = parse_args(
+        ["--method", "prompt-tuning", "--output-dir", "out", "--num-virtual-tokens", "7", "--batch-size", "4"]
+    )
     assert isinstance(args, TrainConfig) and args.method_options == {"num_virtual_tokens": 7} and args.batch_size == 4

@@ -39,8 +39,9 @@ def test_the_suite_sees_plugin_weights_that_are_not_saved(pstar_register, monkey
     from pstar_plugins.assembly.model import PStarModel
 
     monkeypatch.setattr(PStarModel, "extra_trainable_parameters", lambda self: [])  # the old behaviour
-    report = check_method(lambda: tiny_model("llama"), "prompt-tuning", METHOD_OPTIONS["prompt-tuning"],
-                          checks=["save_load_roundtrip"])
+    report = check_method(
+        lambda: tiny_model("llama"), "prompt-tuning", METHOD_OPTIONS["prompt-tuning"], checks=["save_load_roundtrip"]
+    )
     assert report.outcome("save_load_roundtrip").status == FAILED, report.summary()
 
 
@@ -51,27 +52,34 @@ def test_residual_prompt_example_conforms_with_packing(arch, pstar_register, mon
     from pstar_residual_prompt.plugin import plugin
 
     pstar_register(plugin)
-    report = assert_conforms(lambda: tiny_model(arch), "residual-prompt",
-                             {"num_virtual_tokens": 4, "init": "random", "bottleneck_size": 8})
+    report = assert_conforms(
+        lambda: tiny_model(arch), "residual-prompt", {"num_virtual_tokens": 4, "init": "random", "bottleneck_size": 8}
+    )
     assert "call: packed" in report.outcome("inference_fast_path").detail
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "roberta", "bart"])
 def test_roberta_and_friends_keep_their_positions(arch):
     """With the method switched off the wrapper is the bare model (RoBERTa numbers from pad + 1)."""
-    report = check_method(lambda: tiny_model(arch), "prompt-tuning", METHOD_OPTIONS["prompt-tuning"],
-                          checks=["disabled_equals_base"])
+    report = check_method(
+        lambda: tiny_model(arch), "prompt-tuning", METHOD_OPTIONS["prompt-tuning"], checks=["disabled_equals_base"]
+    )
     assert report.ok, report.summary()
 
 
 def test_p_tuning_trains_on_encoder_decoder_models():
-    assert_conforms(lambda: tiny_model("t5"), "p-tuning", METHOD_OPTIONS["p-tuning"],
-                    checks=["trains_only_method_tensors"])
+    assert_conforms(
+        lambda: tiny_model("t5"), "p-tuning", METHOD_OPTIONS["p-tuning"], checks=["trains_only_method_tensors"]
+    )
 
 
 def test_second_build_and_refused_load_leave_the_base_usable():
-    assert_conforms(lambda: tiny_model("llama"), "prefix-tuning", METHOD_OPTIONS["prefix-tuning"],
-                    checks=["build_twice_and_refused_load"])
+    assert_conforms(
+        lambda: tiny_model("llama"),
+        "prefix-tuning",
+        METHOD_OPTIONS["prefix-tuning"],
+        checks=["build_twice_and_refused_load"],
+    )
 
 
 def test_adapter_of_the_old_position_numbering_warns_on_roberta(tmp_path):

@@ -39,8 +39,18 @@ def test_dataset_errors_name_the_dataset_split_and_fix(dataset_dir):
 @pytest.mark.slow
 @needs_model
 def test_training_reads_a_dataset_with_renamed_columns(tiny_dir, tmp_path, dataset_dir):
-    result = _train(tiny_dir, tmp_path / "run", "--method", "prompt-tuning", "--dataset", str(dataset_dir),
-                    "--column", "text=sentence", "--column", "y=label")
+    result = _train(
+        tiny_dir,
+        tmp_path / "run",
+        "--method",
+        "prompt-tuning",
+        "--dataset",
+        str(dataset_dir),
+        "--column",
+        "text=sentence",
+        "--column",
+        "y=label",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert 0.0 <= metrics["tuned_accuracy"] <= 1.0 and len(metrics["history"]["loss"]) == 3

@@ -28,11 +28,40 @@ def _free_port() -> int:
 def launch(config, model_dir, out, *extra, launcher_args=(), check=True, steps=3, batch=4, timeout=300):
     config_file = config if isinstance(config, Path) else CONFIGS / f"{config}.yaml"
     # fp32 on the CPU (the GPU configs ask for bf16): the runs are compared with one fp32 process
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
-           "--main_process_port", str(_free_port()), "--mixed_precision", "no", *launcher_args, "-m", "pstar_plugins.train",
-           "--model", str(model_dir), "--output-dir", str(out), "--max-steps", str(steps), "--batch-size", str(batch),
-           "--max-train-samples", "64", "--max-eval-samples", "8", "--eval-steps", "0", "--no-zero-shot", "--plot", "",
-           "--dist-timeout", "60", *extra]  # a hang fails within a minute instead of leaving ranks behind
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config_file),
+        "--main_process_port",
+        str(_free_port()),
+        "--mixed_precision",
+        "no",
+        *launcher_args,
+        "-m",
+        "pstar_plugins.train",
+        "--model",
+        str(model_dir),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        str(steps),
+        "--batch-size",
+        str(batch),
+        "--max-train-samples",
+        "64",
+        "--max-eval-samples",
+        "8",
+        "--eval-steps",
+        "0",
+        "--no-zero-shot",
+        "--plot",
+        "",
+        "--dist-timeout",
+        "60",
+        *extra,
+    ]  # a hang fails within a minute instead of leaving ranks behind
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if check:
@@ -54,8 +83,13 @@ def test_every_launcher_config_trains_and_saves(tiny_dir, tmp_path, config):
     launch(config, tiny_dir, tmp_path / "run", "--method", "prefix-tuning", steps=2)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["save"]["frozen_parameters_gathered"] == 0
-    assert set(adapter(tmp_path / "run")) == {"tables.self.embedding", "tables.self.mlp.0.weight", "tables.self.mlp.0.bias",
-                                              "tables.self.mlp.2.weight", "tables.self.mlp.2.bias"}
+    assert set(adapter(tmp_path / "run")) == {
+        "tables.self.embedding",
+        "tables.self.mlp.0.weight",
+        "tables.self.mlp.0.bias",
+        "tables.self.mlp.2.weight",
+        "tables.self.mlp.2.bias",
+    }
 
 
 # Tolerance: the same 8 examples are split over 2 ranks, so the loss mean and the gradient
@@ -122,8 +156,11 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_dir, tmp_path, co
     # no frozen weight is written: the whole checkpoint (every rank's files, the adapter copy,
     # DeepSpeed's fp32 master partitions) stays under twice the adapter plus its optimizer state
     frozen = sum(p.stat().st_size for p in tiny_dir.glob("*.safetensors"))
-    assert checkpoint_bytes(checkpoint) < 2 * adapter_and_optimizer_bytes(checkpoint / "adapter") < frozen, \
-        (checkpoint_bytes(checkpoint), adapter_and_optimizer_bytes(checkpoint / "adapter"), frozen)
+    assert checkpoint_bytes(checkpoint) < 2 * adapter_and_optimizer_bytes(checkpoint / "adapter") < frozen, (
+        checkpoint_bytes(checkpoint),
+        adapter_and_optimizer_bytes(checkpoint / "adapter"),
+        frozen,
+    )
     launch(config, tiny_dir, tmp_path / "split", *common, "--resume-from-checkpoint", "latest", steps=4)
     diff = max_diff(adapter(tmp_path / "full"), adapter(tmp_path / "split"))
     assert diff <= 1e-6, diff
@@ -137,12 +174,46 @@ def test_two_machines_on_loopback_train_and_save(tiny_dir, tmp_path):
     procs = []
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     for rank in ("0", "1"):
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "zero3_multinode.yaml"),
-               "--mixed_precision", "no",
-               "--num_machines", "2", "--num_processes", "2", "--machine_rank", rank, "--main_process_ip", "127.0.0.1",
-               "--main_process_port", port, "-m", "pstar_plugins.train", "--method", "prompt-tuning", "--model", str(tiny_dir),
-               "--output-dir", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "4", "--max-train-samples", "32",
-               "--max-eval-samples", "8", "--eval-steps", "0", "--no-zero-shot", "--plot", ""]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(CONFIGS / "zero3_multinode.yaml"),
+            "--mixed_precision",
+            "no",
+            "--num_machines",
+            "2",
+            "--num_processes",
+            "2",
+            "--machine_rank",
+            rank,
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            port,
+            "-m",
+            "pstar_plugins.train",
+            "--method",
+            "prompt-tuning",
+            "--model",
+            str(tiny_dir),
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--max-train-samples",
+            "32",
+            "--max-eval-samples",
+            "8",
+            "--eval-steps",
+            "0",
+            "--no-zero-shot",
+            "--plot",
+            "",
+        ]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outputs):
@@ -152,10 +223,28 @@ def test_two_machines_on_loopback_train_and_save(tiny_dir, tmp_path):
 
 
 def test_adapter_from_one_process_continues_under_zero3(tiny_dir, tmp_path):
-    launch("single_process", tiny_dir, tmp_path / "first", "--method", "prompt-tuning", "--num-virtual-tokens", "4", steps=2, batch=8)
+    launch(
+        "single_process",
+        tiny_dir,
+        tmp_path / "first",
+        "--method",
+        "prompt-tuning",
+        "--num-virtual-tokens",
+        "4",
+        steps=2,
+        batch=8,
+    )
     first = adapter(tmp_path / "first")
-    launch("zero3", tiny_dir, tmp_path / "second", "--method", "prompt-tuning",
-           "--init-from-adapter", str(tmp_path / "first" / "adapter"), steps=2)
+    launch(
+        "zero3",
+        tiny_dir,
+        tmp_path / "second",
+        "--method",
+        "prompt-tuning",
+        "--init-from-adapter",
+        str(tmp_path / "first" / "adapter"),
+        steps=2,
+    )
     second = adapter(tmp_path / "second")
     assert second["prompt"].shape == first["prompt"].shape == (1, 4, 32)
     # two more AdamW steps at lr 3e-2 move each entry by at most ~2 lr: it started from the adapter
@@ -168,8 +257,20 @@ def test_select_best_on_two_processes_keeps_the_step_and_state_of_one(tiny_dir, 
     # evaluation batches of 3 split the 16 selection and 8 evaluation rows into 6 and 3 batches,
     # so each of the two ranks scores its share and one of them a padding batch, and the counts
     # added over the ranks must give one process's accuracies
-    flags = ["--method", "prompt-tuning", "--validation-split-percentage", "25", "--select-best", "best",
-             "--eval-steps", "1", "--learning-rate", "0.3", "--eval-batch-size", "3"]
+    flags = [
+        "--method",
+        "prompt-tuning",
+        "--validation-split-percentage",
+        "25",
+        "--select-best",
+        "best",
+        "--eval-steps",
+        "1",
+        "--learning-rate",
+        "0.3",
+        "--eval-batch-size",
+        "3",
+    ]
     launch("single_process", tiny_dir, tmp_path / "single", *flags, batch=8, steps=4)
     launch(config, tiny_dir, tmp_path / config, *flags, batch=4, steps=4)  # 2 processes x 4 = 8
     one, two = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("single", config))
@@ -185,16 +286,34 @@ def test_generation_under_zero3_equals_one_process(tiny_dir, tmp_path):
     # same tensors (greedy text of a random tiny model flips on a 1e-7 difference); rank 0 decodes
     # the only batch, rank 1 a padding batch in step with it
     train, dev = tmp_path / "train.csv", tmp_path / "dev.csv"
-    train.write_text('mr,ref\n"name[A], food[Thai]","A serves Thai food."\n"name[B], area[riverside]","B is by the river."\n' * 4)
-    dev.write_text('mr,ref\n"name[C], food[Thai]","C serves Thai food."\n"name[D], area[riverside]","D is by the river."\n')
-    flags = ["--method", "prompt-tuning", "--task", "generation", "--train-file", str(train),
-             "--validation-file", str(dev), "--template", "Data: {mr}\\nText:{answer}", "--max-new-tokens", "6"]
+    train.write_text(
+        'mr,ref\n"name[A], food[Thai]","A serves Thai food."\n"name[B], area[riverside]","B is by the river."\n' * 4
+    )
+    dev.write_text(
+        'mr,ref\n"name[C], food[Thai]","C serves Thai food."\n"name[D], area[riverside]","D is by the river."\n'
+    )
+    flags = [
+        "--method",
+        "prompt-tuning",
+        "--task",
+        "generation",
+        "--train-file",
+        str(train),
+        "--validation-file",
+        str(dev),
+        "--template",
+        "Data: {mr}\\nText:{answer}",
+        "--max-new-tokens",
+        "6",
+    ]
     launch("single_process", tiny_dir, tmp_path / "first", *flags, "--num-virtual-tokens", "16", batch=8, steps=2)
     start = ["--init-from-adapter", str(tmp_path / "first" / "adapter"), "--learning-rate", "1e-12"]
     launch("single_process", tiny_dir, tmp_path / "single", *flags, *start, batch=8, steps=1)
     launch("zero3", tiny_dir, tmp_path / "zero3", *flags, *start, batch=4, steps=1)
     assert max_diff(adapter(tmp_path / "single"), adapter(tmp_path / "zero3")) == 0
-    one, three = (json.loads((tmp_path / name / "metrics.json").read_text())["generation_scores"]["final eval"]
-                  for name in ("single", "zero3"))
+    one, three = (
+        json.loads((tmp_path / name / "metrics.json").read_text())["generation_scores"]["final eval"]
+        for name in ("single", "zero3")
+    )
     assert one["example"] == three["example"] and one["sources"] == three["sources"] == 2
     assert one["bleu"] == three["bleu"] and one["rouge_l"] == three["rouge_l"]

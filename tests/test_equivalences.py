@@ -12,8 +12,14 @@ import torch
 from torch.nn import functional as F
 
 from pstar_plugins.testing import DECODER_ONLY, random_batch, tiny_model
-from pstar_plugins.testing.conformance import (Cell, Skip, check_folded_equals_unfolded, check_generate_equals_loop,
-                                               check_mixed_tasks_equal_single, check_padded_equals_alone)
+from pstar_plugins.testing.conformance import (
+    Cell,
+    Skip,
+    check_folded_equals_unfolded,
+    check_generate_equals_loop,
+    check_mixed_tasks_equal_single,
+    check_padded_equals_alone,
+)
 from tests.helpers import CASES, METHOD_OPTIONS, make, soft_index
 
 #: architectures whose bare model is not invariant to left padding of the encoder (BART's learned
@@ -51,8 +57,11 @@ def test_folded_equals_reparameterised(arch, method):
 
 def _layers_with_weights(method) -> list[str]:
     """The method's torch layers (Linear, LSTM, Embedding, ...) that hold weights of their own."""
-    return [name for name, module in method.named_modules()
-            if type(module).__module__.startswith("torch.") and any(True for _ in module.parameters(recurse=False))]
+    return [
+        name
+        for name, module in method.named_modules()
+        if type(module).__module__.startswith("torch.") and any(True for _ in module.parameters(recurse=False))
+    ]
 
 
 @pytest.mark.parametrize("arch,method", FOLD_CASES)
@@ -86,7 +95,9 @@ def test_prompt_tuning_loss_ignores_virtual_positions(arch, options):
     assert out.logits.shape[:2] == ids.shape  # aligned with the user's tokens
     # logits[j] predicts user token j+1 (after BOS that prediction comes from the last virtual token)
     shifted_logits = out.logits[:, :-1]
-    manual = F.cross_entropy(shifted_logits.reshape(-1, out.logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+    manual = F.cross_entropy(
+        shifted_logits.reshape(-1, out.logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
     torch.testing.assert_close(out.loss, manual, rtol=1e-5, atol=1e-6)
 
 
@@ -108,8 +119,11 @@ def test_p_tuning_labels_at_soft_positions_never_enter_the_loss():
 
 
 #: (architecture, method, options): P-tuning v2 generates with the LM head, not a classification head
-GENERATE_CASES = [(a, m, {}) for a in DECODER_ONLY for m in ("prompt-tuning", "prefix-tuning", "p-tuning")] + [
-    ("llama", "p-tuning-v2", {"head": "none"})] + [(a, m, {}) for a in ("t5", "bart") for m in ("prompt-tuning", "prefix-tuning")]
+GENERATE_CASES = (
+    [(a, m, {}) for a in DECODER_ONLY for m in ("prompt-tuning", "prefix-tuning", "p-tuning")]
+    + [("llama", "p-tuning-v2", {"head": "none"})]
+    + [(a, m, {}) for a in ("t5", "bart") for m in ("prompt-tuning", "prefix-tuning")]
+)
 
 
 @pytest.mark.parametrize("arch,method,options", GENERATE_CASES, ids=[f"{a}-{m}" for a, m, _ in GENERATE_CASES])

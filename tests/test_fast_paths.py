@@ -61,13 +61,22 @@ def test_the_record_says_why_a_path_does_not_apply():
     assert head.prompt_cache == "method PTuningV2 keeps its virtual tokens in the sequence"
     assert head.one_pass_scoring == "PTuningV2 with a classification head scores through its head"
     assert head.lines()[0] == "packing: applies"
-    assert head.lines()[3] == "one pass scoring: does not apply (PTuningV2 with a classification head scores through its head)"
+    assert (
+        head.lines()[3]
+        == "one pass scoring: does not apply (PTuningV2 with a classification head scores through its head)"
+    )
 
 
 def test_the_run_summary_shows_the_record():
     model = build_model(tiny_model("t5"), "prefix-tuning", num_virtual_tokens=3)
     args = argparse.Namespace(method="prefix-tuning", model="t5", task="classification")
-    results = {"steps": 1, "examples_seen": 2, "train_rows": 2, "tuned_accuracy": 0.5, "fast_paths": model.fast_paths.lines()}
+    results = {
+        "steps": 1,
+        "examples_seen": 2,
+        "train_rows": 2,
+        "tuned_accuracy": 0.5,
+        "fast_paths": model.fast_paths.lines(),
+    }
     text = _summary(args, results, "accuracy", [])
     assert "fast paths             : packing: does not apply (encoder-decoder model)" in text
     assert "one pass scoring: does not apply (not a decoder-only causal LM)" in text

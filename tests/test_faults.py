@@ -33,8 +33,24 @@ def test_resume_picks_the_latest_complete_checkpoint(tmp_path):
 @needs_model
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_dir, tmp_path):
     # raw prefix keys pushed to ~1e30 overflow the attention scores: the loss becomes NaN
-    result = _train(tiny_dir, tmp_path / "run", "--method", "prefix-tuning", "--projection", "false", "--learning-rate", "1e30",
-                    "--warmup-steps", "0", "--max-grad-norm", "0", "--checkpointing-steps", "1", "--max-steps", "6")
+    result = _train(
+        tiny_dir,
+        tmp_path / "run",
+        "--method",
+        "prefix-tuning",
+        "--projection",
+        "false",
+        "--learning-rate",
+        "1e30",
+        "--warmup-steps",
+        "0",
+        "--max-grad-norm",
+        "0",
+        "--checkpointing-steps",
+        "1",
+        "--max-steps",
+        "6",
+    )
     assert result.returncode == 2
     assert "loss became" in result.stderr and "lower --learning-rate" in result.stderr
     complete = sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*") if (p / "trainer_state.json").exists())
@@ -52,10 +68,38 @@ def test_killing_one_rank_ends_the_other_quickly_naming_the_lost_rank(tiny_dir, 
     import psutil
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "integrations/accelerate/ddp.yaml"),
-           "--main_process_port", "29577", "-m", "pstar_plugins.train", "--method", "prompt-tuning", "--model", str(tiny_dir),
-           "--output-dir", str(out), "--max-steps", "100000", "--batch-size", "2", "--max-train-samples", "32",
-           "--max-eval-samples", "4", "--eval-steps", "0", "--no-zero-shot", "--plot", "", "--dist-timeout", "30"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "integrations/accelerate/ddp.yaml"),
+        "--main_process_port",
+        "29577",
+        "-m",
+        "pstar_plugins.train",
+        "--method",
+        "prompt-tuning",
+        "--model",
+        str(tiny_dir),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "100000",
+        "--batch-size",
+        "2",
+        "--max-train-samples",
+        "32",
+        "--max-eval-samples",
+        "4",
+        "--eval-steps",
+        "0",
+        "--no-zero-shot",
+        "--plot",
+        "",
+        "--dist-timeout",
+        "30",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     launcher = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -64,7 +108,11 @@ def test_killing_one_rank_ends_the_other_quickly_naming_the_lost_rank(tiny_dir, 
             time.sleep(0.2)
         assert (out / "run.json").exists(), "training did not start"
         time.sleep(2)
-        workers = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "pstar_plugins.train" in " ".join(p.cmdline())]
+        workers = [
+            p
+            for p in psutil.Process(launcher.pid).children(recursive=True)
+            if "pstar_plugins.train" in " ".join(p.cmdline())
+        ]
         victim = next(p for p in workers if p.environ().get("RANK") == "1")
         victim.send_signal(signal.SIGKILL)
         # a survivor waiting on the lost rank forever would hang here: --dist-timeout 30 ends it

@@ -27,8 +27,19 @@ METHODS = ["prompt-tuning", "p-tuning", *PREFIX_METHODS]
 SEEN: list[dict] = []
 
 
-def flash_reference(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
-                    softcap=None, is_causal=None, **kwargs):
+def flash_reference(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout=0.0,
+    scaling=None,
+    sliding_window=None,
+    softcap=None,
+    is_causal=None,
+    **kwargs,
+):
     """flash_attention_forward's result, computed row by row with sdpa. ``attention_mask``:
     ``(B, K)`` with 1 at real keys, the last ``Q`` columns being the queries', or ``None``."""
     assert module.config._attn_implementation == "flash_attention_2", "the kernel reads its name from the config"
@@ -42,14 +53,25 @@ def flash_reference(module, query, key, value, attention_mask, dropout=0.0, scal
     key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
     out = torch.zeros_like(query)
     positions = kwargs.get("position_ids")
-    if (kwargs.get("cu_seq_lens_q") is None and attention_mask is None and B == 1 and positions is not None
-            and Q > 1 and bool((positions.reshape(-1) != torch.arange(Q) + positions.min()).any())):
+    if (
+        kwargs.get("cu_seq_lens_q") is None
+        and attention_mask is None
+        and B == 1
+        and positions is not None
+        and Q > 1
+        and bool((positions.reshape(-1) != torch.arange(Q) + positions.min()).any())
+    ):
         # transformers' _is_packed_sequence: one row of examples told apart by their position ids,
         # cut at the same places for queries and keys (prepare_fa_kwargs_from_position_ids)
         starts = (positions.reshape(-1) == positions.min()).nonzero().view(-1)
         cu = torch.cat([starts, starts.new_tensor([Q])]).to(torch.int32)
-        kwargs = {**kwargs, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": int(cu.diff().max()),
-                  "max_length_k": int(cu.diff().max())}
+        kwargs = {
+            **kwargs,
+            "cu_seq_lens_q": cu,
+            "cu_seq_lens_k": cu,
+            "max_length_q": int(cu.diff().max()),
+            "max_length_k": int(cu.diff().max()),
+        }
     if kwargs.get("cu_seq_lens_q") is not None:  # one packed row: each example by itself
         assert attention_mask is None and B == 1
         for name in ("cu_seq_lens_q", "cu_seq_lens_k"):  # what flash-attn's varlen kernel accepts
@@ -60,8 +82,9 @@ def flash_reference(module, query, key, value, attention_mask, dropout=0.0, scal
         assert cu_q[-1] == Q and cu_k[-1] == K and kwargs["max_length_k"] == max(b - a for a, b in zip(cu_k, cu_k[1:]))
         for (q0, q1), (k0, k1) in zip(zip(cu_q, cu_q[1:]), zip(cu_k, cu_k[1:])):
             allowed = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool).tril((k1 - k0) - (q1 - q0))
-            out[0][:, q0:q1] = F.scaled_dot_product_attention(query[0][:, q0:q1], key[0][:, k0:k1], value[0][:, k0:k1],
-                                                              attn_mask=allowed, scale=scaling)
+            out[0][:, q0:q1] = F.scaled_dot_product_attention(
+                query[0][:, q0:q1], key[0][:, k0:k1], value[0][:, k0:k1], attn_mask=allowed, scale=scaling
+            )
         return out.transpose(1, 2).contiguous(), None
     for b in range(B):
         keys = attention_mask[b].bool() if attention_mask is not None else torch.ones(K, dtype=torch.bool)
@@ -136,8 +159,12 @@ def test_prefix_on_flash_decodes_like_sdpa(flash):
     ids = random_batch(2, 6, seed=3)
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
-    out = {impl: model.eval().generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
-           for impl, model in models.items()}
+    out = {
+        impl: model.eval().generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0
+        )
+        for impl, model in models.items()
+    }
     assert torch.equal(out["flash_attention_2"], out["sdpa"])
     assert any(call["query_len"] == 1 for call in flash)  # the cached decoding steps went through it too
 
@@ -146,12 +173,16 @@ def test_prefix_on_unverified_flash_is_refused_with_the_fix(monkeypatch):
     monkeypatch.delenv(UNVERIFIED_KERNELS_ENV, raising=False)
     base = tiny_model("llama")
     base.config._attn_implementation = "flash_attention_2"
-    with pytest.raises(IncompatibleModelError, match="not yet verified on a GPU.*attn_implementation='sdpa'.*gpu_check"):
+    with pytest.raises(
+        IncompatibleModelError, match="not yet verified on a GPU.*attn_implementation='sdpa'.*gpu_check"
+    ):
         build_model(base, "prefix-tuning", **METHOD_OPTIONS["prefix-tuning"])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or __import__("importlib").util.find_spec("flash_attn") is None,
-                    reason="needs flash-attn on a CUDA device (bench/gpu_check.sh)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or __import__("importlib").util.find_spec("flash_attn") is None,
+    reason="needs flash-attn on a CUDA device (bench/gpu_check.sh)",
+)
 @pytest.mark.parametrize("method", PREFIX_METHODS)
 def test_prefix_on_real_flash_equals_sdpa_on_cuda(monkeypatch, method):
     monkeypatch.setenv(UNVERIFIED_KERNELS_ENV, "flash_attention_2")
@@ -161,8 +192,9 @@ def test_prefix_on_real_flash_equals_sdpa_on_cuda(monkeypatch, method):
     out = {}
     for impl in ("sdpa", "flash_attention_2"):
         torch.manual_seed(0)
-        model = build_model(tiny_model("llama", attn_implementation=impl, dtype=torch.bfloat16).cuda(), method,
-                            **METHOD_OPTIONS[method]).eval()
+        model = build_model(
+            tiny_model("llama", attn_implementation=impl, dtype=torch.bfloat16).cuda(), method, **METHOD_OPTIONS[method]
+        ).eval()
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask).logits
         out[impl] = (logits if logits.dim() == 2 else logits[mask.bool()]).float()
@@ -222,7 +254,8 @@ def test_flash_packing_is_refused_until_verified(monkeypatch):
     base = tiny_model("llama")
     base.config._attn_implementation = "flash_attention_2"
     assert "flash_attention_2 packing (one row, transformers' variable-length path) is not yet verified on a GPU" in (
-        fast_paths.kernel_reason(base))
+        fast_paths.kernel_reason(base)
+    )
 
 
 def test_a_row_packed_by_position_ids_alone_keeps_each_example_to_its_prefix(flash):
@@ -232,8 +265,12 @@ def test_a_row_packed_by_position_ids_alone_keeps_each_example_to_its_prefix(fla
     model = _pair("prefix-tuning")["flash_attention_2"].eval()
     a, b = random_batch(1, 5, seed=1), random_batch(1, 4, seed=2)
     with torch.no_grad():
-        packed = model(input_ids=torch.cat([a, b], 1), position_ids=torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]]),
-                       logits_to_keep=9, use_cache=False).logits
+        packed = model(
+            input_ids=torch.cat([a, b], 1),
+            position_ids=torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]]),
+            logits_to_keep=9,
+            use_cache=False,
+        ).logits
         alone = torch.cat([model(input_ids=a, logits_to_keep=5).logits, model(input_ids=b, logits_to_keep=4).logits], 1)
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
 

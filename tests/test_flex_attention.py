@@ -20,7 +20,10 @@ from tests.helpers import METHOD_OPTIONS, random_batch, soft_index
 
 # uncompiled flex_attention warns that it is unfused (the point here); torch.compile's internals
 # (create_block_mask(_compile=...), jit) warn about themselves
-pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
 METHODS = ["prompt-tuning", "p-tuning", "prefix-tuning", "p-tuning-v2"]
 
 
@@ -84,8 +87,13 @@ def test_every_method_evaluates_on_flex_like_sdpa(arch, method):
             assert paths["flex_attention"] == paths["sdpa"], "flex takes the same path as sdpa"
             if packed:
                 assert paths["flex_attention"] == ["call: packed"], paths
-            torch.testing.assert_close(out["flex_attention"], out["sdpa"], rtol=1e-5, atol=1e-5,
-                                       msg=lambda m: f"packing={packed} padded={padded}: {m}")
+            torch.testing.assert_close(
+                out["flex_attention"],
+                out["sdpa"],
+                rtol=1e-5,
+                atol=1e-5,
+                msg=lambda m: f"packing={packed} padded={padded}: {m}",
+            )
 
 
 @pytest.mark.parametrize("method", ["prefix-tuning", "prompt-tuning"])
@@ -103,8 +111,9 @@ def test_mixed_task_packed_calls_on_flex_see_only_their_own_prompt(method):
         assert seen == ["call: packed"], seen
     torch.testing.assert_close(out["flex_attention"], out["sdpa"], rtol=1e-5, atol=1e-5)
     alone = _scores(models["flex_attention"], method, ids[1:2], mask[1:2], task_ids=task_ids[1:2])
-    torch.testing.assert_close(out["flex_attention"][int(mask[0].sum()):int(mask[:2].sum())], alone,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out["flex_attention"][int(mask[0].sum()) : int(mask[:2].sum())], alone, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_packed_prefill_on_flex_equals_sdpa():
@@ -119,8 +128,9 @@ def test_packed_prefill_on_flex_equals_sdpa():
     real = mask[:, :-1].bool()
     for mine, theirs in zip(caches["flex_attention"].layers, caches["sdpa"].layers, strict=True):
         torch.testing.assert_close(mine.keys.transpose(1, 2)[real], theirs.keys.transpose(1, 2)[real])
-        torch.testing.assert_close(mine.values.transpose(1, 2)[real], theirs.values.transpose(1, 2)[real],
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            mine.values.transpose(1, 2)[real], theirs.values.transpose(1, 2)[real], rtol=1e-5, atol=1e-5
+        )
 
 
 def test_flex_calls_get_one_block_mask_per_forward(monkeypatch):

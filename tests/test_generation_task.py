@@ -17,21 +17,30 @@ def test_training_batch_aligns_targets_and_labels_only_them():
     t = Template.parse("D: {mr} T:{answer}")
     batch = training_batch(t, tok, [{"mr": "ab", "ref": "xy"}, {"mr": "abcd", "ref": "z"}], "ref", 64)
     prompts = [tok("D: ab T:")["input_ids"], tok("D: abcd T:")["input_ids"]]
-    targets = [tok(" xy", add_special_tokens=False)["input_ids"] + [2], tok(" z", add_special_tokens=False)["input_ids"] + [2]]
+    targets = [
+        tok(" xy", add_special_tokens=False)["input_ids"] + [2],
+        tok(" z", add_special_tokens=False)["input_ids"] + [2],
+    ]
     width = max(map(len, prompts))
     for i, (prompt, target) in enumerate(zip(prompts, targets)):
         real = batch["attention_mask"][i].bool()
         assert batch["input_ids"][i][real].tolist() == prompt + target
-        assert batch["labels"][i, width:width + len(target)].tolist() == target  # every target starts at one column
-        assert (batch["labels"][i, :width] == -100).all() and (batch["labels"][i, width + len(target):] == -100).all()
+        assert batch["labels"][i, width : width + len(target)].tolist() == target  # every target starts at one column
+        assert (batch["labels"][i, :width] == -100).all() and (batch["labels"][i, width + len(target) :] == -100).all()
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("method,options", [
-    ("prompt-tuning", {}), ("prompt-tuning", {"position": "after_bos"}), ("prefix-tuning", {}),
-    ("p-tuning", {"template": "{soft:2} D: {mr} {soft} T:{answer}"}), ("p-tuning-v2", {"head": "none"}),
-])
+@pytest.mark.parametrize(
+    "method,options",
+    [
+        ("prompt-tuning", {}),
+        ("prompt-tuning", {"position": "after_bos"}),
+        ("prefix-tuning", {}),
+        ("p-tuning", {"template": "{soft:2} D: {mr} {soft} T:{answer}"}),
+        ("p-tuning-v2", {"head": "none"}),
+    ],
+)
 def test_target_token_loss_equals_the_models_own_loss_and_gradients(arch, method, options):
     """Logits only at target-predicting columns give the same loss and gradients as the full-logit loss."""
     from pstar_plugins.tasks.generation import target_token_loss
@@ -79,10 +88,26 @@ def test_references_are_grouped_by_source_and_scored_against_all():
 def test_generation_training_runs_and_reports_bleu(tiny_dir, tmp_path, method):
     train = tmp_path / "train.csv"
     dev = tmp_path / "dev.csv"
-    train.write_text('mr,ref\n"name[A], food[Thai]","A serves Thai food."\n"name[B], area[riverside]","B is by the river."\n' * 4)
+    train.write_text(
+        'mr,ref\n"name[A], food[Thai]","A serves Thai food."\n"name[B], area[riverside]","B is by the river."\n' * 4
+    )
     dev.write_text('mr,ref\n"name[C], food[Thai]","C serves Thai food."\n"name[C], food[Thai]","Thai food at C."\n')
-    result = _train(tiny_dir, tmp_path / "run", "--task", "generation", "--method", method, "--train-file", str(train),
-                    "--validation-file", str(dev), "--template", "Data: {mr}\\nText:{answer}", "--max-new-tokens", "6")
+    result = _train(
+        tiny_dir,
+        tmp_path / "run",
+        "--task",
+        "generation",
+        "--method",
+        method,
+        "--train-file",
+        str(train),
+        "--validation-file",
+        str(dev),
+        "--template",
+        "Data: {mr}\\nText:{answer}",
+        "--max-new-tokens",
+        "6",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["metric"] == "bleu" and metrics["generation_scores"]["final eval"]["sources"] == 1

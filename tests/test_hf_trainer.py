@@ -34,8 +34,10 @@ def tokenizer(tiny_dir):
 
 
 def rows(n=16):
-    return [{"sentence": f"the film number {i} was {'very ' * (i % 3)}{'great' if i % 2 else 'dull'}", "label": i % 2}
-            for i in range(n)]
+    return [
+        {"sentence": f"the film number {i} was {'very ' * (i % 3)}{'great' if i % 2 else 'dull'}", "label": i % 2}
+        for i in range(n)
+    ]
 
 
 def features(method, tokenizer, n=16):
@@ -48,8 +50,14 @@ def features(method, tokenizer, n=16):
             feature = {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": row["label"]}
         else:
             template = OPTIONS[method].get("template", "Review: {sentence} Sentiment:{answer}")
-            feature = encode_example(template, tokenizer, row, WORDS[row["label"]], task_id=i % 2 if method == "prompt-tuning" else None,
-                                     slot_input=get_plugin_manager().method(method).resolve_class().slot_input)
+            feature = encode_example(
+                template,
+                tokenizer,
+                row,
+                WORDS[row["label"]],
+                task_id=i % 2 if method == "prompt-tuning" else None,
+                slot_input=get_plugin_manager().method(method).resolve_class().slot_input,
+            )
         out.append({**feature, "sentence": row["sentence"]})
     return Dataset.from_list(out)
 
@@ -73,7 +81,9 @@ def assert_same(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
-def assert_checkpoints_and_final_hold_the_adapter(trainer, tmp_path: Path, model: PStarModel, method: str, trained) -> None:
+def assert_checkpoints_and_final_hold_the_adapter(
+    trainer, tmp_path: Path, model: PStarModel, method: str, trained
+) -> None:
     """Checkpoints 1 and 2 and ``save_model()`` hold the adapter only, and the saved one is
     ``method``'s with the ``trained`` tensors."""
     for step in (1, 2):
@@ -103,7 +113,11 @@ def assert_adapter_only(folder: Path, model: PStarModel):
         moments = sum(t.numel() for s in state.values() for k, t in s.items() if k != "step")
         assert moments == 2 * trainable  # AdamW's exp_avg and exp_avg_sq of the trainable tensors only
     # tokenizer files are saved beside the adapter when the trainer has one; they hold no weight
-    total = sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and not p.name.startswith(("tokenizer", "chat_template")))
+    total = sum(
+        p.stat().st_size
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(("tokenizer", "chat_template"))
+    )
     assert total < frozen_bytes(model) / 4, (total, frozen_bytes(model))
 
 
@@ -111,16 +125,23 @@ def assert_adapter_only(folder: Path, model: PStarModel):
 def test_plain_trainer_with_default_arguments_gets_labels_and_method_inputs(tiny_dir, tokenizer, tmp_path, method):
     model = make_model(tiny_dir, tokenizer, method)
     data = features(method, tokenizer, n=8)
-    collator = PStarDataCollator(tokenizer, input_pads=model.method.input_pads)  # a plain Trainer: the method's pads passed
-    args = tf.TrainingArguments(str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
-                                per_device_eval_batch_size=8)
+    collator = PStarDataCollator(
+        tokenizer, input_pads=model.method.input_pads
+    )  # a plain Trainer: the method's pads passed
+    args = tf.TrainingArguments(
+        str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, per_device_eval_batch_size=8
+    )
     trainer = tf.Trainer(model=model, args=args, train_dataset=data, eval_dataset=data, data_collator=collator)
     before = trainable_copy(model)
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss))
     after = trainable_copy(model)
-    assert all(not torch.equal(before[k], after[k]) for k in before if before[k].dtype.is_floating_point and "head.bias" not in k)
+    assert all(
+        not torch.equal(before[k], after[k])
+        for k in before
+        if before[k].dtype.is_floating_point and "head.bias" not in k
+    )
     assert all(torch.equal(p, frozen_before[n]) for n, p in model.named_parameters() if not p.requires_grad)
     # the loss Trainer reports is the model's own loss on the full batch: labels, prompt_index
     # and task_ids all reached forward (without them p-tuning and two-task prompt tuning raise)
@@ -135,16 +156,26 @@ def test_plain_trainer_with_default_arguments_gets_labels_and_method_inputs(tiny
 def test_checkpoints_and_save_model_write_the_adapter_only(tiny_dir, tokenizer, tmp_path, method):
     model = make_model(tiny_dir, tokenizer, method)
     args = tf.TrainingArguments(str(tmp_path / "out"), max_steps=2, save_steps=1, per_device_train_batch_size=4)
-    trainer = PStarTrainer(model=model, args=args, train_dataset=features(method, tokenizer, n=8),
-                           data_collator=PStarDataCollator(tokenizer))
+    trainer = PStarTrainer(
+        model=model,
+        args=args,
+        train_dataset=features(method, tokenizer, n=8),
+        data_collator=PStarDataCollator(tokenizer),
+    )
     trainer.train()
     # the optimizer has the method's parameter groups (e.g. p-tuning's soft tokens without weight decay)
-    assert [len(g["params"]) for g in trainer.optimizer.param_groups] == [len(g["params"]) for g in param_groups(model, 1e-3)]
+    assert [len(g["params"]) for g in trainer.optimizer.param_groups] == [
+        len(g["params"]) for g in param_groups(model, 1e-3)
+    ]
     assert_checkpoints_and_final_hold_the_adapter(trainer, tmp_path, model, method, trainable_copy(model))
     # loading onto a fresh base model reproduces the trained model's outputs
-    reloaded = load_adapter(tf.AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "final", trainable=False).eval()
+    reloaded = load_adapter(
+        tf.AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "final", trainable=False
+    ).eval()
     assert not any(p.requires_grad for p in reloaded.parameters())
-    batch = trainer.data_collator([{k: v for k, v in f.items() if k != "sentence"} for f in features(method, tokenizer, n=4)])
+    batch = trainer.data_collator(
+        [{k: v for k, v in f.items() if k != "sentence"} for f in features(method, tokenizer, n=4)]
+    )
     batch.pop("labels")
     model.eval()
     with torch.no_grad():
@@ -155,10 +186,22 @@ def train(tiny_dir, tokenizer, method, out, steps, resume=None, **extra):
     torch.manual_seed(0)
     model = make_model(tiny_dir, tokenizer, method)
     data = features(method, tokenizer, n=16)
-    args = tf.TrainingArguments(str(out), max_steps=steps, save_steps=2, per_device_train_batch_size=4,
-                                learning_rate=1e-2, warmup_steps=1, **extra)
-    trainer = PStarTrainer(model=model, args=args, train_dataset=data, eval_dataset=data.select(range(8)),
-                           data_collator=PStarDataCollator(tokenizer))
+    args = tf.TrainingArguments(
+        str(out),
+        max_steps=steps,
+        save_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        warmup_steps=1,
+        **extra,
+    )
+    trainer = PStarTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        eval_dataset=data.select(range(8)),
+        data_collator=PStarDataCollator(tokenizer),
+    )
     trainer.train(resume_from_checkpoint=resume)
     return trainer, model
 
@@ -168,8 +211,9 @@ def test_resume_from_checkpoint_continues_exactly(tiny_dir, tokenizer, tmp_path,
     _, straight = train(tiny_dir, tokenizer, method, tmp_path / "straight", steps=4)
     # a fresh model and trainer (freshly initialised tensors) resumed from step 2: adapter tensors,
     # AdamW moments, the LR schedule and the data position all come back, so step 4 is the same
-    trainer, resumed = train(tiny_dir, tokenizer, method, tmp_path / "straight", steps=4,
-                             resume=str(tmp_path / "straight" / "checkpoint-2"))
+    trainer, resumed = train(
+        tiny_dir, tokenizer, method, tmp_path / "straight", steps=4, resume=str(tmp_path / "straight" / "checkpoint-2")
+    )
     assert trainer.state.global_step == 4
     assert_same(trainable_copy(straight), trainable_copy(resumed))
 
@@ -177,8 +221,18 @@ def test_resume_from_checkpoint_continues_exactly(tiny_dir, tokenizer, tmp_path,
 @pytest.mark.parametrize("method", METHODS)
 def test_load_best_model_at_end_restores_the_best_checkpoint(tiny_dir, tokenizer, tmp_path, method):
     # "best" = the highest eval loss, so the best checkpoint is an early one, not the last
-    trainer, model = train(tiny_dir, tokenizer, method, tmp_path / "out", steps=4, eval_strategy="steps", eval_steps=2,
-                           load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True)
+    trainer, model = train(
+        tiny_dir,
+        tokenizer,
+        method,
+        tmp_path / "out",
+        steps=4,
+        eval_strategy="steps",
+        eval_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=True,
+    )
     best = Path(trainer.state.best_model_checkpoint)
     assert best.name == "checkpoint-2", best
     _, best_tensors = read_adapter(best)
@@ -191,7 +245,9 @@ def test_load_best_model_at_end_restores_the_best_checkpoint(tiny_dir, tokenizer
 def test_collator_pads_every_input_with_its_neutral_value(tokenizer, side):
     template = "{soft:2} {sentence}:{answer}"
     short = encode_example(template, tokenizer, {"sentence": "ok"}, "yes", task_id=1, slot_input="slots")
-    long = encode_example(template, tokenizer, {"sentence": "a much longer review text"}, "no", task_id=0, slot_input="slots")
+    long = encode_example(
+        template, tokenizer, {"sentence": "a much longer review text"}, "no", task_id=0, slot_input="slots"
+    )
     batch = PStarDataCollator(tokenizer, padding_side=side, input_pads={"slots": -1})([short, long])
     n, width = len(short["input_ids"]), len(long["input_ids"])
     assert n < width and batch["input_ids"].shape == (2, width)
@@ -213,25 +269,43 @@ def test_a_methods_own_inputs_are_named_by_the_method_not_guessed(tokenizer):
     with no declared pad value is refused rather than padded with a number that means something."""
     with pytest.raises(ConfigError, match="has \\{soft\\} slots: pass slot_input=model.method.slot_input"):
         encode_example("{soft:2} {sentence}:{answer}", tokenizer, {"sentence": "ok"}, "yes")
-    features = [encode_example("{soft:2} {sentence}:{answer}", tokenizer, {"sentence": s}, "yes", slot_input="slots")
-                for s in ("ok", "longer text")]
+    features = [
+        encode_example("{soft:2} {sentence}:{answer}", tokenizer, {"sentence": s}, "yes", slot_input="slots")
+        for s in ("ok", "longer text")
+    ]
     with pytest.raises(ValueError, match="'slots' has no known pad value"):
         PStarDataCollator(tokenizer)(features)
     model = build_model(tiny_model("llama"), "p-tuning", template="{soft:2} {sentence}:{answer}")
-    trainer = PStarTrainer(model=model, data_collator=PStarDataCollator(tokenizer),
-                           args=tf.TrainingArguments("unused", report_to=[], use_cpu=True))
+    trainer = PStarTrainer(
+        model=model,
+        data_collator=PStarDataCollator(tokenizer),
+        args=tf.TrainingArguments("unused", report_to=[], use_cpu=True),
+    )
     assert trainer.data_collator.input_pads == {"prompt_index": -1} == dict(model.method.input_pads)
 
 
 def test_resuming_from_another_methods_checkpoint_is_refused(tiny_dir, tokenizer, tmp_path):
     train(tiny_dir, tokenizer, "prefix-tuning", tmp_path / "prefix", steps=2)
-    with pytest.raises(AdapterError, match="holds a 'prefix-tuning' adapter, but the model being trained uses 'prompt-tuning'"):
-        train(tiny_dir, tokenizer, "prompt-tuning", tmp_path / "prompt", steps=4, resume=str(tmp_path / "prefix" / "checkpoint-2"))
+    with pytest.raises(
+        AdapterError, match="holds a 'prefix-tuning' adapter, but the model being trained uses 'prompt-tuning'"
+    ):
+        train(
+            tiny_dir,
+            tokenizer,
+            "prompt-tuning",
+            tmp_path / "prompt",
+            steps=4,
+            resume=str(tmp_path / "prefix" / "checkpoint-2"),
+        )
 
 
 def checkpoint_bytes(folder: Path) -> int:
     """Every file a checkpoint holds except the tokenizer's (which a trainer with a tokenizer adds)."""
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.name.startswith(("tokenizer", "chat_template")))
+    return sum(
+        p.stat().st_size
+        for p in folder.rglob("*")
+        if p.is_file() and not p.name.startswith(("tokenizer", "chat_template"))
+    )
 
 
 def adapter_and_optimizer_bytes(model: PStarModel) -> int:
@@ -241,9 +315,12 @@ def adapter_and_optimizer_bytes(model: PStarModel) -> int:
 
 
 #: prompts large enough that a checkpoint's fixed files (RNG states, arguments) do not decide the ratio
-BIG = {"prompt-tuning": dict(num_virtual_tokens=64), "prefix-tuning": dict(num_virtual_tokens=16),
-       "p-tuning": dict(template="{soft:16} Review: {sentence} {soft:16} Sentiment:{answer}"),
-       "p-tuning-v2": dict(num_virtual_tokens=96)}
+BIG = {
+    "prompt-tuning": dict(num_virtual_tokens=64),
+    "prefix-tuning": dict(num_virtual_tokens=16),
+    "p-tuning": dict(template="{soft:16} Review: {sentence} {soft:16} Sentiment:{answer}"),
+    "p-tuning-v2": dict(num_virtual_tokens=96),
+}
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -254,10 +331,21 @@ def test_plain_trainer_checkpoints_hold_no_frozen_weight_and_resume_exactly(tiny
         torch.manual_seed(0)
         base = tf.AutoModelForCausalLM.from_pretrained(tiny_dir)
         model = build_model(base, method, tokenizer=tokenizer, **{**OPTIONS[method], **BIG[method]})
-        args = tf.TrainingArguments(str(out), max_steps=4, save_steps=2, per_device_train_batch_size=4,
-                                    learning_rate=1e-2, warmup_steps=1, report_to=[])
-        trainer = tf.Trainer(model=model, args=args, train_dataset=features(method, tokenizer, n=16),
-                             data_collator=PStarDataCollator(tokenizer, input_pads=model.method.input_pads))
+        args = tf.TrainingArguments(
+            str(out),
+            max_steps=4,
+            save_steps=2,
+            per_device_train_batch_size=4,
+            learning_rate=1e-2,
+            warmup_steps=1,
+            report_to=[],
+        )
+        trainer = tf.Trainer(
+            model=model,
+            args=args,
+            train_dataset=features(method, tokenizer, n=16),
+            data_collator=PStarDataCollator(tokenizer, input_pads=model.method.input_pads),
+        )
         trainer.train(resume_from_checkpoint=resume)
         return trainer, model
 
@@ -267,8 +355,10 @@ def test_plain_trainer_checkpoints_hold_no_frozen_weight_and_resume_exactly(tiny
         with safe_open(str(folder / "model.safetensors"), framework="pt") as fh:
             assert sorted(fh.keys()) == sorted(straight.state_dict())
         assert not any(k.startswith("base_model.") for k in straight.state_dict())
-        assert checkpoint_bytes(folder) < 2 * adapter_and_optimizer_bytes(straight), \
-            (checkpoint_bytes(folder), adapter_and_optimizer_bytes(straight))
+        assert checkpoint_bytes(folder) < 2 * adapter_and_optimizer_bytes(straight), (
+            checkpoint_bytes(folder),
+            adapter_and_optimizer_bytes(straight),
+        )
     trainer.save_model(str(tmp_path / "final"))
     assert checkpoint_bytes(tmp_path / "final") < 2 * adapter_and_optimizer_bytes(straight)
     _, resumed = run(tmp_path / "out", resume=str(tmp_path / "out" / "checkpoint-2"))

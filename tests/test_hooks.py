@@ -34,7 +34,9 @@ def test_hook_pstar_register_methods():
     assert set(pm.methods) == {"prompt-tuning", "prefix-tuning", "p-tuning", "p-tuning-v2"}
     assert all(isinstance(s, MethodSpec) and s.help and s.plugin == s.name for s in pm.methods.values())
     calls = []
-    pm.add_hookcall_monitoring(lambda name, impls, kwargs: calls.append((name, [i.plugin_name for i in impls])), lambda *a: None)
+    pm.add_hookcall_monitoring(
+        lambda name, impls, kwargs: calls.append((name, [i.plugin_name for i in impls])), lambda *a: None
+    )
 
     class TwoMethods:
         @hookimpl
@@ -65,7 +67,9 @@ def test_hook_pstar_trainable_parameters():
     """The method's own parameters come from the method; the hook adds other plugins' names."""
     with registered_plugin(UnfreezeNorms(), name="norms"):
         model = _model()
-        contributed = {n for result in model.plugin_manager.hook.pstar_trainable_parameters(model=model) for n in (result or [])}
+        contributed = {
+            n for result in model.plugin_manager.hook.pstar_trainable_parameters(model=model) for n in (result or [])
+        }
         assert contributed == {"base_model.model.norm.weight"}
         own = {"method." + n for n in model.method.trainable_parameter_names()}
         assert own and all(n.startswith("method.tables.self.") for n in own)
@@ -75,7 +79,11 @@ def test_hook_pstar_trainable_parameters():
 def test_hook_pstar_param_groups():
     with registered_plugin(UnfreezeNorms(), name="norms"):
         model = _model()
-        groups = [g for r in model.plugin_manager.hook.pstar_param_groups(model=model, learning_rate=0.1, weight_decay=0.01) for g in (r or [])]
+        groups = [
+            g
+            for r in model.plugin_manager.hook.pstar_param_groups(model=model, learning_rate=0.1, weight_decay=0.01)
+            for g in (r or [])
+        ]
         assert [g["name"] for g in groups] == ["norms"] and groups[0]["lr"] == 0.01
         by_name = {g["name"]: g for g in param_groups(model, 0.1, 0.01)}  # the method's groups, then the plugins'
     assert set(by_name) == {"prefix", "prefix-projection", "norms"}
@@ -93,13 +101,17 @@ def test_a_plugin_implementing_a_removed_hook_is_refused_naming_the_replacement(
 
 def test_a_method_plugin_overriding_create_is_refused():
     class OldPlugin(MethodPlugin):
-        spec = MethodSpec("old", MethodConfig, "built by create()", method_class="pstar_plugins.contract.method:PromptMethod")
+        spec = MethodSpec(
+            "old", MethodConfig, "built by create()", method_class="pstar_plugins.contract.method:PromptMethod"
+        )
 
         def create(self, base_model, config, tokenizer):
             raise AssertionError("never called")
 
     pm = create_plugin_manager(autoload=False)
-    with pytest.raises(PluginError, match="overrides MethodPlugin.create\\(\\), which is no longer called: set method_class"):
+    with pytest.raises(
+        PluginError, match="overrides MethodPlugin.create\\(\\), which is no longer called: set method_class"
+    ):
         pm.register_plugin(OldPlugin(), name="old")
     assert "old" not in pm.methods
 

@@ -51,7 +51,11 @@ METHODS = {
 
 
 def test_the_words_have_one_two_and_three_tokens():
-    assert [len(ids) for ids in Verbalizer(TOKENIZER, Template.parse(TEMPLATE), WORDS, masked_lm=False).words] == [1, 2, 3]
+    assert [len(ids) for ids in Verbalizer(TOKENIZER, Template.parse(TEMPLATE), WORDS, masked_lm=False).words] == [
+        1,
+        2,
+        3,
+    ]
 
 
 def prompted(arch: str, method: str, packing: bool, seed: int = 0, **extra):
@@ -108,7 +112,13 @@ def test_one_pass_equals_the_per_class_loop(arch, method, packing):
     # with packing on, the input's call runs packed and returns its cache in the padded layout; with
     # sliding-window layers it runs padded over a cache of whole layers, windowed by the model's masks
     sliding = fast_paths.has_sliding_layers(model.config)
-    expect = "padded (a KV cache is passed in)" if packing and sliding else "packed" if packing else "padded (packing is off)"
+    expect = (
+        "padded (a KV cache is passed in)"
+        if packing and sliding
+        else "packed"
+        if packing
+        else "padded (packing is off)"
+    )
     assert_same_scores_and_gradients(model, verbalizer, input_call=expect)
 
 
@@ -126,8 +136,11 @@ def test_a_window_that_bites_is_honoured_in_one_pass():
     model = build_model(windowed, "prefix-tuning", num_virtual_tokens=3)
     verbalizer = Verbalizer(TOKENIZER, Template.parse(TEMPLATE), WORDS, masked_lm=False)
     assert_same_scores_and_gradients(model, verbalizer, input_call=None)
-    wide = build_model(auto.from_config(type(config)(**{**values, "sliding_window": 1000}), attn_implementation="sdpa").eval(),
-                       "prefix-tuning", num_virtual_tokens=3)
+    wide = build_model(
+        auto.from_config(type(config)(**{**values, "sliding_window": 1000}), attn_implementation="sdpa").eval(),
+        "prefix-tuning",
+        num_virtual_tokens=3,
+    )
     wide.method.load_state_dict(model.method.state_dict())
     batch = verbalizer.encode(ROWS)
     with torch.no_grad():
@@ -142,8 +155,9 @@ def test_one_pass_at_inference_equals_the_loop(method):
     model.eval()
     batch = verbalizer.encode(ROWS)
     with torch.no_grad(), recording() as paths:
-        torch.testing.assert_close(verbalizer.scores(model, batch), verbalizer.scores_per_class(model, batch),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            verbalizer.scores(model, batch), verbalizer.scores_per_class(model, batch), rtol=1e-5, atol=1e-5
+        )
     assert paths == ["one pass"]
 
 

@@ -26,7 +26,8 @@ def _is_type_checking_block(node: ast.AST) -> bool:
     test = getattr(node, "test", None)
     return isinstance(node, ast.If) and (
         (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
-        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    )
 
 
 def _imports(tree: ast.AST):
@@ -81,7 +82,9 @@ def import_graph() -> dict[str, set[str]]:
                 continue
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             if not base.startswith("pstar_plugins"):
                 continue
             for alias in node.names:
@@ -109,7 +112,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for succ in sorted(graph.get(node, ())):
             if state.get(succ) == 1:
-                return path[path.index(succ):] + [succ]
+                return path[path.index(succ) :] + [succ]
             if not state.get(succ):
                 found = visit(succ)
                 if found:
@@ -128,7 +131,10 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_import_graph_of_the_package_has_no_cycle():
     graph = import_graph()
-    assert graph["pstar_plugins.assembly.loading"] >= {"pstar_plugins.assembly.build", "pstar_plugins.mechanisms.adapter_io"}
+    assert graph["pstar_plugins.assembly.loading"] >= {
+        "pstar_plugins.assembly.build",
+        "pstar_plugins.mechanisms.adapter_io",
+    }
     assert "pstar_plugins.assembly.loading" in graph["pstar_plugins"]  # through the lazy export table
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
@@ -137,7 +143,9 @@ def test_the_import_graph_of_the_package_has_no_cycle():
 def test_the_cycle_finder_reports_a_function_local_cycle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}
     assert find_cycle(graph) == ["a", "b", "c", "a"]
-    tree = ast.parse("def f():\n    from pstar_plugins.core import model\nif TYPE_CHECKING:\n    import pstar_plugins.train\n")
+    tree = ast.parse(
+        "def f():\n    from pstar_plugins.core import model\nif TYPE_CHECKING:\n    import pstar_plugins.train\n"
+    )
     assert [n.module for n in _imports(tree)] == ["pstar_plugins.core"]
 
 
@@ -151,9 +159,21 @@ LAYERS = [
     ("methods", ["pstar_plugins.methods"]),
     ("assembly", ["pstar_plugins.assembly"]),
     ("tasks and scoring", ["pstar_plugins.tasks"]),
-    ("scripts and integrations", ["pstar_plugins", "pstar_plugins.cli", "pstar_plugins.arguments", "pstar_plugins.models",
-                                  "pstar_plugins.evaluate", "pstar_plugins.hf_trainer", "pstar_plugins.trl_sft",
-                                  "pstar_plugins.train", "pstar_plugins.interop", "pstar_plugins.testing"]),
+    (
+        "scripts and integrations",
+        [
+            "pstar_plugins",
+            "pstar_plugins.cli",
+            "pstar_plugins.arguments",
+            "pstar_plugins.models",
+            "pstar_plugins.evaluate",
+            "pstar_plugins.hf_trainer",
+            "pstar_plugins.trl_sft",
+            "pstar_plugins.train",
+            "pstar_plugins.interop",
+            "pstar_plugins.testing",
+        ],
+    ),
 ]
 
 
@@ -198,8 +218,12 @@ def test_a_new_top_level_module_is_in_no_layer():
 
 def test_every_import_goes_to_the_same_layer_or_below():
     graph = import_graph()
-    upward = sorted(f"{m} ({LAYERS[layer_of(m)][0]}) -> {t} ({LAYERS[layer_of(t)][0]})"
-                    for m, targets in graph.items() for t in targets if layer_of(t) > layer_of(m))
+    upward = sorted(
+        f"{m} ({LAYERS[layer_of(m)][0]}) -> {t} ({LAYERS[layer_of(t)][0]})"
+        for m, targets in graph.items()
+        for t in targets
+        if layer_of(t) > layer_of(m)
+    )
     assert not upward, "imports of a higher layer:\n" + "\n".join(upward)
 
 
@@ -221,10 +245,16 @@ def test_the_packages_import_each_other_without_a_cycle():
 
 
 def test_the_package_cycle_check_sees_a_knot_of_acyclic_modules():
-    graph = {"pstar_plugins.mechanisms.a": {"pstar_plugins.methods.b"},
-             "pstar_plugins.methods.c": {"pstar_plugins.mechanisms.d"}}
+    graph = {
+        "pstar_plugins.mechanisms.a": {"pstar_plugins.methods.b"},
+        "pstar_plugins.methods.c": {"pstar_plugins.mechanisms.d"},
+    }
     assert find_cycle(graph) is None
-    assert find_cycle(package_graph(graph)) == ["pstar_plugins.mechanisms", "pstar_plugins.methods", "pstar_plugins.mechanisms"]
+    assert find_cycle(package_graph(graph)) == [
+        "pstar_plugins.mechanisms",
+        "pstar_plugins.methods",
+        "pstar_plugins.mechanisms",
+    ]
 
 
 #: what lower layers must not touch: the plugin registry lives in assembly, and what a mechanism
@@ -234,8 +264,12 @@ REGISTRY_ATTRIBUTES = {"plugin_manager", "hook", "_pm"}
 
 def test_no_layer_below_assembly_reaches_the_plugin_registry():
     below = [m for m in MODULES if layer_of(m) < layer_of("pstar_plugins.assembly.registry")]
-    hits = sorted(f"{m}:{node.lineno} .{node.attr}" for m in below for node in ast.walk(ast.parse(MODULES[m].read_text()))
-                  if isinstance(node, ast.Attribute) and node.attr in REGISTRY_ATTRIBUTES)
+    hits = sorted(
+        f"{m}:{node.lineno} .{node.attr}"
+        for m in below
+        for node in ast.walk(ast.parse(MODULES[m].read_text()))
+        if isinstance(node, ast.Attribute) and node.attr in REGISTRY_ATTRIBUTES
+    )
     assert not hits, f"calls back up to the plugin registry: {hits}"
     assert "pstar_plugins.contract.hookspecs" in below and "pstar_plugins.methods.prompt_tuning.module" in below
 
@@ -257,12 +291,18 @@ def test_contract_types_import_no_wrapped_model():
 METHOD_NAME = re.compile(r"(?<![\w-])(prompt-tuning|prefix-tuning|p-tuning|p-tuning-v2)(?![\w-])")
 #: (file, text the literal starts with) → why a method name may appear there
 NAME_ALLOWED = {
-    ("pstar_plugins/mechanisms/attention.py", ") computes attention in its own code"):
-        "an error message suggesting methods that need no attention routing; nothing is decided by it",
-    ("pstar_plugins/mechanisms/attention.py", "; prefix methods need one shape per kind"):
-        "an error message suggesting an alternative method; nothing is decided by it",
-    ("pstar_plugins/mechanisms/template.py", ": {soft} tokens are only for the p-tuning method"):
-        "an error message naming the method whose templates take {soft} tokens; nothing is decided by it",
+    (
+        "pstar_plugins/mechanisms/attention.py",
+        ") computes attention in its own code",
+    ): "an error message suggesting methods that need no attention routing; nothing is decided by it",
+    (
+        "pstar_plugins/mechanisms/attention.py",
+        "; prefix methods need one shape per kind",
+    ): "an error message suggesting an alternative method; nothing is decided by it",
+    (
+        "pstar_plugins/mechanisms/template.py",
+        ": {soft} tokens are only for the p-tuning method",
+    ): "an error message naming the method whose templates take {soft} tokens; nothing is decided by it",
 }
 
 
@@ -271,7 +311,11 @@ def _docstrings(tree: ast.AST) -> set[int]:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
             first = node.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
                 found.add(id(first.value))
     return found
 
@@ -286,8 +330,12 @@ def literals_outside_methods(pattern: re.Pattern, root: Path = PACKAGE) -> list[
         tree = ast.parse(path.read_text())
         docs = _docstrings(tree)
         for node in ast.walk(tree):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs \
-                    and pattern.search(node.value):
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and id(node) not in docs
+                and pattern.search(node.value)
+            ):
                 hits.append((path.relative_to(root.parent).as_posix(), node.lineno, node.value))
     return hits
 
@@ -299,18 +347,27 @@ def method_name_literals(root: Path = PACKAGE) -> list[tuple[str, int, str]]:
 
 def test_no_method_name_in_code_outside_methods():
     """Every method-specific decision is asked of the method's class or spec, never of its name."""
-    hits = [(f, line, text) for f, line, text in method_name_literals()
-            if not any(f == af and text.startswith(prefix) for af, prefix in NAME_ALLOWED)]
+    hits = [
+        (f, line, text)
+        for f, line, text in method_name_literals()
+        if not any(f == af and text.startswith(prefix) for af, prefix in NAME_ALLOWED)
+    ]
     assert not hits, "method names in code outside pstar_plugins/methods/: " + json.dumps(hits, indent=1)
-    used = {(af, prefix) for af, prefix in NAME_ALLOWED for f, _, text in method_name_literals()
-            if f == af and text.startswith(prefix)}
+    used = {
+        (af, prefix)
+        for af, prefix in NAME_ALLOWED
+        for f, _, text in method_name_literals()
+        if f == af and text.startswith(prefix)
+    }
     assert used == set(NAME_ALLOWED), f"allow-list entries that match nothing any more: {set(NAME_ALLOWED) - used}"
 
 
 def test_the_method_name_check_catches_a_branch(tmp_path):
     pkg = tmp_path / "pstar_plugins"
     (pkg / "methods").mkdir(parents=True)
-    (pkg / "core.py").write_text('"""Docstrings may say prompt-tuning."""\n\ndef f(m):\n    return m.name == "p-tuning-v2"\n')
+    (pkg / "core.py").write_text(
+        '"""Docstrings may say prompt-tuning."""\n\ndef f(m):\n    return m.name == "p-tuning-v2"\n'
+    )
     (pkg / "methods" / "x.py").write_text('NAME = "prefix-tuning"\n')
     assert method_name_literals(pkg) == [("pstar_plugins/core.py", 4, "p-tuning-v2")]
 
@@ -345,7 +402,9 @@ MAX_FUNCTION_LINES = 80
 LONG_ALLOWED: dict[tuple[str, str], str] = {}  # (file, function) -> why it stays long
 
 
-def long_functions(package: Path = PACKAGE, limit: int = MAX_FUNCTION_LINES, root: Path = ROOT) -> dict[tuple[str, str], int]:
+def long_functions(
+    package: Path = PACKAGE, limit: int = MAX_FUNCTION_LINES, root: Path = ROOT
+) -> dict[tuple[str, str], int]:
     found = {}
     for path in sorted(package.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -378,9 +437,11 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 
 def test_importing_the_package_imports_no_torch():
-    result = _run("import sys, pstar_plugins, pstar_plugins.assembly.registry, pstar_plugins.contract.spec, pstar_plugins.contract.hookspecs\n"
-                  "import pstar_plugins.methods.builtin, pstar_plugins.cli\n"
-                  "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    result = _run(
+        "import sys, pstar_plugins, pstar_plugins.assembly.registry, pstar_plugins.contract.spec, pstar_plugins.contract.hookspecs\n"
+        "import pstar_plugins.methods.builtin, pstar_plugins.cli\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 
@@ -390,16 +451,22 @@ def test_the_pytest_entry_point_module_imports_no_torch():
     with pstar-plugins installed; it must stay free of torch and transformers."""
     text = (ROOT / "pyproject.toml").read_text()
     module = re.search(r"\[project\.entry-points\.pytest11\]\s*\n\s*\w+\s*=\s*\"([\w.]+)\"", text).group(1)
-    result = _run(f"import sys, {module}\nassert callable({module}.pstar_register)\n"
-                  "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    result = _run(
+        f"import sys, {module}\nassert callable({module}.pstar_register)\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 
 
 def test_importing_every_module_changes_nothing_in_transformers_or_the_environment():
     """Registration with transformers happens when a prefix method is first built, not at import."""
-    modules = sorted(m for m in MODULES if not m.startswith(("pstar_plugins.trl_sft", "pstar_plugins.testing.conformance"))
-                     and not m.endswith(".__main__"))  # running it is what importing it does
+    modules = sorted(
+        m
+        for m in MODULES
+        if not m.startswith(("pstar_plugins.trl_sft", "pstar_plugins.testing.conformance"))
+        and not m.endswith(".__main__")
+    )  # running it is what importing it does
     code = (
         "import json, os, importlib\n"
         "from transformers import AttentionInterface\n"
@@ -422,8 +489,10 @@ MAX_MODULE_LINES = 500
 
 
 def long_modules(package: Path = PACKAGE, limit: int = MAX_MODULE_LINES) -> dict[str, int]:
-    lengths = {path.relative_to(package.parent).as_posix(): len(path.read_text().splitlines())
-               for path in sorted(package.rglob("*.py"))}
+    lengths = {
+        path.relative_to(package.parent).as_posix(): len(path.read_text().splitlines())
+        for path in sorted(package.rglob("*.py"))
+    }
     return {name: n for name, n in lengths.items() if n > limit}
 
 

@@ -18,9 +18,12 @@ import lm_eval_compare  # noqa: E402
 
 # lm-eval loads the exported adapter with PEFT 0.21, which reads ``is_gradient_checkpointing`` and
 # passes ``past_key_values``, names transformers 5.25 deprecates
-pytestmark = [pytest.mark.slow, needs_model,
-              pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
-              pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")]
+pytestmark = [
+    pytest.mark.slow,
+    needs_model,
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning"),
+]
 TEMPLATE = "Review: {sentence} Sentiment:{answer}"
 
 
@@ -28,21 +31,34 @@ def adapter(tiny_dir, out, method, task_template=TEMPLATE, **options):
     torch.manual_seed(1)
     tokenizer = tf.AutoTokenizer.from_pretrained(tiny_dir)
     model = build_model(tf.AutoModelForCausalLM.from_pretrained(tiny_dir), method, tokenizer=tokenizer, **options)
-    model.save_adapter(out, task={"kind": "classification", "template": task_template, "label_words": ["negative", "positive"],
-                                  "label_column": "label", "max_length": 128})
+    model.save_adapter(
+        out,
+        task={
+            "kind": "classification",
+            "template": task_template,
+            "label_words": ["negative", "positive"],
+            "label_column": "label",
+            "max_length": 128,
+        },
+    )
     return str(out)
 
 
-@pytest.mark.parametrize("method, options", [
-    ("prompt-tuning", dict(num_virtual_tokens=4)),
-    ("prefix-tuning", dict(num_virtual_tokens=4)),
-    ("p-tuning-v2", dict(num_virtual_tokens=4, head="none")),
-    ("p-tuning", dict(template="{soft:3} Review: {sentence} Sentiment:{answer}", encoder="mlp")),
-])
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("prompt-tuning", dict(num_virtual_tokens=4)),
+        ("prefix-tuning", dict(num_virtual_tokens=4)),
+        ("p-tuning-v2", dict(num_virtual_tokens=4, head="none")),
+        ("p-tuning", dict(template="{soft:3} Review: {sentence} Sentiment:{answer}", encoder="mlp")),
+    ],
+)
 def test_lm_eval_scores_the_exported_adapter_like_pstar_eval(tiny_dir, tmp_path, method, options):
     template = options.get("template", TEMPLATE)
     path = adapter(tiny_dir, tmp_path / "adapter", method, template, **options)
-    report = lm_eval_compare.compare(path, str(tiny_dir), max_eval_samples=24, batch_size=8, work_dir=str(tmp_path / "work"))
+    report = lm_eval_compare.compare(
+        path, str(tiny_dir), max_eval_samples=24, batch_size=8, work_dir=str(tmp_path / "work")
+    )
     assert report["examples"] == 24
     assert report["lm_eval_accuracy"] == report["pstar_eval_accuracy"] == report["verbalizer_accuracy"]
     assert report["rows_with_different_prediction"] == 0

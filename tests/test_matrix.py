@@ -49,13 +49,18 @@ def test_cells_that_ran_match_the_record():
         pytest.skip("no matrix cell ran in this session")
     record = recorded()
     changes = [m for m in (moved(o, record.get(cell)) for cell, o in OBSERVED.items()) if m]
-    assert not changes, ("cells no longer do what tests/matrix_record.json says:\n  " + "\n  ".join(changes)
-                         + "\nrun python -m tests.matrix --write (it rewrites the record and docs/architectures.md)")
+    assert not changes, (
+        "cells no longer do what tests/matrix_record.json says:\n  "
+        + "\n  ".join(changes)
+        + "\nrun python -m tests.matrix --write (it rewrites the record and docs/architectures.md)"
+    )
 
 
 def test_document_is_the_rendering_of_the_record():
     record = recorded()
-    assert sorted(record) == sorted(CELLS), "the record does not list every cell once: run python -m tests.matrix --write"
+    assert sorted(record) == sorted(CELLS), (
+        "the record does not list every cell once: run python -m tests.matrix --write"
+    )
     rows = [record[cell] for cell in CELLS]
     assert DOC.read_text() == render(rows), "docs/architectures.md is stale: run python -m tests.matrix --write"
     assert sum(r["result"] == "passes" for r in rows) >= TARGET
@@ -81,9 +86,16 @@ def test_padding_free_families_are_verified_in_the_matrix():
 
 
 def test_a_moved_verdict_is_reported_with_both_sides():
-    before = {"architecture": "falcon", "method": "prefix-tuning", "result": "refused", "detail": "computes attention..."}
+    before = {
+        "architecture": "falcon",
+        "method": "prefix-tuning",
+        "result": "refused",
+        "detail": "computes attention...",
+    }
     after = dict(before, result="passes", detail="padded: direct call")
     assert moved(after, before) == "falcon × prefix-tuning: refused → passes"
     assert moved(before, before) is None
-    assert "passes → fails (prompt_only_gradients)" in moved(dict(before, result="fails", detail="prompt_only_gradients"),
-                                                              dict(before, result="passes", detail="padding-free"))
+    assert "passes → fails (prompt_only_gradients)" in moved(
+        dict(before, result="fails", detail="prompt_only_gradients"),
+        dict(before, result="passes", detail="padding-free"),
+    )

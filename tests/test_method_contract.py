@@ -14,7 +14,13 @@ from safetensors.torch import save_file
 from pstar_plugins import build_model
 from pstar_plugins.contract.errors import AdapterError
 from pstar_plugins.interop.peft import PEFT_CONFIG, PEFT_WEIGHTS, export_peft, import_peft
-from pstar_plugins.contract.capabilities import CheckpointContext, OnePassContinuations, PeftExport, PromptCache, TokenizerCheck
+from pstar_plugins.contract.capabilities import (
+    CheckpointContext,
+    OnePassContinuations,
+    PeftExport,
+    PromptCache,
+    TokenizerCheck,
+)
 from pstar_plugins.contract.method import MethodConfig, MethodPlugin, MethodSpec, PromptMethod
 from pstar_plugins.contract.spec import ClassifierHead
 from pstar_plugins.mechanisms import base_calls, inputs
@@ -56,13 +62,17 @@ def test_the_contract_doc_separates_must_may_and_opt_in():
     method = _own_public(PromptMethod, torch.nn.Module) | {"packing"}
     assert parts["Must"] == MUST
     assert parts["May call"] == MAY_CALL
-    assert parts["May override"] == method - MUST - MAY_CALL, "every other member of PromptMethod is a documented default"
+    assert parts["May override"] == method - MUST - MAY_CALL, (
+        "every other member of PromptMethod is a documented default"
+    )
     assert {"call_base", "generate_base"} <= set(vars(base_calls)) and "fill_position_ids" in vars(inputs)
     opt_in = {c.__name__ for c in CAPABILITIES} | {"EmbeddingPromptMethod"}
     opt_in |= {m for c in CAPABILITIES for m in _own_public(c)}
     opt_in |= _own_public(EmbeddingPromptMethod, PromptMethod) - {"peft_embedding_config", "run", "generate"}
     assert parts["Opt-in capabilities"] == opt_in
-    spec = {f.name for f in dataclasses.fields(MethodSpec) if f.name != "plugin"} | (_own_public(MethodSpec) - {"plugin"})
+    spec = {f.name for f in dataclasses.fields(MethodSpec) if f.name != "plugin"} | (
+        _own_public(MethodSpec) - {"plugin"}
+    )
     assert parts["The spec: `MethodSpec`"] == spec
     config = _own_public(MethodConfig) - {f.name for f in dataclasses.fields(MethodConfig)}
     assert parts["The config: `MethodConfig`"] == config
@@ -77,7 +87,9 @@ def test_must_members_have_no_default_and_may_members_do():
 
 def test_the_documented_smallest_method_is_the_test_fixture():
     block = re.search(r"## The smallest complete method.*?```python\n(.*?)```", DOC.read_text(), re.S).group(1)
-    assert block == FIXTURE.read_text(), "docs/method_contract.md shows tests/plugin_fixture.py: copy the file into the doc"
+    assert block == FIXTURE.read_text(), (
+        "docs/method_contract.md shows tests/plugin_fixture.py: copy the file into the doc"
+    )
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -99,17 +111,30 @@ def test_a_method_without_a_peft_layout_is_refused_on_export_by_its_class(tmp_pa
 def test_peft_import_builds_the_method_whose_spec_claims_the_type(tmp_path, capsys):
     """No name is looked up: a third-party spec that lists a PEFT type gets its adapters."""
     pm = create_plugin_manager(autoload=False)
-    pm.register_plugin(MethodPlugin(MethodSpec("my-prompt", PromptTuningConfig, "prompt tuning, another name",
-                                               method_class=PromptTuning, peft_types=("MY_PROMPT",))), name="mine")
+    pm.register_plugin(
+        MethodPlugin(
+            MethodSpec(
+                "my-prompt",
+                PromptTuningConfig,
+                "prompt tuning, another name",
+                method_class=PromptTuning,
+                peft_types=("MY_PROMPT",),
+            )
+        ),
+        name="mine",
+    )
     embeddings = torch.randn(3, 32)
     (tmp_path / PEFT_CONFIG).write_text(json.dumps({"peft_type": "MY_PROMPT", "num_virtual_tokens": 3}))
     save_file({"prompt_embeddings": embeddings}, str(tmp_path / PEFT_WEIGHTS))
     model = import_peft(tmp_path, tiny_model("llama"), plugin_manager=pm)
     assert model.method_name == "my-prompt" and torch.equal(model.method.prompt.detach()[0], embeddings)
     (tmp_path / PEFT_CONFIG).write_text(json.dumps({"peft_type": "LORA", "num_virtual_tokens": 3}))
-    with pytest.raises(AdapterError, match=r"'LORA' is imported by no loaded method \(they import MY_PROMPT, PREFIX_TUNING, "
-                                           r"PROMPT_TUNING, P_TUNING\)\. A plugin whose MethodSpec lists it in peft_types would: "
-                                           r"pass that plugin with -p MODULE"):
+    with pytest.raises(
+        AdapterError,
+        match=r"'LORA' is imported by no loaded method \(they import MY_PROMPT, PREFIX_TUNING, "
+        r"PROMPT_TUNING, P_TUNING\)\. A plugin whose MethodSpec lists it in peft_types would: "
+        r"pass that plugin with -p MODULE",
+    ):
         import_peft(tmp_path, tiny_model("llama"), plugin_manager=pm)
     from pstar_plugins.cli import main
 
@@ -120,8 +145,12 @@ def test_peft_import_builds_the_method_whose_spec_claims_the_type(tmp_path, caps
 
 
 def test_the_spec_builds_its_class_from_an_import_path():
-    spec = MethodSpec("lazy", PromptTuningConfig, "imported when built",
-                      method_class="pstar_plugins.methods.prompt_tuning.module:PromptTuning")
+    spec = MethodSpec(
+        "lazy",
+        PromptTuningConfig,
+        "imported when built",
+        method_class="pstar_plugins.methods.prompt_tuning.module:PromptTuning",
+    )
     assert spec.resolve_class() is PromptTuning
     module = spec.create(tiny_model("llama"), PromptTuningConfig(num_virtual_tokens=2, init="random"))
     assert isinstance(module, PromptTuning) and module.prompt.shape == (1, 2, 32)
@@ -171,4 +200,6 @@ def test_a_methods_own_inputs_are_named_by_forward_and_a_deep_copy_is_a_model_of
         twin.method.encoder.embedding.add_(1.0)
         ids = random_batch(2, 6)
         slots = torch.tensor([[0, 1, -1, -1, -1, -1]] * 2)
-        assert not torch.equal(model(input_ids=ids, prompt_index=slots).logits, twin(input_ids=ids, prompt_index=slots).logits)
+        assert not torch.equal(
+            model(input_ids=ids, prompt_index=slots).logits, twin(input_ids=ids, prompt_index=slots).logits
+        )

@@ -23,7 +23,9 @@ def test_prompt_init_from_text_copies_the_text_embeddings():
 def test_prompt_init_from_labels_then_vocab():
     tok = CharTokenizer()
     base = tiny_model("llama")
-    model = build_model(base, "prompt-tuning", tokenizer=tok, num_virtual_tokens=4, init="labels", label_words=["ab", "c"])
+    model = build_model(
+        base, "prompt-tuning", tokenizer=tok, num_virtual_tokens=4, init="labels", label_words=["ab", "c"]
+    )
     emb = base.get_input_embeddings().weight
     ab = tok(" ab", add_special_tokens=False)["input_ids"]
     torch.testing.assert_close(model.method.prompt[0, 0], emb[ab].mean(0))
@@ -45,8 +47,16 @@ def test_prefix_init_from_text_is_the_texts_kv_cache(arch, method):
     text = tok("a review", add_special_tokens=False)["input_ids"]
     m = 6  # the text is cut to m tokens
     options = {"head": "none"} if method == "p-tuning-v2" else {}
-    model = build_model(base, method, tokenizer=tok, num_virtual_tokens=m, projection=False, init="text",
-                        init_text="a review", **options)
+    model = build_model(
+        base,
+        method,
+        tokenizer=tok,
+        num_virtual_tokens=m,
+        projection=False,
+        init="text",
+        init_text="a review",
+        **options,
+    )
     x = random_batch(2, 5)
     mask = torch.ones_like(x)
     with torch.no_grad():
@@ -68,7 +78,9 @@ def test_prefix_init_from_text_refuses_projection_and_empty_text():
 
 
 def test_token_classification_head_ignores_padding():
-    model = build_model(tiny_model("bert"), "p-tuning-v2", head="token-classification", num_labels=4, classifier_dropout=0.0)
+    model = build_model(
+        tiny_model("bert"), "p-tuning-v2", head="token-classification", num_labels=4, classifier_dropout=0.0
+    )
     ids = random_batch(2, 6)
     mask = torch.ones_like(ids)
     mask[1, 4:] = 0
@@ -97,7 +109,9 @@ def test_p_tuning_v2_head_refused_on_encoder_decoder():
 
 def test_masked_lm_verbalizer_reads_the_mask_positions():
     tok = CharTokenizer()
-    model = build_model(tiny_model("bert"), "p-tuning", template="{soft:2} {sentence} is{answer} .", init="random").eval()
+    model = build_model(
+        tiny_model("bert"), "p-tuning", template="{soft:2} {sentence} is{answer} .", init="random"
+    ).eval()
     template = Template.parse(model.method_config.template)
     words = ["ok", "bad"]  # 3 and 4 characters: multi-token words on the character tokenizer
     verbalizer = Verbalizer(tok, template, words, masked_lm=True)
@@ -108,7 +122,7 @@ def test_masked_lm_verbalizer_reads_the_mask_positions():
         logp = torch.log_softmax(model(**batch.inputs).logits, -1)
     for i in range(2):
         at = int(batch.answer_index[i])
-        assert batch.inputs["input_ids"][i, at:at + n_mask].tolist() == [4] * n_mask
+        assert batch.inputs["input_ids"][i, at : at + n_mask].tolist() == [4] * n_mask
         for c, word in enumerate(words):
             ids = tok(" " + word, add_special_tokens=False)["input_ids"]
             expected = torch.stack([logp[i, at + k, t] for k, t in enumerate(ids)]).mean()
@@ -135,8 +149,16 @@ def test_head_from_label_words_starts_with_the_verbalizers_class_scores(arch):
     distribution as scoring the label words with the LM head, for the same deep prompts."""
     tok = WordTokenizer()
     words = ["ab", "c", "d"]
-    with_head = build_model(tiny_model(arch), "p-tuning-v2", tokenizer=tok, num_virtual_tokens=3, num_labels=3,
-                            label_words=words, head_init="label-words", classifier_dropout=0.0)
+    with_head = build_model(
+        tiny_model(arch),
+        "p-tuning-v2",
+        tokenizer=tok,
+        num_virtual_tokens=3,
+        num_labels=3,
+        label_words=words,
+        head_init="label-words",
+        classifier_dropout=0.0,
+    )
     lm = build_model(tiny_model(arch), "p-tuning-v2", tokenizer=tok, num_virtual_tokens=3, head="none")
     prefixes = {k: v for k, v in with_head.method.trainable_state().items() if not k.startswith("head.")}
     lm.method.load_trainable_state(prefixes)
@@ -154,19 +176,47 @@ def test_head_from_label_words_starts_with_the_verbalizers_class_scores(arch):
 def test_head_init_auto_is_random_where_the_pooled_position_is_not_the_answer_position():
     tok = WordTokenizer()
     torch.manual_seed(0)
-    mean_pooled = build_model(tiny_model("llama"), "p-tuning-v2", tokenizer=tok, num_virtual_tokens=3, num_labels=2,
-                              label_words=["ab", "c"], pooling="mean")
+    mean_pooled = build_model(
+        tiny_model("llama"),
+        "p-tuning-v2",
+        tokenizer=tok,
+        num_virtual_tokens=3,
+        num_labels=2,
+        label_words=["ab", "c"],
+        pooling="mean",
+    )
     rows = tiny_model("llama").get_output_embeddings().weight
     assert not any(torch.allclose(mean_pooled.method.head.weight[0], r) for r in rows)
     with pytest.raises(ConfigError, match="head_init='label-words' needs a decoder-only model"):
-        build_model(tiny_model("bert"), "p-tuning-v2", tokenizer=tok, num_virtual_tokens=3, num_labels=2,
-                    label_words=["ab", "c"], head_init="label-words")
+        build_model(
+            tiny_model("bert"),
+            "p-tuning-v2",
+            tokenizer=tok,
+            num_virtual_tokens=3,
+            num_labels=2,
+            label_words=["ab", "c"],
+            head_init="label-words",
+        )
     with pytest.raises(ConfigError, match="needs one label word per class: got 1 words for num_labels=2"):
-        build_model(tiny_model("llama"), "p-tuning-v2", tokenizer=tok, num_virtual_tokens=3, num_labels=2,
-                    label_words=["ab"], head_init="label-words")
+        build_model(
+            tiny_model("llama"),
+            "p-tuning-v2",
+            tokenizer=tok,
+            num_virtual_tokens=3,
+            num_labels=2,
+            label_words=["ab"],
+            head_init="label-words",
+        )
     with pytest.raises(ConfigError, match="share first tokens"):
-        build_model(tiny_model("llama"), "p-tuning-v2", tokenizer=tok, num_virtual_tokens=3, num_labels=2,
-                    label_words=["ab", "ac"], head_init="label-words")
+        build_model(
+            tiny_model("llama"),
+            "p-tuning-v2",
+            tokenizer=tok,
+            num_virtual_tokens=3,
+            num_labels=2,
+            label_words=["ab", "ac"],
+            head_init="label-words",
+        )
     from pstar_plugins.methods.p_tuning_v2 import PTuningV2, PTuningV2Config
 
     with pytest.raises(ConfigError, match="share first tokens"):  # what pstar train asks before the model loads
@@ -175,8 +225,11 @@ def test_head_init_auto_is_random_where_the_pooled_position_is_not_the_answer_po
     PTuningV2.check_tokenizer(PTuningV2Config(num_labels=2, label_words=["ab", "c"], head_init="label-words"), tok)
     saved = PTuningV2Config(num_labels=2, label_words=["ab", "ac"], head_init="label-words")
     PTuningV2.check_tokenizer(saved.for_loading(), tok)  # an adapter's head is loaded, not initialised from the words
-    with pytest.raises(ConfigError, match="pooling='mean' reads another: pass --pooling last"):  # no model needed to say so
+    with pytest.raises(
+        ConfigError, match="pooling='mean' reads another: pass --pooling last"
+    ):  # no model needed to say so
         PTuningV2Config.from_dict({"head_init": "label-words", "pooling": "mean"})
-    shared = build_model(tiny_model("llama"), "p-tuning-v2", tokenizer=tok, num_virtual_tokens=3, num_labels=2,
-                         label_words=["ab", "ac"])  # auto: rows that would start equal are not used
+    shared = build_model(
+        tiny_model("llama"), "p-tuning-v2", tokenizer=tok, num_virtual_tokens=3, num_labels=2, label_words=["ab", "ac"]
+    )  # auto: rows that would start equal are not used
     assert not torch.equal(shared.method.head.weight[0], shared.method.head.weight[1])

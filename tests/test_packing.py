@@ -18,8 +18,14 @@ from tests.helpers import METHOD_OPTIONS
 from tests.test_tasks import CharTokenizer
 
 # lengths as uneven as real data: one long row and short ones, so packing has work to save
-ROWS = [{"mr": "ab", "ref": "xyz"}, {"mr": "abcdefghij" * 4, "ref": "z"}, {"mr": "a", "ref": "hello"},
-        {"mr": "abcd", "ref": "pq"}, {"mr": "abcdefg", "ref": "r"}, {"mr": "", "ref": "st"}]
+ROWS = [
+    {"mr": "ab", "ref": "xyz"},
+    {"mr": "abcdefghij" * 4, "ref": "z"},
+    {"mr": "a", "ref": "hello"},
+    {"mr": "abcd", "ref": "pq"},
+    {"mr": "abcdefg", "ref": "r"},
+    {"mr": "", "ref": "st"},
+]
 
 METHODS = [
     ("prompt-tuning", {}),
@@ -91,7 +97,9 @@ def _model(arch, method, options, attn="sdpa"):
 def _columns_of_padded_call(model, inputs, extra) -> int:
     """Columns of the frozen model's padded call on ``inputs`` (the method's virtual tokens included)."""
     columns = []
-    hook = model.base_model.base_model.register_forward_hook(lambda m, i, o: columns.append(o.last_hidden_state.shape[1]))
+    hook = model.base_model.base_model.register_forward_hook(
+        lambda m, i, o: columns.append(o.last_hidden_state.shape[1])
+    )
     packing, model.packing = model.packing, False
     try:
         with torch.no_grad():
@@ -145,7 +153,9 @@ def test_packed_target_loss_equals_padded_in_value_and_gradients(arch, method, o
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("method,options", METHODS + [("p-tuning-v2", {"head": "sequence-classification", "num_labels": 2})])
+@pytest.mark.parametrize(
+    "method,options", METHODS + [("p-tuning-v2", {"head": "sequence-classification", "num_labels": 2})]
+)
 def test_packed_last_position_scores_equal_padded(arch, attn, method, options):
     """Classification: left-padded rows, logits (or the head) at the last position only."""
     model = _model(arch, method, options, attn)
@@ -199,12 +209,15 @@ def test_calls_that_cannot_be_packed_run_padded_and_say_why():
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("method,options", [
-    ("prefix-tuning", {}),
-    ("prefix-tuning", {"projection": True}),
-    ("p-tuning-v2", {"head": "none"}),
-    ("p-tuning-v2", {"head": "sequence-classification", "num_labels": 2}),
-])
+@pytest.mark.parametrize(
+    "method,options",
+    [
+        ("prefix-tuning", {}),
+        ("prefix-tuning", {"projection": True}),
+        ("p-tuning-v2", {"head": "none"}),
+        ("p-tuning-v2", {"head": "sequence-classification", "num_labels": 2}),
+    ],
+)
 def test_packed_mixed_task_batch_equals_padded(arch, method, options):
     """Per-example prefixes: packed rows hold examples of different tasks side by side, and each
     must see only its own task's prefix (a leak would change both values and gradients)."""
@@ -264,7 +277,9 @@ def _left_padded_prompts(batch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("method,options", METHODS + [("prefix-tuning", {"num_tasks": 3}), ("p-tuning-v2", {"head": "none", "num_tasks": 3})])
+@pytest.mark.parametrize(
+    "method,options", METHODS + [("prefix-tuning", {"num_tasks": 3}), ("p-tuning-v2", {"head": "none", "num_tasks": 3})]
+)
 def test_generate_with_packed_prefill_equals_padded_generate(arch, method, options):
     """The prompt's cache computed padding-free, then generate() on the last column only: the
     same greedy tokens as the padded prefill, from a first call on fewer positions."""
@@ -299,7 +314,9 @@ def test_generate_that_cannot_use_a_packed_prefill_says_why():
     assert "cache" in packing.prefill_unsupported_reason(base, inputs, {"cache": object()})
     assert "use_cache" in packing.prefill_unsupported_reason(base, inputs, {"use_cache": False})
     # no padding before the last column: the packed prefill would only add a call
-    assert "padding" in packing.prefill_unsupported_reason(base, {**inputs, "attention_mask": torch.tensor([[1, 1, 0]])}, {})
+    assert "padding" in packing.prefill_unsupported_reason(
+        base, {**inputs, "attention_mask": torch.tensor([[1, 1, 0]])}, {}
+    )
     model.packing = True
     with torch.no_grad():  # beam search runs the padded prefill and still works
         out = model.generate(**inputs, max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0)
@@ -403,8 +420,13 @@ def test_a_packed_call_that_keeps_its_cache_equals_the_padded_call(arch):
     g = torch.Generator().manual_seed(0)
     mask = torch.tensor([[0, 0, 0, 1, 1], [1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
     ids = torch.randint(3, base.config.vocab_size, mask.shape, generator=g) * mask
-    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions_from_mask(mask),
-              "use_cache": True, "logits_to_keep": 1}
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": positions_from_mask(mask),
+        "use_cache": True,
+        "logits_to_keep": 1,
+    }
     expected = packing.unsupported_reason(base, inputs, causal_lm=True)
     with torch.no_grad():
         with packing.recording() as calls:
@@ -421,8 +443,12 @@ def test_a_packed_call_that_keeps_its_cache_equals_the_padded_call(arch):
             assert x.shape == y.shape
             torch.testing.assert_close(x.transpose(1, 2)[real], y.transpose(1, 2)[real], rtol=1e-4, atol=1e-5)
     step = torch.randint(3, base.config.vocab_size, (3, 1), generator=g)
-    follow = {"input_ids": step, "attention_mask": torch.cat([mask, torch.ones_like(step)], 1),
-              "position_ids": inputs["position_ids"][:, -1:] + 1, "use_cache": True}
+    follow = {
+        "input_ids": step,
+        "attention_mask": torch.cat([mask, torch.ones_like(step)], 1),
+        "position_ids": inputs["position_ids"][:, -1:] + 1,
+        "use_cache": True,
+    }
     with torch.no_grad():
         name = packing._cache_argument(base)  # "cache" since transformers 5.x renamed past_key_values
         after_mine = base(**follow, **{name: mine.cache}).logits

@@ -64,7 +64,9 @@ def test_peft_loads_the_export_and_gives_the_same_logits(tmp_path, arch, method,
 
 
 @PEFT_PASSES_PAST_KEY_VALUES
-@pytest.mark.parametrize("arch,method,options,peft_type", [c for c in CASES if c[1] in ("prompt-tuning", "prefix-tuning")])
+@pytest.mark.parametrize(
+    "arch,method,options,peft_type", [c for c in CASES if c[1] in ("prompt-tuning", "prefix-tuning")]
+)
 def test_imported_peft_adapter_matches_and_keeps_training(tmp_path, arch, method, options, peft_type):
     _trained(arch, method, options, tmp_path / "ours")
     export_peft(tmp_path / "ours", tiny_model(arch), tmp_path / "peft")
@@ -72,7 +74,14 @@ def test_imported_peft_adapter_matches_and_keeps_training(tmp_path, arch, method
     imported = import_peft(tmp_path / "peft", tiny_model(arch))
     ids = random_batch(2, 7)
     with torch.no_grad():
-        diff = (imported.eval()(input_ids=ids).logits - theirs(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -7:]).abs().max()
+        diff = (
+            (
+                imported.eval()(input_ids=ids).logits
+                - theirs(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -7:]
+            )
+            .abs()
+            .max()
+        )
     assert diff <= 1e-5
     imported.train()
     before = {n: p.detach().clone() for n, p in imported.trainable_named_parameters()}
@@ -107,7 +116,16 @@ def test_cli_export_then_import_then_continue_training(tiny_dir, tmp_path):
 
     assert _train(tiny_dir, tmp_path / "run", "--method", "prefix-tuning", "--num-virtual-tokens", "4").returncode == 0
     run = lambda *a: subprocess.run([sys.executable, "-m", "pstar_plugins.cli", *a], capture_output=True, text=True)
-    out = run("export", str(tmp_path / "run" / "adapter"), "--format", "peft", "--model", str(tiny_dir), "--output", str(tmp_path / "peft"))
+    out = run(
+        "export",
+        str(tmp_path / "run" / "adapter"),
+        "--format",
+        "peft",
+        "--model",
+        str(tiny_dir),
+        "--output",
+        str(tmp_path / "peft"),
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "peft").eval()
     out = run("import", str(tmp_path / "peft"), "--model", str(tiny_dir), "--output", str(tmp_path / "back"))
@@ -115,9 +133,13 @@ def test_cli_export_then_import_then_continue_training(tiny_dir, tmp_path):
     ours = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "back").eval()
     ids = torch.randint(10, 1000, (2, 6))
     with torch.no_grad():
-        assert (ours(input_ids=ids).logits - theirs(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -6:]).abs().max() <= 1e-5
+        assert (
+            ours(input_ids=ids).logits - theirs(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -6:]
+        ).abs().max() <= 1e-5
     # and training continues from the imported adapter through the training script
-    result = _train(tiny_dir, tmp_path / "more", "--method", "prefix-tuning", "--init-from-adapter", str(tmp_path / "back"))
+    result = _train(
+        tiny_dir, tmp_path / "more", "--method", "prefix-tuning", "--init-from-adapter", str(tmp_path / "back")
+    )
     assert result.returncode == 0, result.stderr[-2000:]
 
 
@@ -129,13 +151,16 @@ def test_cli_export_reads_the_adapter_once_so_an_edited_config_is_reported_once(
 
     from pstar_plugins.cli import main
 
-    build_model(AutoModelForCausalLM.from_pretrained(tiny_dir), "prompt-tuning", num_virtual_tokens=2,
-                init="random").save_adapter(tmp_path / "ours")
+    build_model(
+        AutoModelForCausalLM.from_pretrained(tiny_dir), "prompt-tuning", num_virtual_tokens=2, init="random"
+    ).save_adapter(tmp_path / "ours")
     edited = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     edited["method_config"]["num_virtual_tokens"] = 3  # has no effect: the config inside the tensor file is used
     (tmp_path / "ours" / "adapter_config.json").write_text(json.dumps(edited))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert main(["export", str(tmp_path / "ours"), "--model", str(tiny_dir), "--output", str(tmp_path / "peft")]) == 0
+        assert (
+            main(["export", str(tmp_path / "ours"), "--model", str(tiny_dir), "--output", str(tmp_path / "peft")]) == 0
+        )
     assert len([w for w in caught if "differs in" in str(w.message)]) == 1
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["num_virtual_tokens"] == 2

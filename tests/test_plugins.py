@@ -97,9 +97,22 @@ def test_block_list_environment_variable(monkeypatch):
 
 def test_third_party_package_installs_and_trains_by_name(tmp_path):
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(ROOT / "examples" / "pstar-residual-prompt")], check=True)
-    script = r'''
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(ROOT / "examples" / "pstar-residual-prompt"),
+        ],
+        check=True,
+    )
+    script = r"""
 import torch
 from pstar_plugins import build_model, make_optimizer, get_plugin_manager
 from pstar_plugins.testing import tiny_model, random_batch
@@ -124,31 +137,47 @@ import json, sys
 model.save_adapter(sys.argv[1])
 print(json.dumps(json.loads(open(sys.argv[1] + "/adapter_config.json").read())["plugin"]))
 print("ok", losses[0], losses[-1])
-'''
+"""
     env = {**os.environ, "PYTHONPATH": f"{target}{os.pathsep}{ROOT}", "PSTAR_DISABLE_PLUGIN_AUTOLOAD": "0"}
     adapter = tmp_path / "adapter"
     result = subprocess.run([sys.executable, "-c", script, str(adapter)], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     record, done = result.stdout.splitlines()[-2:]
     assert done.startswith("ok")
-    assert json.loads(record) == {"name": "residual-prompt", "loaded_by": "entry point", "package": "pstar-residual-prompt",
-                                  "version": "0.1.0"}
+    assert json.loads(record) == {
+        "name": "residual-prompt",
+        "loaded_by": "entry point",
+        "package": "pstar-residual-prompt",
+        "version": "0.1.0",
+    }
     # and with autoload disabled the third-party method is not there
     env["PSTAR_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-    result = subprocess.run([sys.executable, "-c", "from pstar_plugins import get_plugin_manager as g; print(sorted(g().methods))"],
-                            env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", "from pstar_plugins import get_plugin_manager as g; print(sorted(g().methods))"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert "residual-prompt" not in result.stdout
     # so an adapter of it names the package to install
-    result = subprocess.run([sys.executable, "-m", "pstar_plugins.evaluate", "--adapter", str(adapter)], env=env,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pstar_plugins.evaluate", "--adapter", str(adapter)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "install pstar-residual-prompt==0.1.0" in result.stderr.replace("\n", " "), result.stderr[-2000:]
 
 
 def test_cli_lists_methods_and_plugin_hooks():
-    out = subprocess.run([sys.executable, "-m", "pstar_plugins.cli", "methods"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "pstar_plugins.cli", "methods"], capture_output=True, text=True, check=True
+    ).stdout
     assert "prefix-tuning" in out and "Li & Liang" in out
-    out = subprocess.run([sys.executable, "-m", "pstar_plugins.cli", "plugins"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "pstar_plugins.cli", "plugins"], capture_output=True, text=True, check=True
+    ).stdout
     assert "pstar_register_methods" in out and "built-in" in out
 
 

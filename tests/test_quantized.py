@@ -16,8 +16,11 @@ QUANTIZED = {4: bnb.nn.Linear4bit, 8: bnb.nn.Linear8bitLt}
 
 
 def _frozen_bytes(model) -> dict[str, bytes]:
-    return {n: p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
-            for n, p in model.named_parameters() if not p.requires_grad}
+    return {
+        n: p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        for n, p in model.named_parameters()
+        if not p.requires_grad
+    }
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -55,7 +58,9 @@ def test_method_trains_on_a_quantized_base_and_only_the_method_changes(method, b
 def test_a_quantized_base_generates(method):
     model = build_model(tiny_quantized_model("llama", 4), method, **METHOD_OPTIONS[method]).eval()
     ids = torch.randint(3, 90, (2, 6), generator=torch.Generator().manual_seed(0))
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    out = model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0
+    )
     assert out.shape == (2, 10) and torch.equal(out[:, :6], ids)
 
 
@@ -67,8 +72,12 @@ def test_quantized_bases_pass_the_conformance_suite(arch, bits):
     from tests.matrix import options
 
     for method in METHODS:
-        report = check_method(lambda: tiny_quantized_model(arch, bits), method, options(arch, method),
-                              name=f"{method} on {bits}-bit {arch}")
+        report = check_method(
+            lambda: tiny_quantized_model(arch, bits),
+            method,
+            options(arch, method),
+            name=f"{method} on {bits}-bit {arch}",
+        )
         assert report.refused is None and report.ok, report.summary()
 
 

@@ -51,11 +51,16 @@ def test_ranks_score_their_batches_once_and_add_up_to_one_process(monkeypatch, w
         per_rank.append(task.batches)
     # one process's batches of 3 over the first 10 rows, each scored by exactly one rank
     one_process = [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
-    scored = [b for rank, batches in enumerate(per_rank) for k, b in enumerate(batches)
-              if rank + k * world < len(one_process)]
+    scored = [
+        b for rank, batches in enumerate(per_rank) for k, b in enumerate(batches) if rank + k * world < len(one_process)
+    ]
     assert sorted(scored) == one_process
-    padding = [b for rank, batches in enumerate(per_rank) for k, b in enumerate(batches)
-               if rank + k * world >= len(one_process)]
+    padding = [
+        b
+        for rank, batches in enumerate(per_rank)
+        for k, b in enumerate(batches)
+        if rank + k * world >= len(one_process)
+    ]
     assert all(b == [0] for b in padding)  # one row, dropped
     assert len({len(batches) for batches in per_rank}) == 1  # as many model calls on every rank
     # the padding batches are scored but not counted: the ranks' counts add up to one process's

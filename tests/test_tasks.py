@@ -27,17 +27,28 @@ class CharTokenizer:
 
 def test_template_parses_slots_soft_tokens_and_escapes():
     t = Template.parse("{soft:2} Review: {sentence} {{x}} {soft} Sentiment:{answer}")
-    assert t.parts == [Soft(2), Literal(" Review: "), Field("sentence"), Literal(" {x} "), Soft(1), Literal(" Sentiment:"), Answer()]
+    assert t.parts == [
+        Soft(2),
+        Literal(" Review: "),
+        Field("sentence"),
+        Literal(" {x} "),
+        Soft(1),
+        Literal(" Sentiment:"),
+        Answer(),
+    ]
     assert t.num_soft_tokens == 3 and t.fields == ["sentence"] and t.has_answer
 
 
-@pytest.mark.parametrize("text,match", [
-    ("Sentiment:{answer}", "no text slot"),
-    ("{sentence} {label words}", "unknown slot"),
-    ("{sentence} {answer} {answer}", "more than one"),
-    ("{sentence} {soft:0}", "positive count"),
-    ("{sentence} }", "unmatched"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("Sentiment:{answer}", "no text slot"),
+        ("{sentence} {label words}", "unknown slot"),
+        ("{sentence} {answer} {answer}", "more than one"),
+        ("{sentence} {soft:0}", "positive count"),
+        ("{sentence} }", "unmatched"),
+    ],
+)
 def test_bad_templates_name_the_problem(text, match):
     with pytest.raises(ConfigError, match=match):
         Template.parse(text)
@@ -70,9 +81,9 @@ def test_encode_marks_soft_positions_and_answer():
 
 def test_read_examples_formats_and_errors(tmp_path):
     tsv = tmp_path / "a.tsv"
-    tsv.write_text("sentence\tlabel\nit 's \"fine\" . \t1\nbad \t0\n", encoding="utf-8")
+    tsv.write_text('sentence\tlabel\nit \'s "fine" . \t1\nbad \t0\n', encoding="utf-8")
     rows = read_examples(tsv)
-    assert rows == [{"sentence": "it 's \"fine\" .", "label": "1"}, {"sentence": "bad", "label": "0"}]
+    assert rows == [{"sentence": 'it \'s "fine" .', "label": "1"}, {"sentence": "bad", "label": "0"}]
     assert labels_of(rows, "label", str(tsv), ["negative", "positive"]) == [1, 0]
     jsonl = tmp_path / "b.jsonl"
     jsonl.write_text('{"s": "x", "label": "positive"}\n{"s": \n', encoding="utf-8")

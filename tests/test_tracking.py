@@ -11,13 +11,41 @@ from pstar_plugins.train import main
 from tests.test_train_entry_point import needs_model
 
 event_accumulator = pytest.importorskip(
-    "tensorboard.backend.event_processing.event_accumulator", reason="tensorboard is installed by scripts/setup.sh ([tracking])")
+    "tensorboard.backend.event_processing.event_accumulator",
+    reason="tensorboard is installed by scripts/setup.sh ([tracking])",
+)
 
 
 def run(tiny_dir, out, *extra):
-    return main(["--method", "prompt-tuning", "--num-virtual-tokens", "4", "--model", str(tiny_dir), "--output-dir", str(out),
-                 "--max-steps", "4", "--warmup-steps", "2", "--batch-size", "4", "--max-train-samples", "16",
-                 "--max-eval-samples", "8", "--eval-steps", "2", "--eval-subset-size", "8", "--plot", "", *extra])
+    return main(
+        [
+            "--method",
+            "prompt-tuning",
+            "--num-virtual-tokens",
+            "4",
+            "--model",
+            str(tiny_dir),
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "4",
+            "--warmup-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--max-train-samples",
+            "16",
+            "--max-eval-samples",
+            "8",
+            "--eval-steps",
+            "2",
+            "--eval-subset-size",
+            "8",
+            "--plot",
+            "",
+            *extra,
+        ]
+    )
 
 
 def scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
@@ -43,7 +71,10 @@ def test_tensorboard_event_files_hold_loss_learning_rate_metrics_and_config(tiny
     # the rate after each step's scheduler update (transformers' linear schedule): warm-up over 2
     # steps to 0.01, then linear decay to 0 at step 4
     assert [v for _, v in logged["train/learning_rate"]] == pytest.approx([0.005, 0.01, 0.005, 0.0], abs=1e-9)
-    assert logged["eval/accuracy"] == [(2, pytest.approx(history["accuracy"][0])), (4, pytest.approx(metrics["tuned_accuracy"]))]
+    assert logged["eval/accuracy"] == [
+        (2, pytest.approx(history["accuracy"][0])),
+        (4, pytest.approx(metrics["tuned_accuracy"])),
+    ]
     assert logged["eval/zero_shot_accuracy"] == [(0, pytest.approx(metrics["zero_shot_accuracy"]))]
     # the configuration: flags and resolved method options, as TensorBoard hparams and a YAML copy
     hparams = next((out / "pstar-plugins").rglob("hparams.yml")).read_text()
@@ -58,15 +89,31 @@ def test_no_tracker_by_default(tiny_dir, tmp_path):
     assert not (tmp_path / "run" / "pstar-plugins").exists()
 
 
-@pytest.mark.parametrize("value, message", [
-    (["none", "tensorboard"], "'none' cannot be combined with trackers"),
-    (["aim"], "--report-to aim: the tracker's package is not installed; pip install aim"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (["none", "tensorboard"], "'none' cannot be combined with trackers"),
+        (["aim"], "--report-to aim: the tracker's package is not installed; pip install aim"),
+    ],
+)
 def test_bad_report_to_fails_before_anything_loads(tmp_path, capsys, value, message):
     if value == ["aim"] and importlib.util.find_spec("aim") is not None:
         pytest.skip("aim is installed here")
-    assert main(["--method", "prompt-tuning", "--model", str(tmp_path / "no-such-model"), "--output-dir", str(tmp_path / "out"),
-                 "--report-to", *value]) == 2
+    assert (
+        main(
+            [
+                "--method",
+                "prompt-tuning",
+                "--model",
+                str(tmp_path / "no-such-model"),
+                "--output-dir",
+                str(tmp_path / "out"),
+                "--report-to",
+                *value,
+            ]
+        )
+        == 2
+    )
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 

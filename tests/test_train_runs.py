@@ -15,20 +15,48 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "PSTAR_DISA
 
 
 def _command(tiny_dir, out, *extra, method=("prompt-tuning", "--num-virtual-tokens", "2")):
-    return [sys.executable, "-m", "pstar_plugins.train", "--model", str(tiny_dir), "--output-dir", str(out),
-            "--method", *method, "--batch-size", "2", "--max-train-samples", "16",
-            "--max-eval-samples", "4", "--eval-steps", "0", "--no-zero-shot", "--plot", "", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "pstar_plugins.train",
+        "--model",
+        str(tiny_dir),
+        "--output-dir",
+        str(out),
+        "--method",
+        *method,
+        "--batch-size",
+        "2",
+        "--max-train-samples",
+        "16",
+        "--max-eval-samples",
+        "4",
+        "--eval-steps",
+        "0",
+        "--no-zero-shot",
+        "--plot",
+        "",
+        *extra,
+    ]
 
 
 def _train(tiny_dir, out, *extra):
-    return subprocess.run(_command(tiny_dir, out, *extra), capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    return subprocess.run(
+        _command(tiny_dir, out, *extra), capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600
+    )
 
 
 @pytest.mark.slow
 def test_a_second_run_into_a_busy_folder_exits_2_naming_the_first_ones_pid(tiny_dir, tmp_path):
     out = tmp_path / "run"
-    first = subprocess.Popen(_command(tiny_dir, out, "--max-steps", "100000"), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    first = subprocess.Popen(
+        _command(tiny_dir, out, "--max-steps", "100000"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+    )
     try:
         deadline = time.monotonic() + 300
         while not (out / ".pstar-run.lock").exists():
@@ -82,19 +110,50 @@ def test_reruns_overwrite_checkpoint_limit_and_resume_bounds(tiny_dir, tmp_path)
 def test_a_p_tuning_template_with_newlines_is_stored_once_converted(tiny_dir, tmp_path):
     out = tmp_path / "run"
     result = subprocess.run(
-        _command(tiny_dir, out, "--max-steps", "1", "--template", "{soft:2} Review: {sentence}\\nSentiment:{answer}",
-                 method=("p-tuning", "--encoder", "mlp")),
-        capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+        _command(
+            tiny_dir,
+            out,
+            "--max-steps",
+            "1",
+            "--template",
+            "{soft:2} Review: {sentence}\\nSentiment:{answer}",
+            method=("p-tuning", "--encoder", "mlp"),
+        ),
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 1/1: loss" in result.stderr and "\r" not in result.stderr  # a log line, no progress-bar spam
     assert "Setting accelerator to CPU" not in result.stderr and "Loading weights" not in result.stderr
     assert f"files written:\n    {out / 'adapter'}/\n    {out / 'metrics.json'}\n" in result.stdout
     meta = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert meta["method_config"]["template"] == meta["task"]["template"] == "{soft:2} Review: {sentence}\nSentiment:{answer}"
+    assert (
+        meta["method_config"]["template"]
+        == meta["task"]["template"]
+        == "{soft:2} Review: {sentence}\nSentiment:{answer}"
+    )
     # pstar eval without --model: the adapter's recorded base model (the default SmolLM2 would be refused by hidden size)
-    evaluated = subprocess.run([sys.executable, "-m", "pstar_plugins.evaluate", "--adapter", str(out / "adapter"),
-                                "--max-eval-samples", "4", "--output", str(tmp_path / "eval.json")],
-                               capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    evaluated = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pstar_plugins.evaluate",
+            "--adapter",
+            str(out / "adapter"),
+            "--max-eval-samples",
+            "4",
+            "--output",
+            str(tmp_path / "eval.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     scores = json.loads((tmp_path / "eval.json").read_text())
     assert scores["model"] == str(tiny_dir) and scores["template"] == meta["task"]["template"]

@@ -20,10 +20,26 @@ pytestmark = [pytest.mark.slow, needs_model]
 
 
 def launch(model_dir, ds_file, out, resume=None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(ROOT / "tests" / "trainer_zero3_run.py"), str(model_dir), str(ds_file), str(out)] + ([str(resume)] if resume else [])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        str(ROOT / "tests" / "trainer_zero3_run.py"),
+        str(model_dir),
+        str(ds_file),
+        str(out),
+    ] + ([str(resume)] if resume else [])
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-5000:]
     return json.loads((Path(out) / "gathers.json").read_text())
@@ -31,6 +47,7 @@ def launch(model_dir, ds_file, out, resume=None):
 
 def tensor_bytes(path: Path) -> int:
     """Bytes of every tensor inside a torch checkpoint file (nested dicts and lists included)."""
+
     def walk(obj):
         if torch.is_tensor(obj):
             return obj.numel() * obj.element_size()
@@ -39,6 +56,7 @@ def tensor_bytes(path: Path) -> int:
         if isinstance(obj, (list, tuple)):
             return sum(walk(v) for v in obj)
         return 0
+
     return walk(torch.load(path, map_location="cpu", weights_only=False))
 
 
@@ -59,7 +77,9 @@ def test_trainer_zero3_saves_prompt_tensors_only_and_resumes(tiny_dir, tmp_path)
     assert engine_files
     for path in engine_files:  # DeepSpeed's own files: trainable partitions and Adam moments, no frozen shard
         assert tensor_bytes(path) < 1000, (path.name, tensor_bytes(path))
-    total = sum(p.stat().st_size for p in (tmp_path / "run" / "checkpoint-2").rglob("*") if p.is_file() and p.suffix != ".py")
+    total = sum(
+        p.stat().st_size for p in (tmp_path / "run" / "checkpoint-2").rglob("*") if p.is_file() and p.suffix != ".py"
+    )
     assert total < info["frozen_bytes"] / 20, total
     # resumed from step 2 (fresh processes, freshly initialised prompt): step 4 is the same
     launch(tiny_dir, ds_file, tmp_path / "resumed", resume=tmp_path / "run" / "checkpoint-2")
@@ -85,4 +105,3 @@ def test_trainer_zero3_load_best_model_at_end_restores_the_best_checkpoints_prom
     dropped = load_file(other / "adapter.safetensors")["prompt"]
     assert not torch.allclose(kept, dropped), "the two checkpoints must differ for this test to mean anything"
     torch.testing.assert_close(final, kept, rtol=0, atol=0)
-

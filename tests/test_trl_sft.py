@@ -25,8 +25,15 @@ ANSWERS = ["no", "yes"]
 
 
 def chats(n=8):
-    return Dataset.from_list([{"prompt": [{"role": "user", "content": f"Is review {i} {'really ' * (i % 3)}positive?"}],
-                               "completion": [{"role": "assistant", "content": ANSWERS[i % 2]}]} for i in range(n)])
+    return Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": f"Is review {i} {'really ' * (i % 3)}positive?"}],
+                "completion": [{"role": "assistant", "content": ANSWERS[i % 2]}],
+            }
+            for i in range(n)
+        ]
+    )
 
 
 # TRL 1.16's SFTConfig still sets the field transformers 5.25 renamed (gradient_checkpointing)
@@ -34,9 +41,12 @@ def chats(n=8):
 @pytest.mark.parametrize("method", list(OPTIONS))
 def test_sft_trainer_trains_on_completions_and_saves_the_adapter_only(tiny_dir, tmp_path, method):
     tokenizer = tf.AutoTokenizer.from_pretrained(tiny_dir)
-    model = build_model(tf.AutoModelForCausalLM.from_pretrained(tiny_dir), method, tokenizer=tokenizer, **OPTIONS[method])
-    args = trl.SFTConfig(str(tmp_path / "out"), max_steps=2, save_steps=1, per_device_train_batch_size=4,
-                         bf16=False, report_to="none")  # defaults otherwise (gradient checkpointing on)
+    model = build_model(
+        tf.AutoModelForCausalLM.from_pretrained(tiny_dir), method, tokenizer=tokenizer, **OPTIONS[method]
+    )
+    args = trl.SFTConfig(
+        str(tmp_path / "out"), max_steps=2, save_steps=1, per_device_train_batch_size=4, bf16=False, report_to="none"
+    )  # defaults otherwise (gradient checkpointing on)
     trainer = PStarSFTTrainer(model=model, args=args, train_dataset=chats(), processing_class=tokenizer)
     assert "forward" not in vars(trainer.model)  # TRL's fused head would bypass the method's prompts
     before = trainable_copy(model)
@@ -48,7 +58,9 @@ def test_sft_trainer_trains_on_completions_and_saves_the_adapter_only(tiny_dir, 
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     for row, labels in enumerate(batch["labels"]):
         text = tokenizer.decode(labels[labels != -100])
-        assert text.strip().startswith(ANSWERS[row % 2]) and len(text.strip()) <= len(ANSWERS[row % 2]) + len("<|im_end|>"), text
+        assert text.strip().startswith(ANSWERS[row % 2]) and len(text.strip()) <= len(ANSWERS[row % 2]) + len(
+            "<|im_end|>"
+        ), text
     if method == "p-tuning":  # its 3 soft tokens sit in front of each conversation, outside the loss
         assert batch["prompt_index"][:, :3].tolist() == [[0, 1, 2]] * 4
         assert (batch["prompt_index"][:, 3:] == -1).all() and (batch["labels"][:, :3] == -100).all()
@@ -57,7 +69,9 @@ def test_sft_trainer_trains_on_completions_and_saves_the_adapter_only(tiny_dir, 
     with torch.no_grad():
         out = model(**{k: v for k, v in batch.items() if k != "labels"})
         logits, labels = out.logits[:, :-1].float(), batch["labels"][:, 1:]
-        expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        expected = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+        )
         assert trainer.compute_loss(model, dict(batch)).item() == pytest.approx(expected.item(), rel=1e-5)
 
     assert_checkpoints_and_final_hold_the_adapter(trainer, tmp_path, model, method, after)

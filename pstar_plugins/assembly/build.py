@@ -14,15 +14,15 @@ from pstar_plugins.contract.method import MethodConfig, PromptMethod
 from pstar_plugins.assembly.registry import PStarPluginManager, get_plugin_manager
 
 
-def make_config(method: str, config: MethodConfig | Mapping[str, Any] | None = None, plugin_manager=None, **options) -> MethodConfig:
+def make_config(
+    method: str, config: MethodConfig | Mapping[str, Any] | None = None, plugin_manager=None, **options
+) -> MethodConfig:
     """The validated config of ``method`` from a config object, a mapping and/or keyword options."""
     pm = plugin_manager or get_plugin_manager()
     spec = pm.method(method)
     if isinstance(config, MethodConfig):
         if not isinstance(config, spec.config_class):
-            raise ConfigError(
-                f"method {method!r} takes a {spec.config_class.__name__}, got {type(config).__name__}."
-            )
+            raise ConfigError(f"method {method!r} takes a {spec.config_class.__name__}, got {type(config).__name__}.")
         return config.replace(**options) if options else (config.validate() or config)
     values = dict(config or {})
     values.update(options)
@@ -75,8 +75,10 @@ def build_model(
         model_type = getattr(getattr(base_model, "config", None), "model_type", "?")
         raise IncompatibleModelError(f"{method} on model type {model_type!r}: {exc}") from exc
     if not isinstance(module, PromptMethod):
-        raise PluginError(f"method {method!r} (plugin {spec.plugin!r}) built a {type(module).__name__}; its method_class "
-                          "must subclass pstar_plugins.contract.method.PromptMethod.")
+        raise PluginError(
+            f"method {method!r} (plugin {spec.plugin!r}) built a {type(module).__name__}; its method_class "
+            "must subclass pstar_plugins.contract.method.PromptMethod."
+        )
     model = PStarModel(base_model, module, method, pm)
     base_model.__dict__[CARRIED_METHOD] = method
     fast_paths.of(base_model, module)  # the fast paths this model takes, decided once (model.fast_paths)
@@ -94,7 +96,9 @@ def param_groups(model: PStarModel, learning_rate: float, weight_decay: float = 
     groups: list[dict[str, Any]] = []
     seen: dict[int, str] = {}
     contributions = [model.method.param_groups(learning_rate, weight_decay)]
-    contributions += model.plugin_manager.hook.pstar_param_groups(model=model, learning_rate=learning_rate, weight_decay=weight_decay)
+    contributions += model.plugin_manager.hook.pstar_param_groups(
+        model=model, learning_rate=learning_rate, weight_decay=weight_decay
+    )
     for contributed in contributions:
         for group in contributed or ():
             group = dict(group)

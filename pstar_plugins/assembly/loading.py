@@ -14,8 +14,14 @@ from pstar_plugins.mechanisms.inputs import position_convention
 from pstar_plugins.assembly.registry import get_plugin_manager
 
 
-def load_adapter(base_model, directory, tokenizer=None, plugin_manager=None, trainable: bool = True,
-                 contents: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None):
+def load_adapter(
+    base_model,
+    directory,
+    tokenizer=None,
+    plugin_manager=None,
+    trainable: bool = True,
+    contents: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None,
+):
     """Build the adapter's method on ``base_model`` and load its tensors bit-exactly
     (``contents``: what :func:`read_adapter` already returned for ``directory``)."""
     meta, tensors = contents if contents is not None else read_adapter(directory)
@@ -23,7 +29,9 @@ def load_adapter(base_model, directory, tokenizer=None, plugin_manager=None, tra
         warnings.warn(
             f"{directory}: this adapter was trained by a pstar-plugins that numbered this model's positions from 0; "
             f"{type(base_model).__name__} numbers them from its padding index + 1, as the model does now, so its outputs "
-            "differ from those the adapter was trained with. Retrain it for exact results.", stacklevel=2)
+            "differ from those the adapter was trained with. Retrain it for exact results.",
+            stacklevel=2,
+        )
 
     pm = plugin_manager or get_plugin_manager()
     config_class = pm.adapter_method(meta, directory).config_class

@@ -35,7 +35,7 @@ def _frozen_keys_are_not_missing(model: "PStarModel", incompatible) -> None:
     kept = []
     for key in incompatible.missing_keys:
         at = key.find("base_model.")
-        if at < 0 or key[at + len("base_model."):] in adapter:
+        if at < 0 or key[at + len("base_model.") :] in adapter:
             kept.append(key)
     incompatible.missing_keys[:] = kept
 
@@ -109,20 +109,39 @@ class PStarModel(nn.Module):
     #: scales it for gradient accumulation itself instead of passing ``num_items_in_batch``
     accepts_loss_kwargs = False
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, task_ids=None,
-                position_ids=None, token_type_ids=None, inputs_embeds=None, decoder_input_ids=None,
-                decoder_attention_mask=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        labels=None,
+        task_ids=None,
+        position_ids=None,
+        token_type_ids=None,
+        inputs_embeds=None,
+        decoder_input_ids=None,
+        decoder_attention_mask=None,
+        **kwargs,
+    ):
         """The base model's forward plus ``task_ids`` and the method's own inputs (in ``kwargs``).
 
         The arguments are named, not hidden in ``**kwargs``: ``transformers.Trainer`` keeps only the
         dataset columns the signature names and finds the labels there (without ``labels`` in the
         signature it drops them and no loss comes back). Arguments left ``None`` are not passed on.
         """
-        named = {"labels": labels, "position_ids": position_ids,
-                 "token_type_ids": token_type_ids, "inputs_embeds": inputs_embeds,
-                 "decoder_input_ids": decoder_input_ids, "decoder_attention_mask": decoder_attention_mask}
-        inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask,
-                                  **{k: v for k, v in named.items() if v is not None}, **kwargs}
+        named = {
+            "labels": labels,
+            "position_ids": position_ids,
+            "token_type_ids": token_type_ids,
+            "inputs_embeds": inputs_embeds,
+            "decoder_input_ids": decoder_input_ids,
+            "decoder_attention_mask": decoder_attention_mask,
+        }
+        inputs: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            **{k: v for k, v in named.items() if v is not None},
+            **kwargs,
+        }
         # a batch the tasks built carries a template's slots under their own key: the method says where they go
         return self.method.run(self.base_model, bind_slots(self, inputs), task_ids)
 
@@ -201,7 +220,7 @@ class PStarModel(nn.Module):
         subclass or flag. ``base_model.state_dict()`` is the frozen model's, for whoever wants it.
         """
         if args:  # torch's deprecated positional form: (destination, prefix, keep_vars)
-            destination, prefix, keep_vars = (list(args) + [destination, prefix, keep_vars][len(args):])[:3]
+            destination, prefix, keep_vars = (list(args) + [destination, prefix, keep_vars][len(args) :])[:3]
         out = destination if destination is not None else OrderedDict()
         self.method.state_dict(destination=out, prefix=prefix + "method.", keep_vars=keep_vars)
         for name, param in self.extra_trainable_parameters():
@@ -231,7 +250,9 @@ class PStarModel(nn.Module):
         state = dict(self.method.trainable_state())
         for name, param in self.extra_trainable_parameters():
             if name in state:
-                raise PluginError(f"method {self.method_name!r} saves a tensor named {name!r}, the name of a base-model weight.")
+                raise PluginError(
+                    f"method {self.method_name!r} saves a tensor named {name!r}, the name of a base-model weight."
+                )
             state[name] = param.detach()
         return state
 
@@ -240,12 +261,16 @@ class PStarModel(nn.Module):
         extra = {k: v for k, v in state.items() if k.startswith(EXTRA_PREFIX)}
         unknown = sorted(k for k in extra if k not in own)
         if unknown:
-            raise AdapterError(f"the adapter holds base-model weights {unknown[:5]} that this model does not have; "
-                               "it was trained on another architecture.")
+            raise AdapterError(
+                f"the adapter holds base-model weights {unknown[:5]} that this model does not have; "
+                "it was trained on another architecture."
+            )
         for name, tensor in extra.items():
             if tuple(tensor.shape) != tuple(getattr(own[name], "ds_shape", own[name].shape)):
-                raise AdapterError(f"adapter tensor {name!r} has shape {tuple(tensor.shape)}, the model's weight "
-                                   f"{tuple(own[name].shape)}; the adapter was trained for a different model.")
+                raise AdapterError(
+                    f"adapter tensor {name!r} has shape {tuple(tensor.shape)}, the model's weight "
+                    f"{tuple(own[name].shape)}; the adapter was trained for a different model."
+                )
         method_state = {k: v for k, v in state.items() if k not in extra}
         self.method.load_trainable_state(method_state)
         with torch.no_grad():
@@ -265,8 +290,14 @@ class PStarModel(nn.Module):
         switched off), e.g. for a zero-shot baseline or a reference output."""
         return self.method.disabled()
 
-    def save_pretrained(self, save_directory, state_dict: Mapping[str, torch.Tensor] | None = None,
-                        is_main_process: bool = True, task: dict[str, Any] | None = None, **kwargs) -> None:
+    def save_pretrained(
+        self,
+        save_directory,
+        state_dict: Mapping[str, torch.Tensor] | None = None,
+        is_main_process: bool = True,
+        task: dict[str, Any] | None = None,
+        **kwargs,
+    ) -> None:
         """Write the adapter files (``adapter_config.json``, ``adapter.safetensors``), never a frozen
         weight: the ``save_pretrained`` of ``transformers`` and PEFT, in this library's format
         (``pstar_plugins.load_adapter(base_model, directory, trainable=False)`` loads them back).
@@ -279,8 +310,10 @@ class PStarModel(nn.Module):
         state = dict(state_dict) if state_dict is not None else self.trainable_state()
         expected = set(self.raw_trainable_state())
         if set(state) != expected:
-            raise PluginError(f"save_pretrained got tensors {sorted(set(state) ^ expected)[:5]} that are not (or not all of) "
-                              f"the adapter's; pass model.trainable_state() or no state_dict.")
+            raise PluginError(
+                f"save_pretrained got tensors {sorted(set(state) ^ expected)[:5]} that are not (or not all of) "
+                f"the adapter's; pass model.trainable_state() or no state_dict."
+            )
         save_adapter(self, save_directory, state=state, write=is_main_process, task=task)
 
     def unwrap(self) -> nn.Module:
@@ -295,8 +328,13 @@ def _forward_naming(names: tuple[str, ...]):
     keeps only the dataset columns ``forward``'s signature names, so a plain ``Trainer`` keeps them
     too. A function of its own (not a closure over the model), bound per model: a deep copy of the
     model rebinds it to the copy."""
-    function = types.FunctionType(PStarModel.forward.__code__, PStarModel.forward.__globals__, "forward",
-                                  PStarModel.forward.__defaults__, PStarModel.forward.__closure__)
+    function = types.FunctionType(
+        PStarModel.forward.__code__,
+        PStarModel.forward.__globals__,
+        "forward",
+        PStarModel.forward.__defaults__,
+        PStarModel.forward.__closure__,
+    )
     function.__kwdefaults__ = PStarModel.forward.__kwdefaults__
     function.__doc__ = PStarModel.forward.__doc__
     signature = inspect.signature(PStarModel.forward)

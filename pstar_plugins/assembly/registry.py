@@ -99,8 +99,10 @@ class PStarPluginManager(pluggy.PluginManager):
             if not isinstance(spec, MethodSpec):
                 raise PluginError(f"plugin {name!r} registered {spec!r}; expected a MethodSpec.")
             if spec.method_class is None:
-                raise PluginError(f"plugin {name!r} registers method {spec.name!r} without a method class; set "
-                                  "MethodSpec(..., method_class=YourPromptMethod) (or an import path 'module:Class').")
+                raise PluginError(
+                    f"plugin {name!r} registers method {spec.name!r} without a method class; set "
+                    "MethodSpec(..., method_class=YourPromptMethod) (or an import path 'module:Class')."
+                )
             if spec.name in self.methods:
                 owner = self.methods[spec.name].plugin
                 raise PluginError(
@@ -149,8 +151,10 @@ class PStarPluginManager(pluggy.PluginManager):
             raise PluginError(f"cannot import plugin {path!r}: {exc}. Check the module path and PYTHONPATH.") from exc
         except Exception as exc:  # the module itself raised while importing
             last = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
-            raise PluginError(f"plugin module {path.partition(':')[0]!r} raised {type(exc).__name__} on import: {last}. "
-                              "Fix the module, or drop -p " + path + ".") from exc
+            raise PluginError(
+                f"plugin module {path.partition(':')[0]!r} raised {type(exc).__name__} on import: {last}. "
+                "Fix the module, or drop -p " + path + "."
+            ) from exc
         name = path
         if ":" not in path:
             obj, name = _plugin_of_module(obj, path)
@@ -185,9 +189,11 @@ class PStarPluginManager(pluggy.PluginManager):
             known = ", ".join(sorted(self.methods)) or "(none)"
             if adapter is None:
                 raise UnknownMethodError(f"unknown method {name!r}; known methods: {known}. Pick one with --method.")
-            raise UnknownMethodError(f"{adapter}: this adapter was saved by method {name!r}, which no loaded plugin "
-                                     f"registers (known methods: {known}). "
-                                     f"{_how_to_load(plugin if isinstance(plugin, dict) else {})}")
+            raise UnknownMethodError(
+                f"{adapter}: this adapter was saved by method {name!r}, which no loaded plugin "
+                f"registers (known methods: {known}). "
+                f"{_how_to_load(plugin if isinstance(plugin, dict) else {})}"
+            )
         return self.methods[name]
 
     def adapter_method(self, meta: dict, directory) -> MethodSpec:
@@ -212,23 +218,31 @@ def _how_to_load(plugin: dict) -> str:
     """Advice for loading the plugin an adapter records (``plugin_record``), or any plugin."""
     name, loaded_by, version = plugin.get("name"), plugin.get("loaded_by"), plugin.get("version")
     if name and loaded_by == "-p":
-        return (f"It was registered by plugin module {name!r}, loaded with -p: pass -p {name} ({P_COMMANDS}), or from "
-                f"Python call get_plugin_manager().load_module({name!r}) first.")
+        return (
+            f"It was registered by plugin module {name!r}, loaded with -p: pass -p {name} ({P_COMMANDS}), or from "
+            f"Python call get_plugin_manager().load_module({name!r}) first."
+        )
     if name and loaded_by == "built-in":
         if name in _env_list(ENV_BLOCK):
             return f"It is built into pstar-plugins (plugin {name!r}), which {ENV_BLOCK} keeps out: remove {name!r} from it."
         saved_by = f"pstar-plugins {version}" if version else "another pstar-plugins"
-        return (f"It was built into {saved_by} (plugin {name!r}), and this pstar-plugins {_version()} has no such method: "
-                f"load the adapter with the version that saved it.")
+        return (
+            f"It was built into {saved_by} (plugin {name!r}), and this pstar-plugins {_version()} has no such method: "
+            f"load the adapter with the version that saved it."
+        )
     if name and loaded_by == "entry point":
         package = plugin.get("package")
         pinned = f"{package}=={version}" if package and version else package
         install = f"install {pinned} (pip install '{pinned}')" if package else "install the package that provides it"
-        return (f"It was registered by the plugin installed under the {ENTRY_POINT_GROUP!r} entry point {name!r}: "
-                f"{install}, and check that {ENV_DISABLE_AUTOLOAD}, {ENV_SELECT} or {ENV_BLOCK} do not keep it out.")
-    return (f"Load the plugin that provides it: install its package (it registers under the {ENTRY_POINT_GROUP!r} entry "
-            f"points; {ENV_DISABLE_AUTOLOAD}, {ENV_SELECT} and {ENV_BLOCK} can keep an installed one out), pass -p MODULE "
-            f"({P_COMMANDS}), or from Python call get_plugin_manager().load_module(MODULE) first.")
+        return (
+            f"It was registered by the plugin installed under the {ENTRY_POINT_GROUP!r} entry point {name!r}: "
+            f"{install}, and check that {ENV_DISABLE_AUTOLOAD}, {ENV_SELECT} or {ENV_BLOCK} do not keep it out."
+        )
+    return (
+        f"Load the plugin that provides it: install its package (it registers under the {ENTRY_POINT_GROUP!r} entry "
+        f"points; {ENV_DISABLE_AUTOLOAD}, {ENV_SELECT} and {ENV_BLOCK} can keep an installed one out), pass -p MODULE "
+        f"({P_COMMANDS}), or from Python call get_plugin_manager().load_module(MODULE) first."
+    )
 
 
 def _refuse_removed_hooks(plugin: Any, name: str) -> None:
@@ -236,11 +250,15 @@ def _refuse_removed_hooks(plugin: Any, name: str) -> None:
     hook and what replaces it, instead of being silently ignored."""
     for hook, instead in REMOVED_HOOKS.items():
         if callable(getattr(plugin, hook, None)):
-            raise PluginError(f"plugin {name!r} implements {hook}, which no longer exists: the core asks the method "
-                              f"class directly. Instead, {instead} (docs/method_contract.md).")
+            raise PluginError(
+                f"plugin {name!r} implements {hook}, which no longer exists: the core asks the method "
+                f"class directly. Instead, {instead} (docs/method_contract.md)."
+            )
     if isinstance(plugin, MethodPlugin) and callable(getattr(type(plugin), "create", None)):
-        raise PluginError(f"plugin {name!r} overrides MethodPlugin.create(), which is no longer called: set "
-                          "method_class on its MethodSpec instead (docs/method_contract.md).")
+        raise PluginError(
+            f"plugin {name!r} overrides MethodPlugin.create(), which is no longer called: set "
+            "method_class on its MethodSpec instead (docs/method_contract.md)."
+        )
 
 
 def _hook_like(obj: Any) -> list[str]:
@@ -259,15 +277,25 @@ def _plugin_of_module(module: Any, path: str) -> tuple[Any, str]:
     marker = hookspecs.PROJECT_NAME + "_impl"
     if any(hasattr(getattr(module, a, None), marker) for a in dir(module)):
         return module, path
-    candidates = [a for a in dir(module) if not a.startswith("_") and not isinstance(getattr(module, a), (type, ModuleType))
-                  and not callable(getattr(module, a)) and _hook_like(getattr(module, a))]
+    candidates = [
+        a
+        for a in dir(module)
+        if not a.startswith("_")
+        and not isinstance(getattr(module, a), (type, ModuleType))
+        and not callable(getattr(module, a))
+        and _hook_like(getattr(module, a))
+    ]
     if len(candidates) == 1:
         return getattr(module, candidates[0]), f"{path}:{candidates[0]}"
     if candidates:
-        raise PluginError(f"-p {path}: the module holds several plugin objects ({', '.join(candidates)}); "
-                          f"name one with -p {path}:{candidates[0]}.")
-    raise PluginError(f"-p {path}: the module implements no pstar hook (no @hookimpl function named like a hook in "
-                      "docs/plugin_hooks.md, and no plugin object); check the hook names, or pass -p MODULE:OBJECT.")
+        raise PluginError(
+            f"-p {path}: the module holds several plugin objects ({', '.join(candidates)}); "
+            f"name one with -p {path}:{candidates[0]}."
+        )
+    raise PluginError(
+        f"-p {path}: the module implements no pstar hook (no @hookimpl function named like a hook in "
+        "docs/plugin_hooks.md, and no plugin object); check the hook names, or pass -p MODULE:OBJECT."
+    )
 
 
 def _naming_wrapper(function, plugin_name: str, hook_name: str):

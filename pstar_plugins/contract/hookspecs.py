@@ -56,9 +56,7 @@ def pstar_trainable_parameters(model: "PStarModel") -> "Iterable[str] | None":
 
 
 @hookspec
-def pstar_param_groups(
-    model: "PStarModel", learning_rate: float, weight_decay: float
-) -> "list[dict[str, Any]] | None":
+def pstar_param_groups(model: "PStarModel", learning_rate: float, weight_decay: float) -> "list[dict[str, Any]] | None":
     """Contribute optimizer parameter groups beyond the method's own (``PromptMethod.param_groups``).
 
     Each group is a dict accepted by ``torch.optim`` (``params``, optionally ``lr``,

@@ -17,7 +17,15 @@ import torch
 from torch import nn
 
 from pstar_plugins.contract.errors import AdapterError, ConfigError, UnsupportedError
-from pstar_plugins.contract.spec import DEFAULT_PRESET, MethodConfig, MethodPlugin, MethodSpec, Preset, one_of, positive_int  # noqa: F401
+from pstar_plugins.contract.spec import (
+    DEFAULT_PRESET,
+    MethodConfig,
+    MethodPlugin,
+    MethodSpec,
+    Preset,
+    one_of,
+    positive_int,
+)  # noqa: F401
 
 
 # ----------------------------------------------------------------------------- module
@@ -103,8 +111,10 @@ class PromptMethod(nn.Module):
         raise NotImplementedError
 
     def generate(self, base_model: nn.Module, inputs: dict[str, Any], task_ids: torch.Tensor | None, **kwargs):
-        raise UnsupportedError(f"{type(self).__name__} does not support generate(); score with a forward call, or use "
-                               "a method that generates (pstar methods --verbose).")
+        raise UnsupportedError(
+            f"{type(self).__name__} does not support generate(); score with a forward call, or use "
+            "a method that generates (pstar methods --verbose)."
+        )
 
     def detach(self, base_model: nn.Module) -> None:
         """Undo what construction injected into ``base_model``."""
@@ -122,9 +132,7 @@ class PromptMethod(nn.Module):
         if task_ids.numel() != batch:
             raise ConfigError(f"task_ids has {task_ids.numel()} entries for a batch of {batch}; expected one per row.")
         if task_ids.numel() and (task_ids.min() < 0 or task_ids.max() >= self.config.num_tasks):
-            raise ConfigError(
-                f"task_ids must lie in [0, {self.config.num_tasks}), got {task_ids.tolist()}."
-            )
+            raise ConfigError(f"task_ids must lie in [0, {self.config.num_tasks}), got {task_ids.tolist()}.")
         return task_ids
 
     # -- training ------------------------------------------------------------------

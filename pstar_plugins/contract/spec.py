@@ -48,9 +48,7 @@ class MethodConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(
-                f"unknown option(s) {unknown} for {cls.__name__}; known options: {sorted(known)}."
-            )
+            raise ConfigError(f"unknown option(s) {unknown} for {cls.__name__}; known options: {sorted(known)}.")
         try:
             config = cls(**dict(values))
         except TypeError as exc:
@@ -101,7 +99,9 @@ def has_classifier_head(config: MethodConfig | None) -> bool:
 def positive_int(owner: MethodConfig, name: str) -> None:
     value = getattr(owner, name)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{name}={value!r}: expected a positive integer. Set --{name.replace('_', '-')} to 1 or more.")
+        raise ConfigError(
+            f"{name}={value!r}: expected a positive integer. Set --{name.replace('_', '-')} to 1 or more."
+        )
 
 
 def one_of(owner: MethodConfig, name: str, choices: tuple[str, ...]) -> None:
@@ -156,10 +156,14 @@ class MethodSpec:
             try:
                 target = getattr(importlib.import_module(module_name), attr)
             except (ImportError, AttributeError) as exc:
-                raise PluginError(f"method {self.name!r}: cannot import its class {self.method_class!r} ({exc}).") from exc
+                raise PluginError(
+                    f"method {self.name!r}: cannot import its class {self.method_class!r} ({exc})."
+                ) from exc
         if not isinstance(target, type):
-            raise PluginError(f"method {self.name!r} names no method class (method_class={self.method_class!r}); "
-                              "set MethodSpec(method_class=YourPromptMethod) or an import path 'module:Class'.")
+            raise PluginError(
+                f"method {self.name!r} names no method class (method_class={self.method_class!r}); "
+                "set MethodSpec(method_class=YourPromptMethod) or an import path 'module:Class'."
+            )
         return target
 
     def create(self, base_model: Any, config: MethodConfig, tokenizer: Any = None) -> "PromptMethod":
@@ -179,7 +183,9 @@ class MethodPlugin:
 
     def __init__(self, *specs: MethodSpec) -> None:
         if not specs and not hasattr(type(self), "spec"):
-            raise PluginError(f"{type(self).__name__}() registers no method: pass MethodPlugin(MethodSpec(...)) or set a spec class attribute.")
+            raise PluginError(
+                f"{type(self).__name__}() registers no method: pass MethodPlugin(MethodSpec(...)) or set a spec class attribute."
+            )
         self.specs: tuple[MethodSpec, ...] = specs or (type(self).spec,)
 
     @hookimpl

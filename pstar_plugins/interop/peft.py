@@ -56,17 +56,22 @@ def export_peft(adapter_dir, base_model, output_dir, contents=None) -> dict:
     if is_encoder_decoder(base_model):
         raise IncompatibleModelError("PEFT export covers decoder-only models; this one is encoder-decoder.")
     model = load_adapter(base_model, adapter_dir, trainable=False, contents=contents)
-    extra = sorted(k for k in model.raw_trainable_state() if not k.startswith("method.") and k.startswith("base_model."))
+    extra = sorted(
+        k for k in model.raw_trainable_state() if not k.startswith("method.") and k.startswith("base_model.")
+    )
     if extra:
-        raise AdapterError(f"the adapter also holds base-model weights a plugin trained ({extra[:3]}); a PEFT "
-                           "prompt-learning adapter has no place for them. Use the pstar adapter itself.")
+        raise AdapterError(
+            f"the adapter also holds base-model weights a plugin trained ({extra[:3]}); a PEFT "
+            "prompt-learning adapter has no place for them. Use the pstar adapter itself."
+        )
     if not isinstance(model.method, PeftExport):
         raise AdapterError(f"{type(model.method).__name__} has no PEFT equivalent; export the pstar adapter itself.")
     model.fold()
     exported = model.method.peft_export(base_model)
     embeddings = exported.embeddings
-    config = _peft_config(exported.peft_type, embeddings.shape[0], getattr(base_model.config, "_name_or_path", ""),
-                          exported.config)
+    config = _peft_config(
+        exported.peft_type, embeddings.shape[0], getattr(base_model.config, "_name_or_path", ""), exported.config
+    )
     out = Path(output_dir)
     tensors = {"prompt_embeddings": embeddings.float().contiguous().cpu()}
     _atomic_write(out / PEFT_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
@@ -84,17 +89,23 @@ def read_peft(peft_dir, plugin_manager=None):
         config = json.loads((peft_dir / PEFT_CONFIG).read_text())
         weights = load_file(str(peft_dir / PEFT_WEIGHTS))
     except (OSError, json.JSONDecodeError, ValueError) as exc:
-        raise AdapterError(f"{peft_dir} is not a readable PEFT adapter ({exc}); expected {PEFT_CONFIG} and {PEFT_WEIGHTS}.") from exc
+        raise AdapterError(
+            f"{peft_dir} is not a readable PEFT adapter ({exc}); expected {PEFT_CONFIG} and {PEFT_WEIGHTS}."
+        ) from exc
     kind = config.get("peft_type")
     embeddings = weights.get("prompt_embeddings")
     if embeddings is None:
-        raise AdapterError(f"{peft_dir / PEFT_WEIGHTS} has no 'prompt_embeddings' tensor; save the PEFT adapter with inference_mode or PEFT >= 0.5.")
+        raise AdapterError(
+            f"{peft_dir / PEFT_WEIGHTS} has no 'prompt_embeddings' tensor; save the PEFT adapter with inference_mode or PEFT >= 0.5."
+        )
     specs = [spec for spec in pm.methods.values() if kind in spec.peft_types]
     if not specs:
         known = sorted({t for spec in pm.methods.values() for t in spec.peft_types})
-        raise AdapterError(f"PEFT adapter type {kind!r} is imported by no loaded method (they import {', '.join(known)}). "
-                           "A plugin whose MethodSpec lists it in peft_types would: pass that plugin with -p MODULE. Types "
-                           "that are not prompt learning (LORA, IA3, ...) have no pstar equivalent; use PEFT for them.")
+        raise AdapterError(
+            f"PEFT adapter type {kind!r} is imported by no loaded method (they import {', '.join(known)}). "
+            "A plugin whose MethodSpec lists it in peft_types would: pass that plugin with -p MODULE. Types "
+            "that are not prompt learning (LORA, IA3, ...) have no pstar equivalent; use PEFT for them."
+        )
     return specs[0], config, embeddings
 
 
@@ -107,8 +118,10 @@ def import_peft(peft_dir, base_model, tokenizer=None, plugin_manager=None, conte
     spec, config, embeddings = contents if contents is not None else read_peft(peft_dir, pm)
     method_class = spec.resolve_class()
     if not issubclass(method_class, PeftExport):
-        raise AdapterError(f"method {spec.name!r} lists PEFT type {config.get('peft_type')!r} in peft_types, but its class "
-                           f"{method_class.__name__} does not subclass PeftExport; it cannot be built from a PEFT adapter.")
+        raise AdapterError(
+            f"method {spec.name!r} lists PEFT type {config.get('peft_type')!r} in peft_types, but its class "
+            f"{method_class.__name__} does not subclass PeftExport; it cannot be built from a PEFT adapter."
+        )
     options = method_class.peft_options(config)
     model = build_model(base_model, spec.name, tokenizer=tokenizer, plugin_manager=pm, **options)
     model.load_trainable_state(model.method.state_from_peft(base_model, embeddings))

@@ -76,8 +76,13 @@ def adapter_metadata(model, task: dict[str, Any] | None = None) -> dict[str, Any
     return meta
 
 
-def save_adapter(model, directory, state: dict[str, torch.Tensor] | None = None, write: bool = True,
-                 task: dict[str, Any] | None = None) -> None:
+def save_adapter(
+    model,
+    directory,
+    state: dict[str, torch.Tensor] | None = None,
+    write: bool = True,
+    task: dict[str, Any] | None = None,
+) -> None:
     """Write the trainable tensors and config of ``model`` into ``directory``.
 
     ``state`` may be passed when it was gathered elsewhere (ZeRO-3); ``write=False`` lets
@@ -95,7 +100,9 @@ def save_adapter(model, directory, state: dict[str, torch.Tensor] | None = None,
     # the config also travels inside the tensor file, so the one atomic rename that replaces the
     # weights replaces the config they belong to: a kill between the two writes cannot pair new
     # tensors with an old config (the JSON beside it is for people and other tools)
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt", METADATA_KEY: text}))
+    _atomic_write(
+        directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt", METADATA_KEY: text})
+    )
     _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
 
 
@@ -114,8 +121,11 @@ def _warn_if_edited(config_path: Path, embedded: str) -> None:
         what = f"differs in {keys}"
     else:
         what = "is not valid JSON"
-    warnings.warn(f"{config_path} {what} from the config stored inside {WEIGHTS_NAME}, which is the one used; edits to "
-                  f"{CONFIG_NAME} have no effect (re-save the adapter to change its config).", stacklevel=3)
+    warnings.warn(
+        f"{config_path} {what} from the config stored inside {WEIGHTS_NAME}, which is the one used; edits to "
+        f"{CONFIG_NAME} have no effect (re-save the adapter to change its config).",
+        stacklevel=3,
+    )
 
 
 def read_adapter(directory) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -123,7 +133,9 @@ def read_adapter(directory) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if not weights_path.is_file():
-        raise AdapterError(f"{directory} is not an adapter directory: expected {WEIGHTS_NAME} (and {CONFIG_NAME}) in it.")
+        raise AdapterError(
+            f"{directory} is not an adapter directory: expected {WEIGHTS_NAME} (and {CONFIG_NAME}) in it."
+        )
     try:
         with safe_open(str(weights_path), framework="pt") as fh:
             embedded = (fh.metadata() or {}).get(METADATA_KEY)
@@ -143,7 +155,9 @@ def read_adapter(directory) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         raise AdapterError(f"the adapter config in {source} must be a JSON object.")
     missing = [k for k in ("format_version", "method", "method_config", "folded", "base_model") if k not in meta]
     if missing:
-        raise AdapterError(f"the adapter config in {source} lacks field(s) {missing}; it was not written by pstar-plugins.")
+        raise AdapterError(
+            f"the adapter config in {source} lacks field(s) {missing}; it was not written by pstar-plugins."
+        )
     version = meta["format_version"]
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise AdapterError(
@@ -151,9 +165,13 @@ def read_adapter(directory) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
             f"{FORMAT_VERSION}. Upgrade pstar-plugins to load it."
         )
     task = meta.get("task")
-    if task is not None and not (isinstance(task, dict) and task.get("kind") in TASK_KINDS and isinstance(task.get("template"), str)):
-        raise AdapterError(f"the adapter config in {source} has task {task!r}; expected an object with kind "
-                           f"{' or '.join(TASK_KINDS)} and a template string. Remove the field to evaluate with explicit flags.")
+    if task is not None and not (
+        isinstance(task, dict) and task.get("kind") in TASK_KINDS and isinstance(task.get("template"), str)
+    ):
+        raise AdapterError(
+            f"the adapter config in {source} has task {task!r}; expected an object with kind "
+            f"{' or '.join(TASK_KINDS)} and a template string. Remove the field to evaluate with explicit flags."
+        )
     return meta, tensors
 
 

@@ -140,8 +140,11 @@ def find_attention_sites(model: nn.Module, calls: dict[nn.Module, tuple[tuple, t
                 continue  # cross-attention of an encoder-only/decoder-only model is not prefixed
             kind = SELF
         key_shape, value_shape = calls[module]
-        sites.append(AttentionSite(name, module, kind, counters.get(kind, 0), int(key_shape[1]), int(key_shape[-1]),
-                                   int(value_shape[-1])))
+        sites.append(
+            AttentionSite(
+                name, module, kind, counters.get(kind, 0), int(key_shape[1]), int(key_shape[-1]), int(value_shape[-1])
+            )
+        )
         counters[kind] = counters.get(kind, 0) + 1
     return sites
 
@@ -251,8 +254,9 @@ class PrefixInjector:
         self._saved.clear()
 
     @contextlib.contextmanager
-    def activate(self, prefixes: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                 row_groups: torch.Tensor | None = None) -> Iterator[None]:
+    def activate(
+        self, prefixes: dict[str, tuple[torch.Tensor, torch.Tensor]], row_groups: torch.Tensor | None = None
+    ) -> Iterator[None]:
         """Use ``prefixes`` in every attention call meanwhile; ``row_groups`` ``(B,)``: which of
         their rows each example of the batch uses (default: row ``i`` for example ``i``, or the
         single row for all)."""
@@ -292,8 +296,11 @@ class PrefixInjector:
         return mask
 
     @contextlib.contextmanager
-    def activate_tasks(self, task_ids: torch.Tensor | None,
-                       prefixes_of: Callable[[torch.Tensor | None], dict[str, tuple[torch.Tensor, torch.Tensor]]]):
+    def activate_tasks(
+        self,
+        task_ids: torch.Tensor | None,
+        prefixes_of: Callable[[torch.Tensor | None], dict[str, tuple[torch.Tensor, torch.Tensor]]],
+    ):
         """Activate the prefixes of a call whose rows pick a task by ``task_ids`` (or share one
         prompt when ``None``) and yield the ``while_packed`` for ``mechanisms.packing.call``.
 

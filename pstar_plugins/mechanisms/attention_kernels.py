@@ -69,7 +69,9 @@ class _PackedSegments:
             column_group = torch.arange(columns, device=self.groups.device) // (columns // self.n_groups)
             allowed = (self.groups[:, :, None] == column_group)[:, None]
             if dtype is not None:
-                allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+                allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+                    ~allowed, torch.finfo(dtype).min
+                )
             self._visible[key] = allowed
         return self._visible[key]
 
@@ -100,8 +102,11 @@ def _extend_mask(injector: "PrefixInjector", mask, module, query, kv_len: int, m
         causal = explicit_causal if explicit_causal is not None else getattr(module, "is_causal", False)
         if not causal or q_len == 1:
             return None  # every real key is visible, and so is the prefix
-        return injector.shared_mask(("lower-right", q_len, kv_len, m, query.device), None,
-                                    lambda: lower_right_causal(q_len, kv_len, m, query.device))
+        return injector.shared_mask(
+            ("lower-right", q_len, kv_len, m, query.device),
+            None,
+            lambda: lower_right_causal(q_len, kv_len, m, query.device),
+        )
     if mask.dim() != 4:
         raise IncompatibleModelError(
             f"expected a 4D attention mask in the attention call, got shape {tuple(mask.shape)}; load the "
@@ -120,8 +125,17 @@ def _extend_mask(injector: "PrefixInjector", mask, module, query, kv_len: int, m
     return injector.shared_mask(("prefix", m, kv_len), mask, with_prefix_columns)
 
 
-def _unpadded_causal_sdpa(module, query, key, value, m: int, injector: "PrefixInjector", dropout: float = 0.0,
-                          scaling: float | None = None, **kwargs):
+def _unpadded_causal_sdpa(
+    module,
+    query,
+    key,
+    value,
+    m: int,
+    injector: "PrefixInjector",
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+):
     """SDPA over ``m`` prefix columns and causal real keys with no mask tensor per layer.
 
     On CUDA the pattern is ``causal_lower_right`` (torch dispatches it to its flash or
@@ -139,11 +153,15 @@ def _unpadded_causal_sdpa(module, query, key, value, m: int, injector: "PrefixIn
             key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
         bias, gqa = causal_lower_right(q_len, m + kv_len), False
     else:
-        bias = injector.shared_mask(("lower-right", q_len, kv_len, m, query.device), None,
-                                    lambda: lower_right_causal(q_len, kv_len, m, query.device))
+        bias = injector.shared_mask(
+            ("lower-right", q_len, kv_len, m, query.device),
+            None,
+            lambda: lower_right_causal(q_len, kv_len, m, query.device),
+        )
         gqa = query.shape[1] != key.shape[1]
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scaling,
-                                         **({"enable_gqa": True} if gqa else {}))
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=bias, dropout_p=dropout, scale=scaling, **({"enable_gqa": True} if gqa else {})
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -179,6 +197,7 @@ def _flex_prefix_mask(injector: "PrefixInjector", mask, module, query, kv_len: i
         def prompt(b, q, kv):
             return groups[b, q] == kv // width
     else:
+
         def prompt(b, q, kv):
             return kv >= 0  # every query sees every prefix column
 
@@ -187,9 +206,12 @@ def _flex_prefix_mask(injector: "PrefixInjector", mask, module, query, kv_len: i
         return torch.where(kv < m, prompt(b, q, kv), real)
 
     return injector.shared_mask(
-        ("flex", m, kv_len, q_len), mask,
-        lambda: create_block_mask(mask_mod, batch, None, q_len, m + kv_len, device=query.device,
-                                  _compile=query.device.type == "cuda"))
+        ("flex", m, kv_len, q_len),
+        mask,
+        lambda: create_block_mask(
+            mask_mod, batch, None, q_len, m + kv_len, device=query.device, _compile=query.device.type == "cuda"
+        ),
+    )
 
 
 def _flash_prefix_mask(mask, m: int) -> torch.Tensor | None:
@@ -254,14 +276,17 @@ def _flash_varlen_prefix(key, value, prefix_k, prefix_v, kwargs: dict):
     flash aligns each example's causal pattern to its bottom-right corner, so every query sees
     its whole prefix and its own earlier tokens."""
     if prefix_k.shape[0] != 1:
-        raise IncompatibleModelError("a packed flash_attention_2 call takes one prompt for all examples; pass no "
-                                     "task_ids, or turn packing off (model.packing = False).")
+        raise IncompatibleModelError(
+            "a packed flash_attention_2 call takes one prompt for all examples; pass no "
+            "task_ids, or turn packing off (model.packing = False)."
+        )
     cu = kwargs["cu_seq_lens_k"]
     n, m, total = cu.numel() - 1, prefix_k.shape[2], key.shape[2]
     example = torch.repeat_interleave(torch.arange(n, device=cu.device), cu.diff().long(), output_size=total)
     real = torch.arange(total, device=cu.device) + m * (example + 1)
-    prompt = ((cu[:-1].long() + m * torch.arange(n, device=cu.device))[:, None]
-              + torch.arange(m, device=cu.device)).flatten()
+    prompt = (
+        (cu[:-1].long() + m * torch.arange(n, device=cu.device))[:, None] + torch.arange(m, device=cu.device)
+    ).flatten()
     out = []
     for tensor, prefix in ((key, prefix_k), (value, prefix_v)):
         joined = tensor.new_empty((1, tensor.shape[1], total + n * m, tensor.shape[-1]))
@@ -308,7 +333,11 @@ def _prefix_attention(module, implementation: str | None, function, query, key, 
     if pair is None:
         return function(module, query, key, value, attention_mask, **kwargs)
     prefix_k, prefix_v = pair
-    if prefix_k.shape[1] != key.shape[1] or prefix_k.shape[-1] != key.shape[-1] or prefix_v.shape[-1] != value.shape[-1]:
+    if (
+        prefix_k.shape[1] != key.shape[1]
+        or prefix_k.shape[-1] != key.shape[-1]
+        or prefix_v.shape[-1] != value.shape[-1]
+    ):
         raise IncompatibleModelError(
             f"prefix for {site[0]} layer {site[1]} has {prefix_k.shape[1]} key/value heads of size "
             f"{prefix_k.shape[-1]}/{prefix_v.shape[-1]}, but the model's keys/values have {key.shape[1]} of size "
@@ -327,15 +356,23 @@ def _prefix_attention(module, implementation: str | None, function, query, key, 
             # would cut keys and queries at the same places, but the keys are m longer
             kwargs.update(_varlen_from_positions(kwargs.get("position_ids")))
         if kwargs.get("cu_seq_lens_k") is not None:  # one packed row (mechanisms.pack_plan.varlen_kwargs)
-            return function(module, query, *_flash_varlen_prefix(key, value, prefix_k, prefix_v, kwargs),
-                            attention_mask, **kwargs)
+            return function(
+                module, query, *_flash_varlen_prefix(key, value, prefix_k, prefix_v, kwargs), attention_mask, **kwargs
+            )
     key = torch.cat([prefix_k.to(key.dtype), key], dim=2)
     value = torch.cat([prefix_v.to(value.dtype), value], dim=2)
     causal = kwargs.get("is_causal")
     causal = causal if causal is not None else getattr(module, "is_causal", False)
-    if (attention_mask is None and causal and query.shape[2] > 1 and injector.segments is None
-            and implementation == "sdpa" and bias is None
-            and kwargs.get("softcap") is None and not kwargs.get("output_attentions")):
+    if (
+        attention_mask is None
+        and causal
+        and query.shape[2] > 1
+        and injector.segments is None
+        and implementation == "sdpa"
+        and bias is None
+        and kwargs.get("softcap") is None
+        and not kwargs.get("output_attentions")
+    ):
         # an unpadded causal batch: no mask from transformers, and none built per layer here
         # (transformers' sdpa function would drop keys past the query length when given is_causal)
         call = {k: v for k, v in kwargs.items() if k in ("dropout", "scaling")}

@@ -12,8 +12,9 @@ from pstar_plugins.contract.method import CONTINUATION
 from pstar_plugins.mechanisms import packing
 
 
-def call_base(method, model: nn.Module, inputs: dict[str, Any], causal_lm: bool = True, packable: bool = True,
-              while_packed=None):
+def call_base(
+    method, model: nn.Module, inputs: dict[str, Any], causal_lm: bool = True, packable: bool = True, while_packed=None
+):
     """Call the frozen ``model`` (a causal LM, or with ``causal_lm=False`` a decoder-only
     backbone) on ``inputs`` (``None`` values dropped), padding-free when ``method.packing`` is
     on, the method says this call may be packed (``packable``) and the call allows it;
@@ -22,8 +23,16 @@ def call_base(method, model: nn.Module, inputs: dict[str, Any], causal_lm: bool 
     after the call, still inside the method's own call (one-pass label-word scoring)."""
     after_call = method.__dict__.get(CONTINUATION)
     if method.packing and not packable:
-        return packing.call(model, inputs, False, causal_lm, while_packed, method=method, after_call=after_call,
-                            padded_because=f"{type(method).__name__} runs this call padded")
+        return packing.call(
+            model,
+            inputs,
+            False,
+            causal_lm,
+            while_packed,
+            method=method,
+            after_call=after_call,
+            padded_because=f"{type(method).__name__} runs this call padded",
+        )
     return packing.call(model, inputs, method.packing, causal_lm, while_packed, method=method, after_call=after_call)
 
 

@@ -114,7 +114,9 @@ def shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return value
     from torch.distributed.tensor import distribute_tensor
 
-    return distribute_tensor(value.to(like.device_mesh.device_type), like.device_mesh, like.placements, src_data_rank=None)
+    return distribute_tensor(
+        value.to(like.device_mesh.device_type), like.device_mesh, like.placements, src_data_rank=None
+    )
 
 
 def embedding_shape(embedding: nn.Module) -> tuple[int, int]:
@@ -143,7 +145,8 @@ def embedding_rows(embedding: nn.Module, ids: torch.Tensor) -> torch.Tensor:
             "the embedding matrix is on the meta device (Accelerate's fsdp_cpu_ram_efficient_loading leaves every rank "
             "but the first there until prepare), so the prompt cannot be initialised from it. Build the method on a "
             "model whose weights are loaded: set fsdp_cpu_ram_efficient_loading: false, or build after "
-            "accelerator.prepare.")
+            "accelerator.prepare."
+        )
     if not is_partitioned(weight):
         return weight.detach()[ids.to(weight.device)].float().clone()
     import torch.distributed as dist
@@ -158,7 +161,7 @@ def embedding_rows(embedding: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         lo, hi = row * hidden, (row + 1) * hidden
         a, b = max(lo, start), min(hi, end)
         if a < b:
-            out[i, a - lo:b - lo] = local[a - start:b - start].float()
+            out[i, a - lo : b - lo] = local[a - start : b - start].float()
     # with offload_param the shard lives in CPU memory, but NCCL reduces only device tensors:
     # the collective runs on the device DeepSpeed's accelerator names (the CPU under DS_ACCELERATOR=cpu)
     buffer = out.to(collective_device())
@@ -182,8 +185,10 @@ def _dtensor_rows(weight, ids: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
 
     if tuple(weight.placements) != (Shard(0),):
-        raise NotImplementedError(f"embedding rows of a DTensor placed as {weight.placements}; expected (Shard(0),), "
-                                  "as fully_shard places parameters")
+        raise NotImplementedError(
+            f"embedding rows of a DTensor placed as {weight.placements}; expected (Shard(0),), "
+            "as fully_shard places parameters"
+        )
     mesh = weight.device_mesh
     local = weight.to_local().detach()
     rows, hidden = weight.shape

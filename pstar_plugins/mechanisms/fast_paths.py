@@ -54,11 +54,29 @@ _HEAD, _FORWARD = Family("head"), Family("forward")
 #: (values and gradients, prompt cache, packed prefill and one-pass scoring): every other family
 #: runs padded
 PADDING_FREE_FAMILIES: dict[str, Family] = {
-    "llama": _HEAD, "mistral": _HEAD, "mixtral": _HEAD, "qwen2": Family("head", True), "qwen3": Family("head", True),
-    "qwen3_moe": _HEAD, "gemma": _HEAD, "gemma2": Family("forward", True), "gemma3_text": Family("forward", True),
-    "phi": _HEAD, "phi3": _HEAD, "gpt2": _HEAD, "gpt_neox": _HEAD, "gptj": _HEAD, "gpt_bigcode": _HEAD, "opt": _HEAD,
-    "starcoder2": _HEAD, "olmo2": _HEAD, "cohere": _FORWARD, "granite": _FORWARD, "stablelm": _HEAD,
-    "smollm3": Family("head", True), "deepseek_v3": _HEAD,
+    "llama": _HEAD,
+    "mistral": _HEAD,
+    "mixtral": _HEAD,
+    "qwen2": Family("head", True),
+    "qwen3": Family("head", True),
+    "qwen3_moe": _HEAD,
+    "gemma": _HEAD,
+    "gemma2": Family("forward", True),
+    "gemma3_text": Family("forward", True),
+    "phi": _HEAD,
+    "phi3": _HEAD,
+    "gpt2": _HEAD,
+    "gpt_neox": _HEAD,
+    "gptj": _HEAD,
+    "gpt_bigcode": _HEAD,
+    "opt": _HEAD,
+    "starcoder2": _HEAD,
+    "olmo2": _HEAD,
+    "cohere": _FORWARD,
+    "granite": _FORWARD,
+    "stablelm": _HEAD,
+    "smollm3": Family("head", True),
+    "deepseek_v3": _HEAD,
     "falcon": _HEAD,  # through transformers' attention interface since transformers 5.25
 }
 
@@ -76,6 +94,7 @@ def family_reason(model: nn.Module) -> str | None:
         return f"model type {model_type!r} takes one mask for layers of several types"
     return None
 
+
 #: families whose one-pass label-word scores and gradients the same matrix checks against the
 #: per-class loop (the suite's ``one_pass_scoring``; sliding-window layers included, windowed by
 #: the model's own masks): every family verified padding-free passes it. Every other family is
@@ -86,7 +105,8 @@ ONE_PASS_FAMILIES = frozenset(PADDING_FREE_FAMILIES)
 def has_sliding_layers(config) -> bool:
     """Whether some attention layer of ``config`` keeps only a window (its cache too)."""
     return bool(getattr(config, "sliding_window", None)) or any(
-        t != "full_attention" for t in getattr(config, "layer_types", None) or ())
+        t != "full_attention" for t in getattr(config, "layer_types", None) or ()
+    )
 
 
 def kernel_reason(model: nn.Module) -> str | None:
@@ -97,15 +117,21 @@ def kernel_reason(model: nn.Module) -> str | None:
     if kernel == "flex_attention":
         if model.config.model_type in FLEX_PACKING_FAMILIES:
             return None
-        return (f"flex_attention packing is verified for {sorted(FLEX_PACKING_FAMILIES)} only, "
-                f"not model type {model.config.model_type!r}")
+        return (
+            f"flex_attention packing is verified for {sorted(FLEX_PACKING_FAMILIES)} only, "
+            f"not model type {model.config.model_type!r}"
+        )
     if kernel == "flash_attention_2":
         if opted_in(kernel):
             return None
-        return ("flash_attention_2 packing (one row, transformers' variable-length path) is not yet verified on a GPU; "
-                f"bench/gpu_check.sh runs it with {UNVERIFIED_KERNELS_ENV}=flash_attention_2")
-    return (f"attention kernel {kernel!r} (needs sdpa or eager, flex_attention on {sorted(FLEX_PACKING_FAMILIES)}, or "
-            f"flash_attention_2 with {UNVERIFIED_KERNELS_ENV}=flash_attention_2)")
+        return (
+            "flash_attention_2 packing (one row, transformers' variable-length path) is not yet verified on a GPU; "
+            f"bench/gpu_check.sh runs it with {UNVERIFIED_KERNELS_ENV}=flash_attention_2"
+        )
+    return (
+        f"attention kernel {kernel!r} (needs sdpa or eager, flex_attention on {sorted(FLEX_PACKING_FAMILIES)}, or "
+        f"flash_attention_2 with {UNVERIFIED_KERNELS_ENV}=flash_attention_2)"
+    )
 
 
 @dataclass(frozen=True)
@@ -122,9 +148,12 @@ class FastPaths:
         """One line per path, for the run summary: ``packing: applies`` or ``packing: does not
         apply (reason)``. A path that applies still runs only where a call allows it (and
         packing only with ``PStarModel.packing`` on)."""
-        return [f"{f.name.replace('_', ' ')}: "
-                + ("applies" if getattr(self, f.name) is None else f"does not apply ({getattr(self, f.name)})")
-                for f in fields(self) if f.name != "partitioned"]
+        return [
+            f"{f.name.replace('_', ' ')}: "
+            + ("applies" if getattr(self, f.name) is None else f"does not apply ({getattr(self, f.name)})")
+            for f in fields(self)
+            if f.name != "partitioned"
+        ]
 
 
 def _first(*reasons: str | None) -> str | None:
@@ -161,24 +190,33 @@ def decide(model: nn.Module, method: Any = None) -> FastPaths:
     config = model.config
     partitioned = any(is_partitioned(p) for p in model.parameters())
     zero3 = "ZeRO-3 partitioned weights" if partitioned else None
-    sliding = "sliding-window attention layers (their cache keeps only the window)" if has_sliding_layers(config) else None
+    sliding = (
+        "sliding-window attention layers (their cache keeps only the window)" if has_sliding_layers(config) else None
+    )
     encoder_decoder = "encoder-decoder model" if is_encoder_decoder(model) else None
     family = family_reason(model)
     packing = _first(encoder_decoder, family, kernel_reason(model))
-    flash = "packed prefill is not written for flash_attention_2 (generate() runs its own first forward)" \
-        if attention_kernel(model) == "flash_attention_2" else None
+    flash = (
+        "packed prefill is not written for flash_attention_2 (generate() runs its own first forward)"
+        if attention_kernel(model) == "flash_attention_2"
+        else None
+    )
     # the packed prefill's choice depends on the batch's padding, and ZeRO-3 ranks must agree on
     # the number of forward calls (each gathers every layer's weights)
     prefill = _first(_causal_reason(model), packing, flash, sliding, zero3)
     # the prompt cache is not verified under ZeRO-3 (the conformance matrix runs one process)
     prompt_cache = _first(_causal_reason(model), family, sliding, zero3, _prompt_cache_method_reason(model, method))
-    one_family = None if config.model_type in ONE_PASS_FAMILIES else \
-        f"model type {config.model_type!r} is not verified for one-pass scoring"
+    one_family = (
+        None
+        if config.model_type in ONE_PASS_FAMILIES
+        else f"model type {config.model_type!r} is not verified for one-pass scoring"
+    )
     # the continuation pass runs inside the frozen model's call, which ZeRO-3's parameter-fetching
     # hooks are not known to allow
     # sliding-window layers are scored over a cache of whole layers, windowed by the model's masks
-    one_pass = _first(_causal_reason(model), one_family,
-                      _one_pass_method_reason(method) if method is not None else None, zero3)
+    one_pass = _first(
+        _causal_reason(model), one_family, _one_pass_method_reason(method) if method is not None else None, zero3
+    )
     return FastPaths(packing, prefill, prompt_cache, one_pass, partitioned)
 
 

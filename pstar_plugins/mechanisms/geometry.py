@@ -65,7 +65,9 @@ def hidden_size(config: PretrainedConfig) -> int:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     value = _first(text, "hidden_size", "d_model", "n_embd")
     if not value:
-        raise IncompatibleModelError(f"cannot read the hidden size of model_type={getattr(config, 'model_type', '?')!r}.")
+        raise IncompatibleModelError(
+            f"cannot read the hidden size of model_type={getattr(config, 'model_type', '?')!r}."
+        )
     return int(value)
 
 
@@ -101,7 +103,9 @@ def attention_geometry(config: PretrainedConfig, kind: str) -> AttentionGeometry
     return AttentionGeometry(int(layers), int(kv_heads), int(head_dim), value_dim if value_dim != head_dim else 0)
 
 
-def model_geometry(config: PretrainedConfig, attention_sites: dict[str, AttentionGeometry] | None = None) -> ModelGeometry:
+def model_geometry(
+    config: PretrainedConfig, attention_sites: dict[str, AttentionGeometry] | None = None
+) -> ModelGeometry:
     """The model's geometry; ``attention_sites``: the key/value shape of each kind of attention
     site as the model computes it (``PrefixInjector.geometry``)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -115,4 +119,14 @@ def model_geometry(config: PretrainedConfig, attention_sites: dict[str, Attentio
     )
 
 
-__all__ = ["AttentionGeometry", "ModelGeometry", "attention_geometry", "hidden_size", "model_geometry", "SELF", "ENCODER", "DECODER", "CROSS"]
+__all__ = [
+    "AttentionGeometry",
+    "ModelGeometry",
+    "attention_geometry",
+    "hidden_size",
+    "model_geometry",
+    "SELF",
+    "ENCODER",
+    "DECODER",
+    "CROSS",
+]

@@ -39,7 +39,16 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from pstar_plugins.mechanisms import fast_paths
 from pstar_plugins.mechanisms.fast_paths import PADDING_FREE_FAMILIES, has_sliding_layers
 from pstar_plugins.mechanisms.inputs import accepts, positions_from_mask
-from pstar_plugins.mechanisms.pack_plan import PackPlan, attention_kernel, masks, pack, pair_cost, plan, unpack, varlen_kwargs
+from pstar_plugins.mechanisms.pack_plan import (
+    PackPlan,
+    attention_kernel,
+    masks,
+    pack,
+    pair_cost,
+    plan,
+    unpack,
+    varlen_kwargs,
+)
 from pstar_plugins.mechanisms.recording import Recorder
 
 _CACHE_ARGUMENTS = ("cache", "past_key_values")  # transformers renamed past_key_values to cache in 5.x
@@ -83,18 +92,37 @@ def unsupported_reason(model: nn.Module, inputs: dict[str, Any], causal_lm: bool
     return None
 
 
-def _packed_backbone_call(p: PackPlan, backbone: nn.Module, inputs: dict[str, Any], embed: nn.Module,
-                          cache=None) -> torch.Tensor:
+def _packed_backbone_call(
+    p: PackPlan, backbone: nn.Module, inputs: dict[str, Any], embed: nn.Module, cache=None
+) -> torch.Tensor:
     embeds = inputs.get("inputs_embeds")
     if embeds is None:
         embeds = embed(inputs["input_ids"])
-    call = {k: v for k, v in inputs.items() if k not in ("input_ids", "inputs_embeds", "attention_mask", "position_ids",
-                                                          "logits_to_keep", "labels", "use_cache", *_CACHE_ARGUMENTS)}
+    call = {
+        k: v
+        for k, v in inputs.items()
+        if k
+        not in (
+            "input_ids",
+            "inputs_embeds",
+            "attention_mask",
+            "position_ids",
+            "logits_to_keep",
+            "labels",
+            "use_cache",
+            *_CACHE_ARGUMENTS,
+        )
+    }
     if cache is not None:
         call[_cache_argument(backbone)] = cache
-    out = backbone(inputs_embeds=pack(p, embeds), position_ids=pack(p, inputs["position_ids"]),
-                   attention_mask=masks(p, backbone, embeds.dtype), use_cache=cache is not None,
-                   **varlen_kwargs(p, backbone), **call)
+    out = backbone(
+        inputs_embeds=pack(p, embeds),
+        position_ids=pack(p, inputs["position_ids"]),
+        attention_mask=masks(p, backbone, embeds.dtype),
+        use_cache=cache is not None,
+        **varlen_kwargs(p, backbone),
+        **call,
+    )
     return out.last_hidden_state
 
 
@@ -132,7 +160,7 @@ def causal_lm_forward(p: PackPlan, model: nn.Module, inputs: dict[str, Any]) -> 
     keep = inputs["logits_to_keep"]
     lookup = torch.full((B, L), -1, dtype=torch.long, device=mask.device)
     lookup[p.batch, p.column] = torch.arange(p.tokens, device=mask.device)
-    wanted = lookup[:, L - keep:]  # (B, k): token number or -1
+    wanted = lookup[:, L - keep :]  # (B, k): token number or -1
     rows, cols = (wanted >= 0).nonzero(as_tuple=True)
     token = wanted[rows, cols]
     cache = _new_cache(model, inputs)
@@ -144,23 +172,46 @@ def causal_lm_forward(p: PackPlan, model: nn.Module, inputs: dict[str, Any]) -> 
         embeds = inputs.get("inputs_embeds")
         if embeds is None:
             embeds = model.get_input_embeddings()(inputs["input_ids"])
-        call = {k: v for k, v in inputs.items() if k not in ("input_ids", "inputs_embeds", "attention_mask", "position_ids",
-                                                              "logits_to_keep", "labels", "use_cache", *_CACHE_ARGUMENTS)}
+        call = {
+            k: v
+            for k, v in inputs.items()
+            if k
+            not in (
+                "input_ids",
+                "inputs_embeds",
+                "attention_mask",
+                "position_ids",
+                "logits_to_keep",
+                "labels",
+                "use_cache",
+                *_CACHE_ARGUMENTS,
+            )
+        }
         if cache is not None:
             call[_cache_argument(model)] = cache
-        packed = model(inputs_embeds=pack(p, embeds), position_ids=pack(p, inputs["position_ids"]),
-                       attention_mask=masks(p, model, embeds.dtype), use_cache=cache is not None, logits_to_keep=columns,
-                       **varlen_kwargs(p, model), **call).logits
+        packed = model(
+            inputs_embeds=pack(p, embeds),
+            position_ids=pack(p, inputs["position_ids"]),
+            attention_mask=masks(p, model, embeds.dtype),
+            use_cache=cache is not None,
+            logits_to_keep=columns,
+            **varlen_kwargs(p, model),
+            **call,
+        ).logits
         logits = packed[p.bin[token], where]  # (n, V)
     out = logits.new_zeros((B, keep, logits.shape[-1]))
-    return CausalLMOutputWithPast(logits=out.index_put((rows, cols), logits), cache=_unpacked_cache(p, cache, model.config))
+    return CausalLMOutputWithPast(
+        logits=out.index_put((rows, cols), logits), cache=_unpacked_cache(p, cache, model.config)
+    )
 
 
 def backbone_forward(p: PackPlan, backbone: nn.Module, inputs: dict[str, Any]) -> BaseModelOutputWithPast:
     """``backbone(**inputs)`` packed: ``last_hidden_state`` ``(B, L, H)``, zeros at padding."""
     cache = _new_cache(backbone, inputs)
     hidden = _packed_backbone_call(p, backbone, inputs, backbone.get_input_embeddings(), cache)
-    return BaseModelOutputWithPast(last_hidden_state=unpack(p, hidden), cache=_unpacked_cache(p, cache, backbone.config))
+    return BaseModelOutputWithPast(
+        last_hidden_state=unpack(p, hidden), cache=_unpacked_cache(p, cache, backbone.config)
+    )
 
 
 _PATHS = Recorder()
@@ -176,9 +227,16 @@ def _record(what: str, reason: str | None) -> None:
     _PATHS.add(f"{what}: packed" if reason is None else f"{what}: padded ({reason})")
 
 
-def call(model: nn.Module, inputs: dict[str, Any], packing: bool, causal_lm: bool = True,
-         while_packed: Callable[[PackPlan], ContextManager] | None = None, padded_because: str = "packing is off",
-         method=None, after_call: Callable | None = None):
+def call(
+    model: nn.Module,
+    inputs: dict[str, Any],
+    packing: bool,
+    causal_lm: bool = True,
+    while_packed: Callable[[PackPlan], ContextManager] | None = None,
+    padded_because: str = "packing is off",
+    method=None,
+    after_call: Callable | None = None,
+):
     """Call ``model`` on ``inputs`` (``None`` values dropped), packed when asked and possible.
 
     Whether a call is packed depends on the model and the kinds of inputs, never on the batch's
@@ -212,8 +270,9 @@ def call(model: nn.Module, inputs: dict[str, Any], packing: bool, causal_lm: boo
 # ----------------------------------------------------------------------------- generation
 
 
-def prefill_unsupported_reason(model: nn.Module, inputs: dict[str, Any], generate_kwargs: dict[str, Any],
-                               method=None) -> str | None:
+def prefill_unsupported_reason(
+    model: nn.Module, inputs: dict[str, Any], generate_kwargs: dict[str, Any], method=None
+) -> str | None:
     """Why :func:`prefill` cannot serve this ``generate()`` call, or ``None`` when it can: the
     model's record (:func:`pstar_plugins.mechanisms.fast_paths.of`), then what this call asks."""
     mask = inputs.get("attention_mask")
@@ -252,7 +311,9 @@ def prefill(model: nn.Module, inputs: dict[str, Any], while_packed: Callable[[Pa
     """
     from transformers import DynamicCache
 
-    head = {k: v[:, :-1] for k, v in inputs.items() if k in ("input_ids", "inputs_embeds", "attention_mask", "position_ids")}
+    head = {
+        k: v[:, :-1] for k, v in inputs.items() if k in ("input_ids", "inputs_embeds", "attention_mask", "position_ids")
+    }
     if head.get("position_ids") is None:
         head["position_ids"] = positions_from_mask(head["attention_mask"])
     p = plan(head["attention_mask"], pair_cost(model.config))
@@ -262,8 +323,14 @@ def prefill(model: nn.Module, inputs: dict[str, Any], while_packed: Callable[[Pa
     return _unpacked_cache(p, packed, model.config)
 
 
-def generate(model: nn.Module, inputs: dict[str, Any], packing: bool,
-             while_packed: Callable[[PackPlan], ContextManager] | None = None, method=None, **kwargs):
+def generate(
+    model: nn.Module,
+    inputs: dict[str, Any],
+    packing: bool,
+    while_packed: Callable[[PackPlan], ContextManager] | None = None,
+    method=None,
+    **kwargs,
+):
     """``model.generate(**inputs, **kwargs)`` (``None`` inputs dropped), with the prompt's cache
     from :func:`prefill` when ``packing`` is on and the call allows it."""
     inputs = {k: v for k, v in inputs.items() if v is not None}

@@ -76,8 +76,10 @@ def bind_slots(model, inputs: dict) -> dict:
     if name is not None:
         inputs[name] = slots
     elif bool((slots != SLOT_PAD).any()):
-        raise ConfigError("the template has {soft} tokens, but the model's method reads no template slots "
-                          "(PromptMethod.slot_input); use a template without {soft} tokens, or a method that has them.")
+        raise ConfigError(
+            "the template has {soft} tokens, but the model's method reads no template slots "
+            "(PromptMethod.slot_input); use a template without {soft} tokens, or a method that has them."
+        )
     return inputs
 
 
@@ -103,14 +105,16 @@ class Template:
         buffer = []
         pos = 0
         for match in _SLOT.finditer(text):
-            buffer.append(text[pos:match.start()])
+            buffer.append(text[pos : match.start()])
             pos = match.end()
             token = match.group(0)
             if token in ("{{", "}}"):
                 buffer.append(token[0])
                 continue
             if token in ("{", "}"):
-                raise ConfigError(f"template {text!r}: unmatched {token!r} at offset {match.start()}; write {token * 2} for a literal brace.")
+                raise ConfigError(
+                    f"template {text!r}: unmatched {token!r} at offset {match.start()}; write {token * 2} for a literal brace."
+                )
             if buffer and "".join(buffer):
                 parts.append(Literal("".join(buffer)))
             buffer = []
@@ -122,7 +126,9 @@ class Template:
                 if not count.isdigit() or int(count) < 1:
                     raise ConfigError(f"template {text!r}: {{{slot}}} needs a positive count, e.g. {{soft:4}}.")
                 if not allow_soft:
-                    raise ConfigError(f"template {text!r}: {{soft}} tokens are only for the p-tuning method; remove them.")
+                    raise ConfigError(
+                        f"template {text!r}: {{soft}} tokens are only for the p-tuning method; remove them."
+                    )
                 parts.append(Soft(int(count)))
             elif _FIELD.match(slot):
                 parts.append(Field(slot))
@@ -159,7 +165,7 @@ class Template:
         at = next((i for i, p in enumerate(parts) if isinstance(p, Answer)), None)
         if at is None:
             return
-        after = [p for p in parts[at + 1:] if isinstance(p, (Field, Soft))]
+        after = [p for p in parts[at + 1 :] if isinstance(p, (Field, Soft))]
         if after:
             what = ", ".join(f"{{{p.name}}}" if isinstance(p, Field) else f"{{soft:{p.count}}}" for p in after)
             raise ConfigError(
@@ -168,8 +174,15 @@ class Template:
                 "--model-kind masked-lm, which fills the answer slot anywhere."
             )
 
-    def encode(self, example: Mapping[str, Any], tokenizer, answer_ids: list[int] | None = None,
-               placeholder_id: int = 0, add_special_tokens: bool = True, stop_at_answer: bool = False) -> EncodedPrompt:
+    def encode(
+        self,
+        example: Mapping[str, Any],
+        tokenizer,
+        answer_ids: list[int] | None = None,
+        placeholder_id: int = 0,
+        add_special_tokens: bool = True,
+        stop_at_answer: bool = False,
+    ) -> EncodedPrompt:
         """Tokenise ``example`` through the template.
 
         Adjacent literal and field text is tokenised as one string so that word boundaries match
@@ -200,7 +213,9 @@ class Template:
                 if part.name not in example:
                     raise DataError(
                         f"template field {{{part.name}}} is not a column of the example (columns: {sorted(example)}); "
-                        "change the slot with --template or map a column to it with --column DATA_COLUMN=" + part.name + "."
+                        "change the slot with --template or map a column to it with --column DATA_COLUMN="
+                        + part.name
+                        + "."
                     )
                 run.append(str(example[part.name]))
             elif isinstance(part, Soft):
@@ -236,8 +251,8 @@ def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
     full = list(tokenizer("a", add_special_tokens=True)["input_ids"])
     result: tuple[list[int], list[int]] = ([], [])
     for start in range(len(full) - len(plain) + 1):
-        if full[start:start + len(plain)] == plain:
-            result = (full[:start], full[start + len(plain):])
+        if full[start : start + len(plain)] == plain:
+            result = (full[:start], full[start + len(plain) :])
             break
     try:
         tokenizer._pstar_special = result
@@ -250,11 +265,15 @@ def check_label_words(words: list[str]) -> None:
     """Label words must be real, distinct words (they become the classes, in order)."""
     blank = [w for w in words if not w.strip()]
     if blank:
-        raise ConfigError(f"--label-words {words!r}: {len(blank)} empty or blank word(s); give one real word per class.")
+        raise ConfigError(
+            f"--label-words {words!r}: {len(blank)} empty or blank word(s); give one real word per class."
+        )
     stripped = [w.strip() for w in words]
     repeated = sorted({w for w in stripped if stripped.count(w) > 1})
     if repeated:
-        raise ConfigError(f"--label-words {words!r}: {repeated} appear more than once, so two classes could not be told "
-                          "apart; give one distinct word per class.")
+        raise ConfigError(
+            f"--label-words {words!r}: {repeated} appear more than once, so two classes could not be told "
+            "apart; give one distinct word per class."
+        )
     if len(words) < 2:
         raise ConfigError(f"--label-words {words!r}: a classifier needs at least two label words.")

@@ -51,8 +51,11 @@ class EmbeddingPromptMethod(PromptMethod):
         """The ``adapter_config.json`` fields PEFT's virtual-token adapters share."""
         config = base_model.config
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        return {"token_dim": hidden_size(config), "num_attention_heads": int(text.num_attention_heads),
-                "num_layers": int(text.num_hidden_layers)}
+        return {
+            "token_dim": hidden_size(config),
+            "num_attention_heads": int(text.num_attention_heads),
+            "num_layers": int(text.num_hidden_layers),
+        }
 
     # -----------------------------------------------------------------------------------
     def _embed(self, base_model: nn.Module, inputs: dict[str, Any], task_ids) -> dict[str, Any]:
@@ -95,7 +98,9 @@ class EmbeddingPromptMethod(PromptMethod):
                 inputs["position_ids"], _ = insert_block(shifted, virtual, at)
             # "at start": the block sits between the left padding and the text in every row, so
             # the user's real tokens are exactly the last L positions
-            info.update(user_index=user_index, at_start=bool((at == first_real_index(user_mask)).all()), user_mask=user_mask)
+            info.update(
+                user_index=user_index, at_start=bool((at == first_real_index(user_mask)).all()), user_mask=user_mask
+            )
         inputs["inputs_embeds"] = embeds
         inputs["attention_mask"] = mask
         return info
@@ -110,7 +115,11 @@ class EmbeddingPromptMethod(PromptMethod):
         if user_index is None:
             return call_base(self, base_model, inputs)  # sequence length unchanged
         keep = inputs.get("logits_to_keep")
-        if info["at_start"] and accepts(base_model, "logits_to_keep") and (keep is None or isinstance(keep, int) and 0 < keep <= info["length"]):
+        if (
+            info["at_start"]
+            and accepts(base_model, "logits_to_keep")
+            and (keep is None or isinstance(keep, int) and 0 < keep <= info["length"])
+        ):
             # the user's real tokens are the last L positions: no logits (and no loss) at virtual
             # positions; labels on left padding (now facing virtual tokens) are ignored
             inputs["logits_to_keep"] = keep or info["length"]
@@ -148,8 +157,12 @@ class EmbeddingPromptMethod(PromptMethod):
             if name in kwargs:
                 inputs[name] = kwargs.pop(name)
         self._embed(base_model, inputs, task_ids)
-        out = generate_base(self, base_model, {"inputs_embeds": inputs["inputs_embeds"], "attention_mask": inputs["attention_mask"]},
-                                 **kwargs)
+        out = generate_base(
+            self,
+            base_model,
+            {"inputs_embeds": inputs["inputs_embeds"], "attention_mask": inputs["attention_mask"]},
+            **kwargs,
+        )
         if is_encoder_decoder(base_model) or input_ids is None:
             return out
         return torch.cat([input_ids, out.to(input_ids.device)], dim=1)

@@ -149,21 +149,29 @@ class SharedPrefixModel(torch.nn.Module, OnePassContinuations):
         if kwargs or P == 0 or any(len(r) <= P or not torch.equal(r[:P], prefix) for r in rows):
             if use_cache is not None:
                 kwargs["use_cache"] = use_cache
-            return self._call(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep, **kwargs)
+            return self._call(
+                input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep, **kwargs
+            )
         # the prefix's call always uses a cache (``use_cache`` asks for one: the verbalizer's
         # one-pass scoring continues from it, and finds the prefix's keys/values there too)
         B, S = len(rows), max(len(r) for r in rows) - P
         suffix = input_ids.new_zeros((B, S))
         suffix_mask = attention_mask.new_zeros((B, S))
         for i, r in enumerate(rows):
-            suffix[i, S - (len(r) - P):] = r[P:]
-            suffix_mask[i, S - (len(r) - P):] = 1
+            suffix[i, S - (len(r) - P) :] = r[P:]
+            suffix_mask[i, S - (len(r) - P) :] = 1
         positions = (P + suffix_mask.cumsum(-1) - 1).clamp(min=P)
         full_mask = torch.cat([attention_mask.new_ones((B, P)), suffix_mask], 1)
         cache = self._cache_for(B)
         try:
-            return self._call(input_ids=suffix, attention_mask=full_mask, position_ids=positions, use_cache=True,
-                              logits_to_keep=logits_to_keep, **{self._cache_argument: cache})
+            return self._call(
+                input_ids=suffix,
+                attention_mask=full_mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=logits_to_keep,
+                **{self._cache_argument: cache},
+            )
         finally:
             cache.crop(P - cache.get_seq_length())  # negative: drop this batch's tokens, keep the prefix
 

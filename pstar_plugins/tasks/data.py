@@ -62,15 +62,19 @@ def labels_of(rows: list[dict[str, Any]], column: str, path: str, classes: list[
     out = []
     for number, row in enumerate(rows, start=1):
         if column not in row:
-            raise DataError(f"{path}: row {number} has no column {column!r} (columns: {sorted(row)}); set --label-column.")
+            raise DataError(
+                f"{path}: row {number} has no column {column!r} (columns: {sorted(row)}); set --label-column."
+            )
         value = str(row[column]).strip()
         if value in classes:
             out.append(classes.index(value))
         elif value.lstrip("-").isdigit() and 0 <= int(value) < len(classes):
             out.append(int(value))
         else:
-            raise DataError(f"{path}: row {number} has label {value!r}; expected one of {classes} or an index below "
-                            f"{len(classes)}. Set --label-words to the data's labels, in class order (or --label-column).")
+            raise DataError(
+                f"{path}: row {number} has label {value!r}; expected one of {classes} or an index below "
+                f"{len(classes)}. Set --label-words to the data's labels, in class order (or --label-column)."
+            )
     return out
 
 
@@ -85,7 +89,8 @@ def read_dataset(name: str, split: str, config: str | None = None, limit: int | 
         data = datasets.load_dataset(name, config, split=split)
     except Exception as exc:  # the library raises many types (connection, missing config, bad split)
         raise DataError(
-            f"could not load split {split!r} of dataset {name!r}" + (f" (config {config!r})" if config else "")
+            f"could not load split {split!r} of dataset {name!r}"
+            + (f" (config {config!r})" if config else "")
             + f": {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Check the dataset id, "
             "--dataset-config and the split names; without a hub, pass local files with --train-file/--validation-file."
         ) from exc
@@ -103,8 +108,10 @@ def rename_columns(rows: list[dict[str, Any]], mapping: dict[str, str], source: 
         return rows
     missing = sorted(set(mapping) - set(rows[0]))
     if missing:
-        raise DataError(f"{source}: --column {', '.join(f'{m}=...' for m in missing)} names no column "
-                        f"(columns: {sorted(rows[0])}); use the data's own column names on the left.")
+        raise DataError(
+            f"{source}: --column {', '.join(f'{m}=...' for m in missing)} names no column "
+            f"(columns: {sorted(rows[0])}); use the data's own column names on the left."
+        )
     return [{mapping.get(k, k): v for k, v in row.items()} for row in rows]
 
 
@@ -121,8 +128,14 @@ def parse_column_mapping(pairs: list[str]) -> dict[str, str]:
     return mapping
 
 
-def load_split(file: str | None, dataset: str | None, dataset_config: str | None, split: str, limit: int | None,
-               columns: dict[str, str]) -> tuple[list[dict[str, Any]], str]:
+def load_split(
+    file: str | None,
+    dataset: str | None,
+    dataset_config: str | None,
+    split: str,
+    limit: int | None,
+    columns: dict[str, str],
+) -> tuple[list[dict[str, Any]], str]:
     """Rows and a name for error messages, from a file or, when ``dataset`` is set, a datasets split."""
     if dataset:
         source = f"{dataset}[{split}]"

@@ -19,7 +19,7 @@ def _prompt(template: Template, tokenizer, example: dict[str, Any], pad_id: int)
     enc = template.encode(example, tokenizer, placeholder_id=pad_id, stop_at_answer=True, add_special_tokens=True)
     ids, index = enc.input_ids, enc.slots
     if enc.answer_index is not None:  # the answer slot ends the prompt (drop trailing special tokens)
-        ids, index = ids[:enc.answer_index], index[:enc.answer_index]
+        ids, index = ids[: enc.answer_index], index[: enc.answer_index]
     return ids, index
 
 
@@ -30,7 +30,9 @@ def _target_ids(tokenizer, text: str) -> list[int]:
     return ids
 
 
-def training_batch(template: Template, tokenizer, rows: list[dict], target_column: str, max_length: int) -> dict[str, torch.Tensor]:
+def training_batch(
+    template: Template, tokenizer, rows: list[dict], target_column: str, max_length: int
+) -> dict[str, torch.Tensor]:
     """``prompt + target`` rows with the labels on the target tokens only (IGNORE_INDEX elsewhere).
 
     Prompts are left-padded and targets right-padded, so every row's target starts at the same
@@ -41,11 +43,13 @@ def training_batch(template: Template, tokenizer, rows: list[dict], target_colum
     seqs = []
     for number, row in enumerate(rows, start=1):
         if target_column not in row:
-            raise DataError(f"row {number} has no target column {target_column!r} (columns: {sorted(row)}); set --target-column.")
+            raise DataError(
+                f"row {number} has no target column {target_column!r} (columns: {sorted(row)}); set --target-column."
+            )
         ids, index = _prompt(template, tokenizer, row, pad)
         target = _target_ids(tokenizer, str(row[target_column]))
         if len(ids) >= max_length:  # keep the prompt's end (next to the target) and one target token
-            ids, index = ids[len(ids) - max_length + 1:], index[len(index) - max_length + 1:]
+            ids, index = ids[len(ids) - max_length + 1 :], index[len(index) - max_length + 1 :]
         target = target[: max_length - len(ids)]
         seqs.append((ids, index, target))
     prompt_width = max(len(s[0]) for s in seqs)
@@ -92,16 +96,26 @@ def group_references(rows: list[dict], template: Template, target_column: str) -
     groups: OrderedDict[tuple, tuple[dict, list[str]]] = OrderedDict()
     for number, row in enumerate(rows, start=1):
         if target_column not in row:
-            raise DataError(f"evaluation row {number} has no target column {target_column!r} (columns: {sorted(row)}); "
-                            "set --target-column.")
+            raise DataError(
+                f"evaluation row {number} has no target column {target_column!r} (columns: {sorted(row)}); "
+                "set --target-column."
+            )
         key = tuple(str(row.get(f)) for f in template.fields)
         groups.setdefault(key, (row, []))[1].append(str(row[target_column]).strip())
     return list(groups.values())
 
 
 @torch.no_grad()
-def generate(model, template: Template, tokenizer, sources: list[dict], max_new_tokens: int, batch_size: int,
-             progress=None, synced_gpus: bool = False) -> list[str]:
+def generate(
+    model,
+    template: Template,
+    tokenizer,
+    sources: list[dict],
+    max_new_tokens: int,
+    batch_size: int,
+    progress=None,
+    synced_gpus: bool = False,
+) -> list[str]:
     """Greedy decoding from left-padded prompts; returns the decoded continuations (``progress``:
     a tqdm bar advanced by the rows of each batch; ``synced_gpus``: keep stepping until every rank
     is done, as ZeRO-3 needs)."""
@@ -109,19 +123,26 @@ def generate(model, template: Template, tokenizer, sources: list[dict], max_new_
     device = next(model.parameters()).device
     outputs: list[str] = []
     for start in range(0, len(sources), batch_size):
-        prompts = [_prompt(template, tokenizer, row, pad) for row in sources[start:start + batch_size]]
+        prompts = [_prompt(template, tokenizer, row, pad) for row in sources[start : start + batch_size]]
         length = max(len(p[0]) for p in prompts)
         ids = torch.full((len(prompts), length), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         index = torch.full_like(ids, SLOT_PAD)
         for i, (p, idx) in enumerate(prompts):
-            ids[i, length - len(p):] = torch.tensor(p)
-            mask[i, length - len(p):] = 1
-            index[i, length - len(p):] = torch.tensor(idx)
+            ids[i, length - len(p) :] = torch.tensor(p)
+            mask[i, length - len(p) :] = 1
+            index[i, length - len(p) :] = torch.tensor(idx)
         kwargs = bind_slots(model, {TEMPLATE_SLOTS: index.to(device)} if (index != SLOT_PAD).any() else {})
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-                             **({"synced_gpus": True} if synced_gpus else {}), **kwargs)
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+            **({"synced_gpus": True} if synced_gpus else {}),
+            **kwargs,
+        )
         for row in out[:, length:]:
             outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip().split("\n")[0].strip())
         if progress is not None:
@@ -129,8 +150,15 @@ def generate(model, template: Template, tokenizer, sources: list[dict], max_new_
     return outputs
 
 
-def generate_and_score(model, template: Template, tokenizer, groups: list[tuple[dict, list[str]]], max_new_tokens: int,
-                       batch_size: int, progress=None) -> tuple[dict[str, float], list[str]]:
+def generate_and_score(
+    model,
+    template: Template,
+    tokenizer,
+    groups: list[tuple[dict, list[str]]],
+    max_new_tokens: int,
+    batch_size: int,
+    progress=None,
+) -> tuple[dict[str, float], list[str]]:
     """Greedy continuations of each source of :func:`group_references` and their BLEU / ROUGE-L."""
     hyps = generate(model, template, tokenizer, [g[0] for g in groups], max_new_tokens, batch_size, progress)
     return bleu_rouge(hyps, [g[1] for g in groups]), hyps
@@ -145,5 +173,7 @@ def bleu_rouge(hypotheses: list[str], references: list[list[str]]) -> dict[str, 
     streams = [[refs[i] if i < len(refs) else refs[0] for refs in references] for i in range(width)]
     bleu = sacrebleu.corpus_bleu(hypotheses, streams).score
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    rouge = sum(max(scorer.score(ref, hyp)["rougeL"].fmeasure for ref in refs) for hyp, refs in zip(hypotheses, references))
+    rouge = sum(
+        max(scorer.score(ref, hyp)["rougeL"].fmeasure for ref in refs) for hyp, refs in zip(hypotheses, references)
+    )
     return {"bleu": bleu, "rouge_l": 100 * rouge / max(1, len(hypotheses))}

@@ -24,7 +24,7 @@ def _score_rows(model, verbalizer, rows, labels, batch_size, max_length, calibra
     config = getattr(model, "method_config", None)
     head = has_classifier_head(config)
     for i in range(0, len(rows), batch_size):
-        batch = verbalizer.encode(rows[i:i + batch_size], labels[i:i + batch_size], max_length=max_length)
+        batch = verbalizer.encode(rows[i : i + batch_size], labels[i : i + batch_size], max_length=max_length)
         scores = verbalizer.class_scores(model, batch, head)
         if calibration is not None:
             scores = calibrate(scores, calibration)
@@ -64,7 +64,13 @@ class ClassificationScoring:
         from tqdm.auto import tqdm
 
         from pstar_plugins.tasks.baselines import (
-            SharedPrefixModel, accuracy_and_macro_f1, common_prefix, content_free_scores, in_original_order, length_order)
+            SharedPrefixModel,
+            accuracy_and_macro_f1,
+            common_prefix,
+            content_free_scores,
+            in_original_order,
+            length_order,
+        )
         from pstar_plugins.tasks.verbalizer import Verbalizer
 
         args, rows = self.args, self.rows
@@ -73,13 +79,23 @@ class ClassificationScoring:
         if shared_prefix and args.model_kind != "masked-lm" and len(rows) > 1:
             # every prompt starts with the same demonstrations: run them once, reuse their cache
             sample = verbalizer.encode(rows[:4], max_length=args.max_length).inputs
-            prefix = common_prefix([ids[m.bool()].tolist() for ids, m in zip(sample["input_ids"], sample["attention_mask"])])
+            prefix = common_prefix(
+                [ids[m.bool()].tolist() for ids, m in zip(sample["input_ids"], sample["attention_mask"])]
+            )
             if len(prefix) > 8:
                 model = SharedPrefixModel(model, prefix)
         order = length_order(verbalizer, rows, args.max_length)  # batches of like lengths pad little
         with tqdm(total=len(rows), desc=name, leave=False) as bar:
-            preds = score_rows(model, verbalizer, [rows[i] for i in order], [self.labels[i] for i in order], args.batch_size,
-                               args.max_length, calibration, bar)
+            preds = score_rows(
+                model,
+                verbalizer,
+                [rows[i] for i in order],
+                [self.labels[i] for i in order],
+                args.batch_size,
+                args.max_length,
+                calibration,
+                bar,
+            )
         accuracy, macro_f1 = accuracy_and_macro_f1(in_original_order(preds, order), self.labels, self.num_classes)
         return {"accuracy": accuracy, "macro_f1": macro_f1}
 
@@ -89,8 +105,13 @@ class ClassificationScoring:
 
         picks = balanced_demonstrations(self.demo_rows, self.demo_labels, k, self.num_classes, seed) if k else []
         demos = [(self.demo_rows[i], self.args.label_words[self.demo_labels[i]]) for i in picks]
-        return self.score(f"{k}-shot seed {seed}", model, in_context_template(template, demos), self.args.calibrate,
-                          shared_prefix=k > 0 and not self.args.no_prefix_cache)
+        return self.score(
+            f"{k}-shot seed {seed}",
+            model,
+            in_context_template(template, demos),
+            self.args.calibrate,
+            shared_prefix=k > 0 and not self.args.no_prefix_cache,
+        )
 
 
 class GenerationScoring:
@@ -127,8 +148,9 @@ class GenerationScoring:
         from pstar_plugins.tasks import generation as gen
 
         with tqdm(total=len(self.groups), desc=name, leave=False) as bar:
-            scores, hyps = gen.generate_and_score(model, template, self.tokenizer, self.groups, self.args.max_new_tokens,
-                                                  self.args.batch_size, bar)
+            scores, hyps = gen.generate_and_score(
+                model, template, self.tokenizer, self.groups, self.args.max_new_tokens, self.args.batch_size, bar
+            )
         return {**scores, "example": hyps[:3]}
 
     def score_shots(self, model, template, k: int, seed: int) -> dict[str, Any]:

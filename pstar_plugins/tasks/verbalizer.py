@@ -30,6 +30,7 @@ from pstar_plugins.mechanisms.template import SLOT_PAD, TEMPLATE_SLOTS, Template
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class EncodedBatch:
     inputs: dict[str, torch.Tensor]
@@ -54,8 +55,10 @@ class Verbalizer:
             raise ConfigError(f"label words {empty} tokenise to nothing; choose real words with --label-words.")
         same = sorted({w for w, ids in zip(label_words, self.words) if self.words.count(ids) > 1})
         if same:
-            raise ConfigError(f"label words {same} tokenise to the same tokens, so their classes could not be told apart; "
-                              "choose distinct words with --label-words.")
+            raise ConfigError(
+                f"label words {same} tokenise to the same tokens, so their classes could not be told apart; "
+                "choose distinct words with --label-words."
+            )
         self.single_token = all(len(ids) == 1 for ids in self.words)
         self.mask_id = getattr(tokenizer, "mask_token_id", None)
         if masked_lm and self.mask_id is None:
@@ -77,12 +80,20 @@ class Verbalizer:
         scorer.pad_id = pad_id
         return scorer
 
-    def encode(self, examples: list[dict[str, Any]], labels: list[int] | None = None, max_length: int = 256) -> EncodedBatch:
+    def encode(
+        self, examples: list[dict[str, Any]], labels: list[int] | None = None, max_length: int = 256
+    ) -> EncodedBatch:
         rows = []
         for ex in examples:
             answer = [self.mask_id] * max(len(w) for w in self.words) if self.masked_lm else None
-            enc = self.template.encode(ex, self.tokenizer, answer_ids=answer, placeholder_id=self.pad_id,
-                                       stop_at_answer=not self.masked_lm, add_special_tokens=True)
+            enc = self.template.encode(
+                ex,
+                self.tokenizer,
+                answer_ids=answer,
+                placeholder_id=self.pad_id,
+                stop_at_answer=not self.masked_lm,
+                add_special_tokens=True,
+            )
             ids, index, at = enc.input_ids, enc.slots, enc.answer_index
             if not self.masked_lm:  # drop special tokens appended after the text (they follow the answer)
                 ids, index = ids[:at], index[:at]
@@ -100,9 +111,9 @@ class Verbalizer:
             # causal LMs: left padding, so every row's answer slot is the end (one logit per row);
             # masked LMs: right padding
             start = length - len(ids) if not self.masked_lm else 0
-            input_ids[i, start:start + len(ids)] = torch.tensor(ids)
-            mask[i, start:start + len(ids)] = 1
-            slots[i, start:start + len(ids)] = torch.tensor(index)
+            input_ids[i, start : start + len(ids)] = torch.tensor(ids)
+            mask[i, start : start + len(ids)] = 1
+            slots[i, start : start + len(ids)] = torch.tensor(index)
             answer_index.append(start + at)
         inputs = {"input_ids": input_ids, "attention_mask": mask}
         if (slots != SLOT_PAD).any():
@@ -135,7 +146,9 @@ class Verbalizer:
                 out.append(torch.stack(per, -1).mean(-1))
             return torch.stack(out, -1)
         if self.single_token:
-            logits = model(**bind_slots(model, inputs), logits_to_keep=1).logits[:, -1]  # the answer slot ends every row
+            logits = model(**bind_slots(model, inputs), logits_to_keep=1).logits[
+                :, -1
+            ]  # the answer slot ends every row
             return F.log_softmax(logits.float(), dim=-1)[:, [w[0] for w in self.words]]
         reason = one_pass_unsupported_reason(model)
         if reason is None:
@@ -164,8 +177,10 @@ class Verbalizer:
         """The causal-LM scores of :meth:`scores` with one model call per class (each class's word
         appended to the whole input): the reference of the one-pass path, and its fallback."""
         if self.masked_lm:
-            raise IncompatibleModelError("per-class scoring appends words after the input, which is for causal LMs; "
-                                         "a masked LM's scores come from its answer slot (Verbalizer.scores).")
+            raise IncompatibleModelError(
+                "per-class scoring appends words after the input, which is for causal LMs; "
+                "a masked LM's scores come from its answer slot (Verbalizer.scores)."
+            )
         device = next(model.parameters()).device
         return self._per_class(model, {k: v.to(device) for k, v in batch.inputs.items()})
 
@@ -217,7 +232,7 @@ class Verbalizer:
             score = logp_first[:, word[0]]
             if len(word) > 1:
                 j = continuation.classes.index(c)
-                rest = logp_rest[torch.arange(B, device=first.device) * len(continuation.classes) + j, :len(word) - 1]
+                rest = logp_rest[torch.arange(B, device=first.device) * len(continuation.classes) + j, : len(word) - 1]
                 target = torch.tensor(word[1:], device=first.device).expand(B, len(word) - 1)
                 score = score + rest.gather(2, target.unsqueeze(-1)).squeeze(-1).sum(-1)
             out.append(score)
@@ -316,8 +331,8 @@ class _Continuation:
         ids = torch.full((len(self.classes), T), pad_id, dtype=torch.long, device=device)
         mask = torch.zeros(len(self.classes), T, dtype=torch.long, device=device)
         for j, c in enumerate(self.classes):
-            ids[j, :len(words[c]) - 1] = torch.tensor(words[c][:-1], device=device)
-            mask[j, :len(words[c]) - 1] = 1  # right padding: after every real token, seen by none
+            ids[j, : len(words[c]) - 1] = torch.tensor(words[c][:-1], device=device)
+            mask[j, : len(words[c]) - 1] = 1  # right padding: after every real token, seen by none
         self.ids, self.mask = ids.repeat(batch, 1), mask.repeat(batch, 1)  # row b * C' + j
         self.source = torch.arange(batch, device=device).repeat_interleave(len(self.classes))
         self.logits: torch.Tensor | None = None
@@ -350,9 +365,12 @@ class _Continuation:
         for index, layer in enumerate(cache.layers):
             expanded.update(layer.keys.index_select(0, source), layer.values.index_select(0, source), index)
         T = self.ids.shape[1]
-        call: dict[str, Any] = {"input_ids": self.ids.to(mask.device),
-                                "attention_mask": torch.cat([mask[source], self.mask.to(mask.dtype)], 1),
-                                "use_cache": True, cache_argument(module): expanded}
+        call: dict[str, Any] = {
+            "input_ids": self.ids.to(mask.device),
+            "attention_mask": torch.cat([mask[source], self.mask.to(mask.dtype)], 1),
+            "use_cache": True,
+            cache_argument(module): expanded,
+        }
         positions = kwargs.get("position_ids")
         if positions is not None:  # the positions the word's tokens get in [input; word]: after the last one
             call["position_ids"] = positions[source, -1:] + 1 + torch.arange(T, device=positions.device)

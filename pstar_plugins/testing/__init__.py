@@ -26,26 +26,75 @@ def _config(arch: str):
 
     common: dict[str, Any] = dict(vocab_size=VOCAB)
     if arch == "llama":  # GQA: 4 query heads, 2 key/value heads, explicit head_dim
-        return tf.AutoModelForCausalLM, tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-            bos_token_id=1, eos_token_id=2, pad_token_id=0, **common)
+        return tf.AutoModelForCausalLM, tf.LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=128,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            **common,
+        )
     if arch == "gpt2":
-        return tf.AutoModelForCausalLM, tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128,
-            bos_token_id=1, eos_token_id=2, pad_token_id=0, **common)
+        return tf.AutoModelForCausalLM, tf.GPT2Config(
+            n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2, pad_token_id=0, **common
+        )
     if arch == "bert":
-        return tf.AutoModelForMaskedLM, tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=64, max_position_embeddings=128, pad_token_id=0, **common)
+        return tf.AutoModelForMaskedLM, tf.BertConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            pad_token_id=0,
+            **common,
+        )
     if arch == "roberta":
-        return tf.AutoModelForMaskedLM, tf.RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=64, max_position_embeddings=160, pad_token_id=1, bos_token_id=0, eos_token_id=2, **common)
+        return tf.AutoModelForMaskedLM, tf.RobertaConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=160,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            **common,
+        )
     if arch == "t5":
-        return tf.AutoModelForSeq2SeqLM, tf.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
-            num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, **common)
+        return tf.AutoModelForSeq2SeqLM, tf.T5Config(
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+            **common,
+        )
     if arch == "bart":
-        return tf.AutoModelForSeq2SeqLM, tf.BartConfig(d_model=32, encoder_layers=2, decoder_layers=2,
-            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
-            max_position_embeddings=128, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-            decoder_start_token_id=2, forced_eos_token_id=None, **common)
+        return tf.AutoModelForSeq2SeqLM, tf.BartConfig(
+            d_model=32,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            max_position_embeddings=128,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+            forced_eos_token_id=None,
+            **common,
+        )
     raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHITECTURES}")
 
 

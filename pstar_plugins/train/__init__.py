@@ -10,8 +10,8 @@ are flags too (``--num-virtual-tokens 20``); ``pstar methods`` lists methods, ``
 
 A run reads in the order of its modules:
 
-- :mod:`~pstar_plugins.train.cli` — the flags and their checks (no torch: ``--help`` and bad
-  values answer at once);
+- :mod:`~pstar_plugins.train.cli` and :mod:`~pstar_plugins.train.checks` — the flags and their
+  checks (no torch: ``--help`` and bad values answer at once);
 - :mod:`~pstar_plugins.train.data` — the rows and the template, read and checked;
 - :mod:`~pstar_plugins.train.plan` — :class:`~pstar_plugins.train.plan.Plan`, everything resolved
   before any model loads;

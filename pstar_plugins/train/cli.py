@@ -1,4 +1,5 @@
-"""``pstar train``'s command line: the flags, their checks and the schedule they resolve to.
+"""``pstar train``'s command line: the flags and the typed config they parse to (their checks:
+:mod:`pstar_plugins.train.checks`).
 
 Nothing here imports torch or transformers: ``--help``, a typo or a bad value answers at once,
 before any model loads (docs/recipes.md lists the flags by task).
@@ -8,15 +9,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from pstar_plugins import arguments
-from pstar_plugins.contract.errors import ConfigError
 from pstar_plugins.mechanisms.template import DEFAULT_TEMPLATE, from_command_line
-from pstar_plugins.models import add_loading_arguments, check_attn_implementation, check_quantization
+from pstar_plugins.models import add_loading_arguments
 from pstar_plugins.train import tracking
+from pstar_plugins.train.checks import check_args
 
 
 LR_SCHEDULES = {"linear": "linear decay to 0", "cosine": "half-cosine decay to 0", "constant_with_warmup": "constant"}
@@ -95,31 +95,58 @@ class TrainConfig:
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2", help="offline alias (smollm2, minilm), a local folder, or any hub model id")
+    parser.add_argument(
+        "--model", default="smollm2", help="offline alias (smollm2, minilm), a local folder, or any hub model id"
+    )
     parser.add_argument("--gguf-file", default=None, help="GGUF file inside --model's folder, if the weights are GGUF")
-    parser.add_argument("--model-kind", default="causal-lm", choices=["causal-lm", "masked-lm"], help="which head to load")
+    parser.add_argument(
+        "--model-kind", default="causal-lm", choices=["causal-lm", "masked-lm"], help="which head to load"
+    )
     add_loading_arguments(parser)
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--train-file", default=None,
-                        help="training data (.csv, .tsv, .jsonl); with neither it nor --dataset: the packaged SST-2 sample")
-    parser.add_argument("--validation-file", default=None,
-                        help="evaluation data (.csv, .tsv, .jsonl); without --train-file: the packaged SST-2 dev set; "
-                             "with --train-file: required, unless --validation-split-percentage splits one off")
-    parser.add_argument("--validation-split-percentage", type=int, default=None, metavar="P",
-                        help="hold P%% of the training rows out (seeded by --seed; the rest trains) as the selection split: the "
-                             "periodic evaluations and --select-best use it, the final evaluation uses --validation-file "
-                             "(without one, the held-out rows are the evaluation set)")
-    parser.add_argument("--dataset", default=None,
-                        help="a Hugging Face datasets id or local dataset folder to use instead of --train-file/--validation-file")
+    parser.add_argument(
+        "--train-file",
+        default=None,
+        help="training data (.csv, .tsv, .jsonl); with neither it nor --dataset: the packaged SST-2 sample",
+    )
+    parser.add_argument(
+        "--validation-file",
+        default=None,
+        help="evaluation data (.csv, .tsv, .jsonl); without --train-file: the packaged SST-2 dev set; "
+        "with --train-file: required, unless --validation-split-percentage splits one off",
+    )
+    parser.add_argument(
+        "--validation-split-percentage",
+        type=int,
+        default=None,
+        metavar="P",
+        help="hold P%% of the training rows out (seeded by --seed; the rest trains) as the selection split: the "
+        "periodic evaluations and --select-best use it, the final evaluation uses --validation-file "
+        "(without one, the held-out rows are the evaluation set)",
+    )
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="a Hugging Face datasets id or local dataset folder to use instead of --train-file/--validation-file",
+    )
     parser.add_argument("--dataset-config", default=None, help="the dataset's configuration (e.g. sst2 for glue)")
     parser.add_argument("--train-split", default="train", help="--dataset split to train on")
     parser.add_argument("--validation-split", default="validation", help="--dataset split to evaluate on")
-    parser.add_argument("--column", action="append", default=[], metavar="DATA_COLUMN=NAME",
-                        help="rename a data column to the name the template or --label-column uses (repeatable)")
-    parser.add_argument("--max-train-samples", type=int, default=None, metavar="N", help="use only the first N training rows")
-    parser.add_argument("--max-eval-samples", type=int, default=None, metavar="N", help="use only the first N evaluation rows")
+    parser.add_argument(
+        "--column",
+        action="append",
+        default=[],
+        metavar="DATA_COLUMN=NAME",
+        help="rename a data column to the name the template or --label-column uses (repeatable)",
+    )
+    parser.add_argument(
+        "--max-train-samples", type=int, default=None, metavar="N", help="use only the first N training rows"
+    )
+    parser.add_argument(
+        "--max-eval-samples", type=int, default=None, metavar="N", help="use only the first N evaluation rows"
+    )
 
 
 def _add_task_arguments(parser: argparse.ArgumentParser, built_from_columns: bool) -> None:
@@ -127,69 +154,186 @@ def _add_task_arguments(parser: argparse.ArgumentParser, built_from_columns: boo
         default = "'{soft:3} {column} ... {soft:3}{answer}' built from the data's text columns"
     else:
         default = f"{DEFAULT_TEMPLATE!r}, its slot renamed to the data's one text column".replace("%", "%%")
-    parser.add_argument("--template", default=None,
-                        help=f"template with {{column}} slots and one {{answer}} slot at the end; \\n is a newline (default: {default})")
-    parser.add_argument("--task", default="classification", choices=["classification", "generation"],
-                        help="classification (label words or a linear head) or generation (loss on the target tokens only)")
+    parser.add_argument(
+        "--template",
+        default=None,
+        help=f"template with {{column}} slots and one {{answer}} slot at the end; \\n is a newline (default: {default})",
+    )
+    parser.add_argument(
+        "--task",
+        default="classification",
+        choices=["classification", "generation"],
+        help="classification (label words or a linear head) or generation (loss on the target tokens only)",
+    )
     parser.add_argument("--target-column", default="ref", help="generation: the column with the target text")
-    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="generation: tokens to decode in evaluation")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=64, metavar="N", help="generation: tokens to decode in evaluation"
+    )
     parser.add_argument("--label-column", default="label", help="column with the class (index or label word)")
-    parser.add_argument("--label-words", nargs="+", default=["negative", "positive"], metavar="WORD",
-                        help="one word per class, in class order")
+    parser.add_argument(
+        "--label-words",
+        nargs="+",
+        default=["negative", "positive"],
+        metavar="WORD",
+        help="one word per class, in class order",
+    )
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser, preset_lr: float | None) -> None:
-    lr_default = f"{preset_lr:g}, this method's preset" if preset_lr is not None else "the method's preset; see --method NAME --help"
+    lr_default = (
+        f"{preset_lr:g}, this method's preset"
+        if preset_lr is not None
+        else "the method's preset; see --method NAME --help"
+    )
     parser.add_argument("--output-dir", required=True, help="where the adapter, checkpoints, metrics and plot go")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the run in --output-dir (a finished or a different one), its checkpoints included")
-    parser.add_argument("--learning-rate", type=float, default=None, metavar="LR", help=f"base learning rate (default: {lr_default})")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in --output-dir (a finished or a different one), its checkpoints included",
+    )
+    parser.add_argument(
+        "--learning-rate", type=float, default=None, metavar="LR", help=f"base learning rate (default: {lr_default})"
+    )
     parser.add_argument("--weight-decay", type=float, default=0.0, help="weight decay of the non-embedding groups")
-    parser.add_argument("--max-grad-norm", type=float, default=1.0,
-                        help="clip the global gradient norm (0: no clipping); DeepSpeed gets the same value")
+    parser.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=1.0,
+        help="clip the global gradient norm (0: no clipping); DeepSpeed gets the same value",
+    )
     parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="per-process training batch size")
-    parser.add_argument("--eval-batch-size", type=int, default=32, metavar="N", help="per-process evaluation batch size")
+    parser.add_argument(
+        "--eval-batch-size", type=int, default=32, metavar="N", help="per-process evaluation batch size"
+    )
     parser.add_argument("--max-steps", type=int, default=None, metavar="N", help="optimizer steps (default: 100)")
-    parser.add_argument("--num-train-epochs", type=float, default=None, metavar="E",
-                        help="train for E passes over the training rows instead of --max-steps: "
-                             "ceil(rows / (batch size x processes)) x E steps, rounded up")
-    parser.add_argument("--warmup-steps", type=int, default=None, metavar="N",
-                        help="linear warm-up steps, at most the run's steps (default: 10, or the steps when those are fewer)")
-    parser.add_argument("--warmup-ratio", type=float, default=None, metavar="R",
-                        help="warm up for this fraction (0-1) of the run's steps, rounded up, instead of --warmup-steps")
-    parser.add_argument("--lr-scheduler-type", default="linear", choices=list(LR_SCHEDULES),
-                        help="learning-rate schedule after the warm-up (transformers' schedules): " + "; ".join(f"{k}: {v}" for k, v in LR_SCHEDULES.items()))
-    parser.add_argument("--max-length", type=int, default=128, metavar="N", help="truncate examples to this many tokens")
-    parser.add_argument("--eval-steps", type=int, default=25, metavar="N", help="evaluate every N steps (0: only at the end)")
-    parser.add_argument("--eval-subset-size", type=int, default=128, metavar="N",
-                        help="without a selection split, periodic evaluations use the first N evaluation rows (the final one uses all)")
-    parser.add_argument("--select-best", default="last", choices=["last", "best"],
-                        help="the adapter a run saves: the last step's (last), or the one that scored best on the selection "
-                             "split at the periodic evaluations (best; needs --validation-split-percentage)")
-    parser.add_argument("--early-stopping-patience", type=int, default=0, metavar="N",
-                        help="stop after N selection evaluations in a row without improvement (0: never; needs "
-                             "--validation-split-percentage)")
-    parser.add_argument("--checkpointing-steps", type=int, default=0, metavar="N",
-                        help="save the full training state every N steps (0: never)")
-    parser.add_argument("--checkpoints-total-limit", type=int, default=0, metavar="N",
-                        help="keep only the newest N complete checkpoints (0: keep all)")
-    parser.add_argument("--resume-from-checkpoint", default=None, metavar="PATH|latest|latest-if-any",
-                        help="checkpoint folder to resume from; 'latest' (the newest complete one in --output-dir) or "
-                             "'latest-if-any' (the same, or a fresh start when there is none: for preemptible jobs)")
-    parser.add_argument("--init-from-adapter", default=None, metavar="DIR",
-                        help="continue training a saved adapter (its method and options are used; a folded one keeps training folded)")
-    parser.add_argument("--stop-after-steps", type=int, default=0, metavar="N",
-                        help="leave after this many steps in this invocation, with a checkpoint (time-limited jobs); 0: run to --max-steps")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint the frozen model's layers to save memory")
-    parser.add_argument("--packing", action=argparse.BooleanOptionalAction, default=True,
-                        help="run the frozen decoder-only model on real tokens only, rows packed padding-free (same loss; see docs/design.md)")
+    parser.add_argument(
+        "--num-train-epochs",
+        type=float,
+        default=None,
+        metavar="E",
+        help="train for E passes over the training rows instead of --max-steps: "
+        "ceil(rows / (batch size x processes)) x E steps, rounded up",
+    )
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="linear warm-up steps, at most the run's steps (default: 10, or the steps when those are fewer)",
+    )
+    parser.add_argument(
+        "--warmup-ratio",
+        type=float,
+        default=None,
+        metavar="R",
+        help="warm up for this fraction (0-1) of the run's steps, rounded up, instead of --warmup-steps",
+    )
+    parser.add_argument(
+        "--lr-scheduler-type",
+        default="linear",
+        choices=list(LR_SCHEDULES),
+        help="learning-rate schedule after the warm-up (transformers' schedules): "
+        + "; ".join(f"{k}: {v}" for k, v in LR_SCHEDULES.items()),
+    )
+    parser.add_argument(
+        "--max-length", type=int, default=128, metavar="N", help="truncate examples to this many tokens"
+    )
+
+
+def _add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--eval-steps", type=int, default=25, metavar="N", help="evaluate every N steps (0: only at the end)"
+    )
+    parser.add_argument(
+        "--eval-subset-size",
+        type=int,
+        default=128,
+        metavar="N",
+        help="without a selection split, periodic evaluations use the first N evaluation rows (the final one uses all)",
+    )
+    parser.add_argument(
+        "--select-best",
+        default="last",
+        choices=["last", "best"],
+        help="the adapter a run saves: the last step's (last), or the one that scored best on the selection "
+        "split at the periodic evaluations (best; needs --validation-split-percentage)",
+    )
+    parser.add_argument(
+        "--early-stopping-patience",
+        type=int,
+        default=0,
+        metavar="N",
+        help="stop after N selection evaluations in a row without improvement (0: never; needs "
+        "--validation-split-percentage)",
+    )
+
+
+def _add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpointing-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="save the full training state every N steps (0: never)",
+    )
+    parser.add_argument(
+        "--checkpoints-total-limit",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep only the newest N complete checkpoints (0: keep all)",
+    )
+    parser.add_argument(
+        "--resume-from-checkpoint",
+        default=None,
+        metavar="PATH|latest|latest-if-any",
+        help="checkpoint folder to resume from; 'latest' (the newest complete one in --output-dir) or "
+        "'latest-if-any' (the same, or a fresh start when there is none: for preemptible jobs)",
+    )
+    parser.add_argument(
+        "--init-from-adapter",
+        default=None,
+        metavar="DIR",
+        help="continue training a saved adapter (its method and options are used; a folded one keeps training folded)",
+    )
+    parser.add_argument(
+        "--stop-after-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="leave after this many steps in this invocation, with a checkpoint (time-limited jobs); 0: run to --max-steps",
+    )
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true", help="checkpoint the frozen model's layers to save memory"
+    )
+    parser.add_argument(
+        "--packing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the frozen decoder-only model on real tokens only, rows packed padding-free (same loss; see docs/design.md)",
+    )
     parser.add_argument("--seed", type=int, default=42, help="random seed")
-    parser.add_argument("--dist-timeout", type=int, default=600, metavar="SECONDS",
-                        help="seconds a collective may wait for a missing rank before the run fails (instead of hanging)")
+    parser.add_argument(
+        "--dist-timeout",
+        type=int,
+        default=600,
+        metavar="SECONDS",
+        help="seconds a collective may wait for a missing rank before the run fails (instead of hanging)",
+    )
     parser.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot baseline evaluation")
-    parser.add_argument("--plot", default="training.png", help="file name (in --output-dir) of the loss/accuracy plot; '' for none")
-    parser.add_argument("--logging-steps", type=int, default=10, metavar="N",
-                        help="when stderr is not a terminal (a log file), log one line every N steps instead of a progress bar")
+    parser.add_argument(
+        "--plot", default="training.png", help="file name (in --output-dir) of the loss/accuracy plot; '' for none"
+    )
+    parser.add_argument(
+        "--logging-steps",
+        type=int,
+        default=10,
+        metavar="N",
+        help="when stderr is not a terminal (a log file), log one line every N steps instead of a progress bar",
+    )
     tracking.add_arguments(parser)  # --report-to
 
 
@@ -200,16 +344,23 @@ def build_parser(method_names, method: str | None = None, prog: str = "pstar tra
 
     preset = get_plugin_manager().method(method).preset if method else None
     parser = arguments.StrictParser(
-        prog=prog, description="Train a P*-tuning method on a frozen model with Accelerate.",
+        prog=prog,
+        description="Train a P*-tuning method on a frozen model with Accelerate.",
         epilog="Each method has options of its own: pstar train --method NAME --help lists them, "
-               "pstar methods --verbose lists every method's.")
+        "pstar methods --verbose lists every method's.",
+    )
     parser.add_argument("--method", required=True, help=f"method name; one of: {', '.join(sorted(method_names))}")
     arguments.add_plugin_argument(parser)
     _add_model_arguments(parser)
     _add_data_arguments(parser)
-    config_fields = {f.name for f in dataclasses.fields(get_plugin_manager().method(method).config_class)} if method else set()
+    config_fields = (
+        {f.name for f in dataclasses.fields(get_plugin_manager().method(method).config_class)} if method else set()
+    )
     _add_task_arguments(parser, "template" in config_fields)
     _add_training_arguments(parser, preset.learning_rate if preset else None)
+    _add_evaluation_arguments(parser)
+    _add_checkpoint_arguments(parser)
+    _add_run_arguments(parser)
     return parser
 
 
@@ -243,129 +394,3 @@ def parse_args(argv: list[str] | None = None, prog: str = "pstar train") -> Trai
         args.template = from_command_line(args.template)
     check_args(args)
     return args
-
-
-def check_args(args) -> None:
-    """Refuse values that cannot train what was asked, before anything is loaded or written."""
-    a = arguments
-    tracking.selected(args)  # --report-to: a tracker that is not installed, or 'none' with others
-    if args.learning_rate is not None:
-        a.positive_float("--learning-rate", args.learning_rate)
-    a.non_negative_float("--weight-decay", args.weight_decay)
-    a.non_negative_float("--max-grad-norm", args.max_grad_norm)
-    for name in ("batch_size", "eval_batch_size", "max_length", "eval_subset_size", "max_new_tokens", "dist_timeout", "logging_steps"):
-        a.positive_int(a.flag_of(name), getattr(args, name))
-    _check_schedule_args(args)
-    for name in ("eval_steps", "checkpointing_steps", "checkpoints_total_limit", "stop_after_steps", "early_stopping_patience"):
-        a.non_negative_int(a.flag_of(name), getattr(args, name))
-    for name in ("max_train_samples", "max_eval_samples"):
-        if getattr(args, name) is not None:
-            a.positive_int(a.flag_of(name), getattr(args, name))
-    _check_selection_args(args)
-    check_attn_implementation(args.attn_implementation, training=True)
-    check_quantization(args)
-    if args.task == "classification":
-        a.check_label_words(args.label_words)
-    if args.task == "generation" and args.model_kind == "masked-lm":
-        raise ConfigError("--task generation decodes text with a causal LM, which --model-kind masked-lm is not; "
-                          "use --model-kind causal-lm with a decoder model, or --task classification.")
-
-
-def _check_schedule_args(args) -> None:
-    """--max-steps or --num-train-epochs, --warmup-steps or --warmup-ratio (the steps of an
-    epoch-counted run are known once the data is read: :func:`resolve_schedule`)."""
-    if args.max_steps is not None and args.num_train_epochs is not None:
-        raise ConfigError(f"--max-steps {args.max_steps} and --num-train-epochs {args.num_train_epochs:g} both set the "
-                          "length of the run; keep one of them.")
-    if args.warmup_steps is not None and args.warmup_ratio is not None:
-        raise ConfigError(f"--warmup-steps {args.warmup_steps} and --warmup-ratio {args.warmup_ratio:g} both set the "
-                          "warm-up; keep one of them.")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise ConfigError(f"--max-steps {args.max_steps}: expected a positive integer (0 would save an untrained adapter); "
-                          "pass --max-steps 1 or more.")
-    if args.num_train_epochs is not None and not (math.isfinite(args.num_train_epochs) and args.num_train_epochs > 0):
-        raise ConfigError(f"--num-train-epochs {args.num_train_epochs:g}: expected a finite number above 0 (0.5 is half an epoch).")
-    if args.warmup_ratio is not None and not 0 <= args.warmup_ratio <= 1:
-        raise ConfigError(f"--warmup-ratio {args.warmup_ratio:g}: expected a fraction of the run's steps from 0 to 1.")
-    if args.warmup_steps is not None:
-        arguments.non_negative_int("--warmup-steps", args.warmup_steps)
-    if args.num_train_epochs is None:
-        resolve_schedule(args, None, 1)
-
-
-def resolve_schedule(args, train_rows: int | None, processes: int) -> None:
-    """Set ``args.max_steps`` and ``args.warmup_steps`` from the flags that give them (an epoch
-    is ``ceil(train_rows / (batch size x processes))`` steps) and refuse a warm-up past the end."""
-    if args.num_train_epochs is not None:
-        per_epoch = math.ceil(train_rows / (args.batch_size * processes))
-        args.max_steps = max(1, math.ceil(per_epoch * args.num_train_epochs))
-    elif args.max_steps is None:
-        args.max_steps = 100
-    if args.warmup_ratio is not None:
-        args.warmup_steps = math.ceil(args.warmup_ratio * args.max_steps)
-    elif args.warmup_steps is None:
-        args.warmup_steps = min(10, args.max_steps)
-    if args.warmup_steps > args.max_steps:
-        raise ConfigError(f"--warmup-steps {args.warmup_steps} is more than --max-steps {args.max_steps}, so the learning "
-                          f"rate would never reach its value; pass --warmup-steps {min(10, args.max_steps)} or fewer.")
-
-
-def check_batch_fits(train_rows: int, batch_size: int, processes: int, limits: tuple[tuple[str, str | None], ...] = ()) -> None:
-    """Refuse a training split smaller than one step's rows (``batch_size`` on each of
-    ``processes`` ranks): a rank would get a short or empty batch, and the examples a run
-    reports (steps x batch size x processes) would count rows it never saw. ``limits``
-    (:func:`data_limits`): the flags that left the split smaller than its data, each with the
-    change that gives it more rows, or ``None`` where no change of that flag is enough."""
-    if train_rows >= batch_size * processes:
-        return
-    each = f"--batch-size {batch_size} on each of {processes} processes" if processes > 1 else f"--batch-size {batch_size}"
-    fix = (f"pass --batch-size {train_rows // processes} or fewer" if train_rows >= processes
-           else f"launch at most {train_rows} processes with --batch-size 1")
-    after = f" (what {' and '.join(flag for flag, _ in limits)} left)" if limits else ""
-    ways = [way for _, way in limits if way]
-    rows = f"train on more rows ({' or '.join(ways)})" if ways else "train on more rows"
-    raise ConfigError(f"the training split has {train_rows} rows{after}, fewer than the {batch_size * processes} one step "
-                      f"takes ({each}); {fix}, or {rows}.")
-
-
-def data_limits(args, rows_read: int, available: int | None, needed: int) -> tuple[tuple[str, str | None], ...]:
-    """The flags that left fewer training rows than the data holds, for :func:`check_batch_fits`,
-    each with the change that could fill the ``needed`` rows of one step, or ``None`` where no
-    change of that flag can: ``--max-train-samples`` when it cut rows (``available``: the rows the
-    data holds without it, ``None`` when unknown), ``--validation-split-percentage`` when set
-    (``rows_read``: the rows before it held some out; any percentage holds out at least one row,
-    and at least 1% of them)."""
-    percentage = args.validation_split_percentage
-
-    def most_trained(rows: int) -> int:  # the most rows a split of ``rows`` can leave to train on
-        return rows if percentage is None else rows - max(1, rows // 100)
-
-    limits = []
-    if available is None or available > rows_read:  # the flag cut rows (or may have)
-        if args.max_train_samples is not None:
-            enough = available is None or most_trained(available) >= needed
-            limits.append((f"--max-train-samples {args.max_train_samples}", "a larger --max-train-samples" if enough else None))
-    if percentage is not None:
-        limits.append((f"--validation-split-percentage {percentage}",
-                       "a smaller --validation-split-percentage" if most_trained(rows_read) >= needed else None))
-    return tuple(limits)
-
-
-def _check_selection_args(args) -> None:
-    """--select-best best and --early-stopping-patience choose on a selection split, evaluated
-    every --eval-steps: refuse them without one, before anything is read."""
-    percentage = args.validation_split_percentage
-    if percentage is not None and not 0 < percentage < 100:
-        raise ConfigError(f"--validation-split-percentage {percentage}: expected 1 to 99.")
-    wanted = [f for f, on in (("--select-best best", args.select_best == "best"),
-                              (f"--early-stopping-patience {args.early_stopping_patience}", args.early_stopping_patience)) if on]
-    if wanted and percentage is None:
-        raise ConfigError(f"{' and '.join(wanted)} choose on a selection split carved out of the training rows; pass "
-                          "--validation-split-percentage 10 (the evaluation file stays for the final score).")
-    if wanted and not args.eval_steps:
-        raise ConfigError(f"{' and '.join(wanted)} with --eval-steps 0 would never evaluate on the selection split; "
-                          "pass --eval-steps 25 (or another positive number).")
-    if percentage is not None and not args.eval_steps and (args.validation_file or args.dataset):
-        raise ConfigError(f"--validation-split-percentage {percentage} with --eval-steps 0 would hold out training rows "
-                          "that are never evaluated; pass --eval-steps 25 to watch the run on them, or drop "
-                          "--validation-split-percentage.")

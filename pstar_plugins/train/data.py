@@ -38,19 +38,24 @@ def _data(args):
         validation_file = None
     elif args.train_file is None:
         if args.validation_file is not None:
-            raise ConfigError(f"--validation-file {args.validation_file} without --train-file would train on the packaged "
-                              "SST-2 sample; pass --train-file too.")
+            raise ConfigError(
+                f"--validation-file {args.validation_file} without --train-file would train on the packaged "
+                "SST-2 sample; pass --train-file too."
+            )
         validation_file = packaged_data("sst2_dev.tsv")
     else:
         validation_file = args.validation_file
         if validation_file is None and args.validation_split_percentage is None:
-            raise ConfigError(f"--train-file {args.train_file} without --validation-file: pass --validation-file, or "
-                              "--validation-split-percentage 10 to evaluate on 10% of the training rows (trained on the rest).")
+            raise ConfigError(
+                f"--train-file {args.train_file} without --validation-file: pass --validation-file, or "
+                "--validation-split-percentage 10 to evaluate on 10% of the training rows (trained on the rest)."
+            )
     train_file = _train_file(args)
     percentage = args.validation_split_percentage
     # --max-train-samples first: the selection split is P% of the rows the run reads
-    train_rows, train_source = load_split(train_file, args.dataset, args.dataset_config, args.train_split,
-                                          args.max_train_samples, columns)
+    train_rows, train_source = load_split(
+        train_file, args.dataset, args.dataset_config, args.train_split, args.max_train_samples, columns
+    )
     rows_read = len(train_rows)
     select_rows = select_source = None
     if percentage is not None:
@@ -59,19 +64,31 @@ def _data(args):
     if percentage is not None and validation_file is None and not args.dataset:
         # no evaluation file: the held-out rows are the evaluation set (and no selection split)
         if args.select_best == "best" or args.early_stopping_patience:
-            raise ConfigError(f"--train-file {args.train_file} without --validation-file: the held-out rows are the "
-                              "evaluation set, so choosing the step on them would report a score tuned on its own rows; "
-                              "pass a --validation-file for the final evaluation.")
+            raise ConfigError(
+                f"--train-file {args.train_file} without --validation-file: the held-out rows are the "
+                "evaluation set, so choosing the step on them would report a score tuned on its own rows; "
+                "pass a --validation-file for the final evaluation."
+            )
         eval_rows, eval_source = select_rows[: args.max_eval_samples], select_source
         select_rows = select_source = None
-        logger.info("evaluating on %d rows held out of %s (--validation-split-percentage %d)", len(eval_rows), train_source,
-                    percentage)
+        logger.info(
+            "evaluating on %d rows held out of %s (--validation-split-percentage %d)",
+            len(eval_rows),
+            train_source,
+            percentage,
+        )
     else:
-        eval_rows, eval_source = load_split(validation_file, args.dataset, args.dataset_config, args.validation_split,
-                                            args.max_eval_samples, columns)
+        eval_rows, eval_source = load_split(
+            validation_file, args.dataset, args.dataset_config, args.validation_split, args.max_eval_samples, columns
+        )
     if select_rows is not None:
-        logger.info("selection split: %d rows held out of %s (--validation-split-percentage %d), %d rows train",
-                    len(select_rows), train_source, percentage, len(train_rows))
+        logger.info(
+            "selection split: %d rows held out of %s (--validation-split-percentage %d), %d rows train",
+            len(select_rows),
+            train_source,
+            percentage,
+            len(train_rows),
+        )
     return train_rows, train_source, eval_rows, eval_source, select_rows, rows_read
 
 
@@ -87,8 +104,10 @@ def _split_off(rows: list, source: str, args) -> tuple[list, list]:
         key = lambda row: tuple(sorted((k, str(v)) for k, v in row.items() if k != target))  # noqa: E731
     train, held = split_off(rows, percentage, args.seed, key=key)
     if not held:
-        raise ConfigError(f"--validation-split-percentage {percentage} of the {len(rows)} rows of {source} holds out no row; "
-                          f"pass a percentage of at least {math.ceil(100 / len(rows))} or more training rows.")
+        raise ConfigError(
+            f"--validation-split-percentage {percentage} of the {len(rows)} rows of {source} holds out no row; "
+            f"pass a percentage of at least {math.ceil(100 / len(rows))} or more training rows."
+        )
     return train, held
 
 
@@ -106,19 +125,26 @@ def _template_text(args, config, train_rows: list[dict], train_source: str):
     columns = text_columns(train_rows, _ignored_columns(args))
     if template_field:
         if not columns:
-            raise ConfigError(f"{train_source} has no text column to build the template from (columns: "
-                              f"{sorted(train_rows[0])}); pass --template with {{column}} slots and {{soft:N}} tokens.")
+            raise ConfigError(
+                f"{train_source} has no text column to build the template from (columns: "
+                f"{sorted(train_rows[0])}); pass --template with {{column}} slots and {{soft:N}} tokens."
+            )
         built = soft_prompt_template(columns)
         logger.info("template built from the data's text columns %s: %r (set --template to choose)", columns, built)
         return built, config.replace(template=built)
     adapted = _default_template_for(DEFAULT_TEMPLATE, train_rows[0], args)
     if len(columns) > 1 and any(f not in train_rows[0] for f in _template_fields(adapted)):
-        raise ConfigError(f"{train_source} has {len(columns)} text columns {columns}, and the default template "
-                          f"{DEFAULT_TEMPLATE!r} is worded for one; pass a template that places each, e.g. "
-                          f"--template '{worded_template(columns)}' (with --label-words for its classes).")
+        raise ConfigError(
+            f"{train_source} has {len(columns)} text columns {columns}, and the default template "
+            f"{DEFAULT_TEMPLATE!r} is worded for one; pass a template that places each, e.g. "
+            f"--template '{worded_template(columns)}' (with --label-words for its classes)."
+        )
     if adapted != DEFAULT_TEMPLATE:
-        logger.info("default template %r adapted to the data's text column: %r (set --template to choose)",
-                    DEFAULT_TEMPLATE, adapted)
+        logger.info(
+            "default template %r adapted to the data's text column: %r (set --template to choose)",
+            DEFAULT_TEMPLATE,
+            adapted,
+        )
     return adapted, config
 
 
@@ -150,12 +176,16 @@ def _check_template(template, args, train_rows, train_source) -> None:
     if args.model_kind == "causal-lm" or args.task == "generation":
         template.check_answer_last()
     if not template.has_answer:
-        raise ConfigError(f"template {template.text!r} has no {{answer}} slot; add one at the end, "
-                          "e.g. --template 'Review: {sentence} Sentiment:{answer}'.")
+        raise ConfigError(
+            f"template {template.text!r} has no {{answer}} slot; add one at the end, "
+            "e.g. --template 'Review: {sentence} Sentiment:{answer}'."
+        )
     for name in template.fields:
         if name not in train_rows[0]:
-            raise ConfigError(f"template slot {{{name}}} is not a column of {train_source} (columns: {sorted(train_rows[0])}); "
-                              f"rename a column with --column DATA_COLUMN={name}, or change the slot with --template.")
+            raise ConfigError(
+                f"template slot {{{name}}} is not a column of {train_source} (columns: {sorted(train_rows[0])}); "
+                f"rename a column with --column DATA_COLUMN={name}, or change the slot with --template."
+            )
 
 
 def _check_room(template, tokenizer, max_length: int) -> None:
@@ -163,9 +193,11 @@ def _check_room(template, tokenizer, max_length: int) -> None:
     empty = template.encode({name: "" for name in template.fields}, tokenizer, stop_at_answer=True)
     used = len(empty.input_ids)
     if used >= max_length:
-        raise ConfigError(f"--max-length {max_length} leaves no room for the text: the template {template.text!r} alone "
-                          f"takes {used} tokens (soft tokens and special tokens included); pass --max-length "
-                          f"{used + 64} or more, or shorten the template.")
+        raise ConfigError(
+            f"--max-length {max_length} leaves no room for the text: the template {template.text!r} alone "
+            f"takes {used} tokens (soft tokens and special tokens included); pass --max-length "
+            f"{used + 64} or more, or shorten the template."
+        )
 
 
 DATA_PLAN_FLAGS = ("seed", "max_train_samples", "validation_split_percentage", "select_best")
@@ -187,8 +219,10 @@ def _check_same_data_plan(checkpoint: Path, args) -> None:
     changed = [name for name in DATA_PLAN_FLAGS if saved.get(name) != getattr(args, name)]
     if changed:
         flags = ", ".join(f"--{n.replace('_', '-')} {saved.get(n)} (now {getattr(args, n)})" for n in changed)
-        raise ConfigError(f"--resume-from-checkpoint {checkpoint} was written with {flags}: its row order and selection "
-                          "record belong to those rows; pass the same flags, or start a new run with --overwrite.")
+        raise ConfigError(
+            f"--resume-from-checkpoint {checkpoint} was written with {flags}: its row order and selection "
+            "record belong to those rows; pass the same flags, or start a new run with --overwrite."
+        )
 
 
 def _rows_without_limit(args) -> int | None:

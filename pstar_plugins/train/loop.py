@@ -91,7 +91,6 @@ def _accelerator(args):
     """Accelerate, set up for this launch (one process, DDP or DeepSpeed, with or without GPUs)."""
     _quiet_third_party(sys.stderr.isatty())
 
-
     # without a GPU, multi-process runs need gloo (otherwise Accelerate sees one process while
     # DeepSpeed sees several); a single plain process must not ask for a process group at all
     # DDP without GPUs must be asked for as cpu=True: otherwise Accelerate silently runs every
@@ -103,13 +102,21 @@ def _accelerator(args):
     handlers = [InitProcessGroupKwargs(backend="gloo" if no_gpu else None, timeout=timeout)] if several else []
     # our loop counts optimizer steps itself: the scheduler must advance once per step, not once
     # per process (Accelerate's default assumes a dataloader it sharded)
-    accelerator = Accelerator(kwargs_handlers=handlers, step_scheduler_with_optimizer=False,
-                              cpu=several and no_gpu and not deepspeed, **tracking.accelerator_kwargs(args))
+    accelerator = Accelerator(
+        kwargs_handlers=handlers,
+        step_scheduler_with_optimizer=False,
+        cpu=several and no_gpu and not deepspeed,
+        **tracking.accelerator_kwargs(args),
+    )
     if several and accelerator.distributed_type.value == "NO":
-        raise PStarError(f"{os.environ.get('WORLD_SIZE')} processes were launched but Accelerate set up no "
-                         "process group, so gradients would not be synchronised; check the launcher config.")
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        level=logging.INFO if accelerator.is_main_process else logging.ERROR)
+        raise PStarError(
+            f"{os.environ.get('WORLD_SIZE')} processes were launched but Accelerate set up no "
+            "process group, so gradients would not be synchronised; check the launcher config."
+        )
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if accelerator.is_main_process else logging.ERROR,
+    )
     set_seed(args.seed)
     return accelerator
 
@@ -132,8 +139,15 @@ def _build_or_continue(plan: Plan, accelerator):
     quantized = quantization_config(args)
     # a quantized model is placed where it is quantized (bitsandbytes packs on the device): this rank's
     placement = {"quantization_config": quantized, "device_map": {"": str(accelerator.device)}} if quantized else {}
-    base, tokenizer = load(args.model, kind=args.model_kind, gguf_file=args.gguf_file, tokenizer=tokenizer,
-                           dtype=args.dtype, attn_implementation=args.attn_implementation, **placement)
+    base, tokenizer = load(
+        args.model,
+        kind=args.model_kind,
+        gguf_file=args.gguf_file,
+        tokenizer=tokenizer,
+        dtype=args.dtype,
+        attn_implementation=args.attn_implementation,
+        **placement,
+    )
     with distributed.recording_gathers() as init_calls:
         if plan.adapter is None:
             model = build_model(base, args.method, plan.config, tokenizer=tokenizer)
@@ -154,11 +168,14 @@ def _build_or_continue(plan: Plan, accelerator):
 def _optimizer_and_schedule(model, plan: Plan, accelerator):
     """AdamW over the plugins' parameter groups, and transformers' schedule (as the Trainer's)."""
 
-
     args = plan.args
     optimizer = make_optimizer(model, plan.lr, args.weight_decay)
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=min(args.warmup_steps, args.max_steps),
-                              num_training_steps=args.max_steps)
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=min(args.warmup_steps, args.max_steps),
+        num_training_steps=args.max_steps,
+    )
     ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if ds_plugin is not None:  # we feed batches ourselves, so tell DeepSpeed the micro-batch size
         ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.batch_size
@@ -172,22 +189,50 @@ def _start(plan: Plan, accelerator, model, optimizer, scheduler, trainable: int,
 
     args, task, core = plan.args, plan.task, accelerator.unwrap_model(model)
     metric = task.metric_name
-    results = {"method": args.method, "model": args.model, "task": args.task, "metric": metric,
-               "trainable_parameters": trainable, "frozen_parameters": frozen, "init_gather_calls": init_gathers,
-               "train_rows": len(plan.train), "selection_rows": len(plan.selection) if plan.selection else 0,
-               "evaluation_rows": len(plan.evaluation), "max_steps": args.max_steps,
-               "expected_examples": plan.spec.preset.expected_examples, **task.results_fields(),
-               "fast_paths": core.fast_paths.lines()}
+    results = {
+        "method": args.method,
+        "model": args.model,
+        "task": args.task,
+        "metric": metric,
+        "trainable_parameters": trainable,
+        "frozen_parameters": frozen,
+        "init_gather_calls": init_gathers,
+        "train_rows": len(plan.train),
+        "selection_rows": len(plan.selection) if plan.selection else 0,
+        "evaluation_rows": len(plan.evaluation),
+        "max_steps": args.max_steps,
+        "expected_examples": plan.spec.preset.expected_examples,
+        **task.results_fields(),
+        "fast_paths": core.fast_paths.lines(),
+    }
     chooser = Selection(keep_best=args.select_best == "best", patience=args.early_stopping_patience)
-    run = Run(plan, accelerator, model, core, optimizer, scheduler, results, chooser,
-              {"step": [], "loss": [], "eval_step": [], metric: []}, random.Random(args.seed))
+    run = Run(
+        plan,
+        accelerator,
+        model,
+        core,
+        optimizer,
+        scheduler,
+        results,
+        chooser,
+        {"step": [], "loss": [], "eval_step": [], metric: []},
+        random.Random(args.seed),
+    )
     # --report-to: the run's configuration (flags, resolved method options, learning rate)
-    tracking.start(accelerator, {**vars(args), **{f"method.{k}": v for k, v in plan.config.to_dict().items()},
-                                 "learning_rate": plan.lr, "trainable_parameters": trainable,
-                                 "processes": accelerator.num_processes})
+    tracking.start(
+        accelerator,
+        {
+            **vars(args),
+            **{f"method.{k}": v for k, v in plan.config.to_dict().items()},
+            "learning_rate": plan.lr,
+            "trainable_parameters": trainable,
+            "processes": accelerator.num_processes,
+        },
+    )
     if not args.no_zero_shot and not has_classifier_head(plan.config):
-        value = task.evaluate(core.base_model, plan.evaluation, "zero-shot eval", zero_shot=True,
-                              show=accelerator.is_main_process)
+        value = task.evaluate(
+            core.base_model, plan.evaluation, "zero-shot eval", zero_shot=True, show=accelerator.is_main_process
+        )
         results[f"zero_shot_{metric}"] = value
         tracking.log(accelerator, {f"eval/zero_shot_{metric}": value}, step=0)
         logger.info("zero-shot %s (template %r): %.4f", metric, task.zero_shot_template.text, value)
@@ -204,14 +249,29 @@ def _log_run(run: Run, trainable: int, frozen: int) -> None:
     args, plan = run.args, run.plan
     logger.info("***** Running training *****")
     logger.info("  method = %s, model = %s", args.method, args.model)
-    logger.info("  trainable parameters = %d, frozen = %d (%.4f%%)", trainable, frozen, 100 * trainable / max(1, trainable + frozen))
-    logger.info("  examples = %d, steps = %d, batch per process = %d, processes = %d, lr = %g",
-                len(plan.train), args.max_steps, args.batch_size, run.accelerator.num_processes, plan.lr)
+    logger.info(
+        "  trainable parameters = %d, frozen = %d (%.4f%%)",
+        trainable,
+        frozen,
+        100 * trainable / max(1, trainable + frozen),
+    )
+    logger.info(
+        "  examples = %d, steps = %d, batch per process = %d, processes = %d, lr = %g",
+        len(plan.train),
+        args.max_steps,
+        args.batch_size,
+        run.accelerator.num_processes,
+        plan.lr,
+    )
     if args.num_train_epochs is not None:
         logger.info("  --num-train-epochs %g: %d steps", args.num_train_epochs, args.max_steps)
     if plan.selection:
-        logger.info("  selection split = %d rows, evaluated every %d steps; the adapter saved: %s", len(plan.selection),
-                    args.eval_steps, "the best on it" if run.chooser.keep_best else "the last step's")
+        logger.info(
+            "  selection split = %d rows, evaluated every %d steps; the adapter saved: %s",
+            len(plan.selection),
+            args.eval_steps,
+            "the best on it" if run.chooser.keep_best else "the last step's",
+        )
 
 
 def _resume(run: Run, checkpoint: Path) -> None:
@@ -240,8 +300,13 @@ def _checkpoint(run: Run, step_done: int) -> None:
         if run.chooser.state is not None:  # the best so far: a resumed run can still end with it
             save_adapter(run.core, ckpt / BEST_ADAPTER, state=run.chooser.state, task=record)
         rng_state = run.rng.getstate()
-        payload = {"step": step_done, "order": run.order, "history": run.history,
-                   "rng": [rng_state[0], list(rng_state[1]), rng_state[2]], "data_plan": data_plan(args)}
+        payload = {
+            "step": step_done,
+            "order": run.order,
+            "history": run.history,
+            "rng": [rng_state[0], list(rng_state[1]), rng_state[2]],
+            "data_plan": data_plan(args),
+        }
         if run.plan.selection:
             payload["selection"] = run.chooser.to_json()
         tmp = ckpt / "trainer_state.json.tmp"
@@ -262,7 +327,7 @@ def _next_rows(run: Run) -> tuple[list, list]:
         run.rng.shuffle(fresh)
         run.order += fresh
     chosen, run.order = run.order[:global_batch], run.order[global_batch:]
-    return run.plan.train.take(chosen[rank * args.batch_size:(rank + 1) * args.batch_size])
+    return run.plan.train.take(chosen[rank * args.batch_size : (rank + 1) * args.batch_size])
 
 
 def _training_loop(run: Run) -> bool:
@@ -273,11 +338,17 @@ def _training_loop(run: Run) -> bool:
     model.train()
     interactive = sys.stderr.isatty()
     # a terminal gets a progress bar; a log file one line per --logging-steps, not carriage returns
-    progress = tqdm(range(run.start_step, args.max_steps), desc="training", disable=not (accelerator.is_main_process and interactive))
+    progress = tqdm(
+        range(run.start_step, args.max_steps),
+        desc="training",
+        disable=not (accelerator.is_main_process and interactive),
+    )
     for step in progress:
         loss = run.plan.task.loss(model, *_next_rows(run))
         if not torch.isfinite(loss):
-            raise PStarError(f"loss became {loss.item()} at step {step + 1}; lower --learning-rate. Checkpoints so far are kept.")
+            raise PStarError(
+                f"loss became {loss.item()} at step {step + 1}; lower --learning-rate. Checkpoints so far are kept."
+            )
         accelerator.backward(loss)
         if clip:
             accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
@@ -299,7 +370,10 @@ def _training_loop(run: Run) -> bool:
         if args.stop_after_steps and step + 1 - run.start_step >= args.stop_after_steps and step + 1 < args.max_steps:
             if not (args.checkpointing_steps and (step + 1) % args.checkpointing_steps == 0):
                 _checkpoint(run, step + 1)
-            logger.info("stopping after %d steps in this run (--stop-after-steps); resume with --resume-from-checkpoint latest", args.stop_after_steps)
+            logger.info(
+                "stopping after %d steps in this run (--stop-after-steps); resume with --resume-from-checkpoint latest",
+                args.stop_after_steps,
+            )
             return False
     return True
 
@@ -314,24 +388,36 @@ def _periodic_evaluation(run: Run, step: int, loss_value: float) -> bool:
     show = accelerator.is_main_process
     if plan.selection and (step % args.eval_steps == 0 or step == args.max_steps):
         value = plan.task.evaluate(scoring, plan.selection, "selection eval", show=show)
-        if accelerator.num_processes > 1:  # one decision for every rank: keeping the best state is a collective under ZeRO-3
-
+        if (
+            accelerator.num_processes > 1
+        ):  # one decision for every rank: keeping the best state is a collective under ZeRO-3
             value = broadcast_object_list([value])[0]
         improved = run.chooser.record(step, value, run.core.trainable_state)  # a collective under ZeRO-3: every rank
         run.history["eval_step"].append(step)
         run.history[metric].append(value)
         tracking.log(accelerator, {f"selection/{metric}": value}, step=step)
-        logger.info("step %d: loss %.4f, selection %s %.4f%s", step, loss_value, metric, value, " (best so far)" if improved
-                    else f" (best {run.chooser.best_value:.4f} at step {run.chooser.best_step})")
+        logger.info(
+            "step %d: loss %.4f, selection %s %.4f%s",
+            step,
+            loss_value,
+            metric,
+            value,
+            " (best so far)" if improved else f" (best {run.chooser.best_value:.4f} at step {run.chooser.best_step})",
+        )
     elif not plan.selection and step % args.eval_steps == 0 and step < args.max_steps:
         value = plan.task.evaluate(scoring, plan.evaluation, "eval", limit=args.eval_subset_size, show=show)
         run.history["eval_step"].append(step)
         run.history[metric].append(value)
         tracking.log(accelerator, {f"eval/{metric}": value}, step=step)
-        logger.info("step %d: loss %.4f, dev %s %.4f (first %d)", step, loss_value, metric, value, args.eval_subset_size)
+        logger.info(
+            "step %d: loss %.4f, dev %s %.4f (first %d)", step, loss_value, metric, value, args.eval_subset_size
+        )
     if run.chooser.should_stop:
-        logger.info("early stop at step %d: %d selection evaluations without improvement (--early-stopping-patience)",
-                    step, run.chooser.without_improvement)
+        logger.info(
+            "early stop at step %d: %d selection evaluations without improvement (--early-stopping-patience)",
+            step,
+            run.chooser.without_improvement,
+        )
         run.results["early_stopped_at"] = step
         return True
     return False
@@ -341,7 +427,14 @@ def _finish(run: Run) -> None:
     """The final evaluation (of the best state, with --select-best best), the adapter, metrics.json,
     the plot and the summary."""
 
-    args, plan, accelerator, core, results, history = run.args, run.plan, run.accelerator, run.core, run.results, run.history
+    args, plan, accelerator, core, results, history = (
+        run.args,
+        run.plan,
+        run.accelerator,
+        run.core,
+        run.results,
+        run.history,
+    )
     metric, out_dir = plan.task.metric_name, plan.out_dir
     steps_done = history["step"][-1] if history["step"] else run.start_step
     results.update(steps=steps_done, examples_seen=steps_done * args.batch_size * accelerator.num_processes)
@@ -349,11 +442,17 @@ def _finish(run: Run) -> None:
         results["selection"] = run.chooser.report(metric, len(plan.selection))
     if run.chooser.state is not None:  # every rank: the load is collective under ZeRO-3
         core.load_trainable_state(run.chooser.state)
-        logger.info("final evaluation with the best state on the selection split: step %d (%s %.4f)",
-                    run.chooser.best_step, metric, run.chooser.best_value)
+        logger.info(
+            "final evaluation with the best state on the selection split: step %d (%s %.4f)",
+            run.chooser.best_step,
+            metric,
+            run.chooser.best_value,
+        )
     scoring = plan.task.evaluation_model(run.model, core)
     started = time.perf_counter()
-    results[f"tuned_{metric}"] = plan.task.evaluate(scoring, plan.evaluation, "final eval", show=accelerator.is_main_process)
+    results[f"tuned_{metric}"] = plan.task.evaluate(
+        scoring, plan.evaluation, "final eval", show=accelerator.is_main_process
+    )
     results["final_eval_seconds"] = time.perf_counter() - started  # every rank scores its share (train.tasks)
     history["eval_step"].append(steps_done)
     history[metric].append(results[f"tuned_{metric}"])
@@ -368,7 +467,14 @@ def _finish(run: Run) -> None:
         results["history"] = history
         (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
         if args.plot:
-            _plot(history, out_dir / args.plot, args.method, metric, args.eval_subset_size, periodic_on_selection=bool(plan.selection))
+            _plot(
+                history,
+                out_dir / args.plot,
+                args.method,
+                metric,
+                args.eval_subset_size,
+                periodic_on_selection=bool(plan.selection),
+            )
         written = [out_dir / "adapter", out_dir / "metrics.json"]
         if args.plot and (out_dir / args.plot).is_file():
             written.append(out_dir / args.plot)

@@ -13,7 +13,8 @@ from pstar_plugins.assembly.registry import get_plugin_manager
 from pstar_plugins.contract.errors import ConfigError
 from pstar_plugins.contract.spec import MethodConfig, MethodSpec
 from pstar_plugins.mechanisms.template import Template
-from pstar_plugins.train.cli import TrainConfig, check_batch_fits, data_limits, resolve_schedule
+from pstar_plugins.train.checks import check_batch_fits, data_limits, resolve_schedule
+from pstar_plugins.train.cli import TrainConfig
 from pstar_plugins.train.data import _check_same_data_plan, _check_template, _data, _rows_without_limit, _template_text
 from pstar_plugins.models import check_source
 from pstar_plugins.train import run_dir
@@ -38,10 +39,14 @@ def _method_config(args, spec):
         meta = adapter[0]
         get_plugin_manager().adapter_method(meta, args.init_from_adapter)  # known before "pass --method" is advised
         if meta["method"] != args.method:
-            raise ConfigError(f"--init-from-adapter {args.init_from_adapter} holds a {meta['method']!r} adapter, "
-                              f"but --method is {args.method!r}; pass --method {meta['method']}.")
+            raise ConfigError(
+                f"--init-from-adapter {args.init_from_adapter} holds a {meta['method']!r} adapter, "
+                f"but --method is {args.method!r}; pass --method {meta['method']}."
+            )
         if args.method_options:
-            raise ConfigError(f"--init-from-adapter takes the method options from the adapter; drop {sorted(args.method_options)}.")
+            raise ConfigError(
+                f"--init-from-adapter takes the method options from the adapter; drop {sorted(args.method_options)}."
+            )
         return spec.config_class.from_saved(meta["method_config"]), adapter  # validated before anything is loaded
     return spec.config_class.from_dict(options), adapter  # validated before anything is loaded or written
 
@@ -109,8 +114,10 @@ def make_plan(args: TrainConfig) -> Plan:
     config = task.configure(config)
     _check_sizes(args, spec, config)
     if adapter is not None and spec.config_class.from_saved(adapter[0]["method_config"]) != config:
-        raise ConfigError(f"--init-from-adapter {args.init_from_adapter} was trained with another number of classes than "
-                          f"the {len(args.label_words)} --label-words; pass the label words it was trained with.")
+        raise ConfigError(
+            f"--init-from-adapter {args.init_from_adapter} was trained with another number of classes than "
+            f"the {len(args.label_words)} --label-words; pass the label words it was trained with."
+        )
     resume = run_dir.checkpoint_to_resume(args.resume_from_checkpoint, out_dir)
     if resume is not None:
         run_dir.check_resume(resume, args.method, args.max_steps)

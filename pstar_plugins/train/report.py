@@ -14,9 +14,12 @@ def _save_record(core, state: dict, calls: list) -> dict:
     only, no frozen weight)."""
     gathered_ids = {i for call in calls for i in call}
     frozen_ids = {id(p) for p in core.parameters() if not p.requires_grad}
-    return {"gather_calls": len(calls), "gathered_parameters": len(gathered_ids),
-            "frozen_parameters_gathered": len(gathered_ids & frozen_ids),
-            "bytes": sum(t.numel() * t.element_size() for t in state.values())}
+    return {
+        "gather_calls": len(calls),
+        "gathered_parameters": len(gathered_ids),
+        "frozen_parameters_gathered": len(gathered_ids & frozen_ids),
+        "bytes": sum(t.numel() * t.element_size() for t in state.values()),
+    }
 
 
 def _is_cpu_notice(record: logging.LogRecord) -> bool:
@@ -53,16 +56,20 @@ def _run_size_lines(args, results: dict, metric: str) -> list[str]:
         return []
     lines = [f"  fast paths             : {line}" for line in results.get("fast_paths", [])[:1]]
     lines += [f"                           {line}" for line in results.get("fast_paths", [])[1:]]
-    lines += [f"  training               : {results['steps']} steps, {results['examples_seen']} examples seen "
-             f"({results['train_rows']} training rows)"
-             + (f"; the preset expects {results['expected_examples']}" if results.get("expected_examples") else "")]
+    lines += [
+        f"  training               : {results['steps']} steps, {results['examples_seen']} examples seen "
+        f"({results['train_rows']} training rows)"
+        + (f"; the preset expects {results['expected_examples']}" if results.get("expected_examples") else "")
+    ]
     if results.get("early_stopped_at"):
         lines.append(f"  early stop             : at step {results['early_stopped_at']} (--early-stopping-patience)")
     chosen = results.get("selection")
     if chosen and chosen["best_step"] is not None:
-        lines.append(f"  selection split        : {chosen['rows']} rows; best {metric} {chosen[f'best_{metric}']:.4f} at step "
-                     f"{chosen['best_step']}, last {chosen[f'last_{metric}']:.4f} at step {chosen['last_step']}; "
-                     f"saved: the {'best' if chosen['select'] == 'best' else 'last'} step's adapter")
+        lines.append(
+            f"  selection split        : {chosen['rows']} rows; best {metric} {chosen[f'best_{metric}']:.4f} at step "
+            f"{chosen['best_step']}, last {chosen[f'last_{metric}']:.4f} at step {chosen['last_step']}; "
+            f"saved: the {'best' if chosen['select'] == 'best' else 'last'} step's adapter"
+        )
     return lines
 
 
@@ -71,11 +78,13 @@ def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
     out, average = [], 0.0
     for i, v in enumerate(values, start=1):
         average = weight * average + (1 - weight) * v
-        out.append(average / (1 - weight ** i))
+        out.append(average / (1 - weight**i))
     return out
 
 
-def _plot(history, path: Path, method: str, metric: str = "accuracy", subset: int = 0, periodic_on_selection: bool = False) -> None:
+def _plot(
+    history, path: Path, method: str, metric: str = "accuracy", subset: int = 0, periodic_on_selection: bool = False
+) -> None:
     try:
         import matplotlib
 
@@ -93,11 +102,23 @@ def _plot(history, path: Path, method: str, metric: str = "accuracy", subset: in
     # the periodic evaluations score a subset, the last one the whole dev set: two series, not one line
     periodic = list(zip(history["eval_step"][:-1], history[metric][:-1]))
     if periodic:
-        label = (f"selection-split {metric}" if periodic_on_selection
-                 else f"dev {metric}, first {subset} rows" if subset else f"dev {metric}")
+        label = (
+            f"selection-split {metric}"
+            if periodic_on_selection
+            else f"dev {metric}, first {subset} rows"
+            if subset
+            else f"dev {metric}"
+        )
         ax2.plot(*zip(*periodic), "o-", color="tab:red", label=label)
     if history["eval_step"]:
-        ax2.plot(history["eval_step"][-1:], history[metric][-1:], "*", color="black", markersize=12, label=f"final dev {metric}, all rows")
+        ax2.plot(
+            history["eval_step"][-1:],
+            history[metric][-1:],
+            "*",
+            color="black",
+            markersize=12,
+            label=f"final dev {metric}, all rows",
+        )
     ax2.set_ylabel(f"dev {metric}", color="tab:red")
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     ax.legend(handles, [h.get_label() for h in handles], loc="best", fontsize=8)

@@ -38,15 +38,21 @@ def check_writable(path: Path) -> None:
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise ConfigError(f"--output-dir {path}: {existing} is a file, so the folder cannot be created; choose another --output-dir.")
+        raise ConfigError(
+            f"--output-dir {path}: {existing} is a file, so the folder cannot be created; choose another --output-dir."
+        )
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--output-dir {path}: {existing} is not writable by this user; choose a writable --output-dir.")
+        raise ConfigError(
+            f"--output-dir {path}: {existing} is not writable by this user; choose a writable --output-dir."
+        )
     try:  # read-only file systems refuse even root; os.access does not always say so
         probe = existing / f".pstar-write-test-{os.getpid()}"
         probe.mkdir()
         probe.rmdir()
     except OSError as exc:
-        raise ConfigError(f"--output-dir {path}: cannot write in {existing} ({exc.strerror}); choose a writable --output-dir.") from None
+        raise ConfigError(
+            f"--output-dir {path}: cannot write in {existing} ({exc.strerror}); choose a writable --output-dir."
+        ) from None
 
 
 # --------------------------------------------------------------------------- lock
@@ -85,21 +91,28 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 owner = self._owner()
-                if owner is not None and (owner.get("host") != socket.gethostname() or _alive(int(owner.get("pid", -1)))):
+                if owner is not None and (
+                    owner.get("host") != socket.gethostname() or _alive(int(owner.get("pid", -1)))
+                ):
                     self._undo_directory()
                     raise ConfigError(
                         f"--output-dir {self.directory} is in use by another run (PID {owner.get('pid')} on "
                         f"{owner.get('host')}, lock file {self.path}); wait for it to finish or choose another --output-dir."
                     ) from None
-                logger.warning("taking over the stale lock %s of PID %s, which no longer runs", self.path,
-                               owner.get("pid") if owner else "?")
+                logger.warning(
+                    "taking over the stale lock %s of PID %s, which no longer runs",
+                    self.path,
+                    owner.get("pid") if owner else "?",
+                )
                 self.path.unlink(missing_ok=True)
                 continue
             with os.fdopen(fd, "w") as fh:
                 fh.write(record)
             self.held = True
             return self
-        raise ConfigError(f"--output-dir {self.directory}: could not take the lock {self.path}; another run keeps recreating it.")
+        raise ConfigError(
+            f"--output-dir {self.directory}: could not take the lock {self.path}; another run keeps recreating it."
+        )
 
     def _owner(self) -> dict | None:
         try:
@@ -149,13 +162,17 @@ def check_previous_run(out_dir: Path, run_id: dict, overwrite: bool, resuming: b
         except ValueError:
             previous = {}
         if previous != run_id:
-            raise ConfigError(f"--output-dir {out_dir} holds a different run ({previous.get('method')}); "
-                              "choose another directory or pass --overwrite.")
+            raise ConfigError(
+                f"--output-dir {out_dir} holds a different run ({previous.get('method')}); "
+                "choose another directory or pass --overwrite."
+            )
     finished = finished_run_files(out_dir, plot)
     if finished and not resuming:
-        raise ConfigError(f"--output-dir {out_dir} holds a finished run ({', '.join(p.name for p in finished)}); pass "
-                          "--overwrite to replace it (its checkpoints are removed too), --resume-from-checkpoint latest "
-                          "with a larger --max-steps to continue it, or choose another --output-dir.")
+        raise ConfigError(
+            f"--output-dir {out_dir} holds a finished run ({', '.join(p.name for p in finished)}); pass "
+            "--overwrite to replace it (its checkpoints are removed too), --resume-from-checkpoint latest "
+            "with a larger --max-steps to continue it, or choose another --output-dir."
+        )
 
 
 def clear_previous_run(out_dir: Path, plot: str | None) -> list[str]:
@@ -191,12 +208,16 @@ def checkpoint_to_resume(value: str | None, out_dir: Path) -> Path | None:
             return done[-1]
         if value == "latest-if-any":
             return None
-        raise ConfigError(f"--resume-from-checkpoint latest: no complete checkpoint-* folder in {out_dir}; "
-                          "use latest-if-any to start fresh when there is none.")
+        raise ConfigError(
+            f"--resume-from-checkpoint latest: no complete checkpoint-* folder in {out_dir}; "
+            "use latest-if-any to start fresh when there is none."
+        )
     path = Path(value)
     if not (path / STATE_NAME).is_file():
-        raise ConfigError(f"--resume-from-checkpoint {path}: not a complete checkpoint (no {STATE_NAME}); "
-                          "pass a checkpoint-N folder written by this script, or 'latest'.")
+        raise ConfigError(
+            f"--resume-from-checkpoint {path}: not a complete checkpoint (no {STATE_NAME}); "
+            "pass a checkpoint-N folder written by this script, or 'latest'."
+        )
     return path
 
 
@@ -209,12 +230,16 @@ def check_resume(checkpoint: Path, method: str, max_steps: int) -> int:
         except ValueError:
             saved = None
         if saved and saved != method:
-            raise ConfigError(f"--resume-from-checkpoint {checkpoint} is a {saved!r} run, but --method is {method!r}; "
-                              f"pass --method {saved}, or start a new run in another --output-dir.")
+            raise ConfigError(
+                f"--resume-from-checkpoint {checkpoint} is a {saved!r} run, but --method is {method!r}; "
+                f"pass --method {saved}, or start a new run in another --output-dir."
+            )
     step = int(json.loads((checkpoint / STATE_NAME).read_text())["step"])
     if step > max_steps:
-        raise ConfigError(f"--resume-from-checkpoint {checkpoint} is at step {step}, past --max-steps {max_steps}; "
-                          f"pass --max-steps {step} or more to continue that run (or --overwrite to start again).")
+        raise ConfigError(
+            f"--resume-from-checkpoint {checkpoint} is at step {step}, past --max-steps {max_steps}; "
+            f"pass --max-steps {step} or more to continue that run (or --overwrite to start again)."
+        )
     return step
 
 

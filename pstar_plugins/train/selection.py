@@ -70,8 +70,13 @@ class Selection:
         return bool(self.patience) and self.without_improvement >= self.patience
 
     def to_json(self) -> dict[str, Any]:
-        return {"best_value": self.best_value, "best_step": self.best_step, "last_value": self.last_value,
-                "last_step": self.last_step, "without_improvement": self.without_improvement}
+        return {
+            "best_value": self.best_value,
+            "best_step": self.best_step,
+            "last_value": self.last_value,
+            "last_step": self.last_step,
+            "without_improvement": self.without_improvement,
+        }
 
     def restore(self, saved: dict[str, Any], checkpoint: Path) -> None:
         """Continue from a checkpoint's record (and its best state, when one is kept)."""
@@ -84,7 +89,13 @@ class Selection:
 
     def report(self, metric: str, rows: int) -> dict[str, Any]:
         """The ``selection`` entry of metrics.json."""
-        return {"metric": metric, "rows": rows, "select": "best" if self.keep_best else "last",
-                "best_step": self.best_step, f"best_{metric}": self.best_value,
-                "last_step": self.last_step, f"last_{metric}": self.last_value,
-                "evaluations_without_improvement": self.without_improvement}
+        return {
+            "metric": metric,
+            "rows": rows,
+            "select": "best" if self.keep_best else "last",
+            "best_step": self.best_step,
+            f"best_{metric}": self.best_value,
+            "last_step": self.last_step,
+            f"last_{metric}": self.last_value,
+            "evaluations_without_improvement": self.without_improvement,
+        }

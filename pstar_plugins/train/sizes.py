@@ -31,10 +31,12 @@ class ModelShape:
         def first(*names, default=None):
             return next((int(getattr(text, n)) for n in names if getattr(text, n, None)), default)
 
-        return cls(hidden=first("hidden_size", "n_embd", "d_model", default=1),
-                   layers=first("num_hidden_layers", "n_layer", "num_layers", default=1),
-                   heads=first("num_attention_heads", "n_head", "num_heads", default=1),
-                   positions=first("max_position_embeddings", "n_positions", "max_seq_len"))
+        return cls(
+            hidden=first("hidden_size", "n_embd", "d_model", default=1),
+            layers=first("num_hidden_layers", "n_layer", "num_layers", default=1),
+            heads=first("num_attention_heads", "n_head", "num_heads", default=1),
+            positions=first("max_position_embeddings", "n_positions", "max_seq_len"),
+        )
 
 
 def _gib(n: float) -> str:
@@ -56,7 +58,9 @@ def available_bytes() -> tuple[int, str]:
     return int(psutil.virtual_memory().available), "available on this machine"
 
 
-def check(config, model_config, in_sequence: bool, batch_size: int, max_length: int, available: tuple[int, str] | None = None) -> None:
+def check(
+    config, model_config, in_sequence: bool, batch_size: int, max_length: int, available: tuple[int, str] | None = None
+) -> None:
     """Refuse sizes that cannot fit, naming the option and the fix.
 
     ``config``: the method's config (its ``num_virtual_tokens``, ``num_tasks`` and prefix
@@ -68,8 +72,10 @@ def check(config, model_config, in_sequence: bool, batch_size: int, max_length: 
     tasks = int(getattr(config, "num_tasks", 1) or 1)
     # (examples shorter than --max-length are the rule, so only a prompt that leaves no room is refused)
     if in_sequence and shape.positions is not None and m >= shape.positions:
-        raise ConfigError(f"--num-virtual-tokens {m:,} leaves no position for the input: the model has {shape.positions:,} "
-                          f"(max_position_embeddings) and the prompt takes {m:,} of them. Use fewer virtual tokens.")
+        raise ConfigError(
+            f"--num-virtual-tokens {m:,} leaves no position for the input: the model has {shape.positions:,} "
+            f"(max_position_embeddings) and the prompt takes {m:,} of them. Use fewer virtual tokens."
+        )
     if in_sequence:
         elements = tasks * m * shape.hidden
     else:  # a key and a value per layer, or P' through the MLP
@@ -83,8 +89,12 @@ def check(config, model_config, in_sequence: bool, batch_size: int, max_length: 
     free, where = available if available is not None else available_bytes()
     need = tensors + scores
     if need > free:
-        what = (f"--num-virtual-tokens {m:,}" if m else "the method's options")
+        what = f"--num-virtual-tokens {m:,}" if m else "the method's options"
         parts = f"{_gib(tensors)} for the method's tensors with their gradients and optimizer state, {_gib(scores)} for one layer's attention scores"
-        raise ConfigError(f"{what} with --batch-size {batch_size} and --max-length {max_length} needs about {_gib(need)} "
-                          f"({parts}); {_gib(free)} is {where}. Use fewer virtual tokens, a smaller --batch-size "
-                          "or a shorter --max-length" + (", or a smaller --projection-hidden-size" if getattr(config, "projection", False) else "") + ".")
+        raise ConfigError(
+            f"{what} with --batch-size {batch_size} and --max-length {max_length} needs about {_gib(need)} "
+            f"({parts}); {_gib(free)} is {where}. Use fewer virtual tokens, a smaller --batch-size "
+            "or a shorter --max-length"
+            + (", or a smaller --projection-hidden-size" if getattr(config, "projection", False) else "")
+            + "."
+        )

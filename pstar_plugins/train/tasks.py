@@ -43,7 +43,12 @@ class _Task:
         self.template = self.zero_shot_template = self.tokenizer = None
 
     def bind(self, tokenizer, template, zero_shot_template, device, base, head_classifier: bool) -> None:
-        self.tokenizer, self.template, self.zero_shot_template, self.device = tokenizer, template, zero_shot_template, device
+        self.tokenizer, self.template, self.zero_shot_template, self.device = (
+            tokenizer,
+            template,
+            zero_shot_template,
+            device,
+        )
         self.head_classifier = head_classifier
 
     def results_fields(self) -> dict[str, Any]:
@@ -56,8 +61,14 @@ class _Task:
     def record(self) -> dict[str, Any]:
         """What the adapter is for, saved with it: ``pstar eval --adapter`` then scores it as training did."""
         a = self.args
-        return {"kind": a.task, "template": self.template.text, "max_length": a.max_length, "model": a.model,
-                "model_kind": a.model_kind, "gguf_file": a.gguf_file}
+        return {
+            "kind": a.task,
+            "template": self.template.text,
+            "max_length": a.max_length,
+            "model": a.model,
+            "model_kind": a.model_kind,
+            "gguf_file": a.gguf_file,
+        }
 
 
 class ClassificationTask(_Task):
@@ -99,8 +110,9 @@ class ClassificationTask(_Task):
     def evaluation_model(self, model, core):
         return model
 
-    def evaluate(self, model, split: Split, desc: str, limit: int | None = None, zero_shot: bool = False,
-                 show: bool = False) -> float:
+    def evaluate(
+        self, model, split: Split, desc: str, limit: int | None = None, zero_shot: bool = False, show: bool = False
+    ) -> float:
         """Accuracy on the first ``limit`` rows of ``split`` (every rank calls this). The rows are
         cut into the batches one process would score, and each rank scores its round-robin share
         of them (mechanisms.distributed.share_of_this_rank), so every row is scored once, in the same
@@ -175,7 +187,11 @@ class GenerationTask(_Task):
         return {"generation_scores": self.scores}
 
     def record(self) -> dict[str, Any]:
-        return {**super().record(), "target_column": self.args.target_column, "max_new_tokens": self.args.max_new_tokens}
+        return {
+            **super().record(),
+            "target_column": self.args.target_column,
+            "max_new_tokens": self.args.max_new_tokens,
+        }
 
     def loss(self, model, rows, labels):
         from pstar_plugins.mechanisms.template import bind_slots
@@ -190,8 +206,9 @@ class GenerationTask(_Task):
     def evaluation_model(self, model, core):
         return core  # generate() is the unwrapped model's
 
-    def evaluate(self, model, split: Split, desc: str, limit: int | None = None, zero_shot: bool = False,
-                 show: bool = False) -> float:
+    def evaluate(
+        self, model, split: Split, desc: str, limit: int | None = None, zero_shot: bool = False, show: bool = False
+    ) -> float:
         import torch
 
         from pstar_plugins.tasks import generation as gen
@@ -211,9 +228,16 @@ class GenerationTask(_Task):
         decoded = {}
         with torch.no_grad():
             for i in mine:
-                batch = groups[0:1] if i is None else groups[i:i + step]
-                hyps = gen.generate(model, template, self.tokenizer, [g[0] for g in batch], self.args.max_new_tokens,
-                                    step, synced_gpus=synced)
+                batch = groups[0:1] if i is None else groups[i : i + step]
+                hyps = gen.generate(
+                    model,
+                    template,
+                    self.tokenizer,
+                    [g[0] for g in batch],
+                    self.args.max_new_tokens,
+                    step,
+                    synced_gpus=synced,
+                )
                 if i is not None:
                     decoded[i] = hyps
         model.train()
@@ -229,7 +253,9 @@ class GenerationTask(_Task):
         scores = results.get("generation_scores", {})
         for label, key in (("zero-shot", "zero-shot eval"), ("tuned", "final eval")):
             if key in scores:
-                lines.append(f"  {label + ' dev':<15}: BLEU {scores[key]['bleu']:.2f}, ROUGE-L {scores[key]['rouge_l']:.2f} (both 0-100)")
+                lines.append(
+                    f"  {label + ' dev':<15}: BLEU {scores[key]['bleu']:.2f}, ROUGE-L {scores[key]['rouge_l']:.2f} (both 0-100)"
+                )
         sample = scores.get("final eval", {}).get("example") or []
         if sample:
             lines.append(f"  sample output          : {sample[0]!r}")

@@ -23,9 +23,15 @@ _PACKAGE = {"tensorboard": "tensorboard", "comet_ml": "comet-ml"}  # pip name wh
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--report-to", nargs="+", default=["none"], choices=CHOICES, metavar="TRACKER",
-                        help=f"log loss, learning rate, evaluation metrics and the run's configuration to these trackers "
-                             f"({', '.join(CHOICES)}; 'all': every installed one; default: none)")
+    parser.add_argument(
+        "--report-to",
+        nargs="+",
+        default=["none"],
+        choices=CHOICES,
+        metavar="TRACKER",
+        help=f"log loss, learning rate, evaluation metrics and the run's configuration to these trackers "
+        f"({', '.join(CHOICES)}; 'all': every installed one; default: none)",
+    )
 
 
 def selected(args) -> list[str]:
@@ -34,7 +40,9 @@ def selected(args) -> list[str]:
     names = list(dict.fromkeys(args.report_to))
     if "none" in names:
         if len(names) > 1:
-            raise ConfigError(f"--report-to {' '.join(names)}: 'none' cannot be combined with trackers; pass one or the other.")
+            raise ConfigError(
+                f"--report-to {' '.join(names)}: 'none' cannot be combined with trackers; pass one or the other."
+            )
         return []
     from accelerate.tracking import get_available_trackers
 
@@ -42,14 +50,18 @@ def selected(args) -> list[str]:
     if "all" in names:
         found = sorted(available & set(TRACKERS))
         if not found:
-            logger.warning("--report-to all: no tracker package is installed, nothing is logged "
-                           "(pip install 'pstar-plugins[tracking]' for TensorBoard)")
+            logger.warning(
+                "--report-to all: no tracker package is installed, nothing is logged "
+                "(pip install 'pstar-plugins[tracking]' for TensorBoard)"
+            )
         return found
     missing = [n for n in names if n not in available]
     if missing:
         packages = " ".join(_PACKAGE.get(n, n) for n in missing)
-        raise ConfigError(f"--report-to {' '.join(missing)}: the tracker's package is not installed; "
-                          f"pip install {packages} (TensorBoard: pip install 'pstar-plugins[tracking]'), or drop it from --report-to.")
+        raise ConfigError(
+            f"--report-to {' '.join(missing)}: the tracker's package is not installed; "
+            f"pip install {packages} (TensorBoard: pip install 'pstar-plugins[tracking]'), or drop it from --report-to."
+        )
     return names
 
 

@@ -31,8 +31,12 @@ class ResidualPrompt(PromptTuning):
     def __init__(self, config: ResidualPromptConfig, base_model, tokenizer=None) -> None:
         super().__init__(config, base_model, tokenizer)
         hidden, kw = self.prompt.shape[-1], {"device": self.prompt.device, "dtype": torch.float32}
-        self.residual = nn.Sequential(nn.Linear(hidden, config.bottleneck_size, **kw), nn.ReLU(),
-                                      nn.Linear(config.bottleneck_size, hidden, **kw), nn.LayerNorm(hidden, **kw))
+        self.residual = nn.Sequential(
+            nn.Linear(hidden, config.bottleneck_size, **kw),
+            nn.ReLU(),
+            nn.Linear(config.bottleneck_size, hidden, **kw),
+            nn.LayerNorm(hidden, **kw),
+        )
 
     def virtual_block(self, batch, task_ids):
         prompt = super().virtual_block(batch, task_ids)
@@ -49,5 +53,11 @@ class ResidualPrompt(PromptTuning):
             del self.residual
 
 
-plugin = MethodPlugin(MethodSpec("residual-prompt", ResidualPromptConfig, method_class=ResidualPrompt,
-                                 help="prompt tuning with a residual MLP reparameterisation (Razdaibiedina et al. 2023)"))
+plugin = MethodPlugin(
+    MethodSpec(
+        "residual-prompt",
+        ResidualPromptConfig,
+        method_class=ResidualPrompt,
+        help="prompt tuning with a residual MLP reparameterisation (Razdaibiedina et al. 2023)",
+    )
+)

@@ -18,7 +18,9 @@ class PTuningConfig(MethodConfig):
         default="{soft:3} {sentence} {soft:3} It was{answer}",
         metadata={"help": "template with {field} text slots, {soft:N} continuous tokens and one {answer} slot"},
     )
-    encoder: str = field(default="lstm", metadata={"help": "prompt encoder: lstm (bi-LSTM + MLP, the paper's) | mlp | none"})
+    encoder: str = field(
+        default="lstm", metadata={"help": "prompt encoder: lstm (bi-LSTM + MLP, the paper's) | mlp | none"}
+    )
     encoder_hidden_size: int = field(default=0, metadata={"help": "prompt encoder width (0: the model's hidden size)"})
     init: str = field(default="vocab", metadata={"help": "soft token initialisation: random | vocab"})
 
@@ -28,14 +30,20 @@ class PTuningConfig(MethodConfig):
     def validate(self) -> None:
         super().validate()
         if self.num_tasks != 1:
-            raise ConfigError(f"num_tasks={self.num_tasks}: p-tuning holds one template per adapter; use prompt-tuning or prefix-tuning for mixed-task batches.")
+            raise ConfigError(
+                f"num_tasks={self.num_tasks}: p-tuning holds one template per adapter; use prompt-tuning or prefix-tuning for mixed-task batches."
+            )
         one_of(self, "encoder", ENCODERS)
         one_of(self, "init", ("random", "vocab"))
         if not isinstance(self.encoder_hidden_size, int) or self.encoder_hidden_size < 0:
-            raise ConfigError(f"encoder_hidden_size={self.encoder_hidden_size!r}: expected 0 (hidden size) or a positive integer.")
+            raise ConfigError(
+                f"encoder_hidden_size={self.encoder_hidden_size!r}: expected 0 (hidden size) or a positive integer."
+            )
         parsed = Template.parse(self.template)
         if parsed.num_soft_tokens == 0:
-            raise ConfigError(f"template {self.template!r} has no {{soft}} token; p-tuning needs at least one, e.g. '{{soft:3}} {{sentence}}'.")
+            raise ConfigError(
+                f"template {self.template!r} has no {{soft}} token; p-tuning needs at least one, e.g. '{{soft:3}} {{sentence}}'."
+            )
 
     @property
     def num_virtual_tokens(self) -> int:

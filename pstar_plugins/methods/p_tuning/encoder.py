@@ -21,9 +21,13 @@ class PromptEncoder(nn.Module):
         kw = {"device": initial.device, "dtype": torch.float32}
         if kind == "lstm":
             self.lstm = nn.LSTM(width, hidden_size // 2, num_layers=2, bidirectional=True, batch_first=True, **kw)
-            self.mlp = nn.Sequential(nn.Linear(2 * (hidden_size // 2), hidden_size, **kw), nn.ReLU(), nn.Linear(hidden_size, width, **kw))
+            self.mlp = nn.Sequential(
+                nn.Linear(2 * (hidden_size // 2), hidden_size, **kw), nn.ReLU(), nn.Linear(hidden_size, width, **kw)
+            )
         elif kind == "mlp":
-            self.mlp = nn.Sequential(nn.Linear(width, hidden_size, **kw), nn.ReLU(), nn.Linear(hidden_size, width, **kw))
+            self.mlp = nn.Sequential(
+                nn.Linear(width, hidden_size, **kw), nn.ReLU(), nn.Linear(hidden_size, width, **kw)
+            )
         self.static = kind == "none"
 
     def forward(self) -> torch.Tensor:

@@ -56,9 +56,17 @@ class PTuning(EmbeddingPromptMethod, OnePassContinuations, PeftExport):
                 "soft tokens elsewhere, which PEFT cannot express. Use a template that starts with one {soft:N} block."
             )
         hidden = self.peft_embedding_config(base_model)["token_dim"]
-        return PeftPrompt("P_TUNING", self.encoder.embedding.detach(), {
-            **self.peft_embedding_config(base_model),
-            "encoder_reparameterization_type": "MLP", "encoder_hidden_size": hidden, "encoder_num_layers": 2, "encoder_dropout": 0.0})
+        return PeftPrompt(
+            "P_TUNING",
+            self.encoder.embedding.detach(),
+            {
+                **self.peft_embedding_config(base_model),
+                "encoder_reparameterization_type": "MLP",
+                "encoder_hidden_size": hidden,
+                "encoder_num_layers": 2,
+                "encoder_dropout": 0.0,
+            },
+        )
 
     def fill_slots(self, embeds, inputs):
         index = inputs.pop("prompt_index", None)
@@ -72,7 +80,9 @@ class PTuning(EmbeddingPromptMethod, OnePassContinuations, PeftExport):
             raise ConfigError(f"prompt_index has shape {tuple(index.shape)}, input has {tuple(embeds.shape[:2])}.")
         soft = self.encoder().to(embeds.dtype)  # (n, hidden)
         if int(index.max()) >= soft.shape[0]:
-            raise ConfigError(f"prompt_index refers to soft token {int(index.max())}, the template has {soft.shape[0]}.")
+            raise ConfigError(
+                f"prompt_index refers to soft token {int(index.max())}, the template has {soft.shape[0]}."
+            )
         is_soft = (index >= 0).unsqueeze(-1)
         embeds = torch.where(is_soft, soft[index.clamp(min=0)], embeds)
         labels = inputs.get("labels")

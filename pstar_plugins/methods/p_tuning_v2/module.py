@@ -29,6 +29,7 @@ def last_real_index(mask: torch.Tensor) -> torch.Tensor:
 
 class PTuningV2(PrefixTuning, TokenizerCheck):
     one_pass_continuations = True  # see OnePassContinuations
+
     def __init__(self, config: PTuningV2Config, base_model: nn.Module, tokenizer=None) -> None:
         if config.head != "none" and is_encoder_decoder(base_model):
             raise IncompatibleModelError(
@@ -66,12 +67,15 @@ class PTuningV2(PrefixTuning, TokenizerCheck):
         if explicit and not usable:
             raise ConfigError(
                 "head_init='label-words' needs a decoder-only model with its LM head, last-token pooling and a tokenizer "
-                f"(model_type {base_model.config.model_type!r}, pooling {config.pooling!r}); pass --head-init random.")
+                f"(model_type {base_model.config.model_type!r}, pooling {config.pooling!r}); pass --head-init random."
+            )
         if len(config.label_words) != config.num_labels:
             if explicit:
-                raise ConfigError(f"head_init='label-words' needs one label word per class: got {len(config.label_words)} "
-                                  f"words for num_labels={config.num_labels}; pass --label-words with {config.num_labels} "
-                                  "words or --head-init random.")
+                raise ConfigError(
+                    f"head_init='label-words' needs one label word per class: got {len(config.label_words)} "
+                    f"words for num_labels={config.num_labels}; pass --label-words with {config.num_labels} "
+                    "words or --head-init random."
+                )
             return False
         if usable and not self._distinct_first_tokens(config, tokenizer):
             return False
@@ -91,8 +95,10 @@ class PTuningV2(PrefixTuning, TokenizerCheck):
         if len(set(firsts)) == len(firsts):
             return True
         if config.head_init == "label-words":
-            raise ConfigError(f"label words {config.label_words} share first tokens, so their head rows would start "
-                              "equal; choose words that start differently, or pass --head-init random.")
+            raise ConfigError(
+                f"label words {config.label_words} share first tokens, so their head rows would start "
+                "equal; choose words that start differently, or pass --head-init random."
+            )
         return False
 
     @staticmethod
@@ -135,7 +141,9 @@ class PTuningV2(PrefixTuning, TokenizerCheck):
         fill_position_ids(backbone, inputs)
         mask = inputs.get("attention_mask")
         with self.injector.activate_tasks(task_ids, self.prefixes) as while_packed:
-            out = call_base(self, backbone, inputs, causal_lm=False, packable=self.decoder_only, while_packed=while_packed)
+            out = call_base(
+                self, backbone, inputs, causal_lm=False, packable=self.decoder_only, while_packed=while_packed
+            )
         hidden = out.last_hidden_state.float()
         if mask is None:
             mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
@@ -152,12 +160,16 @@ class PTuningV2(PrefixTuning, TokenizerCheck):
 
     def generate(self, base_model, inputs, task_ids, **kwargs):
         if self.config.head != "none":
-            raise IncompatibleModelError("a p-tuning-v2 adapter with a classification head does not generate; use head='none'.")
+            raise IncompatibleModelError(
+                "a p-tuning-v2 adapter with a classification head does not generate; use head='none'."
+            )
         return super().generate(base_model, inputs, task_ids, **kwargs)
 
     def peft_export(self, base_model):
         if self.config.head != "none":
-            raise AdapterError("a p-tuning-v2 adapter with a classification head has no PEFT equivalent; export needs head='none'.")
+            raise AdapterError(
+                "a p-tuning-v2 adapter with a classification head has no PEFT equivalent; export needs head='none'."
+            )
         return super().peft_export(base_model)
 
     def param_groups(self, learning_rate, weight_decay):
@@ -166,5 +178,12 @@ class PTuningV2(PrefixTuning, TokenizerCheck):
         for g in groups:
             g["params"] = [p for p in g["params"] if id(p) not in head]
         if head:
-            groups.append({"name": "head", "params": list(self.head.parameters()), "lr": learning_rate, "weight_decay": weight_decay})
+            groups.append(
+                {
+                    "name": "head",
+                    "params": list(self.head.parameters()),
+                    "lr": learning_rate,
+                    "weight_decay": weight_decay,
+                }
+            )
         return groups

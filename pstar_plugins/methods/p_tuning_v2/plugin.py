@@ -3,8 +3,12 @@
 from pstar_plugins.methods.p_tuning_v2.config import PTuningV2Config
 from pstar_plugins.contract.spec import MethodPlugin, MethodSpec, Preset
 
-spec = MethodSpec("p-tuning-v2", PTuningV2Config, "deep prompts on every layer with a linear classification head (Liu et al. 2022)",
-                  preset=Preset({"num_virtual_tokens": 16}, 5e-3),
-                  method_class="pstar_plugins.methods.p_tuning_v2.module:PTuningV2")
+spec = MethodSpec(
+    "p-tuning-v2",
+    PTuningV2Config,
+    "deep prompts on every layer with a linear classification head (Liu et al. 2022)",
+    preset=Preset({"num_virtual_tokens": 16}, 5e-3),
+    method_class="pstar_plugins.methods.p_tuning_v2.module:PTuningV2",
+)
 
 plugin = MethodPlugin(spec)

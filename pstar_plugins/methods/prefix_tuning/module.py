@@ -37,10 +37,12 @@ class PrefixTuning(PromptMethod, OnePassContinuations, PeftExport, CheckpointCon
 
     ``layers`` (used by P-tuning v2) restricts prefixes to a subset of layer indices.
     """
+
     one_pass_continuations = True  # see OnePassContinuations
 
-    def __init__(self, config: PrefixTuningConfig, base_model: nn.Module, layers: list[int] | None = None,
-                 tokenizer=None) -> None:
+    def __init__(
+        self, config: PrefixTuningConfig, base_model: nn.Module, layers: list[int] | None = None, tokenizer=None
+    ) -> None:
         super().__init__(config)
         injector = PrefixInjector(base_model)
         self.__dict__["injector"] = injector  # plain attribute: not a submodule, not saved
@@ -66,11 +68,21 @@ class PrefixTuning(PromptMethod, OnePassContinuations, PeftExport, CheckpointCon
             bad = [i for i in rows if not 0 <= i < count]
             if bad:
                 injector.detach()
-                raise IncompatibleModelError(f"layers {bad} do not exist: the model has {count} {kind} layers (0..{count - 1}).")
+                raise IncompatibleModelError(
+                    f"layers {bad} do not exist: the model has {count} {kind} layers (0..{count - 1})."
+                )
             injector.layer_map[kind] = [rows.index(i) if i in rows else None for i in range(count)]
             sub = type(geometry)(len(rows), geometry.n_kv_heads, geometry.head_dim, geometry.value_dim)
-            tables[kind] = PrefixTable(sub, config.num_tasks, config.num_virtual_tokens, config.projection,
-                                       input_size, config.projection_hidden_size, config.init_std, device)
+            tables[kind] = PrefixTable(
+                sub,
+                config.num_tasks,
+                config.num_virtual_tokens,
+                config.projection,
+                input_size,
+                config.projection_hidden_size,
+                config.init_std,
+                device,
+            )
         self.tables = nn.ModuleDict(tables)
         self.dropout = nn.Dropout(config.prefix_dropout)
         if config.init == "text":
@@ -161,20 +173,34 @@ class PrefixTuning(PromptMethod, OnePassContinuations, PeftExport, CheckpointCon
 
     # -- PEFT's PREFIX_TUNING: (m, layer · 2 · n_kv · head_dim), keys at positions 0..m-1 ---------
     def peft_export(self, base_model):
-        if self.config.num_tasks != 1 or getattr(self.config, "layers", None):  # p-tuning-v2 may prompt some layers only
-            raise AdapterError("PEFT prefix tuning has one prefix on every layer: export needs num_tasks=1 and all layers.")
+        if self.config.num_tasks != 1 or getattr(
+            self.config, "layers", None
+        ):  # p-tuning-v2 may prompt some layers only
+            raise AdapterError(
+                "PEFT prefix tuning has one prefix on every layer: export needs num_tasks=1 and all layers."
+            )
         table = self.tables["self"]
         g = table.geometry
         if g.value_width != g.head_dim:
-            raise AdapterError("keys and values of this model have different head sizes (latent attention); PEFT's "
-                               "prefix layout has one size for both, so this adapter has no PEFT equivalent.")
+            raise AdapterError(
+                "keys and values of this model have different head sizes (latent attention); PEFT's "
+                "prefix layout has one size for both, so this adapter has no PEFT equivalent."
+            )
         keys, values = table(None, nn.Identity())  # (1, L, n_kv, m, d)
         keys = rotate_keys(base_model, keys.detach(), table.m)
         flat = torch.stack([keys, values.detach().float()], dim=2)  # (1, L, 2, n_kv, m, d)
         embeddings = flat.permute(0, 4, 1, 2, 3, 5).reshape(table.m, g.n_layers * 2 * g.n_kv_heads * g.head_dim)
-        return PeftPrompt("PREFIX_TUNING", embeddings, {
-            "token_dim": g.n_kv_heads * g.head_dim, "num_attention_heads": g.n_kv_heads, "num_layers": g.n_layers,
-            "encoder_hidden_size": g.n_kv_heads * g.head_dim, "prefix_projection": False})
+        return PeftPrompt(
+            "PREFIX_TUNING",
+            embeddings,
+            {
+                "token_dim": g.n_kv_heads * g.head_dim,
+                "num_attention_heads": g.n_kv_heads,
+                "num_layers": g.n_layers,
+                "encoder_hidden_size": g.n_kv_heads * g.head_dim,
+                "prefix_projection": False,
+            },
+        )
 
     @classmethod
     def peft_options(cls, peft_config):
@@ -183,7 +209,9 @@ class PrefixTuning(PromptMethod, OnePassContinuations, PeftExport, CheckpointCon
     def state_from_peft(self, base_model, embeddings):
         table = self.tables["self"]
         g, m = table.geometry, table.m
-        flat = embeddings.float().view(m, g.n_layers, 2, g.n_kv_heads, g.head_dim).permute(2, 1, 3, 0, 4)  # (2, L, H, m, d)
+        flat = (
+            embeddings.float().view(m, g.n_layers, 2, g.n_kv_heads, g.head_dim).permute(2, 1, 3, 0, 4)
+        )  # (2, L, H, m, d)
         keys = rotate_keys(base_model, flat[0].unsqueeze(0), -m)[0]
         ours = torch.stack([keys, flat[1]], dim=1).permute(3, 0, 1, 2, 4).reshape(1, m, -1)
         return {"tables.self.prefix": ours}
@@ -194,5 +222,7 @@ class PrefixTuning(PromptMethod, OnePassContinuations, PeftExport, CheckpointCon
             (projection if ".mlp." in name else prefix).append(p)
         groups = [{"name": "prefix", "params": prefix, "lr": learning_rate, "weight_decay": 0.0}]
         if projection:
-            groups.append({"name": "prefix-projection", "params": projection, "lr": learning_rate, "weight_decay": weight_decay})
+            groups.append(
+                {"name": "prefix-projection", "params": projection, "lr": learning_rate, "weight_decay": weight_decay}
+            )
         return groups

@@ -16,8 +16,17 @@ class PrefixTable(nn.Module):
     drops ``P'`` and the MLP. Without: ``P`` is the parameter.
     """
 
-    def __init__(self, geometry: AttentionGeometry, num_tasks: int, m: int, projection: bool,
-                 input_size: int, hidden_size: int, init_std: float, device=None) -> None:
+    def __init__(
+        self,
+        geometry: AttentionGeometry,
+        num_tasks: int,
+        m: int,
+        projection: bool,
+        input_size: int,
+        hidden_size: int,
+        init_std: float,
+        device=None,
+    ) -> None:
         super().__init__()
         self.geometry = geometry
         self.m = m
@@ -25,7 +34,9 @@ class PrefixTable(nn.Module):
         kw = {"device": device, "dtype": torch.float32}
         if projection:
             self.embedding = nn.Parameter(torch.randn(num_tasks, m, input_size, **kw))  # P'
-            self.mlp = nn.Sequential(nn.Linear(input_size, hidden_size, **kw), nn.Tanh(), nn.Linear(hidden_size, width, **kw))
+            self.mlp = nn.Sequential(
+                nn.Linear(input_size, hidden_size, **kw), nn.Tanh(), nn.Linear(hidden_size, width, **kw)
+            )
             # start from a prefix as small as the unprojected one (std ≈ init_std): with PyTorch's
             # default init the MLP emits keys/values large enough to swamp a frozen model's own
             # attention, and training starts below the zero-shot accuracy and stays there
@@ -58,7 +69,7 @@ class PrefixTable(nn.Module):
             return kv[0], kv[1]
         kv = flat.view(flat.shape[0], self.m, g.n_layers, g.n_kv_heads, g.head_dim + g.value_width)
         kv = kv.permute(0, 2, 3, 1, 4)  # (N, n_layers, n_kv, m, key | value)
-        return kv[..., :g.head_dim], kv[..., g.head_dim:]
+        return kv[..., : g.head_dim], kv[..., g.head_dim :]
 
     def join(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """The inverse of :meth:`split` for one prompt: ``(n_layers, n_kv, m, d)`` each → ``(m, width)``."""

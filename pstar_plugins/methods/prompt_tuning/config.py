@@ -16,12 +16,19 @@ class PromptTuningConfig(MethodConfig):
     num_virtual_tokens: int = field(default=20, metadata={"help": "prompt length m (Lester et al. use 20-100)"})
     init: str = field(
         default="vocab",
-        metadata={"help": "initialisation: random | vocab (frequent tokens) | text (init_text) | labels (label_words, then vocab)"},
+        metadata={
+            "help": "initialisation: random | vocab (frequent tokens) | text (init_text) | labels (label_words, then vocab)"
+        },
     )
-    init_text: str = field(default="", metadata={"help": "text whose token embeddings initialise the prompt (init=text)"})
+    init_text: str = field(
+        default="", metadata={"help": "text whose token embeddings initialise the prompt (init=text)"}
+    )
     label_words: list[str] = field(default_factory=list, metadata={"help": "class-label words (init=labels)"})
     vocab_sample_size: int = field(
-        default=5000, metadata={"help": "init=vocab samples from the first N token ids (BPE/SentencePiece order them roughly by frequency)"}
+        default=5000,
+        metadata={
+            "help": "init=vocab samples from the first N token ids (BPE/SentencePiece order them roughly by frequency)"
+        },
     )
     position: str = field(default="start", metadata={"help": "start: [P; E]; after_bos: [BOS; P; E] (keeps BOS first)"})
 

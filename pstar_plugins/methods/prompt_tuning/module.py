@@ -37,7 +37,9 @@ _CACHE_STANDS_IN_FOR = ("run", "insertion_index", "fill_slots", "_embed", "_pred
 
 def _text_ids(tokenizer, text: str) -> list[int]:
     if tokenizer is None:
-        raise ConfigError("this initialisation reads text: pass tokenizer= to build_model (or --model with a tokenizer).")
+        raise ConfigError(
+            "this initialisation reads text: pass tokenizer= to build_model (or --model with a tokenizer)."
+        )
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -76,6 +78,7 @@ class PromptTuning(EmbeddingPromptMethod, OnePassContinuations, PeftExport, Prom
 
     Outputs line up with the user's tokens: logits are ``(B, L, vocab)`` for ``L`` input tokens.
     """
+
     one_pass_continuations = True  # see OnePassContinuations
 
     def __init__(self, config: PromptTuningConfig, base_model: nn.Module, tokenizer=None) -> None:
@@ -88,10 +91,19 @@ class PromptTuning(EmbeddingPromptMethod, OnePassContinuations, PeftExport, Prom
     # -- PEFT's PROMPT_TUNING (and a folded P_TUNING, which is the same tensor) -------------
     def peft_export(self, base_model):
         if self.config.num_tasks != 1 or self.config.position != "start":
-            raise AdapterError("PEFT prompt tuning has one prompt in front of the input: export needs num_tasks=1 and position='start'.")
-        return PeftPrompt("PROMPT_TUNING", self.prompt.detach()[0], {
-            **self.peft_embedding_config(base_model),
-            "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None, "tokenizer_name_or_path": None})
+            raise AdapterError(
+                "PEFT prompt tuning has one prompt in front of the input: export needs num_tasks=1 and position='start'."
+            )
+        return PeftPrompt(
+            "PROMPT_TUNING",
+            self.prompt.detach()[0],
+            {
+                **self.peft_embedding_config(base_model),
+                "prompt_tuning_init": "RANDOM",
+                "prompt_tuning_init_text": None,
+                "tokenizer_name_or_path": None,
+            },
+        )
 
     @classmethod
     def peft_options(cls, peft_config):
@@ -145,7 +157,9 @@ class PromptTuning(EmbeddingPromptMethod, OnePassContinuations, PeftExport, Prom
     def prompt_cache_reason(self, base_model: nn.Module) -> str | None:
         """What this method and config say about serving from the prompts' cache on
         ``base_model`` (the model's family, sliding windows and ZeRO-3 are the record's)."""
-        overridden = [name for name in _CACHE_STANDS_IN_FOR if getattr(type(self), name) is not getattr(PromptTuning, name)]
+        overridden = [
+            name for name in _CACHE_STANDS_IN_FOR if getattr(type(self), name) is not getattr(PromptTuning, name)
+        ]
         if overridden:
             # the cache path re-implements what these compute; a subclass that changes them keeps
             # the virtual tokens in the sequence, where its own code runs
@@ -172,9 +186,12 @@ class PromptTuning(EmbeddingPromptMethod, OnePassContinuations, PeftExport, Prom
         backbone = base_model.base_model
         device = prompts.device
         with injector.capture() as captured:
-            backbone(inputs_embeds=prompts.to(base_model.get_input_embeddings().weight.dtype),
-                     attention_mask=torch.ones(N, m, dtype=torch.long, device=device),
-                     position_ids=torch.arange(m, device=device).expand(N, m), use_cache=False)
+            backbone(
+                inputs_embeds=prompts.to(base_model.get_input_embeddings().weight.dtype),
+                attention_mask=torch.ones(N, m, dtype=torch.long, device=device),
+                position_ids=torch.arange(m, device=device).expand(N, m),
+                use_cache=False,
+            )
         sites = sorted(index for kind, index in captured if kind == SELF)
         keys = torch.stack([captured[(SELF, i)][0] for i in sites], 1)
         values = torch.stack([captured[(SELF, i)][1] for i in sites], 1)

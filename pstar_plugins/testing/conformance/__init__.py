@@ -65,22 +65,61 @@ from typing import Any, Callable
 from torch import nn
 
 from pstar_plugins.contract.errors import PStarError
-from pstar_plugins.testing.conformance.cell import (CAUSAL, DECODER_LENGTH, ENCODER, FAILED, PASSED, ROW_LENGTHS,
-                                                     SEQ2SEQ, SKIPPED, Cell, Outcome, Report, Skip)
-from pstar_plugins.testing.conformance.checks import (check_build_twice_and_refused_load, check_checkpointed_gradients,
-                                                       check_disabled_equals_base, check_folded_equals_unfolded,
-                                                       check_inference_fast_path, check_mixed_tasks_equal_single,
-                                                       check_packed_equals_padded, check_padded_equals_alone,
-                                                       check_save_load_roundtrip, check_trains_only_method_tensors)
+from pstar_plugins.testing.conformance.cell import (
+    CAUSAL,
+    DECODER_LENGTH,
+    ENCODER,
+    FAILED,
+    PASSED,
+    ROW_LENGTHS,
+    SEQ2SEQ,
+    SKIPPED,
+    Cell,
+    Outcome,
+    Report,
+    Skip,
+)
+from pstar_plugins.testing.conformance.checks import (
+    check_build_twice_and_refused_load,
+    check_checkpointed_gradients,
+    check_disabled_equals_base,
+    check_folded_equals_unfolded,
+    check_inference_fast_path,
+    check_mixed_tasks_equal_single,
+    check_packed_equals_padded,
+    check_padded_equals_alone,
+    check_save_load_roundtrip,
+    check_trains_only_method_tensors,
+)
 from pstar_plugins.testing.conformance.generation import check_generate_equals_loop
 from pstar_plugins.testing.conformance.scoring import check_one_pass_scoring
 
 __all__ = [
-    "CAUSAL", "CHECKS", "DECODER_LENGTH", "ENCODER", "FAILED", "PASSED", "ROW_LENGTHS", "SEQ2SEQ", "SKIPPED",
-    "Cell", "Outcome", "Report", "Skip", "assert_conforms", "check_build_twice_and_refused_load",
-    "check_checkpointed_gradients", "check_disabled_equals_base", "check_folded_equals_unfolded",
-    "check_generate_equals_loop", "check_inference_fast_path", "check_method", "check_mixed_tasks_equal_single",
-    "check_packed_equals_padded", "check_padded_equals_alone", "check_save_load_roundtrip",
+    "CAUSAL",
+    "CHECKS",
+    "DECODER_LENGTH",
+    "ENCODER",
+    "FAILED",
+    "PASSED",
+    "ROW_LENGTHS",
+    "SEQ2SEQ",
+    "SKIPPED",
+    "Cell",
+    "Outcome",
+    "Report",
+    "Skip",
+    "assert_conforms",
+    "check_build_twice_and_refused_load",
+    "check_checkpointed_gradients",
+    "check_disabled_equals_base",
+    "check_folded_equals_unfolded",
+    "check_generate_equals_loop",
+    "check_inference_fast_path",
+    "check_method",
+    "check_mixed_tasks_equal_single",
+    "check_packed_equals_padded",
+    "check_padded_equals_alone",
+    "check_save_load_roundtrip",
     "check_trains_only_method_tensors",
 ]
 
@@ -100,9 +139,17 @@ CHECKS: dict[str, Callable[[Cell], str]] = {
 }
 
 
-def check_method(factory: Callable[[], nn.Module], method: str, options: dict[str, Any] | None = None, *,
-                 checks: list[str] | None = None, tokenizer=None, plugin_manager=None, name: str | None = None,
-                 seed: int = 0) -> Report:
+def check_method(
+    factory: Callable[[], nn.Module],
+    method: str,
+    options: dict[str, Any] | None = None,
+    *,
+    checks: list[str] | None = None,
+    tokenizer=None,
+    plugin_manager=None,
+    name: str | None = None,
+    seed: int = 0,
+) -> Report:
     """Run the conformance suite on one cell.
 
     :param factory: returns a fresh, frozen base model with the same weights on every call
@@ -126,13 +173,20 @@ def check_method(factory: Callable[[], nn.Module], method: str, options: dict[st
             report.outcomes.append(Outcome(check, SKIPPED, str(exc)))
         except Exception as exc:  # a failure of the cell, whatever raised it
             last = traceback.extract_tb(exc.__traceback__)[-1]
-            where = f" [{last.filename.rsplit('/', 1)[-1]}:{last.lineno}]" if not isinstance(exc, AssertionError) else ""
+            where = (
+                f" [{last.filename.rsplit('/', 1)[-1]}:{last.lineno}]" if not isinstance(exc, AssertionError) else ""
+            )
             report.outcomes.append(Outcome(check, FAILED, f"{type(exc).__name__}: {exc}{where}"))
     return report
 
 
-def assert_conforms(factory: Callable[[], nn.Module], method: str, options: dict[str, Any] | None = None,
-                    allow_refusal: bool = False, **kwargs) -> Report:
+def assert_conforms(
+    factory: Callable[[], nn.Module],
+    method: str,
+    options: dict[str, Any] | None = None,
+    allow_refusal: bool = False,
+    **kwargs,
+) -> Report:
     """:func:`check_method`, failing with its summary; a build-time refusal fails too unless
     ``allow_refusal``."""
     report = check_method(factory, method, options, **kwargs)

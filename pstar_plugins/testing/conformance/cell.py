@@ -56,12 +56,18 @@ class Report:
         return "\n".join(lines)
 
 
-
 class Cell:
     """One (model factory, method, options) combination and the helpers the checks share."""
 
-    def __init__(self, factory: Callable[[], nn.Module], method: str, options: dict[str, Any],
-                 tokenizer=None, plugin_manager=None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        factory: Callable[[], nn.Module],
+        method: str,
+        options: dict[str, Any],
+        tokenizer=None,
+        plugin_manager=None,
+        seed: int = 0,
+    ) -> None:
         self.factory = factory
         self.method = method
         self.options = dict(options)
@@ -70,8 +76,9 @@ class Cell:
         self.seed = seed
         probe = factory()
         config = probe.config
-        self.kind = SEQ2SEQ if getattr(config, "is_encoder_decoder", False) else (
-            CAUSAL if probe.can_generate() else ENCODER)
+        self.kind = (
+            SEQ2SEQ if getattr(config, "is_encoder_decoder", False) else (CAUSAL if probe.can_generate() else ENCODER)
+        )
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.vocab = int(getattr(text, "vocab_size"))
         pad = getattr(text, "pad_token_id", None)
@@ -92,8 +99,13 @@ class Cell:
         from pstar_plugins import build_model
 
         torch.manual_seed(self.seed)
-        model = build_model(base if base is not None else self.base(), self.method, {**self.options, **options},
-                            tokenizer=self.tokenizer, plugin_manager=self.plugin_manager)
+        model = build_model(
+            base if base is not None else self.base(),
+            self.method,
+            {**self.options, **options},
+            tokenizer=self.tokenizer,
+            plugin_manager=self.plugin_manager,
+        )
         model.eval()
         if perturb:
             self.perturb(model)
@@ -112,7 +124,9 @@ class Cell:
         g = torch.Generator().manual_seed(seed)
         return [torch.randint(self.low, self.vocab, (n,), generator=g) for n in lengths]
 
-    def batch(self, model, rows: list[torch.Tensor] | None = None, side: str | None = None, seed: int = 0) -> dict[str, Any]:
+    def batch(
+        self, model, rows: list[torch.Tensor] | None = None, side: str | None = None, seed: int = 0
+    ) -> dict[str, Any]:
         """A padded batch of ``rows`` (left padding for causal LMs, right for the others) with the
         method's extra inputs and, for encoder-decoder models, decoder inputs."""
         rows = rows if rows is not None else self.rows(seed=seed)
@@ -122,8 +136,8 @@ class Cell:
         mask = torch.zeros(len(rows), length, dtype=torch.long)
         for i, r in enumerate(rows):
             start = length - len(r) if side == "left" else 0
-            ids[i, start:start + len(r)] = r
-            mask[i, start:start + len(r)] = 1
+            ids[i, start : start + len(r)] = r
+            mask[i, start : start + len(r)] = 1
         batch: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
         if model is not None:
             batch.update(model.method.example_inputs(ids, mask))
@@ -155,5 +169,7 @@ class Cell:
         return sum(((o * weight.to(o.device)).sum(-1) ** 2).sum() for o in outputs) / sum(o.numel() for o in outputs)
 
     def grads(self, model) -> dict[str, torch.Tensor]:
-        return {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
-                for n, p in model.trainable_named_parameters()}
+        return {
+            n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+            for n, p in model.trainable_named_parameters()
+        }

@@ -10,8 +10,16 @@ import torch
 from pstar_plugins.contract.errors import PStarError
 from pstar_plugins.mechanisms import packing as packing_module
 from pstar_plugins.testing.conformance.cell import Cell, Skip
-from pstar_plugins.testing.conformance.compare import (close, close_grads, close_rows, disabled_matches_bare,
-                                                        fast_path_note, labelled, padding_invariant, with_packing)
+from pstar_plugins.testing.conformance.compare import (
+    close,
+    close_grads,
+    close_rows,
+    disabled_matches_bare,
+    fast_path_note,
+    labelled,
+    padding_invariant,
+    with_packing,
+)
 
 
 def check_disabled_equals_base(cell: Cell) -> str:
@@ -53,7 +61,9 @@ def check_trains_only_method_tensors(cell: Cell) -> str:
             raise AssertionError(f"the call with labels gave loss {out.loss!r}")
         out.loss.backward()
         if step == 0:
-            silent = [n for n, p in model.trainable_named_parameters() if p.grad is None or not bool(p.grad.abs().sum() > 0)]
+            silent = [
+                n for n, p in model.trainable_named_parameters() if p.grad is None or not bool(p.grad.abs().sum() > 0)
+            ]
             if silent:
                 raise AssertionError(f"trainable tensors without gradient: {silent[:5]}")
             leaked = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
@@ -82,7 +92,7 @@ def check_padded_equals_alone(cell: Cell) -> str:
                 for i, r in enumerate(rows):
                     alone_batch = cell.batch(model, [r], side)
                     if "decoder_input_ids" in batch:
-                        alone_batch["decoder_input_ids"] = batch["decoder_input_ids"][i:i + 1]
+                        alone_batch["decoder_input_ids"] = batch["decoder_input_ids"][i : i + 1]
                     alone = cell.real_outputs(cell.forward(model, alone_batch), alone_batch)[0]
                     close(together[i], alone, f"{side}-padded row {i} vs alone")
         except AssertionError:
@@ -248,6 +258,11 @@ def check_build_twice_and_refused_load(cell: Cell) -> str:
     with torch.no_grad():
         close_rows(cell.real_outputs(cell.forward(fresh, batch), batch), expected, "base model after a refused load")
     rebuilt = cell.build(fresh)
-    disabled_matches_bare(cell, rebuilt, cell.base(), cell.batch(rebuilt, side="right"),
-                           "method built after a refused load, disabled, vs bare model")
+    disabled_matches_bare(
+        cell,
+        rebuilt,
+        cell.base(),
+        cell.batch(rebuilt, side="right"),
+        "method built after a refused load, disabled, vs bare model",
+    )
     return ""

@@ -57,7 +57,11 @@ def disabled_matches_bare(cell: Cell, model, bare, batch: dict[str, Any], what: 
             if not (hasattr(method, "pool") and hasattr(method, "head")):
                 raise Skip("the method has its own output head and exposes no pool/head to compare")
             hidden = bare.base_model(**plain).last_hidden_state.float()
-            close(out.logits, method.head(method.pool(hidden, batch["attention_mask"])), f"{what} (head over the bare backbone)")
+            close(
+                out.logits,
+                method.head(method.pool(hidden, batch["attention_mask"])),
+                f"{what} (head over the bare backbone)",
+            )
             return "head over the bare backbone"
         close_rows(cell.real_outputs(out, batch), cell.real_outputs(cell.forward(bare, plain), plain), what)
     return ""
@@ -86,7 +90,7 @@ def padding_invariant(cell: Cell, model_call, rows, side: str) -> bool | None:
         for i, r in enumerate(rows):
             alone_batch = cell.batch(None, [r], side)
             if "decoder_input_ids" in batch:
-                alone_batch["decoder_input_ids"] = batch["decoder_input_ids"][i:i + 1]
+                alone_batch["decoder_input_ids"] = batch["decoder_input_ids"][i : i + 1]
             alone = cell.real_outputs(model_call(alone_batch), alone_batch)[0]
             if not torch.allclose(together[i], alone, rtol=1e-4, atol=2e-5 * max(1.0, float(alone.abs().max()))):
                 return False

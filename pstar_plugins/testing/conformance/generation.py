@@ -30,11 +30,14 @@ def _greedy_loop(cell: Cell, model, batch: dict[str, Any], steps: int):
     if cell.kind == SEQ2SEQ:
         start = model.base_model.generation_config.decoder_start_token_id
         start = start if start is not None else model.base_model.config.decoder_start_token_id
-        dec = torch.full((batch["input_ids"].shape[0], 1), int(start), dtype=torch.long, device=batch["input_ids"].device)
+        dec = torch.full(
+            (batch["input_ids"].shape[0], 1), int(start), dtype=torch.long, device=batch["input_ids"].device
+        )
         extra = model.method.example_inputs(batch["input_ids"], batch["attention_mask"])
         for _ in range(steps):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=dec,
-                           **extra).logits[:, -1]
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=dec, **extra
+            ).logits[:, -1]
             logits = _no_eos(cell, logits.float())
             logits_seen.append(logits)
             top = logits.topk(2, dim=-1).values
@@ -82,12 +85,20 @@ def check_generate_equals_loop(cell: Cell) -> str:
 
     for on in (False, True):
         recorder = _ScoreRecorder()
-        kwargs = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, use_cache=True, pad_token_id=cell.pad,
-                      logits_processor=LogitsProcessorList([recorder]))
+        kwargs = dict(
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=cell.pad,
+            logits_processor=LogitsProcessorList([recorder]),
+        )
         extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "decoder_input_ids")}
         with torch.no_grad(), with_packing(model, on), packing_module.recording() as records:
             try:
-                got = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra, **kwargs)
+                got = model.generate(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra, **kwargs
+                )
             except UnsupportedError as exc:
                 raise Skip(f"the method does not generate: {exc}") from exc
         got = got[:, : expected.shape[1]]
@@ -105,7 +116,9 @@ def check_generate_equals_loop(cell: Cell) -> str:
             if 0 <= col < margins.shape[1] and float(margins[row, col]) < 1e-4:
                 notes.append(f"packing={on}: differs after a near tie (margin {float(margins[row, col]):.2g})")
                 continue
-            raise AssertionError(f"packing={on}: generate() != step-by-step loop at row {row}, new token {col}:\n{got}\nvs\n{expected}")
+            raise AssertionError(
+                f"packing={on}: generate() != step-by-step loop at row {row}, new token {col}:\n{got}\nvs\n{expected}"
+            )
         if on:
             notes.append(fast_path_note(records))
     return "; ".join(notes)
