@@ -2,9 +2,10 @@
 
 Runs ``pstar train`` (prompt tuning, SmolLM2-135M-Instruct, one training step, no periodic
 evaluation, a learning rate too small to move the prompt, so both score the same tensors) through
-``accelerate launch`` with ``single_process.yaml`` and ``ddp.yaml``, one CPU thread per process, and reads the final evaluation's wall time and accuracy from each run's
-metrics.json. Each rank of two scores half of the batches one process scores, so the time should
-about halve and the accuracy must be the same.
+``accelerate launch`` with ``single_process.yaml`` and ``ddp.yaml``, one CPU thread per process,
+and reads the final evaluation's wall time and accuracy from each run's metrics.json. Each rank of
+two scores half of the batches one process scores, so the time should about halve and the accuracy
+must be the same.
 
     python bench/eval_split.py                  # writes bench/results/eval_split.json
 """
@@ -79,7 +80,8 @@ def main(argv=None) -> int:
     ratio = two["final_eval_seconds"] / one["final_eval_seconds"]
     print(
         f"final evaluation of {args.rows} rows: 1 process {one['final_eval_seconds']:.1f} s, 2 processes "
-        f"{two['final_eval_seconds']:.1f} s ({ratio:.2f}x); accuracy {one['tuned_accuracy']:.4f} vs {two['tuned_accuracy']:.4f}"
+        f"{two['final_eval_seconds']:.1f} s ({ratio:.2f}x); accuracy {one['tuned_accuracy']:.4f} vs "
+        f"{two['tuned_accuracy']:.4f}"
     )
     payload = {
         "rows": args.rows,

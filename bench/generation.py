@@ -25,8 +25,8 @@ import _common as C  # noqa: E402
 
 
 def prompts(tokenizer, batch: int, offset: int = 0) -> dict:
-    from pstar_plugins.tasks.generation import _prompt
     from pstar_plugins.mechanisms.template import Template
+    from pstar_plugins.tasks.generation import _prompt
 
     template = Template.parse(C.E2E_TEMPLATE)
     pad = tokenizer.pad_token_id
@@ -109,8 +109,10 @@ def main(argv=None) -> int:
         row["tokens_per_second_vs_peft"] = row["ours"]["tokens_per_second"] / row["peft"]["tokens_per_second"]
         results[f"batch_{batch}"] = row
         print(
-            f"batch {batch:2}: TTFT ours {row['ours']['ttft_seconds'] * 1e3:6.1f} ms, peft {row['peft']['ttft_seconds'] * 1e3:6.1f} ms,"
-            f" no prefix {row['no prefix']['ttft_seconds'] * 1e3:6.1f} ms, ours padded {row['ours padded']['ttft_seconds'] * 1e3:6.1f} ms"
+            f"batch {batch:2}: TTFT ours {row['ours']['ttft_seconds'] * 1e3:6.1f} ms, peft "
+            f"{row['peft']['ttft_seconds'] * 1e3:6.1f} ms,"
+            f" no prefix {row['no prefix']['ttft_seconds'] * 1e3:6.1f} ms, ours padded "
+            f"{row['ours padded']['ttft_seconds'] * 1e3:6.1f} ms"
             f" -> {row['ttft_speedup_vs_peft']:.2f}x |"
             f" tokens/s ours {row['ours']['tokens_per_second']:6.1f}, peft {row['peft']['tokens_per_second']:6.1f},"
             f" no prefix {row['no prefix']['tokens_per_second']:6.1f} -> {row['tokens_per_second_vs_peft']:.2f}x",

@@ -99,12 +99,12 @@ def compare(
     from lm_eval.tasks import TaskManager
 
     from pstar_plugins import evaluate
-    from pstar_plugins.mechanisms.adapter_io import read_adapter
     from pstar_plugins.contract.errors import AdapterError
     from pstar_plugins.interop.peft import export_peft
+    from pstar_plugins.mechanisms.adapter_io import read_adapter
+    from pstar_plugins.mechanisms.template import Template, special_tokens
     from pstar_plugins.models import load, packaged_data, resolve
     from pstar_plugins.tasks.data import labels_of, load_split
-    from pstar_plugins.mechanisms.template import Template, special_tokens
 
     meta, _ = read_adapter(adapter)
     task = meta.get("task") or {}

@@ -103,7 +103,8 @@ def main(argv=None) -> int:
         r = run(method, args.rows, args.virtual_tokens, args.repeats, args.warmup, dtype)
         results[method] = r
         print(
-            f"{method:14} ours {r['ours']['rows_per_second']:7.1f} rows/s  peft loop {r['peft']['rows_per_second']:7.1f} rows/s"
+            f"{method:14} ours {r['ours']['rows_per_second']:7.1f} rows/s  peft loop "
+            f"{r['peft']['rows_per_second']:7.1f} rows/s"
             f"  -> {r['throughput_ratio']:.2f}x",
             flush=True,
         )

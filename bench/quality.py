@@ -62,12 +62,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 import minilm_reference  # noqa: E402
 from quality_results import (
+    DEV_SIZES,
     QUALITY_DOC,
     RTE_LABEL_WORDS,
     RTE_TEMPLATE,
     SENTENCES_FILE,
     TABLE_MARKER,  # noqa: E402
-    DEV_SIZES,
     cli_text,
     curves,
     mean_and_std,
@@ -968,7 +968,10 @@ def parse_args(argv=None):
         default=[],
         type=_method_args,
         metavar="METHOD=FLAGS",
-        help="extra train flags for one SST-2 method, e.g. 'prompt-tuning=--num-virtual-tokens 20' (repeatable; recorded)",
+        help=(
+            "extra train flags for one SST-2 method, e.g. 'prompt-tuning=--num-virtual-tokens 20' (repeatable; "
+            "recorded)"
+        ),
     )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seeds", type=int, default=3, help="demonstration draws per k")
@@ -992,8 +995,8 @@ def parse_args(argv=None):
         type=_percentage,
         default=10,
         metavar="P",
-        help="sst2-seeds, rte-methods, rte-seeds, rte-longer, rte-reference: keep the best state as judged on P%% of the training file "
-        "(pstar train --validation-split-percentage P --select-best best); 0: the last state",
+        help="sst2-seeds, rte-methods, rte-seeds, rte-longer, rte-reference: keep the best state as judged on P%% "
+        "of the training file (pstar train --validation-split-percentage P --select-best best); 0: the last state",
     )
     p.add_argument(
         "--rte-reference-lr",

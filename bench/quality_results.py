@@ -396,7 +396,8 @@ def _noise(task: str, accuracy: float) -> str:
     se = 100 * binomial_standard_error(accuracy, n)
     return (
         f"Noise: one run's accuracy on {n} examples has a binomial standard error of √(p(1−p)/{n}) = {se:.1f} points "
-        f"at p = {100 * accuracy:.0f}%, and the difference of two runs one of {math.sqrt(2) * se:.1f} points; gaps smaller "
+        f"at p = {100 * accuracy:.0f}%, and the difference of two runs one of {math.sqrt(2) * se:.1f} points; gaps "
+        "smaller "
         "than that are not read as differences."
     )
 
@@ -416,7 +417,8 @@ def _sst2_lines(result: dict, when) -> list[str]:
     for method, r in result.get("sst2_methods", {}).items():
         options = "; " + " ".join(r["options"]) if r.get("options") else ""
         lines.append(
-            f"| {method} ({r.get('steps', result['steps'])} steps × {r.get('batch_size', result['batch_size'])}{options}) "
+            f"| {method} ({r.get('steps', result['steps'])} steps × "
+            f"{r.get('batch_size', result['batch_size'])}{options}) "
             f"| {100 * r['accuracy']:.1f} | {r['date'][:10] if r.get('date') else when('sst2_methods')} |"
         )
         sst2.append(r["accuracy"])
@@ -441,7 +443,8 @@ def _sst2_lines(result: dict, when) -> list[str]:
         lines += ["", _noise("sst2", max(sst2))]
     for rows, m in minilm_variants(result.get("minilm")).items():
         budget = (
-            f"{m['training_examples']:,} labelled examples, {m['steps']} steps × {m['batch_size']} ({m['epochs']:.1f} epochs) each"
+            f"{m['training_examples']:,} labelled examples, {m['steps']} steps × {m['batch_size']} "
+            f"({m['epochs']:.1f} epochs) each"
             if "training_examples" in m
             else f"{m['examples_seen']} examples"
         )
@@ -453,7 +456,8 @@ def _sst2_lines(result: dict, when) -> list[str]:
             "|---|---|---|---|",
             f"| P-tuning v2 + linear head (frozen encoder) | {100 * m['p-tuning-v2']['accuracy']:.1f} | "
             f"{m['p-tuning-v2']['trainable_parameters']:,} | {date(m['p-tuning-v2'])} |",
-            f"| full fine-tuning | {100 * m['full-finetuning']['accuracy']:.1f} | {m['full-finetuning']['trainable_parameters']:,} "
+            f"| full fine-tuning | {100 * m['full-finetuning']['accuracy']:.1f} | "
+            f"{m['full-finetuning']['trainable_parameters']:,} "
             f"| {date(m['full-finetuning'])} |",
         ]
     return lines
@@ -475,7 +479,8 @@ def _rte_lines(result: dict, when) -> list[str]:
     for name, r in rte_methods.items():
         method, epochs = (name.split(", ")[0], f", {r['epochs']:g} epochs") if "epochs" in r else (name, "")
         lines.append(
-            f"| {method} ({r['steps']} steps × {r['batch_size']}{epochs}{_kept_state(r, '; ')}) | {100 * r['accuracy']:.1f} | "
+            f"| {method} ({r['steps']} steps × {r['batch_size']}{epochs}{_kept_state(r, '; ')}) | "
+            f"{100 * r['accuracy']:.1f} | "
             f"{r['date'][:10] if r.get('date') else when('rte_methods')} |"
         )
     for method, r in (result.get("rte_seeds") or {}).items():
@@ -487,7 +492,8 @@ def _rte_lines(result: dict, when) -> list[str]:
     for name, r in (result.get("rte_reference") or {}).items():
         lines.append(
             f"| {name}, every weight: a reference, not a prompt method ({r['steps']} steps × {r['batch_size']}, "
-            f"learning rate {r['learning_rate']:g}{_kept_state(r, '; ')}) | {100 * r['accuracy']:.1f} | {r['date'][:10]} |"
+            f"learning rate {r['learning_rate']:g}{_kept_state(r, '; ')}) | {100 * r['accuracy']:.1f} | "
+            f"{r['date'][:10]} |"
         )
     accuracies = [r["accuracy"] for r in rte.get("runs", [])] + [
         r["accuracy"] for r in rte_counted_rows(result).values()

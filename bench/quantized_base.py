@@ -110,7 +110,8 @@ def main(argv=None) -> int:
             "time_vs_first": median / reference,
         }
         print(
-            f"{kind:5} {sizes[kind] / 2**20:8.1f} MiB ({results[kind]['bytes_vs_fp32']:.2f}x)  step {median * 1e3:8.1f} ms "
+            f"{kind:5} {sizes[kind] / 2**20:8.1f} MiB ({results[kind]['bytes_vs_fp32']:.2f}x)  step "
+            f"{median * 1e3:8.1f} ms "
             f"({results[kind]['time_vs_first']:.2f}x {args.kinds[0]})",
             flush=True,
         )

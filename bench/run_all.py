@@ -40,10 +40,12 @@ def table() -> str:
     if ts:
         g = ts["goals"]
         lines += [
-            f"Training step on SmolLM2-135M-Instruct ({ts['dtype']}, m = {ts['virtual_tokens']}), median of {ts['repeats']} "
+            f"Training step on SmolLM2-135M-Instruct ({ts['dtype']}, m = {ts['virtual_tokens']}), median of "
+            f"{ts['repeats']} "
             f"alternating runs; {ts['machine']['accelerator']}, {ts['machine']['cpus']} cores, {ts['date'][:10]}:",
             "",
-            "| workload | method | ours | PEFT | floor | time / PEFT | time / floor | peak mem / PEFT | checkpointed mem / PEFT | ours padded: time, mem / PEFT |",
+            "| workload | method | ours | PEFT | floor | time / PEFT | time / floor | peak mem / PEFT | "
+            "checkpointed mem / PEFT | ours padded: time, mem / PEFT |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for wname, w in ts["workloads"].items():
@@ -55,7 +57,8 @@ def table() -> str:
                     f"{r['time_vs_peft']:.2f} ({_ok(r['time_vs_peft'], g['time_vs_peft'])}) | "
                     f"{r['time_vs_floor']:.2f} ({_ok(r['time_vs_floor'], g['time_vs_floor'])}) | "
                     f"{r['memory_vs_peft']:.2f} ({_ok(r['memory_vs_peft'], g['memory_vs_peft'])}) | "
-                    f"{r['checkpointed_memory_vs_peft']:.2f} ({_ok(r['checkpointed_memory_vs_peft'], g['checkpointed_memory_vs_peft'])}) | "
+                    f"{r['checkpointed_memory_vs_peft']:.2f} "
+                    f"({_ok(r['checkpointed_memory_vs_peft'], g['checkpointed_memory_vs_peft'])}) | "
                     + (
                         f"{r['padded_time_vs_peft']:.2f}, {r['padded_memory_vs_peft']:.2f} |"
                         if "padded_time_vs_peft" in r
@@ -63,13 +66,15 @@ def table() -> str:
                     )
                 )
         lines.append(
-            f"\nGoals: time ≤ 0.9× PEFT and ≤ 1.05× the floor; peak memory ≤ 0.7× PEFT; with gradient checkpointing ≤ 0.4× PEFT without."
+            "\nGoals: time ≤ 0.9× PEFT and ≤ 1.05× the floor; peak memory ≤ 0.7× PEFT; with gradient checkpointing "
+            "≤ 0.4× PEFT without."
         )
     mt = _load("mixed_tasks")
     if mt:
         lines += [
             "",
-            f"Mixed-task inference, {next(iter(mt['methods'].values()))['rows']} rows over 4 task prompts, {mt['date'][:10]} (goal ≥ 3×):",
+            f"Mixed-task inference, {next(iter(mt['methods'].values()))['rows']} rows over 4 task prompts, "
+            f"{mt['date'][:10]} (goal ≥ 3×):",
             "",
             "| method | ours, one pass | PEFT, adapter by adapter | throughput ratio |",
             "|---|---|---|---|",
@@ -83,9 +88,11 @@ def table() -> str:
     if gen:
         lines += [
             "",
-            f"Generation with a tuned prefix (m = {gen['virtual_tokens']}, greedy, {gen['new_tokens']} new tokens), {gen['date'][:10]} (goal: first token ≥ 1.2× faster):",
+            f"Generation with a tuned prefix (m = {gen['virtual_tokens']}, greedy, {gen['new_tokens']} new "
+            f"tokens), {gen['date'][:10]} (goal: first token ≥ 1.2× faster):",
             "",
-            "| batch (prompt padding) | first token: ours / PEFT / no prefix / ours padded | speed-up | tokens/s: ours / PEFT / no prefix |",
+            "| batch (prompt padding) | first token: ours / PEFT / no prefix / ours padded | speed-up | tokens/s: "
+            "ours / PEFT / no prefix |",
             "|---|---|---|---|",
         ]
         for key, r in gen["results"].items():
@@ -96,7 +103,8 @@ def table() -> str:
                 f"{1e3 * r['ours']['ttft_seconds']:.1f} / {1e3 * r['peft']['ttft_seconds']:.1f} / "
                 f"{1e3 * r['no prefix']['ttft_seconds']:.1f}{padded} ms | {r['ttft_speedup_vs_peft']:.2f}× "
                 f"({_ok(r['ttft_speedup_vs_peft'], gen['goal']['ttft_speedup_vs_peft'])}) | "
-                f"{r['ours']['tokens_per_second']:.0f} / {r['peft']['tokens_per_second']:.0f} / {r['no prefix']['tokens_per_second']:.0f} |"
+                f"{r['ours']['tokens_per_second']:.0f} / {r['peft']['tokens_per_second']:.0f} / "
+                f"{r['no prefix']['tokens_per_second']:.0f} |"
             )
     z = C.RESULTS / "zero3_scale.json"
     if z.is_file():

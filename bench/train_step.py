@@ -248,10 +248,13 @@ def main(argv=None) -> int:
             r = run_method(method, work, args.virtual_tokens, args.repeats, args.warmup, dtype)
             results[wname]["methods"][method] = r
             print(
-                f"{wname:5} {method:14} ours {r['ours']['median_seconds'] * 1e3:7.1f} ms  peft {r['peft']['median_seconds'] * 1e3:7.1f} ms"
-                f"  floor {r['floor']['median_seconds'] * 1e3:7.1f} ms | time/peft {r['time_vs_peft']:.2f}  time/floor {r['time_vs_floor']:.2f}"
+                f"{wname:5} {method:14} ours {r['ours']['median_seconds'] * 1e3:7.1f} ms  peft "
+                f"{r['peft']['median_seconds'] * 1e3:7.1f} ms"
+                f"  floor {r['floor']['median_seconds'] * 1e3:7.1f} ms | time/peft {r['time_vs_peft']:.2f}  "
+                f"time/floor {r['time_vs_floor']:.2f}"
                 f" | mem ours {C.fmt_bytes(r['ours']['peak_bytes'])} peft {C.fmt_bytes(r['peft']['peak_bytes'])}"
-                f" ckpt {C.fmt_bytes(r['ours_checkpointed']['peak_bytes'])} ({r['memory_vs_peft']:.2f}x, ckpt {r['checkpointed_memory_vs_peft']:.2f}x)"
+                f" ckpt {C.fmt_bytes(r['ours_checkpointed']['peak_bytes'])} ({r['memory_vs_peft']:.2f}x, ckpt "
+                f"{r['checkpointed_memory_vs_peft']:.2f}x)"
                 f" | padded: time/peft {r['padded_time_vs_peft']:.2f} mem/peft {r['padded_memory_vs_peft']:.2f}",
                 flush=True,
             )

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
+from pstar_plugins.contract.capabilities import OnePassContinuations
 from pstar_plugins.contract.errors import ConfigError
 from pstar_plugins.contract.hookspecs import hookimpl
-from pstar_plugins.contract.capabilities import OnePassContinuations
 from pstar_plugins.contract.method import PromptMethod
 from pstar_plugins.contract.spec import MethodConfig, MethodPlugin, MethodSpec, Preset
 from pstar_plugins.mechanisms.base_calls import call_base, generate_base

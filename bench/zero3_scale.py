@@ -213,19 +213,23 @@ def worker(args) -> None:
         Path(args.result_file).write_text(json.dumps(result, indent=2))
         gib = 2**30
         print(
-            f"\nZeRO-3 ({args.dtype} frozen weights), {accelerator.num_processes} processes, random-init Llama {numel / 1e9:.2f}B params (fp32 {full_fp32 / gib:.2f} GiB)"
+            f"\nZeRO-3 ({args.dtype} frozen weights), {accelerator.num_processes} processes, random-init Llama "
+            f"{numel / 1e9:.2f}B params (fp32 {full_fp32 / gib:.2f} GiB)"
         )
         for r in reports:
             print(
                 f"  rank {r['rank']}: peak RSS {r['peak_rss_train_and_save'] / gib:.2f} GiB during build/train/save "
-                f"({r['peak_rss_train_and_save'] / full_fp32:.2f}x full fp32), {r['peak_rss_after_full_gather'] / gib:.2f} GiB after the full gather"
+                f"({r['peak_rss_train_and_save'] / full_fp32:.2f}x full fp32), "
+                f"{r['peak_rss_after_full_gather'] / gib:.2f} GiB after the full gather"
             )
         print(
-            f"  adapter save  : {ours_seconds * 1e3:9.1f} ms, {ours_bytes / 1e3:10.1f} kB gathered, frozen params gathered: {frozen_gathered}"
+            f"  adapter save  : {ours_seconds * 1e3:9.1f} ms, {ours_bytes / 1e3:10.1f} kB gathered, frozen params "
+            f"gathered: {frozen_gathered}"
         )
         print(f"  get_state_dict: {baseline_seconds * 1e3:9.1f} ms, {baseline_bytes / 1e3:10.1f} kB gathered")
         print(
-            f"  speedup {baseline_seconds / ours_seconds:.0f}x; median train step {result['train']['median_step_seconds']:.2f} s"
+            f"  speedup {baseline_seconds / ours_seconds:.0f}x; median train step "
+            f"{result['train']['median_step_seconds']:.2f} s"
         )
     accelerator.end_training()
 
@@ -362,13 +366,15 @@ def write_table(folders: list[Path]) -> None:
     )
     gib = 2**30
     print(
-        "\n| frozen | N | share (model / N) | peak RSS per rank | after the build | baseline | (peak − baseline) / share | steps × rows×tokens per rank |"
+        "\n| frozen | N | share (model / N) | peak RSS per rank | after the build | baseline | (peak − baseline) / "
+        "share | steps × rows×tokens per rank |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         t = r["train"]
         print(
-            f"| {r['frozen_dtype']} | {r['processes']} | {r['share_bytes'] / gib:.2f} GiB | {r['peak_rss_per_rank'] / gib:.2f} GiB "
+            f"| {r['frozen_dtype']} | {r['processes']} | {r['share_bytes'] / gib:.2f} GiB | "
+            f"{r['peak_rss_per_rank'] / gib:.2f} GiB "
             f"| {r['peak_rss_after_build'] / gib:.2f} GiB | {r['baseline_rss_per_rank'] / gib:.2f} GiB "
             f"| {r['ratio_above_baseline_to_share']:.2f} | {t['steps']} × {t['batch_per_rank']}×{t['seq_len']} tokens |"
         )

@@ -203,7 +203,8 @@ def check_method_fields(config_class, method: str, plugin: str, script_flags: se
         if flag in script_flags and f.name not in SHARED_TASK_FLAGS:
             raise PluginError(
                 f"plugin {plugin!r}: method {method!r} has a config field {f.name!r}, whose flag {flag} is already a "
-                f"flag of pstar train, so it could never be set; rename the field (e.g. {method.replace('-', '_')}_{f.name})."
+                "flag of pstar train, so it could never be set; rename the field (e.g. "
+                f"{method.replace('-', '_')}_{f.name})."
             )
         try:
             field_argument(hints[f.name])

@@ -37,10 +37,10 @@ def _methods(args) -> int:
 
 def _print_method_options(method: str) -> None:
     """The method's flags as ``pstar train --method NAME --help`` shows them."""
-    from pstar_plugins.train.cli import parse_args
-
     import contextlib
     import io
+
+    from pstar_plugins.train.cli import parse_args
 
     text = io.StringIO()
     with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
@@ -80,10 +80,9 @@ def _load_base(name: str, gguf_file: str | None):
 
 
 def _export(args) -> int:
-    from pstar_plugins.interop.peft import export_peft
-
-    from pstar_plugins.mechanisms.adapter_io import read_adapter
     from pstar_plugins.assembly.registry import get_plugin_manager
+    from pstar_plugins.interop.peft import export_peft
+    from pstar_plugins.mechanisms.adapter_io import read_adapter
 
     load_plugins(args.plugin)
     contents = read_adapter(args.adapter)  # a bad adapter, or one of an unknown method, fails before the model loads
@@ -105,7 +104,8 @@ def _import(args) -> int:
     model = import_peft(args.peft_adapter, base, tokenizer, contents=contents)
     model.save_adapter(args.output)
     print(
-        f"wrote a pstar {model.method_name} adapter to {args.output}; continue training with --init-from-adapter {args.output}"
+        f"wrote a pstar {model.method_name} adapter to {args.output}; continue training with --init-from-adapter "
+        f"{args.output}"
     )
     return 0
 

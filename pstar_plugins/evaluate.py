@@ -26,8 +26,8 @@ from pstar_plugins.arguments import (
     load_plugins,
 )
 from pstar_plugins.contract.errors import ConfigError, run_reporting_errors
-from pstar_plugins.tasks.scoring import score_rows  # noqa: F401  (part of this module's interface)
 from pstar_plugins.mechanisms.template import DEFAULT_TEMPLATE as CLASSIFICATION_TEMPLATE
+from pstar_plugins.tasks.scoring import score_rows  # noqa: F401  (part of this module's interface)
 
 # flag defaults when neither the command line nor the adapter's recorded task gives a value
 FALLBACKS = {
@@ -98,7 +98,10 @@ def _add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--template",
         default=None,
-        help=f"template with {{column}} slots and one {{answer}} slot (classification default: {CLASSIFICATION_TEMPLATE!r})",
+        help=(
+            "template with {column} slots and one {answer} slot (classification default: "
+            f"{CLASSIFICATION_TEMPLATE!r})"
+        ),
     )
     p.add_argument("--label-column", default=None, help="classification: column with the class (default: label)")
     p.add_argument(
@@ -215,7 +218,6 @@ def _main(argv, prog: str = "pstar eval"):
     """Read and check everything, load the model, score the adapter or the baselines, report."""
     args = parse_args(argv, prog)
     from pstar_plugins.mechanisms.adapter_io import read_adapter
-    from pstar_plugins.tasks.scoring import make_scoring
     from pstar_plugins.models import (
         check_attn_implementation,
         check_quantization,
@@ -224,6 +226,7 @@ def _main(argv, prog: str = "pstar eval"):
         quantization_config,
     )
     from pstar_plugins.tasks.data import load_split, parse_column_mapping
+    from pstar_plugins.tasks.scoring import make_scoring
 
     check_quantization(args)
     load_plugins(args.plugin)
@@ -301,9 +304,9 @@ def _adapter_run(args, adapter, base, tokenizer, scoring) -> dict:
 
 def _baseline_runs(args, scoring, base, columns) -> list[dict]:
     """The frozen model with the discrete template: zero-shot and k-shot, mean ± std over seeds."""
+    from pstar_plugins.mechanisms.template import Template
     from pstar_plugins.models import packaged_data
     from pstar_plugins.tasks.data import load_split
-    from pstar_plugins.mechanisms.template import Template
 
     template = Template.parse(args.template)
     if any(k > 0 for k in args.shots):

@@ -28,8 +28,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from transformers import Trainer
 
-from pstar_plugins.mechanisms.inputs import IGNORE_INDEX
 from pstar_plugins.contract.errors import AdapterError, ConfigError
+from pstar_plugins.mechanisms.inputs import IGNORE_INDEX
 
 TRAINING_ARGS_NAME = "training_args.bin"  # what Trainer writes beside a saved model
 
@@ -61,8 +61,8 @@ def encode_example(
     The prompt and target are tokenised exactly as ``pstar_plugins.train --task generation``
     does. ``max_length`` keeps the end of the prompt and at least one target token.
     """
-    from pstar_plugins.tasks import generation
     from pstar_plugins.mechanisms.template import SLOT_PAD, Template
+    from pstar_plugins.tasks import generation
 
     if isinstance(template, str):
         template = Template.parse(template)

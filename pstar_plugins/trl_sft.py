@@ -17,8 +17,9 @@ Two things differ from ``SFTTrainer`` with a ``PreTrainedModel``:
   bypass the method's prompts, so the wrapped model keeps its own forward and the loss is the
   model's cross-entropy over the label tokens (``Trainer.compute_loss``). TRL's extra logged
   metrics (``entropy``, ``mean_token_accuracy``) are therefore not logged.
-* P-tuning reads its template slots (``PromptMethod.slot_input``); TRL's collator knows nothing of them, so the method's soft
-  tokens (all ``{soft}`` slots of its template, in order) are put in front of each conversation.
+* P-tuning reads its template slots (``PromptMethod.slot_input``); TRL's collator knows nothing
+  of them, so the method's soft tokens (all ``{soft}`` slots of its template, in order) are put
+  in front of each conversation.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ import torch
 from transformers import Trainer
 from trl import SFTTrainer
 
+from pstar_plugins.hf_trainer import AdapterCheckpointMixin
 from pstar_plugins.mechanisms.inputs import IGNORE_INDEX
 from pstar_plugins.mechanisms.template import SLOT_PAD
-from pstar_plugins.hf_trainer import AdapterCheckpointMixin
 
 
 class SoftTokensInFront:

@@ -85,7 +85,8 @@ def main() -> int:
     print("\n".join(f"  {line}" for line in versions) if versions else "  no version differs from the pins")
     failed, counts = failed_tests(args.junit)
     print(
-        f"\n== tests: {counts.get('passed', 0)} passed, {counts.get('failed', 0)} failed, {counts.get('skipped', 0)} skipped =="
+        f"\n== tests: {counts.get('passed', 0)} passed, {counts.get('failed', 0)} failed, "
+        f"{counts.get('skipped', 0)} skipped =="
     )
     print("\n".join(f"  FAILED {line}" for line in failed) if failed else "  no test failed")
     moves, ran = matrix_moves(args.matrix)

@@ -137,8 +137,8 @@ def _eval(*argv):
 
 def _generation_rows(rows, target_column):
     def run(tmp):
-        from pstar_plugins.tasks.generation import group_references
         from pstar_plugins.mechanisms.template import Template
+        from pstar_plugins.tasks.generation import group_references
 
         group_references(rows, Template.parse("D: {mr} T:{answer}"), target_column)
 
@@ -465,7 +465,8 @@ _SEED_FIELD_MODULE = (
     "from dataclasses import dataclass, field\n"
     "from pstar_plugins.contract.method import MethodConfig, MethodPlugin, MethodSpec\n\n"
     "@dataclass\nclass SeedConfig(MethodConfig):\n    seed: int = field(default=0, metadata={'help': 'init seed'})\n\n"
-    "class SeedPlugin(MethodPlugin):\n    spec = MethodSpec('seeded', SeedConfig, 'a method whose field shadows --seed',\n"
+    "class SeedPlugin(MethodPlugin):\n    spec = MethodSpec('seeded', SeedConfig, 'a method whose field shadows "
+    "--seed',\n"
     "                      method_class='pstar_plugins.contract.method:PromptMethod')\n\n"
     "plugin = SeedPlugin()\n"
 )
@@ -568,7 +569,8 @@ CASES = [
         "prefix methods on a flash-attention model (not yet verified on a GPU)",
         _flash,
         IncompatibleModelError,
-        "prefix methods on flash_attention_2 are written but not yet verified on a GPU: load the model with attn_implementation='sdpa'",
+        "prefix methods on flash_attention_2 are written but not yet verified on a GPU: load the model with "
+        "attn_implementation='sdpa'",
     ),
     Case(
         "mixed-task adapter called without task_ids",
@@ -636,13 +638,15 @@ CASES = [
         "data: unknown label",
         _data_file("b.tsv", b"sentence\tlabel\nfine\tmaybe\n"),
         DataError,
-        "row 1 has label 'maybe'; expected one of ['negative', 'positive'] or an index below 2. Set --label-words to the data's labels",
+        "row 1 has label 'maybe'; expected one of ['negative', 'positive'] or an index below 2. Set --label-words "
+        "to the data's labels",
     ),
     Case(
         "data: template slot missing from an example",
         lambda tmp: _encode_missing_slot(),
         DataError,
-        "template field {review} is not a column of the example (columns: ['text']); change the slot with --template or map a column to it with --column DATA_COLUMN=review",
+        "template field {review} is not a column of the example (columns: ['text']); change the slot with "
+        "--template or map a column to it with --column DATA_COLUMN=review",
     ),
     Case("data: empty file", _data_file("c.csv", b""), DataError, "is empty; expected a header row"),
     Case(
@@ -683,7 +687,8 @@ CASES = [
         "train: {answer} before the end of the template (causal LM)",
         _train("--method", "prompt-tuning", "--template", "{answer} is the sentiment of: {sentence}"),
         ConfigError,
-        "{sentence} comes after {answer}, but a causal LM predicts the answer from the text before it; move {answer} to the end",
+        "{sentence} comes after {answer}, but a causal LM predicts the answer from the text before it; move "
+        "{answer} to the end",
         exits=True,
     ),
     Case(
@@ -760,7 +765,8 @@ CASES = [
         "train: prompt longer than the model's positions (--num-virtual-tokens 1000000000)",
         _before_model_load(_train_tiny("--method", "prompt-tuning", "--num-virtual-tokens", "1000000000")),
         ConfigError,
-        "--num-virtual-tokens 1,000,000,000 leaves no position for the input: the model has 128 (max_position_embeddings)",
+        "--num-virtual-tokens 1,000,000,000 leaves no position for the input: the model has 128 "
+        "(max_position_embeddings)",
         exits=True,
     ),
     Case(
@@ -852,7 +858,8 @@ CASES = [
         exits=True,
     ),
     Case(
-        "train: p-tuning-v2 --head-init label-words with label words that start with the same token (refused from the tokenizer, before the model loads)",
+        "train: p-tuning-v2 --head-init label-words with label words that start with the same token (refused from "
+        "the tokenizer, before the model loads)",
         _before_model_load(
             _train_tiny(
                 "--method", "p-tuning-v2", "--head-init", "label-words", "--label-words", "entail", "entailment"
@@ -892,7 +899,8 @@ CASES = [
         "train: hub id while offline and not cached",
         _with_env("HF_HUB_OFFLINE", "1", _train("--method", "prompt-tuning", "--model", "someone/not-a-cached-model")),
         ConfigError,
-        "HF_HUB_OFFLINE is set and it is not in the local cache. Unset HF_HUB_OFFLINE to download it, or use an offline alias (smollm2, minilm)",
+        "HF_HUB_OFFLINE is set and it is not in the local cache. Unset HF_HUB_OFFLINE to download it, or use an "
+        "offline alias (smollm2, minilm)",
         exits=True,
     ),
     Case(
@@ -936,7 +944,8 @@ CASES = [
         "train: --select-best best without a selection split",
         _train("--method", "prompt-tuning", "--select-best", "best"),
         ConfigError,
-        "--select-best best choose on a selection split carved out of the training rows; pass --validation-split-percentage 10",
+        "--select-best best choose on a selection split carved out of the training rows; pass "
+        "--validation-split-percentage 10",
         exits=True,
     ),
     Case(
@@ -996,14 +1005,16 @@ CASES = [
             "best",
         ),
         ConfigError,
-        "the held-out rows are the evaluation set, so choosing the step on them would report a score tuned on its own rows",
+        "the held-out rows are the evaluation set, so choosing the step on them would report a score tuned on its "
+        "own rows",
         exits=True,
     ),
     Case(
         "train: fewer training rows than one step takes",
         _train("--method", "prompt-tuning", "--max-train-samples", "10", "--batch-size", "16"),
         ConfigError,
-        "the training split has 10 rows (what --max-train-samples 10 left), fewer than the 16 one step takes (--batch-size 16); pass --batch-size 10 or fewer, or train on more rows (a larger --max-train-samples).",
+        "the training split has 10 rows (what --max-train-samples 10 left), fewer than the 16 one step takes "
+        "(--batch-size 16); pass --batch-size 10 or fewer, or train on more rows (a larger --max-train-samples).",
         exits=True,
     ),
     Case(
@@ -1047,7 +1058,9 @@ CASES = [
         "train: two text columns and a method without a template of its own",
         _train_on_pairs("--method", "prompt-tuning"),
         ConfigError,
-        "has 2 text columns ['sentence1', 'sentence2'], and the default template 'Review: {sentence} Sentiment:{answer}' is worded for one; pass a template that places each, e.g. --template 'sentence1: {sentence1}\\nsentence2: {sentence2}\\nAnswer:{answer}'",
+        "has 2 text columns ['sentence1', 'sentence2'], and the default template 'Review: {sentence} "
+        "Sentiment:{answer}' is worded for one; pass a template that places each, e.g. --template 'sentence1: "
+        "{sentence1}\\nsentence2: {sentence2}\\nAnswer:{answer}'",
         exits=True,
     ),
     Case(
@@ -1096,7 +1109,8 @@ CASES = [
         "-p module that raises on import",
         lambda tmp: _plugin_module(tmp, "pstar_raising_plugin", _RAISING_MODULE),
         PluginError,
-        "plugin module 'pstar_raising_plugin' raised JSONDecodeError on import: Expecting property name enclosed in double quotes",
+        "plugin module 'pstar_raising_plugin' raised JSONDecodeError on import: Expecting property name enclosed "
+        "in double quotes",
     ),
     Case(
         "-p module whose plugin object has a misspelt hook",
@@ -1114,7 +1128,8 @@ CASES = [
         "method config field named like a pstar train flag",
         lambda tmp: _plugin_module_for_train(tmp, "pstar_seed_plugin", _SEED_FIELD_MODULE),
         PluginError,
-        "plugin 'pstar_seed_plugin:plugin': method 'seeded' has a config field 'seed', whose flag --seed is already a flag of pstar train",
+        "plugin 'pstar_seed_plugin:plugin': method 'seeded' has a config field 'seed', whose flag --seed is "
+        "already a flag of pstar train",
     ),
     Case(
         "eval: --adapter on a model of another hidden size (checked from its config, before loading weights)",
@@ -1139,7 +1154,8 @@ CASES = [
         "plugin implementing a hook of earlier versions",
         _removed_hook,
         PluginError,
-        "plugin 'old-plugin' implements pstar_fold, which no longer exists: the core asks the method class directly. Instead, override PromptMethod.fold()",
+        "plugin 'old-plugin' implements pstar_fold, which no longer exists: the core asks the method class "
+        "directly. Instead, override PromptMethod.fold()",
     ),
     Case(
         "exception inside a plugin's hook",
@@ -1193,7 +1209,8 @@ CASES = [
         "random text as a template / random bytes as a data file",
         "only PStarError subclasses",
         "(Hypothesis fuzzing)",
-        "tests/test_tasks.py::test_template_parser_raises_only_library_errors, tests/test_tasks.py::test_data_reader_raises_only_library_errors",
+        "tests/test_tasks.py::test_template_parser_raises_only_library_errors, "
+        "tests/test_tasks.py::test_data_reader_raises_only_library_errors",
     ),
 ]
 
@@ -1204,7 +1221,8 @@ def render() -> str:
         "",
         "Generated from `tests/error_cases.py` by `python -m tests.error_cases --write`; `tests/test_error_table.py`",
         "runs every input row and fails when this file is out of date. All errors derive from",
-        "`pstar_plugins.contract.errors.PStarError`; the training script prints them as `error: ...` and exits 2 before",
+        "`pstar_plugins.contract.errors.PStarError`; the training script prints them as `error: ...` and exits 2 "
+        "before",
         "loading a model or writing anything.",
         "",
         "| bad input or fault | what happens | message (fragment) | checked by |",

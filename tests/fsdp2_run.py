@@ -9,7 +9,6 @@ every DTensor gathered. Rank 0 writes OUT/adapter.safetensors and OUT/run.json.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 

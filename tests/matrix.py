@@ -140,8 +140,9 @@ refused load leave the base model usable; one-pass label-word scores equal the p
 *Fast path* says whether training and scoring calls
 run padding-free on that family (an allow-list, `mechanisms.fast_paths.PADDING_FREE_FAMILIES`, of the
 families verified here) or padded, and why, and on a causal LM whether multi-token label words
-are scored in one pass (checked against the per-class loop) or per class, and why. A refused cell is refused when the model is built,
-with the message shown; no cell builds and then gives wrong numbers.
+are scored in one pass (checked against the per-class loop) or per class, and why. A refused
+cell is refused when the model is built, with the message shown; no cell builds and then gives
+wrong numbers.
 
 Prefix tuning and P-tuning v2 are refused on BLOOM, MPT and DeBERTa-v2: these families compute
 attention in their own code instead of calling transformers' attention interface, the only place
@@ -181,5 +182,10 @@ if __name__ == "__main__":
         write_record(observed)
         DOC.write_text(render(observed))
         print(f"wrote {RECORD.relative_to(ROOT)} and {DOC.relative_to(ROOT)}")
+    elif "--render" in sys.argv:  # the header changed, not the cells: render the record again
+        record = recorded()
+        DOC.write_text(render([record[cell] for cell in cells()]))
+        print(f"wrote {DOC.relative_to(ROOT)} from {RECORD.relative_to(ROOT)}")
     else:
         print("python -m tests.matrix --write   # run every cell, rewrite the record and docs/architectures.md")
+        print("python -m tests.matrix --render  # rewrite docs/architectures.md from the record")

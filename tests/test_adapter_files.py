@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from pstar_plugins import load_adapter
-from pstar_plugins.mechanisms.adapter_io import read_adapter
 from pstar_plugins.contract.errors import AdapterError, ConfigError
+from pstar_plugins.mechanisms.adapter_io import read_adapter
 from pstar_plugins.testing import tiny_model
 from tests.helpers import CASES, inputs_for, make
 
@@ -223,7 +223,6 @@ def test_an_adapter_of_a_method_no_plugin_registers_names_it_and_how_to_load_it(
         load_adapter(tiny_model("llama"), tmp_path / "adapter")
     # the commands say so before any model loads (pstar train: before advising --method)
     from pstar_plugins import evaluate, train
-
     from pstar_plugins.cli import main as pstar
 
     for command, argv in (
@@ -249,8 +248,8 @@ def test_an_adapter_of_a_method_no_plugin_registers_names_it_and_how_to_load_it(
 
 def test_an_adapter_records_the_plugin_of_its_method_and_the_error_says_how_to_load_it(tmp_path):
     from pstar_plugins import build_model
-    from pstar_plugins.contract.errors import UnknownMethodError
     from pstar_plugins.assembly.registry import get_plugin_manager
+    from pstar_plugins.contract.errors import UnknownMethodError
 
     pm = get_plugin_manager()
     name = pm.load_module("tests.plugin_fixture")

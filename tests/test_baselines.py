@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from pstar_plugins.mechanisms.template import Template
 from pstar_plugins.tasks.baselines import (
     accuracy_and_macro_f1,
     balanced_demonstrations,
@@ -14,7 +15,6 @@ from pstar_plugins.tasks.baselines import (
     in_context_template,
     render_demonstration,
 )
-from pstar_plugins.mechanisms.template import Template
 from pstar_plugins.tasks.verbalizer import Verbalizer
 from pstar_plugins.testing import tiny_model
 from tests.test_tasks import CharTokenizer

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 
 from pstar_plugins import train
+from pstar_plugins.contract.errors import ConfigError
 from pstar_plugins.train import checks, cli, loop
 from pstar_plugins.train import data as train_data
-from pstar_plugins.contract.errors import ConfigError
 from pstar_plugins.train.tasks import Split
 
 

@@ -5,9 +5,9 @@ from typing import Optional
 
 import pytest
 
+from pstar_plugins.assembly.registry import create_plugin_manager, get_plugin_manager
 from pstar_plugins.contract.errors import ConfigError, PluginError
 from pstar_plugins.contract.spec import MethodConfig, MethodPlugin, MethodSpec
-from pstar_plugins.assembly.registry import create_plugin_manager, get_plugin_manager
 from pstar_plugins.testing import registered_plugin
 from pstar_plugins.train.cli import parse_args
 from pstar_plugins.train.plan import _method_config

@@ -10,11 +10,11 @@ import sys
 import pytest
 
 from pstar_plugins import build_model
-from pstar_plugins.mechanisms.adapter_io import read_adapter
 from pstar_plugins.contract.errors import AdapterError, ConfigError, DataError
 from pstar_plugins.evaluate import CLASSIFICATION_TEMPLATE, parse_args, resolve_task
-from pstar_plugins.tasks.generation import group_references
+from pstar_plugins.mechanisms.adapter_io import read_adapter
 from pstar_plugins.mechanisms.template import Template
+from pstar_plugins.tasks.generation import group_references
 from pstar_plugins.testing import tiny_model
 from tests.test_train_entry_point import ROOT, _train, needs_model
 

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from pstar_plugins import build_model
+from pstar_plugins.contract.errors import IncompatibleModelError
 from pstar_plugins.mechanisms import fast_paths, packing
 from pstar_plugins.mechanisms.attention_kernels import UNVERIFIED_KERNELS_ENV
-from pstar_plugins.contract.errors import IncompatibleModelError
 from pstar_plugins.testing.architectures import tiny_model
 from tests.helpers import METHOD_OPTIONS, random_batch, soft_index
 

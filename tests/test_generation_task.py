@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from pstar_plugins.tasks.generation import bleu_rouge, group_references, training_batch
 from pstar_plugins.mechanisms.template import Template
+from pstar_plugins.tasks.generation import bleu_rouge, group_references, training_batch
 from tests.test_tasks import CharTokenizer
 from tests.test_train_entry_point import _train, needs_model
 
@@ -111,4 +111,4 @@ def test_generation_training_runs_and_reports_bleu(tiny_dir, tmp_path, method):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["metric"] == "bleu" and metrics["generation_scores"]["final eval"]["sources"] == 1
-    assert len(metrics["history"]["loss"]) == 3 and all(l == l for l in metrics["history"]["loss"])
+    assert len(metrics["history"]["loss"]) == 3 and all(x == x for x in metrics["history"]["loss"])

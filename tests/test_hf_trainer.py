@@ -10,11 +10,11 @@ from datasets import Dataset
 from safetensors import safe_open
 
 from pstar_plugins import PStarModel, build_model, load_adapter, param_groups
-from pstar_plugins.mechanisms.adapter_io import read_adapter
 from pstar_plugins.assembly.registry import get_plugin_manager
 from pstar_plugins.contract.errors import AdapterError, ConfigError
-from pstar_plugins.testing import tiny_model
 from pstar_plugins.hf_trainer import PStarDataCollator, PStarTrainer, encode_example
+from pstar_plugins.mechanisms.adapter_io import read_adapter
+from pstar_plugins.testing import tiny_model
 from tests.test_train_entry_point import needs_model
 
 pytestmark = needs_model

@@ -9,13 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from pstar_plugins import build_model
-from pstar_plugins import hookimpl
+from pstar_plugins import build_model, hookimpl, param_groups
+from pstar_plugins.assembly.registry import REMOVED_HOOKS, create_plugin_manager
 from pstar_plugins.contract import hookspecs
-from pstar_plugins import param_groups
 from pstar_plugins.contract.errors import PluginError
 from pstar_plugins.contract.method import MethodConfig, MethodPlugin, MethodSpec
-from pstar_plugins.assembly.registry import REMOVED_HOOKS, create_plugin_manager
 from pstar_plugins.testing import registered_plugin, tiny_model
 from tests.helpers import UnfreezeNorms
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pstar_plugins.mechanisms import fast_paths, packing
 from pstar_plugins.assembly.build import build_model
 from pstar_plugins.contract.errors import IncompatibleModelError
-from pstar_plugins.mechanisms.template import Template
+from pstar_plugins.mechanisms import fast_paths, packing
 from pstar_plugins.mechanisms.fast_paths import ONE_PASS_FAMILIES
+from pstar_plugins.mechanisms.template import Template
 from pstar_plugins.tasks.verbalizer import Verbalizer, one_pass_unsupported_reason, recording
 from pstar_plugins.testing.architectures import tiny_config, tiny_model
 

@@ -438,7 +438,8 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 def test_importing_the_package_imports_no_torch():
     result = _run(
-        "import sys, pstar_plugins, pstar_plugins.assembly.registry, pstar_plugins.contract.spec, pstar_plugins.contract.hookspecs\n"
+        "import sys, pstar_plugins, pstar_plugins.assembly.registry, pstar_plugins.contract.spec, "
+        "pstar_plugins.contract.hookspecs\n"
         "import pstar_plugins.methods.builtin, pstar_plugins.cli\n"
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )

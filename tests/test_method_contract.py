@@ -12,8 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from pstar_plugins import build_model
-from pstar_plugins.contract.errors import AdapterError
-from pstar_plugins.interop.peft import PEFT_CONFIG, PEFT_WEIGHTS, export_peft, import_peft
+from pstar_plugins.assembly.registry import create_plugin_manager
 from pstar_plugins.contract.capabilities import (
     CheckpointContext,
     OnePassContinuations,
@@ -21,14 +20,15 @@ from pstar_plugins.contract.capabilities import (
     PromptCache,
     TokenizerCheck,
 )
+from pstar_plugins.contract.errors import AdapterError
 from pstar_plugins.contract.method import MethodConfig, MethodPlugin, MethodSpec, PromptMethod
 from pstar_plugins.contract.spec import ClassifierHead
+from pstar_plugins.interop.peft import PEFT_CONFIG, PEFT_WEIGHTS, export_peft, import_peft
 from pstar_plugins.mechanisms import base_calls, inputs
 from pstar_plugins.methods.embedding_prompt import EmbeddingPromptMethod
-from pstar_plugins.testing.conformance import assert_conforms
 from pstar_plugins.methods.prompt_tuning import PromptTuning, PromptTuningConfig
-from pstar_plugins.assembly.registry import create_plugin_manager
 from pstar_plugins.testing import random_batch, registered_plugin, tiny_model
+from pstar_plugins.testing.conformance import assert_conforms
 from tests.plugin_fixture import plugin as temperature_plugin
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "method_contract.md"

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from pstar_plugins.mechanisms.data_templates import soft_prompt_template, text_columns, worded_template
-from pstar_plugins.train.selection import Selection, split_off
 from pstar_plugins.train.checks import resolve_schedule
 from pstar_plugins.train.cli import parse_args
 from pstar_plugins.train.data import _template_text
+from pstar_plugins.train.selection import Selection, split_off
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "PSTAR_DISABLE_PLUGIN_AUTOLOAD": "1"}
@@ -120,9 +120,8 @@ def test_a_template_method_gets_soft_tokens_around_each_text_column():
 
 
 def test_the_worded_default_follows_one_text_column_and_its_suggestion_for_several_parses():
-    from pstar_plugins.mechanisms.template import Template, from_command_line
-
     from pstar_plugins.assembly.registry import get_plugin_manager
+    from pstar_plugins.mechanisms.template import Template, from_command_line
     from pstar_plugins.train.plan import _method_config
 
     args = _pairs_args("prompt-tuning")

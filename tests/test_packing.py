@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from pstar_plugins import build_model
 from pstar_plugins.contract.spec import has_classifier_head
 from pstar_plugins.mechanisms import fast_paths, pack_plan, packing
-from pstar_plugins.tasks.generation import target_token_loss, training_batch
 from pstar_plugins.mechanisms.template import Template
+from pstar_plugins.tasks.generation import target_token_loss, training_batch
 from pstar_plugins.testing import tiny_model
 from tests.helpers import METHOD_OPTIONS
 from tests.test_tasks import CharTokenizer

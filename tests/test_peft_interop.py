@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 
-peft = pytest.importorskip("peft")
-
 from pstar_plugins import build_model, load_adapter, make_optimizer
 from pstar_plugins.contract.errors import AdapterError, IncompatibleModelError
 from pstar_plugins.interop.peft import export_peft, import_peft
 from pstar_plugins.testing import random_batch, tiny_model
 from tests.test_train_entry_point import needs_model
+
+peft = pytest.importorskip("peft")
 
 CASES = [
     ("llama", "prompt-tuning", {"init": "random", "num_virtual_tokens": 4}, "PROMPT_TUNING"),
@@ -115,7 +115,10 @@ def test_cli_export_then_import_then_continue_training(tiny_dir, tmp_path):
     from tests.test_train_entry_point import _train
 
     assert _train(tiny_dir, tmp_path / "run", "--method", "prefix-tuning", "--num-virtual-tokens", "4").returncode == 0
-    run = lambda *a: subprocess.run([sys.executable, "-m", "pstar_plugins.cli", *a], capture_output=True, text=True)
+
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "pstar_plugins.cli", *a], capture_output=True, text=True)
+
     out = run(
         "export",
         str(tmp_path / "run" / "adapter"),

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from pstar_plugins import build_model, get_plugin_manager, hookimpl, param_groups
+from pstar_plugins.assembly.registry import create_plugin_manager
 from pstar_plugins.contract.errors import PluginError, UnknownMethodError
 from pstar_plugins.contract.method import MethodConfig, MethodPlugin, MethodSpec, PromptMethod
-from pstar_plugins.assembly.registry import create_plugin_manager
 from pstar_plugins.testing import random_batch, registered_plugin, tiny_model
 from tests.helpers import UnfreezeNorms
 
@@ -125,7 +125,8 @@ opt = make_optimizer(model, 1e-2)
 ids = random_batch(2, 8)
 losses = []
 for _ in range(20):
-    opt.zero_grad(); loss = model(input_ids=ids, labels=ids).loss; loss.backward(); opt.step(); losses.append(loss.item())
+    opt.zero_grad(); loss = model(input_ids=ids, labels=ids).loss; loss.backward(); opt.step()
+    losses.append(loss.item())
 assert losses[-1] < losses[0], losses
 model.eval()
 with torch.no_grad():

@@ -15,8 +15,8 @@ def test_library_code_never_unpickles():
 
 
 def test_adapter_files_are_safetensors_and_json(tmp_path):
-    from pstar_plugins.testing import tiny_model
     from pstar_plugins import build_model
+    from pstar_plugins.testing import tiny_model
 
     build_model(tiny_model("llama"), "prompt-tuning", init="random").save_adapter(tmp_path)
     names = sorted(p.name for p in tmp_path.iterdir())

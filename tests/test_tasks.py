@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 
 from pstar_plugins import build_model
 from pstar_plugins.contract.errors import ConfigError, DataError, PStarError
-from pstar_plugins.tasks.data import labels_of, read_examples
 from pstar_plugins.mechanisms.template import Answer, Field, Literal, Soft, Template
+from pstar_plugins.tasks.data import labels_of, read_examples
 from pstar_plugins.tasks.verbalizer import Verbalizer
 from pstar_plugins.testing import tiny_model
 

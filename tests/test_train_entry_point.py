@@ -136,13 +136,12 @@ def test_local_plugin_module_trains_by_name_with_p_flag(tiny_dir, tmp_path):
     # pstar eval scores the adapter once given the same -p; without it, it says which -p to pass
     adapter, out = tmp_path / "run" / "adapter", tmp_path / "eval.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    evaluate = lambda *a: subprocess.run(
-        [sys.executable, "-m", "pstar_plugins.evaluate", *a],
-        capture_output=True,  # noqa: E731
-        text=True,
-        env=env,
-        cwd=ROOT,
-    )
+
+    def evaluate(*a):
+        return subprocess.run(
+            [sys.executable, "-m", "pstar_plugins.evaluate", *a], capture_output=True, text=True, env=env, cwd=ROOT
+        )
+
     bare = evaluate("--adapter", str(adapter))
     assert bare.returncode == 2 and "pass -p tests.plugin_fixture:plugin" in bare.stderr, bare.stderr[-2000:]
     scored = evaluate(

@@ -135,7 +135,8 @@ def test_a_p_tuning_template_with_newlines_is_stored_once_converted(tiny_dir, tm
         == meta["task"]["template"]
         == "{soft:2} Review: {sentence}\nSentiment:{answer}"
     )
-    # pstar eval without --model: the adapter's recorded base model (the default SmolLM2 would be refused by hidden size)
+    # pstar eval without --model: the adapter's recorded base model (the default SmolLM2 would be
+    # refused by hidden size)
     evaluated = subprocess.run(
         [
             sys.executable,

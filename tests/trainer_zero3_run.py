@@ -2,7 +2,8 @@
 ZeRO-3 on CPU, 4 steps with a checkpoint every 2 (or resumed from one), then save_model; rank 0
 writes what saving gathered.
 
-    DS_ACCELERATOR=cpu python -m torch.distributed.run --nproc_per_node 2 tests/trainer_zero3_run.py MODEL DS_JSON OUT [RESUME|best]
+    DS_ACCELERATOR=cpu python -m torch.distributed.run --nproc_per_node 2 \
+        tests/trainer_zero3_run.py MODEL DS_JSON OUT [RESUME|best]
 
 ``best``: evaluate at every checkpoint and end with ``load_best_model_at_end`` (the "best" being the
 highest loss, so that it is not the last step's state).
@@ -12,13 +13,12 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 import transformers as tf
 from datasets import Dataset
 
 from pstar_plugins import build_model
-from pstar_plugins.mechanisms import distributed
 from pstar_plugins.hf_trainer import PStarDataCollator, PStarTrainer, deepspeed_without_gpu, encode_example
+from pstar_plugins.mechanisms import distributed
 
 
 def main(model_dir: str, ds_config: str, out: str, resume: str | None = None) -> None:

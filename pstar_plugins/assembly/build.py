@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from pstar_plugins.assembly.model import CARRIED_METHOD, PStarModel
-from pstar_plugins.contract.errors import ConfigError, IncompatibleModelError, PluginError
-from pstar_plugins.mechanisms import fast_paths
-from pstar_plugins.contract.method import MethodConfig, PromptMethod
 from pstar_plugins.assembly.registry import PStarPluginManager, get_plugin_manager
+from pstar_plugins.contract.errors import ConfigError, IncompatibleModelError, PluginError
+from pstar_plugins.contract.method import MethodConfig, PromptMethod
+from pstar_plugins.mechanisms import fast_paths
 
 
 def make_config(

@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from pstar_plugins.mechanisms.adapter_io import check_geometry, read_adapter
 from pstar_plugins.assembly.build import build_model, make_config
-from pstar_plugins.mechanisms.inputs import position_convention
 from pstar_plugins.assembly.registry import get_plugin_manager
+from pstar_plugins.mechanisms.adapter_io import check_geometry, read_adapter
+from pstar_plugins.mechanisms.inputs import position_convention
 
 
 def load_adapter(
@@ -28,7 +28,8 @@ def load_adapter(
     if meta["format_version"] < 2 and position_convention(base_model) != (0, 0):
         warnings.warn(
             f"{directory}: this adapter was trained by a pstar-plugins that numbered this model's positions from 0; "
-            f"{type(base_model).__name__} numbers them from its padding index + 1, as the model does now, so its outputs "
+            f"{type(base_model).__name__} numbers them from its padding index + 1, as the model does now, so its "
+            "outputs "
             "differ from those the adapter was trained with. Retrain it for exact results.",
             stacklevel=2,
         )

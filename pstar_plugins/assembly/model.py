@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import inspect
 import types
-
 from collections import OrderedDict
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from pstar_plugins.mechanisms.adapter_io import save_adapter
-from pstar_plugins.mechanisms.fast_paths import FastPaths
-from pstar_plugins.mechanisms.template import bind_slots
-from pstar_plugins.mechanisms.fast_paths import of as fast_paths_of
+from pstar_plugins.assembly.registry import plugin_record
 from pstar_plugins.contract.capabilities import CheckpointContext
 from pstar_plugins.contract.errors import AdapterError, PluginError
 from pstar_plugins.contract.method import MethodConfig, PromptMethod
-from pstar_plugins.assembly.registry import plugin_record
-
+from pstar_plugins.mechanisms.adapter_io import save_adapter
+from pstar_plugins.mechanisms.fast_paths import FastPaths
+from pstar_plugins.mechanisms.fast_paths import of as fast_paths_of
+from pstar_plugins.mechanisms.template import bind_slots
 
 #: attribute of a base model that carries a method (set by ``build_model``, removed by ``unwrap``)
 CARRIED_METHOD = "_pstar_method"

@@ -28,8 +28,8 @@ import pluggy
 
 from pstar_plugins.contract import hookspecs
 from pstar_plugins.contract.errors import PluginError, PStarError, UnknownMethodError
-from pstar_plugins.methods.builtin import BUILTIN_PLUGINS
 from pstar_plugins.contract.spec import MethodPlugin, MethodSpec
+from pstar_plugins.methods.builtin import BUILTIN_PLUGINS
 
 ENTRY_POINT_GROUP = "pstar_plugins"
 ENV_DISABLE_AUTOLOAD = "PSTAR_DISABLE_PLUGIN_AUTOLOAD"
@@ -224,7 +224,10 @@ def _how_to_load(plugin: dict) -> str:
         )
     if name and loaded_by == "built-in":
         if name in _env_list(ENV_BLOCK):
-            return f"It is built into pstar-plugins (plugin {name!r}), which {ENV_BLOCK} keeps out: remove {name!r} from it."
+            return (
+                f"It is built into pstar-plugins (plugin {name!r}), which {ENV_BLOCK} keeps out: remove {name!r} "
+                "from it."
+            )
         saved_by = f"pstar-plugins {version}" if version else "another pstar-plugins"
         return (
             f"It was built into {saved_by} (plugin {name!r}), and this pstar-plugins {_version()} has no such method: "

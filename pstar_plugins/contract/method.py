@@ -17,16 +17,15 @@ import torch
 from torch import nn
 
 from pstar_plugins.contract.errors import AdapterError, ConfigError, UnsupportedError
-from pstar_plugins.contract.spec import (
-    DEFAULT_PRESET,
-    MethodConfig,
-    MethodPlugin,
-    MethodSpec,
-    Preset,
-    one_of,
-    positive_int,
-)  # noqa: F401
 
+# with the spec's names re-exported (``X as X``): a method's module imports everything it needs from here
+from pstar_plugins.contract.spec import DEFAULT_PRESET as DEFAULT_PRESET
+from pstar_plugins.contract.spec import MethodConfig
+from pstar_plugins.contract.spec import MethodPlugin as MethodPlugin
+from pstar_plugins.contract.spec import MethodSpec as MethodSpec
+from pstar_plugins.contract.spec import Preset as Preset
+from pstar_plugins.contract.spec import one_of as one_of
+from pstar_plugins.contract.spec import positive_int as positive_int
 
 # ----------------------------------------------------------------------------- module
 

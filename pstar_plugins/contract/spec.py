@@ -184,7 +184,8 @@ class MethodPlugin:
     def __init__(self, *specs: MethodSpec) -> None:
         if not specs and not hasattr(type(self), "spec"):
             raise PluginError(
-                f"{type(self).__name__}() registers no method: pass MethodPlugin(MethodSpec(...)) or set a spec class attribute."
+                f"{type(self).__name__}() registers no method: pass MethodPlugin(MethodSpec(...)) or set a spec "
+                "class attribute."
             )
         self.specs: tuple[MethodSpec, ...] = specs or (type(self).spec,)
 

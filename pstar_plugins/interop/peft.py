@@ -22,13 +22,13 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from pstar_plugins.mechanisms.adapter_io import _atomic_write
 from pstar_plugins.assembly.build import build_model
 from pstar_plugins.assembly.loading import load_adapter
-from pstar_plugins.mechanisms.inputs import is_encoder_decoder
+from pstar_plugins.assembly.registry import get_plugin_manager
 from pstar_plugins.contract.capabilities import PeftExport
 from pstar_plugins.contract.errors import AdapterError, IncompatibleModelError
-from pstar_plugins.assembly.registry import get_plugin_manager
+from pstar_plugins.mechanisms.adapter_io import _atomic_write
+from pstar_plugins.mechanisms.inputs import is_encoder_decoder
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -96,7 +96,8 @@ def read_peft(peft_dir, plugin_manager=None):
     embeddings = weights.get("prompt_embeddings")
     if embeddings is None:
         raise AdapterError(
-            f"{peft_dir / PEFT_WEIGHTS} has no 'prompt_embeddings' tensor; save the PEFT adapter with inference_mode or PEFT >= 0.5."
+            f"{peft_dir / PEFT_WEIGHTS} has no 'prompt_embeddings' tensor; save the PEFT adapter with "
+            "inference_mode or PEFT >= 0.5."
         )
     specs = [spec for spec in pm.methods.values() if kind in spec.peft_types]
     if not specs:

@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from pstar_plugins.mechanisms.geometry import model_geometry
 from pstar_plugins.contract.errors import AdapterError
+from pstar_plugins.mechanisms.geometry import model_geometry
 
 # 2: base-model weights a plugin trained (``base_model.*`` tensors), separate key/value widths
 # in the geometry, and RoBERTa-style models' own position numbering

@@ -33,7 +33,6 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from pstar_plugins.mechanisms.geometry import CROSS, DECODER, ENCODER, SELF, AttentionGeometry  # noqa: F401 (kinds re-exported)
 from pstar_plugins.contract.errors import IncompatibleModelError
 from pstar_plugins.mechanisms.attention_kernels import (
     _SUPPORTED_BASES,
@@ -44,6 +43,7 @@ from pstar_plugins.mechanisms.attention_kernels import (
     opted_in,
     register_attention_function,
 )
+from pstar_plugins.mechanisms.geometry import CROSS, DECODER, ENCODER, SELF, AttentionGeometry  # noqa: F401 (kinds re-exported)
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def probe_attention_calls(model: nn.Module, injector: "PrefixInjector") -> dict[
     registration (``AttentionInterface.register``) that transformers' own kernels use, not on the
     names or source of the modeling code.
     """
-    from transformers import PreTrainedModel, PretrainedConfig
+    from transformers import PretrainedConfig, PreTrainedModel
 
     wrapped = []
     for module in model.modules():
@@ -199,7 +199,8 @@ class PrefixInjector:
         carried = [type(m).__name__ for m in model.modules() if isinstance(m.__dict__.get("config"), _ConfigView)]
         if carried:
             raise IncompatibleModelError(
-                f"the attention of this {type(model).__name__} is already routed by pstar-plugins ({carried[0]}); build "
+                f"the attention of this {type(model).__name__} is already routed by pstar-plugins ({carried[0]}); "
+                "build "
                 "the method on a fresh base model, or .unwrap() the PStarModel that holds it first."
             )
         self.probing: dict | None = None
@@ -209,9 +210,11 @@ class PrefixInjector:
             self._saved.append((site.module, object.__getattribute__(site.module.config, "_pstar_base")))
         if not self.sites:
             raise IncompatibleModelError(
-                f"{type(model).__name__} (model type {getattr(model.config, 'model_type', '?')!r}) computes attention in "
+                f"{type(model).__name__} (model type {getattr(model.config, 'model_type', '?')!r}) computes "
+                "attention in "
                 "its own code, not through transformers' attention interface, so its layers cannot take key/value "
-                "prefixes. Use prompt-tuning or p-tuning instead (docs/architectures.md lists what each family supports)."
+                "prefixes. Use prompt-tuning or p-tuning instead (docs/architectures.md lists what each family "
+                "supports)."
             )
         self.active: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.row_groups: torch.Tensor | None = None  # (B,) prompt row of each example, or None

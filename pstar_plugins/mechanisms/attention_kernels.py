@@ -223,7 +223,8 @@ def _flash_prefix_mask(mask, m: int) -> torch.Tensor | None:
     if mask.dim() != 2:
         raise IncompatibleModelError(
             f"flash_attention_2 received a mask of shape {tuple(mask.shape)}; prefix methods on it need the 2D padding "
-            "mask transformers builds for flash (a packed call passes cu_seq_lens instead). Use attn_implementation='sdpa'."
+            "mask transformers builds for flash (a packed call passes cu_seq_lens instead). Use "
+            "attn_implementation='sdpa'."
         )
     return torch.cat([mask.new_ones((mask.shape[0], m)), mask], dim=-1)
 

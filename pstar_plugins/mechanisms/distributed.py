@@ -180,9 +180,8 @@ def _dtensor_rows(weight, ids: torch.Tensor) -> torch.Tensor:
     """Rows ``ids`` of an FSDP2-sharded embedding (``Shard(0)``): each rank copies the rows it
     holds into a zero buffer and one all-reduce over the mesh assembles them (every rank of the
     mesh must call this); the matrix itself is never gathered."""
-    from torch.distributed.tensor import Shard
-
     import torch.distributed as dist
+    from torch.distributed.tensor import Shard
 
     if tuple(weight.placements) != (Shard(0),):
         raise NotImplementedError(

@@ -10,15 +10,17 @@ the outputs at real positions equal the padded call's up to float rounding (test
 values and gradients, for every method on Llama and GPT-2 geometries).
 
 A plan is never dearer than the padded call by that cost model (its first candidate has at most
-``B`` bins no longer than the longest row). Attention stays within a bin, so its cost does not grow with ``B`` (one long row with
-a block-diagonal mask would make it quadratic in the batch's tokens).
+``B`` bins no longer than the longest row). Attention stays within a bin, so its cost does not
+grow with ``B`` (one long row with a block-diagonal mask would make it quadratic in the batch's
+tokens).
 
 The same idea as padding-free training with flash-attention's variable-length kernel
 (transformers#31629) and TRL's first-fit-decreasing packing (trl#3526), done inside the model
 call with an explicit mask: no collator change, the ``sdpa`` and ``eager`` kernels on any
 device (``flex_attention`` gets the same pattern as a block mask; ``flash_attention_2`` one row
-with transformers' ``cu_seq_lens`` kwargs, see :func:`pstar_plugins.mechanisms.pack_plan.varlen_kwargs`), and per-layer prefixes
-(the prefix columns that ``mechanisms.attention`` prepends are visible from every bin).
+with transformers' ``cu_seq_lens`` kwargs, see
+:func:`pstar_plugins.mechanisms.pack_plan.varlen_kwargs`), and per-layer prefixes (the prefix
+columns that ``mechanisms.attention`` prepends are visible from every bin).
 
 Applicability is checked, not assumed (:func:`unsupported_reason`, reading the model's record of
 :mod:`pstar_plugins.mechanisms.fast_paths`); a call that cannot be

@@ -113,7 +113,8 @@ class Template:
                 continue
             if token in ("{", "}"):
                 raise ConfigError(
-                    f"template {text!r}: unmatched {token!r} at offset {match.start()}; write {token * 2} for a literal brace."
+                    f"template {text!r}: unmatched {token!r} at offset {match.start()}; write {token * 2} for a "
+                    "literal brace."
                 )
             if buffer and "".join(buffer):
                 parts.append(Literal("".join(buffer)))

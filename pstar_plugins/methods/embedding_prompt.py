@@ -9,6 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from pstar_plugins.contract.errors import ConfigError
+from pstar_plugins.contract.method import PromptMethod
+from pstar_plugins.mechanisms.base_calls import call_base, generate_base
+from pstar_plugins.mechanisms.geometry import hidden_size
 from pstar_plugins.mechanisms.inputs import (
     IGNORE_INDEX,
     accepts,
@@ -18,10 +22,6 @@ from pstar_plugins.mechanisms.inputs import (
     insert_block,
     is_encoder_decoder,
 )
-from pstar_plugins.mechanisms.geometry import hidden_size
-from pstar_plugins.contract.errors import ConfigError
-from pstar_plugins.contract.method import PromptMethod
-from pstar_plugins.mechanisms.base_calls import call_base, generate_base
 
 
 class EmbeddingPromptMethod(PromptMethod):

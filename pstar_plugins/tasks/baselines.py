@@ -8,7 +8,6 @@ contextual calibration divides the class probabilities by those of a content-fre
 
 from __future__ import annotations
 
-
 import random
 from typing import Any
 

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from pstar_plugins.mechanisms.inputs import IGNORE_INDEX
 from pstar_plugins.contract.errors import DataError
+from pstar_plugins.mechanisms.inputs import IGNORE_INDEX
 from pstar_plugins.mechanisms.template import SLOT_PAD, TEMPLATE_SLOTS, Template, bind_slots
 
 

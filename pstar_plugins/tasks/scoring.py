@@ -123,8 +123,8 @@ class GenerationScoring:
         self.args = args
 
     def read(self, rows, source) -> None:
-        from pstar_plugins.tasks import generation as gen
         from pstar_plugins.mechanisms.template import Template
+        from pstar_plugins.tasks import generation as gen
 
         template = Template.parse(self.args.template)
         template.check_answer_last()

@@ -17,15 +17,14 @@ from typing import Any, ContextManager
 import torch
 from torch import nn
 from torch.nn import functional as F
-
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from pstar_plugins.contract.errors import ConfigError, IncompatibleModelError
 from pstar_plugins.mechanisms import fast_paths
 from pstar_plugins.mechanisms.fast_paths import has_sliding_layers
 from pstar_plugins.mechanisms.inputs import cache_argument
 from pstar_plugins.mechanisms.recording import Recorder
-from pstar_plugins.contract.errors import ConfigError, IncompatibleModelError
 from pstar_plugins.mechanisms.template import SLOT_PAD, TEMPLATE_SLOTS, Template, bind_slots, check_label_words
 
 logger = logging.getLogger(__name__)

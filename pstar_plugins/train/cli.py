@@ -18,7 +18,6 @@ from pstar_plugins.models import add_loading_arguments
 from pstar_plugins.train import tracking
 from pstar_plugins.train.checks import check_args
 
-
 LR_SCHEDULES = {"linear": "linear decay to 0", "cosine": "half-cosine decay to 0", "constant_with_warmup": "constant"}
 
 
@@ -157,7 +156,9 @@ def _add_task_arguments(parser: argparse.ArgumentParser, built_from_columns: boo
     parser.add_argument(
         "--template",
         default=None,
-        help=f"template with {{column}} slots and one {{answer}} slot at the end; \\n is a newline (default: {default})",
+        help=(
+            f"template with {{column}} slots and one {{answer}} slot at the end; \\n is a newline (default: {default})"
+        ),
     )
     parser.add_argument(
         "--task",
@@ -301,7 +302,10 @@ def _add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="leave after this many steps in this invocation, with a checkpoint (time-limited jobs); 0: run to --max-steps",
+        help=(
+            "leave after this many steps in this invocation, with a checkpoint (time-limited jobs); 0: run to "
+            "--max-steps"
+        ),
     )
 
 
@@ -313,7 +317,10 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--packing",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="run the frozen decoder-only model on real tokens only, rows packed padding-free (same loss; see docs/design.md)",
+        help=(
+            "run the frozen decoder-only model on real tokens only, rows packed padding-free (same loss; see "
+            "docs/design.md)"
+        ),
     )
     parser.add_argument("--seed", type=int, default=42, help="random seed")
     parser.add_argument(

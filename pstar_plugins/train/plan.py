@@ -13,11 +13,11 @@ from pstar_plugins.assembly.registry import get_plugin_manager
 from pstar_plugins.contract.errors import ConfigError
 from pstar_plugins.contract.spec import MethodConfig, MethodSpec
 from pstar_plugins.mechanisms.template import Template
+from pstar_plugins.models import check_source
+from pstar_plugins.train import run_dir
 from pstar_plugins.train.checks import check_batch_fits, data_limits, resolve_schedule
 from pstar_plugins.train.cli import TrainConfig
 from pstar_plugins.train.data import _check_same_data_plan, _check_template, _data, _rows_without_limit, _template_text
-from pstar_plugins.models import check_source
-from pstar_plugins.train import run_dir
 from pstar_plugins.train.tasks import ScriptTask, Split, make_task
 
 
@@ -73,9 +73,9 @@ class Plan:
 def _check_sizes(args, spec, config) -> None:
     """Options that size tensors against the model's position limit and the memory left, from the
     model's config alone (core.sizes); a config that cannot be read is left to the loader."""
-    from pstar_plugins.train import sizes
     from pstar_plugins.methods.embedding_prompt import EmbeddingPromptMethod
     from pstar_plugins.models import resolve
+    from pstar_plugins.train import sizes
 
     try:
         from transformers import AutoConfig

@@ -13,7 +13,6 @@ checkpoints.
 from __future__ import annotations
 
 import contextlib
-
 import json
 import logging
 import os
@@ -97,7 +96,8 @@ class RunLock:
                     self._undo_directory()
                     raise ConfigError(
                         f"--output-dir {self.directory} is in use by another run (PID {owner.get('pid')} on "
-                        f"{owner.get('host')}, lock file {self.path}); wait for it to finish or choose another --output-dir."
+                        f"{owner.get('host')}, lock file {self.path}); wait for it to finish or choose another "
+                        "--output-dir."
                     ) from None
                 logger.warning(
                     "taking over the stale lock %s of PID %s, which no longer runs",

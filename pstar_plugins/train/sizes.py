@@ -90,7 +90,10 @@ def check(
     need = tensors + scores
     if need > free:
         what = f"--num-virtual-tokens {m:,}" if m else "the method's options"
-        parts = f"{_gib(tensors)} for the method's tensors with their gradients and optimizer state, {_gib(scores)} for one layer's attention scores"
+        parts = (
+            f"{_gib(tensors)} for the method's tensors with their gradients and optimizer state, {_gib(scores)} "
+            "for one layer's attention scores"
+        )
         raise ConfigError(
             f"{what} with --batch-size {batch_size} and --max-length {max_length} needs about {_gib(need)} "
             f"({parts}); {_gib(free)} is {where}. Use fewer virtual tokens, a smaller --batch-size "

@@ -211,9 +211,8 @@ class GenerationTask(_Task):
     ) -> float:
         import torch
 
-        from pstar_plugins.tasks import generation as gen
-
         from pstar_plugins.mechanisms import distributed
+        from pstar_plugins.tasks import generation as gen
 
         groups = split.groups[: limit or len(split.groups)]
         template = self.zero_shot_template if zero_shot else self.template
@@ -254,7 +253,8 @@ class GenerationTask(_Task):
         for label, key in (("zero-shot", "zero-shot eval"), ("tuned", "final eval")):
             if key in scores:
                 lines.append(
-                    f"  {label + ' dev':<15}: BLEU {scores[key]['bleu']:.2f}, ROUGE-L {scores[key]['rouge_l']:.2f} (both 0-100)"
+                    f"  {label + ' dev':<15}: BLEU {scores[key]['bleu']:.2f}, ROUGE-L {scores[key]['rouge_l']:.2f} "
+                    "(both 0-100)"
                 )
         sample = scores.get("final eval", {}).get("example") or []
         if sample:

@@ -31,7 +31,8 @@ class PTuningConfig(MethodConfig):
         super().validate()
         if self.num_tasks != 1:
             raise ConfigError(
-                f"num_tasks={self.num_tasks}: p-tuning holds one template per adapter; use prompt-tuning or prefix-tuning for mixed-task batches."
+                f"num_tasks={self.num_tasks}: p-tuning holds one template per adapter; use prompt-tuning or "
+                "prefix-tuning for mixed-task batches."
             )
         one_of(self, "encoder", ENCODERS)
         one_of(self, "init", ("random", "vocab"))
@@ -42,7 +43,8 @@ class PTuningConfig(MethodConfig):
         parsed = Template.parse(self.template)
         if parsed.num_soft_tokens == 0:
             raise ConfigError(
-                f"template {self.template!r} has no {{soft}} token; p-tuning needs at least one, e.g. '{{soft:3}} {{sentence}}'."
+                f"template {self.template!r} has no {{soft}} token; p-tuning needs at least one, e.g. '{{soft:3}} "
+                "{sentence}'."
             )
 
     @property

@@ -9,15 +9,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pstar_plugins.mechanisms.distributed import embedding_rows, embedding_shape, embedding_std
-from pstar_plugins.methods.embedding_prompt import EmbeddingPromptMethod
-from pstar_plugins.mechanisms.inputs import IGNORE_INDEX, is_encoder_decoder
-from pstar_plugins.contract.errors import AdapterError, ConfigError
 from pstar_plugins.contract.capabilities import OnePassContinuations, PeftExport
+from pstar_plugins.contract.errors import AdapterError, ConfigError
 from pstar_plugins.contract.method import PeftPrompt
+from pstar_plugins.mechanisms.distributed import embedding_rows, embedding_shape, embedding_std
+from pstar_plugins.mechanisms.inputs import IGNORE_INDEX, is_encoder_decoder
+from pstar_plugins.mechanisms.template import Template
+from pstar_plugins.methods.embedding_prompt import EmbeddingPromptMethod
 from pstar_plugins.methods.p_tuning.config import PTuningConfig
 from pstar_plugins.methods.p_tuning.encoder import PromptEncoder
-from pstar_plugins.mechanisms.template import Template
 
 
 class PTuning(EmbeddingPromptMethod, OnePassContinuations, PeftExport):
@@ -52,7 +52,8 @@ class PTuning(EmbeddingPromptMethod, OnePassContinuations, PeftExport):
         positions = [i for i, part in enumerate(self.template.parts) if type(part).__name__ == "Soft"]
         if positions != [0]:
             raise AdapterError(
-                f"PEFT's P-tuning puts every virtual token in front of the input; the template {self.config.template!r} places "
+                "PEFT's P-tuning puts every virtual token in front of the input; the template "
+                f"{self.config.template!r} places "
                 "soft tokens elsewhere, which PEFT cannot express. Use a template that starts with one {soft:N} block."
             )
         hidden = self.peft_embedding_config(base_model)["token_dim"]

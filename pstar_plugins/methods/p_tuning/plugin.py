@@ -1,7 +1,7 @@
 """The p-tuning plugin."""
 
-from pstar_plugins.methods.p_tuning.config import PTuningConfig
 from pstar_plugins.contract.spec import MethodPlugin, MethodSpec, Preset
+from pstar_plugins.methods.p_tuning.config import PTuningConfig
 
 spec = MethodSpec(
     "p-tuning",

@@ -12,13 +12,13 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.modeling_outputs import SequenceClassifierOutput, TokenClassifierOutput
 
-from pstar_plugins.mechanisms.inputs import IGNORE_INDEX, fill_position_ids, first_real_index, is_encoder_decoder
-from pstar_plugins.contract.errors import AdapterError, ConfigError, IncompatibleModelError
-from pstar_plugins.methods.p_tuning_v2.config import PTuningV2Config
-from pstar_plugins.mechanisms.geometry import hidden_size
 from pstar_plugins.contract.capabilities import TokenizerCheck
-from pstar_plugins.methods.prefix_tuning.module import PrefixTuning
+from pstar_plugins.contract.errors import AdapterError, ConfigError, IncompatibleModelError
 from pstar_plugins.mechanisms.base_calls import call_base
+from pstar_plugins.mechanisms.geometry import hidden_size
+from pstar_plugins.mechanisms.inputs import IGNORE_INDEX, fill_position_ids, first_real_index, is_encoder_decoder
+from pstar_plugins.methods.p_tuning_v2.config import PTuningV2Config
+from pstar_plugins.methods.prefix_tuning.module import PrefixTuning
 
 
 def last_real_index(mask: torch.Tensor) -> torch.Tensor:
@@ -66,7 +66,8 @@ class PTuningV2(PrefixTuning, TokenizerCheck):
         explicit = config.head_init == "label-words"
         if explicit and not usable:
             raise ConfigError(
-                "head_init='label-words' needs a decoder-only model with its LM head, last-token pooling and a tokenizer "
+                "head_init='label-words' needs a decoder-only model with its LM head, last-token pooling and a "
+                "tokenizer "
                 f"(model_type {base_model.config.model_type!r}, pooling {config.pooling!r}); pass --head-init random."
             )
         if len(config.label_words) != config.num_labels:

@@ -1,7 +1,7 @@
 """The p-tuning-v2 plugin."""
 
-from pstar_plugins.methods.p_tuning_v2.config import PTuningV2Config
 from pstar_plugins.contract.spec import MethodPlugin, MethodSpec, Preset
+from pstar_plugins.methods.p_tuning_v2.config import PTuningV2Config
 
 spec = MethodSpec(
     "p-tuning-v2",

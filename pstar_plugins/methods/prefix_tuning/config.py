@@ -25,7 +25,10 @@ class PrefixTuningConfig(MethodConfig):
     init: str = field(
         default="random",
         metadata={
-            "help": "random | text: start from the keys/values the frozen model computes for init_text (needs projection off)"
+            "help": (
+                "random | text: start from the keys/values the frozen model computes for init_text (needs "
+                "projection off)"
+            )
         },
     )
     init_text: str = field(

@@ -13,16 +13,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from pstar_plugins.contract.capabilities import CheckpointContext, OnePassContinuations, PeftExport
+from pstar_plugins.contract.errors import AdapterError, ConfigError, IncompatibleModelError
+from pstar_plugins.contract.method import PeftPrompt, PromptMethod
 from pstar_plugins.mechanisms.attention import PrefixInjector
+from pstar_plugins.mechanisms.base_calls import call_base, generate_base
 from pstar_plugins.mechanisms.geometry import attention_geometry, hidden_size
 from pstar_plugins.mechanisms.inputs import fill_position_ids, is_encoder_decoder
 from pstar_plugins.mechanisms.rotary import rotate_keys
-from pstar_plugins.contract.errors import AdapterError, ConfigError, IncompatibleModelError
-from pstar_plugins.contract.capabilities import CheckpointContext, OnePassContinuations, PeftExport
-from pstar_plugins.contract.method import PeftPrompt, PromptMethod
 from pstar_plugins.methods.prefix_tuning.config import PrefixTuningConfig
 from pstar_plugins.methods.prefix_tuning.table import PrefixTable
-from pstar_plugins.mechanisms.base_calls import call_base, generate_base
 
 
 def _declared_layers(config, kind: str) -> int | None:

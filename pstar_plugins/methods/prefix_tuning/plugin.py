@@ -1,7 +1,7 @@
 """The prefix-tuning plugin."""
 
-from pstar_plugins.methods.prefix_tuning.config import PrefixTuningConfig
 from pstar_plugins.contract.spec import MethodPlugin, MethodSpec, Preset
+from pstar_plugins.methods.prefix_tuning.config import PrefixTuningConfig
 
 # Adam moves every weight of the wide P' → prefix MLP by ~lr per step, so the MLP output moves
 # hundreds of times faster than a raw prompt: 5e-3 kept SmolLM2 at chance, 2e-4 trains

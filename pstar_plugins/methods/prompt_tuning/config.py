@@ -17,7 +17,9 @@ class PromptTuningConfig(MethodConfig):
     init: str = field(
         default="vocab",
         metadata={
-            "help": "initialisation: random | vocab (frequent tokens) | text (init_text) | labels (label_words, then vocab)"
+            "help": (
+                "initialisation: random | vocab (frequent tokens) | text (init_text) | labels (label_words, then vocab)"
+            )
         },
     )
     init_text: str = field(

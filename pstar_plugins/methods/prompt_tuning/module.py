@@ -18,16 +18,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from pstar_plugins.contract.capabilities import OnePassContinuations, PeftExport, PromptCache
+from pstar_plugins.contract.errors import AdapterError, ConfigError, IncompatibleModelError
+from pstar_plugins.contract.method import PeftPrompt
 from pstar_plugins.mechanisms import fast_paths, packing
 from pstar_plugins.mechanisms.attention import SELF, PrefixInjector
-from pstar_plugins.mechanisms.distributed import embedding_rows, embedding_shape, embedding_std
-from pstar_plugins.methods.embedding_prompt import EmbeddingPromptMethod
-from pstar_plugins.mechanisms.inputs import first_real_index, positions_from_mask
-from pstar_plugins.contract.errors import AdapterError, ConfigError, IncompatibleModelError
-from pstar_plugins.contract.capabilities import OnePassContinuations, PeftExport, PromptCache
-from pstar_plugins.contract.method import PeftPrompt
-from pstar_plugins.methods.prompt_tuning.config import PromptTuningConfig
 from pstar_plugins.mechanisms.base_calls import call_base
+from pstar_plugins.mechanisms.distributed import embedding_rows, embedding_shape, embedding_std
+from pstar_plugins.mechanisms.inputs import first_real_index, positions_from_mask
+from pstar_plugins.methods.embedding_prompt import EmbeddingPromptMethod
+from pstar_plugins.methods.prompt_tuning.config import PromptTuningConfig
 
 _SERVING_INJECTOR = "_serving_injector"
 # what serving from the prompts' cache stands in for: the cache path runs only where these are
@@ -92,7 +92,8 @@ class PromptTuning(EmbeddingPromptMethod, OnePassContinuations, PeftExport, Prom
     def peft_export(self, base_model):
         if self.config.num_tasks != 1 or self.config.position != "start":
             raise AdapterError(
-                "PEFT prompt tuning has one prompt in front of the input: export needs num_tasks=1 and position='start'."
+                "PEFT prompt tuning has one prompt in front of the input: export needs num_tasks=1 and "
+                "position='start'."
             )
         return PeftPrompt(
             "PROMPT_TUNING",

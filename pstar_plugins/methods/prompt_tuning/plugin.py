@@ -1,7 +1,7 @@
 """The prompt-tuning plugin: registered through the same path as third-party plugins."""
 
-from pstar_plugins.methods.prompt_tuning.config import PromptTuningConfig
 from pstar_plugins.contract.spec import MethodPlugin, MethodSpec, Preset
+from pstar_plugins.methods.prompt_tuning.config import PromptTuningConfig
 
 # a folded P-tuning adapter is virtual-token embeddings in front of the input: prompt tuning's layout
 spec = MethodSpec(
