@@ -51,7 +51,6 @@ def worker(args) -> None:
 
     from pstar_plugins import build_model, param_groups
     from pstar_plugins.mechanisms import distributed
-    from pstar_plugins.mechanisms.adapter_io import save_adapter
 
     ds_config = json.loads((ROOT / "integrations" / "deepspeed" / "zero3.json").read_text())
     zero = ds_config["zero_optimization"]
@@ -133,7 +132,7 @@ def worker(args) -> None:
     with distributed.recording_gathers() as save_calls:
         state = core.trainable_state()
     if accelerator.is_main_process:
-        save_adapter(core, Path(args.out) / "adapter", state=state)
+        core.save_adapter(Path(args.out) / "adapter", state=state)
     accelerator.wait_for_everyone()
     ours_seconds = time.perf_counter() - t
     ours_bytes = sum(v.numel() * v.element_size() for v in state.values())

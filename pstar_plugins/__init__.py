@@ -26,21 +26,20 @@ _EXPORTS = {
     "load_adapter": "pstar_plugins.assembly.loading",
     "make_optimizer": "pstar_plugins.assembly.build",
     "param_groups": "pstar_plugins.assembly.build",
-    "save_adapter": "pstar_plugins.mechanisms.adapter_io",
+    "save_adapter": "pstar_plugins.assembly.loading",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
     from pstar_plugins.assembly.build import build_model, make_optimizer, param_groups
-    from pstar_plugins.assembly.loading import load_adapter
+    from pstar_plugins.assembly.loading import load_adapter, save_adapter
     from pstar_plugins.assembly.model import PStarModel
     from pstar_plugins.assembly.registry import get_plugin_manager
     from pstar_plugins.contract.errors import PStarError
     from pstar_plugins.contract.hookspecs import hookimpl
     from pstar_plugins.contract.method import PromptMethod
     from pstar_plugins.contract.spec import MethodConfig, MethodPlugin, MethodSpec, Preset
-    from pstar_plugins.mechanisms.adapter_io import save_adapter
 
 
 def __getattr__(name: str) -> Any:

@@ -299,7 +299,9 @@ def _adapter_run(args, adapter, base, tokenizer, scoring) -> dict:
     if placed is not None and adapter[0].get("task", {}).get("template"):
         placed = adapter[0]["task"]["template"]
     name = f"adapter {model.method_name}"
-    return {"name": name, **scoring.score(name, model, Template.parse(placed or args.template))}
+    scores = scoring.score(name, model, Template.parse(placed or args.template))
+    # the fast paths the scoring took (decided when the adapter's model was built), as pstar train's summary shows them
+    return {"name": name, **scores, "fast_paths": model.fast_paths.lines()}
 
 
 def _baseline_runs(args, scoring, base, columns) -> list[dict]:
@@ -328,6 +330,9 @@ def _print_table(runs: list[dict], metrics: tuple[str, str]) -> None:
     for r in runs:
         std = f" ± {r[metrics[0] + '_std']:.4f}" if r.get("seeds", 1) > 1 else ""
         print(f"{r['name']:<28} {r[metrics[0]]:>9.4f}{std:<9} {r[metrics[1]]:>9.4f}")
+    for r in runs:
+        if r.get("fast_paths"):
+            print(f"\nfast paths of {r['name']}:\n  " + "\n  ".join(r["fast_paths"]))
 
 
 def _summarise(name: str, shots: int, per_seed: list[dict]) -> dict:

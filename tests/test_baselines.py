@@ -103,14 +103,18 @@ def test_eval_command_reports_zero_and_few_shot(tiny_dir, tmp_path):
     assert "2-shot calibrated" in result.stdout
 
 
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2"])
 @pytest.mark.parametrize("words", [["x", "y"], ["xz", "y"]])
-def test_shared_prefix_cache_gives_the_scores_of_full_prompts(words):
+def test_shared_prefix_cache_gives_the_scores_of_full_prompts(words, arch):
     """In-context rows run on the demonstrations' cache score exactly as the full prompts do,
-    with left padding, single- and multi-token label words, and batches of different sizes."""
+    with left padding, single- and multi-token label words, and batches of different sizes. On
+    sliding-window families (window 4 tokens, prefix longer) rows of equal length share the cache
+    and unequal ones run in full (padding after the prefix would shift the window)."""
     from pstar_plugins.tasks.baselines import SharedPrefixModel, common_prefix
+    from pstar_plugins.testing.architectures import tiny_model as tiny_of_family
 
     tok = CharTokenizer()
-    model = tiny_model("llama").eval()
+    model = tiny_of_family(arch).eval()
     t = Template.parse("R: {sentence} S:{answer}")
     icl = in_context_template(t, [({"sentence": "abab"}, "x"), ({"sentence": "cd"}, "y")])
     v = Verbalizer(tok, icl, words, masked_lm=False)
@@ -119,11 +123,15 @@ def test_shared_prefix_cache_gives_the_scores_of_full_prompts(words):
     prefix = common_prefix([ids[m.bool()].tolist() for ids, m in zip(sample["input_ids"], sample["attention_mask"])])
     assert len(prefix) > 10
     cached = SharedPrefixModel(model, prefix)
+    widths = []  # what the frozen model runs: each batch's own tokens only, after the prefix's call
+    model.register_forward_pre_hook(lambda _, args, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True)
     with torch.no_grad():
-        for batch in (rows[:3], rows[3:], rows):
-            torch.testing.assert_close(
-                v.scores(cached, v.encode(batch)), v.scores(model, v.encode(batch)), rtol=1e-5, atol=1e-5
-            )
+        for batch in (rows[:3], rows[3:], rows, [rows[0], rows[4]]):
+            widths.clear()
+            got = v.scores(cached, v.encode(batch))
+            equal = len({len(r["sentence"]) for r in batch}) == 1
+            assert (max(widths) < len(prefix)) == (arch == "llama" or equal), widths
+            torch.testing.assert_close(got, v.scores(model, v.encode(batch)), rtol=1e-5, atol=1e-5)
 
 
 def test_rows_scored_in_length_order_get_their_own_predictions_back():

@@ -161,6 +161,9 @@ def test_eval_of_a_trained_adapter_uses_its_template_and_label_words(tiny_dir, t
     evaluated = json.loads(out.read_text())
     assert (evaluated["template"], evaluated["label_words"]) == (template, ["bad", "good"])
     assert evaluated["runs"][0]["accuracy"] == metrics["tuned_accuracy"]
+    # the fast paths of the adapter's model, decided as at training and shown beside the scores
+    assert evaluated["runs"][0]["fast_paths"] == metrics["fast_paths"]
+    assert "fast paths of adapter prompt-tuning:\n  packing: applies" in result.stdout
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
 import torch
 
 from pstar_plugins import build_model
@@ -13,7 +14,7 @@ from pstar_plugins.mechanisms.template import Template
 from pstar_plugins.tasks.verbalizer import Verbalizer, recording
 from pstar_plugins.testing.architectures import tiny_model
 from pstar_plugins.train.report import _summary
-from tests.test_label_words import ROWS, TEMPLATE, TOKENIZER, WORDS
+from tests.test_label_words import METHODS, ROWS, TEMPLATE, TOKENIZER, WORDS
 
 
 def test_every_call_site_reads_the_record_decided_at_build(monkeypatch):
@@ -37,6 +38,33 @@ def test_every_call_site_reads_the_record_decided_at_build(monkeypatch):
         verbalizer.scores(model, verbalizer.encode(ROWS))  # one-pass scoring
     assert paths == ["one pass"]
     assert len(decided) == 1, "a call site decided a fast path again instead of reading the model's record"
+
+
+@pytest.mark.parametrize("method", [*METHODS, "p-tuning-v2 with a head"])
+def test_every_method_keeps_the_one_record_decided_at_build(monkeypatch, method):
+    """Training and scoring calls of every method read the build's record, P-tuning v2's calls of
+    the backbone without the LM head included."""
+    decided = []
+    real = fast_paths.decide
+    monkeypatch.setattr(fast_paths, "decide", lambda *a, **k: decided.append(a) or real(*a, **k))
+    head = method == "p-tuning-v2 with a head"
+    options, template = (
+        (dict(num_virtual_tokens=3, head="sequence-classification"), TEMPLATE) if head else METHODS[method]
+    )
+    model = build_model(tiny_model("llama"), method.split()[0], tokenizer=TOKENIZER, **options)
+    model.packing = True
+    verbalizer = Verbalizer(TOKENIZER, Template.parse(template), WORDS, masked_lm=False)
+    encoded = verbalizer.encode(ROWS)
+    if head:
+        model.train()
+        model(**encoded.inputs, labels=torch.tensor([0, 1, 0])).loss.backward()
+    else:
+        model.train()
+        verbalizer.scores(model, encoded).sum().backward()
+        model.eval()
+        with torch.no_grad():
+            verbalizer.scores(model, encoded)
+    assert len(decided) == 1, decided
 
 
 def test_the_record_is_decided_again_when_zero3_partitions_the_weights():

@@ -274,6 +274,37 @@ def test_no_layer_below_assembly_reaches_the_plugin_registry():
     assert "pstar_plugins.contract.hookspecs" in below and "pstar_plugins.methods.prompt_tuning.module" in below
 
 
+def wrapped_model_members() -> set[str]:
+    """What only the wrapped model (``PStarModel``) has, its class's members and those its build
+    sets: no member of ``nn.Module``, of a transformers model or of a method."""
+    from torch import nn
+    from transformers import PreTrainedModel
+
+    from pstar_plugins import build_model
+    from pstar_plugins.contract.method import PromptMethod
+    from pstar_plugins.testing import tiny_model
+
+    model = build_model(tiny_model("llama"), "prompt-tuning", num_virtual_tokens=2, init="random")
+    own = {n for n in [*vars(type(model)), *vars(model)] if not n.startswith("__")}
+    transformers_model = set(dir(PreTrainedModel)) | {"config", "generation_config"}  # the last two: per instance
+    return own - set(dir(nn.Module())) - transformers_model - set(dir(PromptMethod))
+
+
+def test_no_layer_below_assembly_calls_the_wrapped_model():
+    """Mechanisms and methods get data and callables passed down, never a ``PStarModel`` whose
+    members they would call by name (its state, its method's name, its plugin record)."""
+    members = wrapped_model_members()
+    assert {"raw_trainable_state", "extra_trainable_parameters", "method_name", "plugin_origin"} <= members
+    below = [m for m in MODULES if layer_of(m) < layer_of("pstar_plugins.assembly.model")]
+    hits = sorted(
+        f"{m}:{node.lineno} .{node.attr}"
+        for m in below
+        for node in ast.walk(ast.parse(MODULES[m].read_text()))
+        if isinstance(node, ast.Attribute) and node.attr in members
+    )
+    assert not hits, f"calls up into the wrapped model: {hits}"
+
+
 def test_contract_types_import_no_wrapped_model():
     """The contract (spec, hook specs, method base classes) reaches nothing else of the package."""
     graph = import_graph()

@@ -29,20 +29,19 @@ def load_adapter(
         warnings.warn(
             f"{directory}: this adapter was trained by a pstar-plugins that numbered this model's positions from 0; "
             f"{type(base_model).__name__} numbers them from its padding index + 1, as the model does now, so its "
-            "outputs "
-            "differ from those the adapter was trained with. Retrain it for exact results.",
+            "outputs differ from those the adapter was trained with. Retrain it for exact results.",
             stacklevel=2,
         )
 
     pm = plugin_manager or get_plugin_manager()
     config_class = pm.adapter_method(meta, directory).config_class
     config = make_config(meta["method"], config_class.from_saved(meta["method_config"]), plugin_manager=pm)
-    check_geometry(meta, None, base_model.config)  # what the config alone tells, before anything is injected
+    check_geometry(meta, base_model.config)  # what the config alone tells, before anything is injected
     # the saved tensors replace any initialisation, so skip the data-dependent ones (no tokenizer needed)
     model = build_model(base_model, meta["method"], config.for_loading(), tokenizer=tokenizer, plugin_manager=pm)
     try:
         model.method.config = config
-        check_geometry(meta, model)
+        check_geometry(meta, base_model.config, model.method.adapter_geometry())
         if meta["folded"]:
             model.fold()
         model.load_trainable_state(tensors)
@@ -58,3 +57,8 @@ def load_adapter(
         for p in model.parameters():
             p.requires_grad_(False)
     return model
+
+
+def save_adapter(model, directory, state=None, write: bool = True, task=None) -> None:
+    """Write ``model``'s adapter into ``directory`` (:meth:`PStarModel.save_adapter`)."""
+    model.save_adapter(directory, state=state, write=write, task=task)

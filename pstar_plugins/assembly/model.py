@@ -14,7 +14,7 @@ from pstar_plugins.assembly.registry import plugin_record
 from pstar_plugins.contract.capabilities import CheckpointContext
 from pstar_plugins.contract.errors import AdapterError, PluginError
 from pstar_plugins.contract.method import MethodConfig, PromptMethod
-from pstar_plugins.mechanisms.adapter_io import save_adapter
+from pstar_plugins.mechanisms.adapter_io import adapter_metadata, write_adapter
 from pstar_plugins.mechanisms.fast_paths import FastPaths
 from pstar_plugins.mechanisms.fast_paths import of as fast_paths_of
 from pstar_plugins.mechanisms.template import bind_slots
@@ -141,7 +141,7 @@ class PStarModel(nn.Module):
             **kwargs,
         }
         # a batch the tasks built carries a template's slots under their own key: the method says where they go
-        return self.method.run(self.base_model, bind_slots(self, inputs), task_ids)
+        return self.method.run(self.base_model, bind_slots(inputs, self.method.slot_input), task_ids)
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, task_ids=None, **kwargs):
@@ -149,7 +149,7 @@ class PStarModel(nn.Module):
         from pstar_plugins.mechanisms.distributed import gathered
 
         inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-        kwargs = bind_slots(self, kwargs)
+        kwargs = bind_slots(kwargs, self.method.slot_input)
         # generate() runs outside a DeepSpeed engine's forward, where ZeRO-3 fetches only the
         # frozen modules' own weights: the method's partitions are gathered for the call (a
         # collective: under ZeRO-3 every rank generates); a no-op on ordinary tensors
@@ -228,15 +228,21 @@ class PStarModel(nn.Module):
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The adapter tensors as full CPU tensors. Under ZeRO-3 every rank must call this:
         only the method's partitions are gathered, never a frozen weight."""
-        from pstar_plugins.mechanisms.distributed import gathered_trainable_state
+        from pstar_plugins.mechanisms.distributed import gathered_state
 
-        return gathered_trainable_state(self)
+        params = [*self.method.parameters(), *(p for _, p in self.extra_trainable_parameters())]
+        return gathered_state(params, self.raw_trainable_state)
 
     def load_trainable_state(self, state: Mapping[str, torch.Tensor]) -> None:
         """Load adapter tensors in place (under ZeRO-3: on every rank, broadcast from rank 0)."""
-        from pstar_plugins.mechanisms.distributed import load_trainable_state_gathered
+        from pstar_plugins.mechanisms.distributed import load_state_gathered
 
-        load_trainable_state_gathered(self, state)
+        own = dict(self.named_parameters())
+        params = [*self.method.parameters(), *(p for n, p in own.items() if n in state and not n.startswith("method."))]
+        own.update({f"method.{k}": v for k, v in self.method.state_dict(keep_vars=True).items()})
+        # method tensors are saved without their "method." prefix, base-model weights with their full name
+        targets = {k: own.get(f"method.{k}", own.get(k)) for k in state}
+        load_state_gathered(params, targets, dict(state), self.raw_load_trainable_state)
 
     def extra_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """Trainable parameters outside the method's module: base-model weights that a plugin
@@ -280,8 +286,36 @@ class PStarModel(nn.Module):
         self.method.fold()
         return self
 
-    def save_adapter(self, directory, **kwargs) -> None:
-        save_adapter(self, directory, **kwargs)
+    def adapter_metadata(self, task: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The config an adapter of this model records
+        (:func:`~pstar_plugins.mechanisms.adapter_io.adapter_metadata`)."""
+        return adapter_metadata(
+            self.method_name,
+            self.method_config.to_dict(),
+            self.method.folded,
+            self.base_model.config,
+            self.method.adapter_geometry(),
+            plugin=self.plugin_origin,
+            task=task,
+        )
+
+    def save_adapter(
+        self,
+        directory,
+        state: Mapping[str, torch.Tensor] | None = None,
+        write: bool = True,
+        task: dict[str, Any] | None = None,
+    ) -> None:
+        """Write the adapter (``adapter_config.json`` + ``adapter.safetensors``) into ``directory``.
+
+        ``state`` may be passed when it was gathered elsewhere (ZeRO-3); ``write=False`` lets
+        non-main ranks take part in gathering without touching the disk. ``task`` records what
+        the adapter was trained for (kind, template, label words or target column), so
+        evaluating it later needs no flags repeated.
+        """
+        state = dict(state) if state is not None else self.trainable_state()
+        if write:
+            write_adapter(directory, self.adapter_metadata(task), state)
 
     def disable_adapter(self):
         """Context manager: run the bare base model through this wrapper (the method's prompt
@@ -312,7 +346,7 @@ class PStarModel(nn.Module):
                 f"save_pretrained got tensors {sorted(set(state) ^ expected)[:5]} that are not (or not all of) "
                 f"the adapter's; pass model.trainable_state() or no state_dict."
             )
-        save_adapter(self, save_directory, state=state, write=is_main_process, task=task)
+        self.save_adapter(save_directory, state=state, write=is_main_process, task=task)
 
     def unwrap(self) -> nn.Module:
         """Remove the method from the base model and return the base model as it was loaded."""
@@ -351,3 +385,11 @@ class _Shared:
 
     def __deepcopy__(self, memo) -> "_Shared":
         return self
+
+
+def slot_input_of(model) -> str | None:
+    """The input that ``model``'s method reads a template's soft slots from (``None``: a bare model,
+    or a method that reads none), through wrappers such as DDP or DeepSpeed's engine."""
+    while not isinstance(model, PStarModel) and getattr(model, "module", None) is not None:
+        model = model.module
+    return model.method.slot_input if isinstance(model, PStarModel) else None

@@ -47,27 +47,32 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def _geometry(model) -> dict[str, Any]:
-    return model_geometry(model.base_model.config, model.method.adapter_geometry()).to_dict()
-
-
 TASK_KINDS = ("classification", "generation")
 
 
-def adapter_metadata(model, task: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The adapter's config. ``task`` records what it was trained for (kind, template, label
-    words or target column), so evaluating the adapter later needs no flags repeated."""
+def adapter_metadata(
+    method_name: str,
+    method_config: dict[str, Any],
+    folded: bool,
+    base_config,
+    method_geometry: dict[str, Any],
+    plugin: dict[str, Any] | None = None,
+    task: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """An adapter's config: its method and options, whether it is folded, the geometry of the
+    model it was trained on (``base_config`` and the method's ``adapter_geometry()``), the plugin
+    that provides the method when it is not built in, and ``task``: what it was trained for
+    (kind, template, label words or target column), so evaluating it later needs no flags repeated."""
     meta = {
         "format_version": FORMAT_VERSION,
-        "method": model.method_name,
-        "method_config": model.method_config.to_dict(),
-        "folded": bool(model.method.folded),
+        "method": method_name,
+        "method_config": method_config,
+        "folded": bool(folded),
         "base_model": {
-            "name_or_path": getattr(model.base_model.config, "_name_or_path", ""),
-            **_geometry(model),
+            "name_or_path": getattr(base_config, "_name_or_path", ""),
+            **model_geometry(base_config, method_geometry).to_dict(),
         },
     }
-    plugin = getattr(model, "plugin_origin", None)
     if plugin:
         meta["plugin"] = plugin
     if task is not None:
@@ -75,26 +80,11 @@ def adapter_metadata(model, task: dict[str, Any] | None = None) -> dict[str, Any
     return meta
 
 
-def save_adapter(
-    model,
-    directory,
-    state: dict[str, torch.Tensor] | None = None,
-    write: bool = True,
-    task: dict[str, Any] | None = None,
-) -> None:
-    """Write the trainable tensors and config of ``model`` into ``directory``.
-
-    ``state`` may be passed when it was gathered elsewhere (ZeRO-3); ``write=False`` lets
-    non-main ranks take part in gathering without touching the disk. ``task``: see
-    :func:`adapter_metadata`.
-    """
-    if state is None:
-        state = model.trainable_state()
-    if not write:
-        return
+def write_adapter(directory, meta: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    """Write ``state`` (the adapter tensors) and ``meta`` (:func:`adapter_metadata`) into
+    ``directory``, each file replaced atomically."""
     directory = Path(directory)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    meta = adapter_metadata(model, task)
     text = json.dumps(meta, indent=2, sort_keys=True)
     # the config also travels inside the tensor file, so the one atomic rename that replaces the
     # weights replaces the config they belong to: a kill between the two writes cannot pair new
@@ -174,16 +164,13 @@ def read_adapter(directory) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return meta, tensors
 
 
-def check_geometry(meta: dict[str, Any], model, config=None) -> None:
-    """Refuse an adapter recorded for another model geometry. With ``model=None`` only what
-    ``config`` tells without building the method (hidden size, encoder-decoder) is checked."""
+def check_geometry(meta: dict[str, Any], config, method_geometry: dict[str, Any] | None = None) -> None:
+    """Refuse an adapter recorded for another model geometry. Without ``method_geometry`` (the
+    built method's ``adapter_geometry()``) only what ``config`` tells before the method is built
+    (hidden size, encoder-decoder) is checked."""
     saved = meta["base_model"]
-    if model is None:
-        current = model_geometry(config).to_dict()
-        keys = ("hidden_size", "is_encoder_decoder")
-    else:
-        current = {"name_or_path": saved.get("name_or_path", ""), **_geometry(model)}
-        keys = ("hidden_size", "is_encoder_decoder", "attention")
+    current = model_geometry(config, method_geometry).to_dict()
+    keys = ("hidden_size", "is_encoder_decoder") + (("attention",) if method_geometry is not None else ())
     for key in keys:
         if saved.get(key) != current.get(key):
             raise AdapterError(

@@ -19,7 +19,7 @@ def call_base(
     backbone) on ``inputs`` (``None`` values dropped), padding-free when ``method.packing`` is
     on, the method says this call may be packed (``packable``) and the call allows it;
     ``while_packed``: see :func:`pstar_plugins.mechanisms.packing.call`. Inside
-    :meth:`~pstar_plugins.contract.method.OnePassContinuations.continuing`, the continuation runs
+    :meth:`~pstar_plugins.contract.capabilities.OnePassContinuations.continuing`, the continuation runs
     after the call, still inside the method's own call (one-pass label-word scoring)."""
     after_call = method.__dict__.get(CONTINUATION)
     if method.packing and not packable:

@@ -12,7 +12,7 @@ are the single-process identity.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -209,30 +209,33 @@ def embedding_std(embedding: nn.Module, sample: int = 1024, seed: int = 0) -> fl
     return float(embedding_rows(embedding, ids).std())
 
 
-def gathered_trainable_state(model) -> dict[str, torch.Tensor]:
-    """The method's trainable state as full CPU tensors, gathering only trainable partitions.
+def gathered_state(
+    params: list[torch.nn.Parameter], read: Callable[[], dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """What ``read()`` returns (the adapter's tensors) as full CPU tensors, with the ZeRO-3
+    partitions of ``params`` (the trainable ones) gathered while it reads.
 
     Every rank must call it (the gather is a collective); no frozen weight is gathered, unlike
     ``accelerator.get_state_dict`` with ``stage3_gather_16bit_weights_on_model_save`` which
     gathers the whole model (transformers#29980).
     """
-    params = [p for p in model.method.parameters()] + [p for _, p in model.extra_trainable_parameters()]
     with gathered(params):
         # FSDP2: each trainable DTensor's shards gathered (a collective per tensor); frozen ones never
-        return {k: full(v.detach()).to("cpu", copy=True) for k, v in model.raw_trainable_state().items()}
+        return {k: full(v.detach()).to("cpu", copy=True) for k, v in read().items()}
 
 
-def load_trainable_state_gathered(model, state) -> None:
-    extra = [p for n, p in model.named_parameters() if n in state and not n.startswith("method.")]
-    params = [p for p in model.method.parameters()] + extra
-    own = dict(model.named_parameters())
-    own.update({f"method.{k}": v for k, v in model.method.state_dict(keep_vars=True).items()})
-    # FSDP2: each rank keeps its shard of the whole tensor it was given (method tensors are saved
-    # without their "method." prefix, base-model weights with their full name)
-    targets = {k: own.get(f"method.{k}", own.get(k)) for k in state}
+def load_state_gathered(
+    params: list[torch.nn.Parameter],
+    targets: dict[str, torch.Tensor | None],
+    state: dict[str, torch.Tensor],
+    load: Callable[[dict[str, torch.Tensor]], None],
+) -> None:
+    """``load(state)`` with the ZeRO-3 partitions of ``params`` gathered and rank 0's values kept;
+    under FSDP2 each full tensor of ``state`` is first cut to the shard of its ``targets`` entry
+    (the parameter it loads into; ``None``: a tensor that is not a parameter)."""
     state = {k: v if targets[k] is None else shard_like(v, targets[k]) for k, v in state.items()}
     with gathered(params, modifier_rank=0):
-        model.raw_load_trainable_state(state)
+        load(state)
 
 
 def shut_down() -> None:

@@ -227,10 +227,12 @@ def of(model: nn.Module, method: Any = None) -> FastPaths:
     """The record of ``model`` with ``method``: decided on the first ask (``build_model`` asks at
     build time) and kept with the method (or the bare model). It is decided again only when the
     weights' ZeRO-3 partitioning changed since (Accelerate partitions a model built before
-    ``prepare``) or the method's class did; a model's config is read once, at that decision."""
+    ``prepare``) or the method's class did; a model's config is read once, at that decision.
+    A method keeps one record, decided on the frozen model it was built on: its calls of a part
+    of that model (P-tuning v2's backbone without the LM head) read the same record."""
     holder = method if method is not None else model
     kept: dict[tuple, FastPaths] = holder.__dict__.setdefault(_RECORD, {})
-    key = (id(model), type(method))
+    key = (None if method is not None else id(model), type(method))
     record = kept.get(key)
     if record is None or record.partitioned != is_partitioned(next(model.parameters(), None)):
         record = kept[key] = decide(model, method)

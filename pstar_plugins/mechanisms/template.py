@@ -57,22 +57,16 @@ class EncodedPrompt:
     answer_index: int | None = None
 
 
-def slot_input_of(model) -> str | None:
-    """The input that ``model``'s method reads a template's soft slots from (``None``: a bare model,
-    or a method that reads none), through wrappers such as DDP or DeepSpeed's engine."""
-    while getattr(model, "method", None) is None and getattr(model, "module", None) is not None:
-        model = model.module
-    return getattr(getattr(model, "method", None), "slot_input", None)
-
-
-def bind_slots(model, inputs: dict) -> dict:
-    """``inputs`` for a call of ``model``: the template's slots (:data:`TEMPLATE_SLOTS`) under the
-    input name its method declares; refused when the slots hold soft tokens no method would read."""
+def bind_slots(inputs: dict, slot_input: str | None) -> dict:
+    """``inputs`` for a call of a model whose method reads a template's soft slots from the input
+    ``slot_input`` (``PromptMethod.slot_input``; ``None``: a bare model, or a method that reads
+    none): the slots (:data:`TEMPLATE_SLOTS`) under that name, refused when they hold soft tokens
+    no method would read."""
     if TEMPLATE_SLOTS not in inputs:
         return inputs
     inputs = dict(inputs)
     slots = inputs.pop(TEMPLATE_SLOTS)
-    name = slot_input_of(model)
+    name = slot_input
     if name is not None:
         inputs[name] = slots
     elif bool((slots != SLOT_PAD).any()):

@@ -12,9 +12,11 @@ import random
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from pstar_plugins.contract.capabilities import OnePassContinuations
 from pstar_plugins.contract.method import CONTINUATION
+from pstar_plugins.mechanisms.fast_paths import has_sliding_layers
 from pstar_plugins.mechanisms.template import Answer, Field, Literal, Soft, Template
 
 
@@ -126,9 +128,12 @@ class SharedPrefixModel(torch.nn.Module, OnePassContinuations):
 
         # transformers 5 renamed ``past_key_values`` to ``cache`` in later minor versions
         self._cache_argument = "cache" if accepts(model, "cache") else "past_key_values"
+        # a cache of whole layers: ``crop`` keeps the prefix on sliding-window layers too (a
+        # window-sized layer refuses to crop once full), and the model's mask still applies each
+        # layer's window over it
+        self._cache = DynamicCache()
         with torch.no_grad():
-            out = model(input_ids=self.prefix[None].to(device), use_cache=True)
-        self._cache = getattr(out, "cache", None) or out.past_key_values
+            model(input_ids=self.prefix[None].to(device), use_cache=True, **{self._cache_argument: self._cache})
         self._expanded: tuple[int, Any] | None = None
 
     def _cache_for(self, batch: int):
@@ -145,7 +150,16 @@ class SharedPrefixModel(torch.nn.Module, OnePassContinuations):
         mask = attention_mask.bool()
         rows = [ids[m] for ids, m in zip(input_ids, mask)]
         prefix = self.prefix.to(input_ids.device)
-        if kwargs or P == 0 or any(len(r) <= P or not torch.equal(r[:P], prefix) for r in rows):
+        shared = P > 0 and all(len(r) > P and torch.equal(r[:P], prefix) for r in rows)
+        # rows of unequal length put padding between the prefix and the shorter rows' tokens; a
+        # sliding window counts those columns, so on such families only equal rows share the prefix
+        shared = shared and (len({len(r) for r in rows}) == 1 or not has_sliding_layers(self.model.config))
+        asked = kwargs.get(self._cache_argument)
+        if shared and isinstance(asked, DynamicCache) and asked.get_seq_length() == 0:
+            # an empty cache asked for (one-pass scoring's, to continue from): the prefix's is one,
+            # of whole layers, which the continuation finds in the call
+            kwargs.pop(self._cache_argument)
+        if kwargs or not shared:
             if use_cache is not None:
                 kwargs["use_cache"] = use_cache
             return self._call(

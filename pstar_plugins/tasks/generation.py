@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from pstar_plugins.assembly.model import slot_input_of
 from pstar_plugins.contract.errors import DataError
 from pstar_plugins.mechanisms.inputs import IGNORE_INDEX
 from pstar_plugins.mechanisms.template import SLOT_PAD, TEMPLATE_SLOTS, Template, bind_slots
@@ -80,7 +81,7 @@ def target_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     the model's own loss with ``labels`` (tested).
     """
     labels = batch["labels"]
-    inputs = bind_slots(model, {k: v for k, v in batch.items() if k != "labels"})
+    inputs = bind_slots({k: v for k, v in batch.items() if k != "labels"}, slot_input_of(model))
     labelled = (labels != IGNORE_INDEX).any(0).nonzero()
     if labelled.numel() == 0:
         raise DataError("no row of this batch has a target token; check --target-column and --max-length.")
@@ -132,7 +133,9 @@ def generate(
             ids[i, length - len(p) :] = torch.tensor(p)
             mask[i, length - len(p) :] = 1
             index[i, length - len(p) :] = torch.tensor(idx)
-        kwargs = bind_slots(model, {TEMPLATE_SLOTS: index.to(device)} if (index != SLOT_PAD).any() else {})
+        kwargs = bind_slots(
+            {TEMPLATE_SLOTS: index.to(device)} if (index != SLOT_PAD).any() else {}, slot_input_of(model)
+        )
         out = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from pstar_plugins.assembly.model import slot_input_of
 from pstar_plugins.contract.errors import ConfigError, IncompatibleModelError
 from pstar_plugins.mechanisms import fast_paths
 from pstar_plugins.mechanisms.fast_paths import has_sliding_layers
@@ -123,7 +124,9 @@ class Verbalizer:
         """``(B, C)`` class scores: a classification head's logits, or the label words' log-probabilities."""
         if linear_head:
             device = next(model.parameters()).device
-            return model(**bind_slots(model, {k: v.to(device) for k, v in batch.inputs.items()})).logits.float()
+            return model(
+                **bind_slots({k: v.to(device) for k, v in batch.inputs.items()}, slot_input_of(model))
+            ).logits.float()
         return self.scores(model, batch)
 
     def scores(self, model, batch: EncodedBatch) -> torch.Tensor:
@@ -138,14 +141,14 @@ class Verbalizer:
         at = batch.answer_index.to(device)
         rows = torch.arange(at.shape[0], device=device)
         if self.masked_lm:
-            logp = F.log_softmax(model(**bind_slots(model, inputs)).logits.float(), dim=-1)
+            logp = F.log_softmax(model(**bind_slots(inputs, slot_input_of(model))).logits.float(), dim=-1)
             out = []
             for word in self.words:
                 per = [logp[rows, at + k, tok] for k, tok in enumerate(word)]
                 out.append(torch.stack(per, -1).mean(-1))
             return torch.stack(out, -1)
         if self.single_token:
-            logits = model(**bind_slots(model, inputs), logits_to_keep=1).logits[
+            logits = model(**bind_slots(inputs, slot_input_of(model)), logits_to_keep=1).logits[
                 :, -1
             ]  # the answer slot ends every row
             return F.log_softmax(logits.float(), dim=-1)[:, [w[0] for w in self.words]]
@@ -195,7 +198,7 @@ class Verbalizer:
             extended["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(word_t)], 1)
             if TEMPLATE_SLOTS in inputs:
                 extended[TEMPLATE_SLOTS] = torch.cat([inputs[TEMPLATE_SLOTS], torch.full_like(word_t, SLOT_PAD)], 1)
-            extended = bind_slots(model, extended)
+            extended = bind_slots(extended, slot_input_of(model))
             logits = model(**extended, logits_to_keep=k + 1).logits[:, :-1]  # positions predicting the word
             logp = F.log_softmax(logits.float(), dim=-1)
             out.append(logp.gather(2, word_t.unsqueeze(-1)).squeeze(-1).sum(-1))
@@ -207,7 +210,7 @@ class Verbalizer:
         lm, holder, _ = _frozen_lm(model)
         B = inputs["input_ids"].shape[0]
         continuation = _Continuation(lm, self.words, self.pad_id, B, inputs["input_ids"].device)
-        call = dict(bind_slots(model, inputs), use_cache=True, logits_to_keep=1)
+        call = dict(bind_slots(inputs, slot_input_of(model)), use_cache=True, logits_to_keep=1)
         if has_sliding_layers(lm.config):
             # a cache of whole layers: the model's own sliding-window masks keep each query to its
             # window over it, in the input's call and in the continuation's alike, where a sliding

@@ -37,7 +37,6 @@ from pstar_plugins.contract.capabilities import TokenizerCheck
 from pstar_plugins.contract.errors import PStarError
 from pstar_plugins.contract.spec import has_classifier_head
 from pstar_plugins.mechanisms import distributed
-from pstar_plugins.mechanisms.adapter_io import save_adapter
 from pstar_plugins.mechanisms.template import Soft, Template
 from pstar_plugins.models import load, load_tokenizer, quantization_config
 from pstar_plugins.train import run_dir, tracking
@@ -296,9 +295,9 @@ def _checkpoint(run: Run, step_done: int) -> None:
     trainable_state = run.core.trainable_state()  # collective under ZeRO-3: every rank gathers
     if accelerator.is_main_process:
         record = run.plan.task.record()
-        save_adapter(run.core, ckpt / "adapter", state=trainable_state, task=record)
+        run.core.save_adapter(ckpt / "adapter", state=trainable_state, task=record)
         if run.chooser.state is not None:  # the best so far: a resumed run can still end with it
-            save_adapter(run.core, ckpt / BEST_ADAPTER, state=run.chooser.state, task=record)
+            run.core.save_adapter(ckpt / BEST_ADAPTER, state=run.chooser.state, task=record)
         rng_state = run.rng.getstate()
         payload = {
             "step": step_done,
@@ -462,7 +461,7 @@ def _finish(run: Run) -> None:
         state = core.trainable_state()  # collective under ZeRO-3: only the method's partitions
     results["save"] = _save_record(core, state, save_calls)
     if accelerator.is_main_process:
-        save_adapter(core, out_dir / "adapter", state=state, task=plan.task.record())
+        core.save_adapter(out_dir / "adapter", state=state, task=plan.task.record())
         results["save"]["seconds"] = time.perf_counter() - started
         results["history"] = history
         (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))

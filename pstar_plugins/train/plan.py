@@ -72,7 +72,7 @@ class Plan:
 
 def _check_sizes(args, spec, config) -> None:
     """Options that size tensors against the model's position limit and the memory left, from the
-    model's config alone (core.sizes); a config that cannot be read is left to the loader."""
+    model's config alone (:mod:`pstar_plugins.train.sizes`); a config that cannot be read is left to the loader."""
     from pstar_plugins.methods.embedding_prompt import EmbeddingPromptMethod
     from pstar_plugins.models import resolve
     from pstar_plugins.train import sizes

@@ -194,6 +194,7 @@ class GenerationTask(_Task):
         }
 
     def loss(self, model, rows, labels):
+        from pstar_plugins.assembly.model import slot_input_of
         from pstar_plugins.mechanisms.template import bind_slots
         from pstar_plugins.tasks import generation as gen
 
@@ -201,7 +202,7 @@ class GenerationTask(_Task):
         batch = {k: v.to(self.device) for k, v in batch.items()}
         if self.target_logits_only:
             return gen.target_token_loss(model, batch)
-        return model(**bind_slots(model, batch)).loss
+        return model(**bind_slots(batch, slot_input_of(model))).loss
 
     def evaluation_model(self, model, core):
         return core  # generate() is the unwrapped model's
