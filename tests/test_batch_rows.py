@@ -147,7 +147,7 @@ def test_a_bad_row_past_max_train_samples_is_never_read(tmp_path):
             str(tmp_path / "out"),
         ]
     )
-    assert len(train_data._data(args)[0]) == 20
+    assert len(train_data.read_data(args)[0]) == 20
 
 
 def test_the_batch_refusal_comes_before_the_schedule_that_counts_its_steps(tmp_path, capsys):

@@ -10,7 +10,7 @@ from pstar_plugins.contract.errors import ConfigError, PluginError
 from pstar_plugins.contract.spec import MethodConfig, MethodPlugin, MethodSpec
 from pstar_plugins.testing import registered_plugin
 from pstar_plugins.train.cli import parse_args
-from pstar_plugins.train.plan import _method_config
+from pstar_plugins.train.plan import method_config_of
 
 
 @dataclass
@@ -86,10 +86,10 @@ def test_task_flags_fill_the_fields_they_share_on_purpose():
     args = parse_args(
         ["--method", "p-tuning", "--template", "{soft:2} T: {sentence}\\nS:{answer}", "--output-dir", "x"]
     )
-    config, _ = _method_config(args, pm.method("p-tuning"))
+    config, _ = method_config_of(args, pm.method("p-tuning"))
     assert config.template == "{soft:2} T: {sentence}\nS:{answer}"  # converted once, here
     args = parse_args(["--method", "prompt-tuning", "--label-words", "bad", "good", "--output-dir", "x"])
-    config, _ = _method_config(args, pm.method("prompt-tuning"))
+    config, _ = method_config_of(args, pm.method("prompt-tuning"))
     assert config.label_words == ["bad", "good"]
 
 
@@ -136,7 +136,7 @@ def test_methods_verbose_lists_each_methods_options(capsys):
 def test_generation_summary_gives_both_scores_with_their_scale_a_sample_and_the_files(tmp_path):
     from argparse import Namespace
 
-    from pstar_plugins.train.report import _smooth, _summary
+    from pstar_plugins.train.report import smooth, summary_text
 
     results = {
         "generation_scores": {
@@ -145,31 +145,31 @@ def test_generation_summary_gives_both_scores_with_their_scale_a_sample_and_the_
         }
     }
     (tmp_path / "adapter").mkdir()
-    text = _summary(
+    text = summary_text(
         Namespace(method="prefix-tuning", model="m"), results, "bleu", [tmp_path / "adapter", tmp_path / "metrics.json"]
     )
     assert "  zero-shot dev  : BLEU 1.23, ROUGE-L 10.00 (both 0-100)" in text
     assert "  tuned dev      : BLEU 12.35, ROUGE-L 40.50 (both 0-100)" in text
     assert "sample output          : 'a pub near the river'" in text
     assert f"files written:\n    {tmp_path / 'adapter'}/\n    {tmp_path / 'metrics.json'}\n" in text
-    assert _smooth([4.0, 4.0, 4.0]) == pytest.approx([4.0, 4.0, 4.0])  # bias-corrected: no pull towards 0
-    assert _smooth([0.0, 10.0], weight=0.5) == pytest.approx([0.0, 5 / 0.75])
+    assert smooth([4.0, 4.0, 4.0]) == pytest.approx([4.0, 4.0, 4.0])  # bias-corrected: no pull towards 0
+    assert smooth([0.0, 10.0], weight=0.5) == pytest.approx([0.0, 5 / 0.75])
 
 
 def test_a_default_template_follows_the_datas_one_text_column():
     from argparse import Namespace
 
-    from pstar_plugins.train.data import _default_template_for
+    from pstar_plugins.train.data import default_template_for
 
     args = Namespace(label_column="label", target_column="ref", task="classification")
     preset = "{soft:3} Review: {sentence} {soft:3} Sentiment:{answer}"
     assert (
-        _default_template_for(preset, {"text": "fine", "label": "1"}, args)
+        default_template_for(preset, {"text": "fine", "label": "1"}, args)
         == "{soft:3} Review: {text} {soft:3} Sentiment:{answer}"
     )
-    assert _default_template_for(preset, {"sentence": "fine", "label": "1"}, args) == preset  # already fits
+    assert default_template_for(preset, {"sentence": "fine", "label": "1"}, args) == preset  # already fits
     # two candidate columns: no guess, the slot check then names --template and --column
-    assert _default_template_for(preset, {"title": "a", "body": "b", "label": "1"}, args) == preset
+    assert default_template_for(preset, {"title": "a", "body": "b", "label": "1"}, args) == preset
 
 
 @pytest.mark.parametrize(

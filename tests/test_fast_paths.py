@@ -13,7 +13,7 @@ from pstar_plugins.mechanisms import fast_paths
 from pstar_plugins.mechanisms.template import Template
 from pstar_plugins.tasks.verbalizer import Verbalizer, recording
 from pstar_plugins.testing.architectures import tiny_model
-from pstar_plugins.train.report import _summary
+from pstar_plugins.train.report import summary_text
 from tests.test_label_words import METHODS, ROWS, TEMPLATE, TOKENIZER, WORDS
 
 
@@ -105,6 +105,6 @@ def test_the_run_summary_shows_the_record():
         "tuned_accuracy": 0.5,
         "fast_paths": model.fast_paths.lines(),
     }
-    text = _summary(args, results, "accuracy", [])
+    text = summary_text(args, results, "accuracy", [])
     assert "fast paths             : packing: does not apply (encoder-decoder model)" in text
     assert "one pass scoring: does not apply (not a decoder-only causal LM)" in text

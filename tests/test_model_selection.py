@@ -14,7 +14,7 @@ import pytest
 from pstar_plugins.mechanisms.data_templates import soft_prompt_template, text_columns, worded_template
 from pstar_plugins.train.checks import resolve_schedule
 from pstar_plugins.train.cli import parse_args
-from pstar_plugins.train.data import _template_text
+from pstar_plugins.train.data import choose_template
 from pstar_plugins.train.selection import Selection, split_off
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,31 +107,31 @@ def _pairs_args(method, *flags):
 
 def test_a_template_method_gets_soft_tokens_around_each_text_column():
     from pstar_plugins.assembly.registry import get_plugin_manager
-    from pstar_plugins.train.plan import _method_config
+    from pstar_plugins.train.plan import method_config_of
 
     args = _pairs_args("p-tuning")
-    config, _ = _method_config(args, get_plugin_manager().method("p-tuning"))
-    text, config = _template_text(args, config, [RTE_ROW], "pairs.jsonl")
+    config, _ = method_config_of(args, get_plugin_manager().method("p-tuning"))
+    text, config = choose_template(args, config, [RTE_ROW], "pairs.jsonl")
     assert text == config.template == "{soft:3} {sentence1} {soft:3} {sentence2} {soft:3}{answer}"
     assert soft_prompt_template(["sentence"]) == "{soft:3} {sentence} {soft:3}{answer}"
     given = _pairs_args("p-tuning", "--template", "{soft:2} {sentence1} / {sentence2}{answer}")
-    config, _ = _method_config(given, get_plugin_manager().method("p-tuning"))
-    assert _template_text(given, config, [RTE_ROW], "pairs.jsonl")[0] == "{soft:2} {sentence1} / {sentence2}{answer}"
+    config, _ = method_config_of(given, get_plugin_manager().method("p-tuning"))
+    assert choose_template(given, config, [RTE_ROW], "pairs.jsonl")[0] == "{soft:2} {sentence1} / {sentence2}{answer}"
 
 
 def test_the_worded_default_follows_one_text_column_and_its_suggestion_for_several_parses():
     from pstar_plugins.assembly.registry import get_plugin_manager
     from pstar_plugins.mechanisms.template import Template, from_command_line
-    from pstar_plugins.train.plan import _method_config
+    from pstar_plugins.train.plan import method_config_of
 
     args = _pairs_args("prompt-tuning")
-    config, _ = _method_config(args, get_plugin_manager().method("prompt-tuning"))
+    config, _ = method_config_of(args, get_plugin_manager().method("prompt-tuning"))
     assert (
-        _template_text(args, config, [{"text": "fine", "label": "1"}], "x.tsv")[0]
+        choose_template(args, config, [{"text": "fine", "label": "1"}], "x.tsv")[0]
         == "Review: {text} Sentiment:{answer}"
     )
     assert (
-        _template_text(args, config, [{"sentence": "fine", "label": "1"}], "x.tsv")[0]
+        choose_template(args, config, [{"sentence": "fine", "label": "1"}], "x.tsv")[0]
         == "Review: {sentence} Sentiment:{answer}"
     )
     suggested = Template.parse(from_command_line(worded_template(["sentence1", "sentence2"])))
@@ -242,31 +242,31 @@ def test_early_stopping_ends_the_run_after_patience_evaluations_without_improvem
 
 
 def test_a_generation_split_keeps_every_source_on_one_side():
-    from pstar_plugins.train.data import _split_off
+    from pstar_plugins.train.data import split_held_out
 
     rows = [{"mr": f"name[{i % 7}]", "ref": f"text {i}"} for i in range(70)]  # 7 sources, 10 references each
     args = Namespace(validation_split_percentage=30, seed=42, task="generation", target_column="ref")
-    train, held = _split_off(rows, "e2e", args)
+    train, held = split_held_out(rows, "e2e", args)
     assert {r["mr"] for r in train}.isdisjoint({r["mr"] for r in held})
     assert len({r["mr"] for r in held}) == 2 and len(held) == 20  # 30% of the 7 sources, all their rows
     # classification keeps the row split
-    assert _split_off(
+    assert split_held_out(
         rows, "x", Namespace(validation_split_percentage=30, seed=42, task="classification", target_column="ref")
     ) == split_off(rows, 30, 42)
 
 
 def test_a_resume_under_other_data_flags_is_refused_before_the_model_loads(tmp_path):
     from pstar_plugins.contract.errors import ConfigError
-    from pstar_plugins.train.data import _check_same_data_plan, data_plan
+    from pstar_plugins.train.data import check_same_data_plan, data_plan
 
     args = Namespace(seed=42, max_train_samples=None, validation_split_percentage=10, select_best="last")
     checkpoint = tmp_path / "checkpoint-4"
     checkpoint.mkdir()
     (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 4, "data_plan": data_plan(args)}))
-    _check_same_data_plan(checkpoint, args)  # the same flags: accepted
+    check_same_data_plan(checkpoint, args)  # the same flags: accepted
     changed = Namespace(**{**vars(args), "seed": 7, "select_best": "best"})
     with pytest.raises(ConfigError, match=r"written with --seed 42 \(now 7\), --select-best last \(now best\)"):
-        _check_same_data_plan(checkpoint, changed)
+        check_same_data_plan(checkpoint, changed)
 
 
 def test_a_selection_split_that_is_never_evaluated_is_refused():

@@ -27,7 +27,7 @@ from pstar_plugins.assembly.loading import load_adapter
 from pstar_plugins.assembly.registry import get_plugin_manager
 from pstar_plugins.contract.capabilities import PeftExport
 from pstar_plugins.contract.errors import AdapterError, IncompatibleModelError
-from pstar_plugins.mechanisms.adapter_io import _atomic_write
+from pstar_plugins.mechanisms.adapter_io import atomic_write
 from pstar_plugins.mechanisms.inputs import is_encoder_decoder
 
 PEFT_CONFIG = "adapter_config.json"
@@ -74,8 +74,8 @@ def export_peft(adapter_dir, base_model, output_dir, contents=None) -> dict:
     )
     out = Path(output_dir)
     tensors = {"prompt_embeddings": embeddings.float().contiguous().cpu()}
-    _atomic_write(out / PEFT_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(out / PEFT_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+    atomic_write(out / PEFT_WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(out / PEFT_CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
     return config
 
 

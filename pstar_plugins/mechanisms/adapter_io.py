@@ -28,7 +28,7 @@ WEIGHTS_NAME = "adapter.safetensors"
 METADATA_KEY = "pstar_adapter_config"
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
@@ -89,10 +89,10 @@ def write_adapter(directory, meta: dict[str, Any], state: dict[str, torch.Tensor
     # the config also travels inside the tensor file, so the one atomic rename that replaces the
     # weights replaces the config they belong to: a kill between the two writes cannot pair new
     # tensors with an old config (the JSON beside it is for people and other tools)
-    _atomic_write(
+    atomic_write(
         directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt", METADATA_KEY: text})
     )
-    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
+    atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
 
 
 def _warn_if_edited(config_path: Path, embedded: str) -> None:

@@ -24,7 +24,7 @@ def _train_file(args) -> str | None:
     return args.train_file if args.train_file is not None else packaged_data("sst2_train_sample.tsv")
 
 
-def _data(args):
+def read_data(args):
     """Training and evaluation rows with their names for messages. The packaged SST-2 files are
     the default only when no data at all is given; a --train-file needs its own evaluation rows.
     The last value is the number of training rows read, before a selection split is held out."""
@@ -59,7 +59,7 @@ def _data(args):
     rows_read = len(train_rows)
     select_rows = select_source = None
     if percentage is not None:
-        train_rows, select_rows = _split_off(train_rows, train_source, args)
+        train_rows, select_rows = split_held_out(train_rows, train_source, args)
         select_source = f"{train_source} (held-out {percentage}%, seed {args.seed})"
     if percentage is not None and validation_file is None and not args.dataset:
         # no evaluation file: the held-out rows are the evaluation set (and no selection split)
@@ -92,7 +92,7 @@ def _data(args):
     return train_rows, train_source, eval_rows, eval_source, select_rows, rows_read
 
 
-def _split_off(rows: list, source: str, args) -> tuple[list, list]:
+def split_held_out(rows: list, source: str, args) -> tuple[list, list]:
     """``(training rows, held-out rows)`` of ``--validation-split-percentage`` (below 100%, so
     rows always remain to train on); refuses a split that holds out no row."""
     from pstar_plugins.train.selection import split_off
@@ -111,7 +111,7 @@ def _split_off(rows: list, source: str, args) -> tuple[list, list]:
     return train, held
 
 
-def _template_text(args, config, train_rows: list[dict], train_source: str):
+def choose_template(args, config, train_rows: list[dict], train_source: str):
     """``(template text, config)``. One template, converted from the command line once
     (parse_args): a template method's config holds the same text as the task record, so
     ``pstar eval`` scores the prompt training used. Without ``--template``, a template method's
@@ -132,7 +132,7 @@ def _template_text(args, config, train_rows: list[dict], train_source: str):
         built = soft_prompt_template(columns)
         logger.info("template built from the data's text columns %s: %r (set --template to choose)", columns, built)
         return built, config.replace(template=built)
-    adapted = _default_template_for(DEFAULT_TEMPLATE, train_rows[0], args)
+    adapted = default_template_for(DEFAULT_TEMPLATE, train_rows[0], args)
     if len(columns) > 1 and any(f not in train_rows[0] for f in _template_fields(adapted)):
         raise ConfigError(
             f"{train_source} has {len(columns)} text columns {columns}, and the default template "
@@ -159,7 +159,7 @@ def _ignored_columns(args) -> set[str]:
     return {args.label_column} if args.task == "classification" else {args.target_column}
 
 
-def _default_template_for(text: str, row: dict, args) -> str:
+def default_template_for(text: str, row: dict, args) -> str:
     """A default template whose one text slot names no column of the data, pointed at the
     data's one text column when there is exactly one."""
     from pstar_plugins.mechanisms.data_templates import text_columns
@@ -172,7 +172,7 @@ def _default_template_for(text: str, row: dict, args) -> str:
     return text
 
 
-def _check_template(template, args, train_rows, train_source) -> None:
+def check_template(template, args, train_rows, train_source) -> None:
     if args.model_kind == "causal-lm" or args.task == "generation":
         template.check_answer_last()
     if not template.has_answer:
@@ -188,7 +188,7 @@ def _check_template(template, args, train_rows, train_source) -> None:
             )
 
 
-def _check_room(template, tokenizer, max_length: int) -> None:
+def check_room(template, tokenizer, max_length: int) -> None:
     """The template alone (its soft tokens included) must leave room for the example's text."""
     empty = template.encode({name: "" for name in template.fields}, tokenizer, stop_at_answer=True)
     used = len(empty.input_ids)
@@ -211,7 +211,7 @@ def data_plan(args) -> dict:
     return {name: getattr(args, name) for name in DATA_PLAN_FLAGS}
 
 
-def _check_same_data_plan(checkpoint: Path, args) -> None:
+def check_same_data_plan(checkpoint: Path, args) -> None:
     """Refuse, before the model loads, to resume a checkpoint written under other data flags."""
     saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("data_plan")
     if saved is None:
@@ -225,7 +225,7 @@ def _check_same_data_plan(checkpoint: Path, args) -> None:
         )
 
 
-def _rows_without_limit(args) -> int | None:
+def rows_without_limit(args) -> int | None:
     """The training rows the data holds without ``--max-train-samples``, read only to word a
     refusal's advice; ``None`` when they cannot be read (a bad row past the limit is no fault of
     the run, which never reads it)."""

@@ -40,9 +40,9 @@ from pstar_plugins.mechanisms import distributed
 from pstar_plugins.mechanisms.template import Soft, Template
 from pstar_plugins.models import load, load_tokenizer, quantization_config
 from pstar_plugins.train import run_dir, tracking
-from pstar_plugins.train.data import _check_room, data_plan
+from pstar_plugins.train.data import check_room, data_plan
 from pstar_plugins.train.plan import Plan
-from pstar_plugins.train.report import _plot, _quiet_third_party, _save_record, _summary
+from pstar_plugins.train.report import quiet_third_party, save_record, summary_text, write_plot
 from pstar_plugins.train.selection import BEST_ADAPTER, Selection
 
 logger = logging.getLogger("pstar_plugins.train")
@@ -88,7 +88,7 @@ class Run:
 
 def _accelerator(args):
     """Accelerate, set up for this launch (one process, DDP or DeepSpeed, with or without GPUs)."""
-    _quiet_third_party(sys.stderr.isatty())
+    quiet_third_party(sys.stderr.isatty())
 
     # without a GPU, multi-process runs need gloo (otherwise Accelerate sees one process while
     # DeepSpeed sees several); a single plain process must not ask for a process group at all
@@ -127,7 +127,7 @@ def _build_or_continue(plan: Plan, accelerator):
 
     args, template = plan.args, plan.template
     tokenizer = load_tokenizer(args.model, args.gguf_file)
-    _check_room(template, tokenizer, args.max_length)
+    check_room(template, tokenizer, args.max_length)
     # before the model loads; an adapter is checked as it will be built (for_loading skips the initialisations)
     config = plan.config if plan.adapter is None else plan.config.for_loading()
     method_class = plan.spec.resolve_class()
@@ -459,14 +459,14 @@ def _finish(run: Run) -> None:
     started = time.perf_counter()
     with distributed.recording_gathers() as save_calls:
         state = core.trainable_state()  # collective under ZeRO-3: only the method's partitions
-    results["save"] = _save_record(core, state, save_calls)
+    results["save"] = save_record(core, state, save_calls)
     if accelerator.is_main_process:
         core.save_adapter(out_dir / "adapter", state=state, task=plan.task.record())
         results["save"]["seconds"] = time.perf_counter() - started
         results["history"] = history
         (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
         if args.plot:
-            _plot(
+            write_plot(
                 history,
                 out_dir / args.plot,
                 args.method,
@@ -478,4 +478,4 @@ def _finish(run: Run) -> None:
         if args.plot and (out_dir / args.plot).is_file():
             written.append(out_dir / args.plot)
         written += run_dir.complete_checkpoints(out_dir)
-        print(_summary(args, results, metric, written))
+        print(summary_text(args, results, metric, written))

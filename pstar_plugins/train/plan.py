@@ -17,11 +17,17 @@ from pstar_plugins.models import check_source
 from pstar_plugins.train import run_dir
 from pstar_plugins.train.checks import check_batch_fits, data_limits, resolve_schedule
 from pstar_plugins.train.cli import TrainConfig
-from pstar_plugins.train.data import _check_same_data_plan, _check_template, _data, _rows_without_limit, _template_text
+from pstar_plugins.train.data import (
+    check_same_data_plan,
+    check_template,
+    choose_template,
+    read_data,
+    rows_without_limit,
+)
 from pstar_plugins.train.tasks import ScriptTask, Split, make_task
 
 
-def _method_config(args, spec):
+def method_config_of(args, spec):
     """The method's config: its preset, the method flags, the shared task flags, or a saved adapter's."""
     preset = spec.preset.options
     fields = {f.name for f in dataclasses.fields(spec.config_class)}
@@ -91,23 +97,23 @@ def _check_sizes(args, spec, config) -> None:
 def make_plan(args: TrainConfig) -> Plan:
     """Method and config, data, schedule, template and output folder, all checked (no torch)."""
     spec = get_plugin_manager().method(args.method)
-    config, adapter = _method_config(args, spec)
+    config, adapter = method_config_of(args, spec)
     lr = args.learning_rate if args.learning_rate is not None else spec.preset.learning_rate
     out_dir = Path(args.output_dir)
     run_dir.check_writable(out_dir)
-    train_rows, train_source, eval_rows, eval_source, select_rows, rows_read = _data(args)
+    train_rows, train_source, eval_rows, eval_source, select_rows, rows_read = read_data(args)
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     task = make_task(args)
     train, evaluation = task.split(train_rows, train_source), task.split(eval_rows, eval_source)
     selection = task.split(select_rows, train_source) if select_rows is not None else None
-    template_text, config = _template_text(args, config, train_rows, train_source)
+    template_text, config = choose_template(args, config, train_rows, train_source)
     template = Template.parse(template_text)
-    _check_template(template, args, train_rows, train_source)
+    check_template(template, args, train_rows, train_source)
     # the rows one step takes, before the schedule, whose warm-up and epochs count those steps
     needed = args.batch_size * processes
     if len(train_rows) < needed:  # refused below; how many rows the data holds words the advice
         limited = args.max_train_samples is not None and rows_read == args.max_train_samples
-        available = _rows_without_limit(args) if limited else rows_read
+        available = rows_without_limit(args) if limited else rows_read
         check_batch_fits(len(train_rows), args.batch_size, processes, data_limits(args, rows_read, available, needed))
     resolve_schedule(args, len(train_rows), processes)
     check_source(args.model, args.model_kind, args.gguf_file, args.task)
@@ -121,6 +127,6 @@ def make_plan(args: TrainConfig) -> Plan:
     resume = run_dir.checkpoint_to_resume(args.resume_from_checkpoint, out_dir)
     if resume is not None:
         run_dir.check_resume(resume, args.method, args.max_steps)
-        _check_same_data_plan(resume, args)
+        check_same_data_plan(resume, args)
     run_id = {"method": args.method, "model": args.model, "train_file": train_source}
     return Plan(args, spec, config, adapter, lr, out_dir, run_id, resume, template, task, train, evaluation, selection)

@@ -9,7 +9,7 @@ from pathlib import Path
 logger = logging.getLogger("pstar_plugins.train")
 
 
-def _save_record(core, state: dict, calls: list) -> dict:
+def save_record(core, state: dict, calls: list) -> dict:
     """What the final save gathered (``calls``, recorded; under ZeRO-3: the method's partitions
     only, no frozen weight)."""
     gathered_ids = {i for call in calls for i in call}
@@ -26,7 +26,7 @@ def _is_cpu_notice(record: logging.LogRecord) -> bool:
     return "Setting accelerator to CPU" not in record.getMessage()
 
 
-def _quiet_third_party(interactive: bool) -> None:
+def quiet_third_party(interactive: bool) -> None:
     """Keep other libraries' notices out of a normal run's output: DeepSpeed's "Setting
     accelerator to CPU" on machines without a GPU, and, in a log file, the weight-loading bar."""
     logging.getLogger("DeepSpeed").addFilter(_is_cpu_notice)  # the logger DeepSpeed writes through
@@ -38,7 +38,7 @@ def _quiet_third_party(interactive: bool) -> None:
         transformers_logging.disable_progress_bar()
 
 
-def _summary(args, results: dict, metric: str, written: list[Path]) -> str:
+def summary_text(args, results: dict, metric: str, written: list[Path]) -> str:
     """The closing report: the scores (with their scales) and every file this run wrote."""
     from pstar_plugins.train.tasks import BY_METRIC
 
@@ -73,7 +73,7 @@ def _run_size_lines(args, results: dict, metric: str) -> list[str]:
     return lines
 
 
-def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
+def smooth(values: list[float], weight: float = 0.9) -> list[float]:
     """Exponential moving average with bias correction (TensorBoard's smoothing)."""
     out, average = [], 0.0
     for i, v in enumerate(values, start=1):
@@ -82,7 +82,7 @@ def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
     return out
 
 
-def _plot(
+def write_plot(
     history, path: Path, method: str, metric: str = "accuracy", subset: int = 0, periodic_on_selection: bool = False
 ) -> None:
     try:
@@ -95,7 +95,7 @@ def _plot(
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(history["step"], history["loss"], color="tab:blue", alpha=0.25, linewidth=0.8, label="training loss (raw)")
-    ax.plot(history["step"], _smooth(history["loss"]), color="tab:blue", label="training loss (smoothed)")
+    ax.plot(history["step"], smooth(history["loss"]), color="tab:blue", label="training loss (smoothed)")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss", color="tab:blue")
     ax2 = ax.twinx()
