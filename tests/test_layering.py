@@ -262,14 +262,23 @@ def test_the_package_cycle_check_sees_a_knot_of_acyclic_modules():
 REGISTRY_ATTRIBUTES = {"plugin_manager", "hook", "_pm"}
 
 
-def test_no_layer_below_assembly_reaches_the_plugin_registry():
-    below = [m for m in MODULES if layer_of(m) < layer_of("pstar_plugins.assembly.registry")]
-    hits = sorted(
+def below_assembly() -> list[str]:
+    return [m for m in MODULES if layer_of(m) < layer_of("pstar_plugins.assembly")]
+
+
+def attribute_uses(modules: list[str], names: set[str]) -> list[str]:
+    """``module:line .name`` for every attribute access ``x.name`` of ``names`` in ``modules``."""
+    return sorted(
         f"{m}:{node.lineno} .{node.attr}"
-        for m in below
+        for m in modules
         for node in ast.walk(ast.parse(MODULES[m].read_text()))
-        if isinstance(node, ast.Attribute) and node.attr in REGISTRY_ATTRIBUTES
+        if isinstance(node, ast.Attribute) and node.attr in names
     )
+
+
+def test_no_layer_below_assembly_reaches_the_plugin_registry():
+    below = below_assembly()
+    hits = attribute_uses(below, REGISTRY_ATTRIBUTES)
     assert not hits, f"calls back up to the plugin registry: {hits}"
     assert "pstar_plugins.contract.hookspecs" in below and "pstar_plugins.methods.prompt_tuning.module" in below
 
@@ -295,13 +304,7 @@ def test_no_layer_below_assembly_calls_the_wrapped_model():
     members they would call by name (its state, its method's name, its plugin record)."""
     members = wrapped_model_members()
     assert {"raw_trainable_state", "extra_trainable_parameters", "method_name", "plugin_origin"} <= members
-    below = [m for m in MODULES if layer_of(m) < layer_of("pstar_plugins.assembly.model")]
-    hits = sorted(
-        f"{m}:{node.lineno} .{node.attr}"
-        for m in below
-        for node in ast.walk(ast.parse(MODULES[m].read_text()))
-        if isinstance(node, ast.Attribute) and node.attr in members
-    )
+    hits = attribute_uses(below_assembly(), members)
     assert not hits, f"calls up into the wrapped model: {hits}"
 
 
