@@ -2,11 +2,12 @@
 ``load_best_model_at_end``, a collator that pads the methods' extra inputs.
 
 A ``PStarModel`` trains in a plain ``Trainer`` with default ``TrainingArguments`` (its forward
-names ``labels`` and ``task_ids``; a method's own inputs, ``PromptMethod.input_pads``, are kept
-by :class:`PStarTrainer`). ``Trainer`` itself, though, writes the
-whole ``state_dict()`` (frozen weights included) for any model that is not a ``PreTrainedModel``
-or a ``PeftModel``, and reloads checkpoints the same way. :class:`PStarTrainer` keeps everything
-else of ``Trainer`` and replaces those three steps::
+names ``labels``, ``task_ids`` and a method's own inputs, ``PromptMethod.input_pads``, so the
+columns are kept; pass ``PStarDataCollator(tokenizer, input_pads=model.method.input_pads)``).
+``Trainer`` saves ``state_dict()`` for a model that is not a ``PreTrainedModel``, which for a
+``PStarModel`` is the adapter's tensors, without their config. :class:`PStarTrainer` keeps
+everything else of ``Trainer`` and writes and reloads adapter folders instead (under DeepSpeed
+too, without the engine's frozen fragments)::
 
     trainer = PStarTrainer(model=build_model(base, "prompt-tuning", num_virtual_tokens=20),
                            args=TrainingArguments("runs/x"), train_dataset=features,
