@@ -60,6 +60,16 @@ def _fast_path(report, arch: str) -> str:
         calls = "padded: " + {"masked-lm": "encoder-only model", "seq2seq-lm": "encoder-decoder model"}.get(
             KIND[arch], "direct call"
         )
+    # the other paths each cell's checks took: a path that stops applying moves the cell
+    served = [
+        name
+        for name, check, sign in (
+            ("packed prefill", "generate_equals_loop", "prefill: packed"),
+            ("prompt cache", "inference_fast_path", "prompt cache: served"),
+        )
+        if sign in report.outcome(check).detail
+    ]
+    calls = "; ".join([calls, *served])
     scoring = report.outcome("one_pass_scoring")
     if scoring.status == "passed":
         return f"{calls}; one-pass scoring"
@@ -137,10 +147,12 @@ outputs; only the method's tensors train; padded rows equal rows alone; packed e
 greedy `generate()` (step-by-step reference, packed prefill included) agree; checkpointed
 gradients equal plain ones; mixed-task rows equal single-task rows; a second build and a
 refused load leave the base model usable; one-pass label-word scores equal the per-class loop.
-*Fast path* says whether training and scoring calls
-run padding-free on that family (an allow-list, `mechanisms.fast_paths.PADDING_FREE_FAMILIES`, of the
-families verified here) or padded, and why, and on a causal LM whether multi-token label words
-are scored in one pass (checked against the per-class loop) or per class, and why. A refused
+*Fast path* says whether training and scoring calls run padding-free on that family (an
+allow-list, `mechanisms.fast_paths.PADDING_FREE_FAMILIES`, of the families verified here) or
+padded, and why; whether `generate()` prefilled the prompts packed (*packed prefill*) and
+inference calls were served from the prompts' cache (*prompt cache*, prompt tuning), each where
+it took place in the checks above; and on a causal LM whether multi-token label words are scored
+in one pass (checked against the per-class loop) or per class, and why. A refused
 cell is refused when the model is built, with the message shown; no cell builds and then gives
 wrong numbers.
 

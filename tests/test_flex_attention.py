@@ -83,7 +83,7 @@ def test_every_method_evaluates_on_flex_like_sdpa(arch, method):
                 model.packing = packed
                 with packing.recording() as seen:
                     out[impl] = _scores(model, method, ids, mask)
-                paths[impl] = seen
+                paths[impl] = [p for p in seen if p.startswith("call")]  # (prompt tuning: its cache too)
             assert paths["flex_attention"] == paths["sdpa"], "flex takes the same path as sdpa"
             if packed:
                 assert paths["flex_attention"] == ["call: packed"], paths
@@ -108,7 +108,7 @@ def test_mixed_task_packed_calls_on_flex_see_only_their_own_prompt(method):
         model.packing = True
         with packing.recording() as seen:
             out[impl] = _scores(model, method, ids, mask, task_ids=task_ids)
-        assert seen == ["call: packed"], seen
+        assert [p for p in seen if p.startswith("call")] == ["call: packed"], seen
     torch.testing.assert_close(out["flex_attention"], out["sdpa"], rtol=1e-5, atol=1e-5)
     alone = _scores(models["flex_attention"], method, ids[1:2], mask[1:2], task_ids=task_ids[1:2])
     torch.testing.assert_close(

@@ -366,9 +366,10 @@ def test_prompt_tuning_served_from_the_prompts_cache_equals_virtual_tokens(arch,
         last = model(**prompts, **extra, logits_to_keep=1).logits
         model.packing = True
         model.method._injector(model.base_model)  # routed once (a two-token probe call), not per call
-        with _positions_run(model) as seen:
+        with _positions_run(model) as seen, packing.recording() as paths:
             served_last = model(**prompts, **extra, logits_to_keep=1).logits
         served_full = model(**prompts, **extra).logits
+    assert paths[0] == "prompt cache: served", paths  # what the matrix reads as the path a cell took
     real = prompts["attention_mask"].bool()
     torch.testing.assert_close(served_full[real], full[real], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(served_last, last, rtol=1e-4, atol=1e-4)

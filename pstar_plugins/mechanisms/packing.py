@@ -221,8 +221,14 @@ _PATHS = Recorder()
 
 def recording() -> ContextManager[list[str]]:
     """Collect, for every model call and ``generate()`` meanwhile, ``"packed"`` or the reason it
-    ran padded (what the conformance suite reports as the fast path a cell took)."""
+    ran padded, and every call served from a method's prompt cache (:func:`record_prompt_cache`):
+    what the conformance suite reports as the fast paths a cell took."""
     return _PATHS.recording()
+
+
+def record_prompt_cache() -> None:
+    """A call ran from the method's prompt cache (the prompts' keys/values instead of its tokens)."""
+    _PATHS.add("prompt cache: served")
 
 
 def _record(what: str, reason: str | None) -> None:

@@ -125,6 +125,7 @@ class PromptTuning(EmbeddingPromptMethod, OnePassContinuations, PeftExport, Prom
     # -- serving from the prompts' cache -----------------------------------------------------
     def run(self, base_model, inputs, task_ids):
         if self._prompt_cache_reason(base_model, inputs) is None:
+            packing.record_prompt_cache()
             return self._run_from_prompt_cache(base_model, inputs, task_ids)
         return super().run(base_model, inputs, task_ids)
 
