@@ -94,38 +94,44 @@ def unsupported_reason(model: nn.Module, inputs: dict[str, Any], causal_lm: bool
     return None
 
 
-def _packed_backbone_call(
-    p: PackPlan, backbone: nn.Module, inputs: dict[str, Any], embed: nn.Module, cache=None
-) -> torch.Tensor:
+#: inputs a packed call replaces with their packed form (or drops): the rest pass through
+_PACKED_INPUTS = (
+    "input_ids",
+    "inputs_embeds",
+    "attention_mask",
+    "position_ids",
+    "logits_to_keep",
+    "labels",
+    "use_cache",
+    *_CACHE_ARGUMENTS,
+)
+
+
+def _packed_call(p: PackPlan, model: nn.Module, inputs: dict[str, Any], embed: nn.Module, cache=None, **extra):
+    """``model`` (a causal LM or its backbone) on the rows of ``inputs`` packed by ``p``: the
+    embeddings, positions and mask packed, ``cache`` (or none) as the model's cache, ``extra``
+    (e.g. ``logits_to_keep``) and the caller's other inputs passed on."""
     embeds = inputs.get("inputs_embeds")
     if embeds is None:
         embeds = embed(inputs["input_ids"])
-    call = {
-        k: v
-        for k, v in inputs.items()
-        if k
-        not in (
-            "input_ids",
-            "inputs_embeds",
-            "attention_mask",
-            "position_ids",
-            "logits_to_keep",
-            "labels",
-            "use_cache",
-            *_CACHE_ARGUMENTS,
-        )
-    }
+    call = {k: v for k, v in inputs.items() if k not in _PACKED_INPUTS}
     if cache is not None:
-        call[_cache_argument(backbone)] = cache
-    out = backbone(
+        call[_cache_argument(model)] = cache
+    return model(
         inputs_embeds=pack(p, embeds),
         position_ids=pack(p, inputs["position_ids"]),
-        attention_mask=masks(p, backbone, embeds.dtype),
+        attention_mask=masks(p, model, embeds.dtype),
         use_cache=cache is not None,
-        **varlen_kwargs(p, backbone),
+        **varlen_kwargs(p, model),
+        **extra,
         **call,
     )
-    return out.last_hidden_state
+
+
+def _packed_backbone_call(
+    p: PackPlan, backbone: nn.Module, inputs: dict[str, Any], embed: nn.Module, cache=None
+) -> torch.Tensor:
+    return _packed_call(p, backbone, inputs, embed, cache).last_hidden_state
 
 
 def _cache_argument(model: nn.Module) -> str:
@@ -171,35 +177,8 @@ def causal_lm_forward(p: PackPlan, model: nn.Module, inputs: dict[str, Any]) -> 
         logits = model.get_output_embeddings()(hidden[p.bin[token], p.offset[token]])  # (n, V)
     else:  # the model's own forward computes the logits (its scaling, capping) at the wanted columns
         columns, where = torch.unique(p.offset[token], return_inverse=True)
-        embeds = inputs.get("inputs_embeds")
-        if embeds is None:
-            embeds = model.get_input_embeddings()(inputs["input_ids"])
-        call = {
-            k: v
-            for k, v in inputs.items()
-            if k
-            not in (
-                "input_ids",
-                "inputs_embeds",
-                "attention_mask",
-                "position_ids",
-                "logits_to_keep",
-                "labels",
-                "use_cache",
-                *_CACHE_ARGUMENTS,
-            )
-        }
-        if cache is not None:
-            call[_cache_argument(model)] = cache
-        packed = model(
-            inputs_embeds=pack(p, embeds),
-            position_ids=pack(p, inputs["position_ids"]),
-            attention_mask=masks(p, model, embeds.dtype),
-            use_cache=cache is not None,
-            logits_to_keep=columns,
-            **varlen_kwargs(p, model),
-            **call,
-        ).logits
+        embed = model.get_input_embeddings()
+        packed = _packed_call(p, model, inputs, embed, cache, logits_to_keep=columns).logits
         logits = packed[p.bin[token], where]  # (n, V)
     out = logits.new_zeros((B, keep, logits.shape[-1]))
     return CausalLMOutputWithPast(
